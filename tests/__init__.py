@@ -1,0 +1,3 @@
+"""
+The tests of txfractal, run with C{python -m twisted.trial tests}.
+"""
