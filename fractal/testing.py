@@ -1,0 +1,13 @@
+# -*- test-case-name: tests.test_testing -*-
+"""
+Public test doubles for applications built on txfractal, and the ones
+txfractal's own tests use.
+
+Everything here implements the same interface as the real part it stands in
+for, and is checked against it by the same conformance tests, so a test that
+passes against a fake says something about the real thing.
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []
