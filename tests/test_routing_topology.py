@@ -4,12 +4,14 @@ Tests for L{fractal.routing.interfaces} and L{fractal.routing.topology}.
 
 from __future__ import annotations
 
+from attrs import frozen
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from fractal.keys import InvalidUserKey, slotForKey
 from fractal.routing.interfaces import ITopology, NodeAddress, ShardMap, SlotOwner
-from fractal.routing.topology import SingleNodeTopology
+from fractal.routing.rendezvous import rendezvousOwners
+from fractal.routing.topology import SingleNodeTopology, StaticTopology, TopologyError
 
 
 class ShardMapTests(SynchronousTestCase):
@@ -98,3 +100,107 @@ class SingleNodeTopologyTests(SynchronousTestCase):
         A non-positive slot count is refused.
         """
         self.assertRaises(ValueError, SingleNodeTopology, "solo", "x", slots=0)
+
+
+@frozen
+class _Entry:
+    """
+    The shape of a L{fractal.config.NodeEntry}.
+    """
+
+    id: str
+    client: str | None
+    peer: str | None
+
+
+class StaticTopologyTests(SynchronousTestCase):
+    """
+    Tests for L{StaticTopology}.
+    """
+
+    def nodes(self, *ids: str) -> list[NodeAddress]:
+        return [
+            NodeAddress(i, f"tcp:host=127.0.0.1:port={n}", f"tcp:host=127.0.0.1:port={n + 100}")
+            for n, i in enumerate(ids, 7000)
+        ]
+
+    def test_interface(self) -> None:
+        """
+        L{StaticTopology} provides L{ITopology}.
+        """
+        self.assertTrue(verifyObject(ITopology, StaticTopology("a", self.nodes("a", "b"))))
+
+    def test_rendezvousAtEpochOne(self) -> None:
+        """
+        The slots are assigned by rendezvous hashing, all at epoch 1, and
+        the map holds every member's addresses.
+        """
+        topology = StaticTopology("b", self.nodes("a", "b", "c"), slots=64)
+        shardMap = topology.currentMap()
+        self.assertEqual(topology.localNode, "b")
+        self.assertEqual(
+            [owner.node for owner in shardMap.owners], list(rendezvousOwners(["a", "b", "c"], 64))
+        )
+        self.assertEqual({owner.epoch for owner in shardMap.owners}, {1})
+        self.assertEqual(set(shardMap.nodes), {"a", "b", "c"})
+        self.assertEqual(shardMap.nodes["c"].peer, "tcp:host=127.0.0.1:port=7102")
+
+    def test_sameMapOnEveryNode(self) -> None:
+        """
+        Every node computes the same map, whatever order the nodes are
+        listed in.
+        """
+        nodes = self.nodes("a", "b", "c")
+        first = StaticTopology("a", nodes).currentMap()
+        second = StaticTopology("c", list(reversed(nodes))).currentMap()
+        self.assertEqual(first.owners, second.owners)
+
+    def test_fromConfigNodes(self) -> None:
+        """
+        L{StaticTopology.fromConfigNodes} takes the C{[[node]]} tables of a
+        configuration file.
+        """
+        entries = [
+            _Entry(i, f"tcp:host=127.0.0.1:port={n}", f"tcp:host=127.0.0.1:port={n + 100}")
+            for n, i in enumerate(["n1", "n2"], 7000)
+        ]
+        topology = StaticTopology.fromConfigNodes("n2", entries, slots=16)
+        self.assertEqual(
+            topology.currentMap().nodes["n1"],
+            NodeAddress("n1", "tcp:host=127.0.0.1:port=7000", "tcp:host=127.0.0.1:port=7100"),
+        )
+
+    def test_errors(self) -> None:
+        """
+        Repeated ids, malformed ids, missing endpoints and a local node that
+        is not a member are refused with a message naming the node.
+        """
+        nodes = self.nodes("a", "b")
+        cases = [
+            (nodes + self.nodes("a"), "'a' is used by more than one"),
+            ([NodeAddress("../x", "tcp:host=h:port=1", "p")], "'../x' is not"),
+            ([nodes[0], NodeAddress("b", "", "p")], "'b' has no 'client'"),
+            ([nodes[0], NodeAddress("b", "c", None)], "'b' has no 'peer'"),
+            ([], "at least one node"),
+        ]
+        for given, message in cases:
+            error = self.assertRaises(TopologyError, StaticTopology, "a", given)
+            self.assertIn(message, str(error))
+        error = self.assertRaises(TopologyError, StaticTopology, "z", nodes)
+        self.assertIn("'z' is not in the cluster", str(error))
+        self.assertRaises(TopologyError, StaticTopology, "a", nodes, slots=0)
+
+    def test_loneNodeNeedsNoPeer(self) -> None:
+        """
+        A cluster of one node needs no peer endpoint.
+        """
+        topology = StaticTopology("a", [NodeAddress("a", "tcp:host=h:port=1")], slots=4)
+        self.assertEqual(topology.currentMap().slotsOf("a"), [0, 1, 2, 3])
+
+    def test_watch(self) -> None:
+        """
+        A static map never changes, so watchers are never called.
+        """
+        calls: list[ShardMap] = []
+        StaticTopology("a", self.nodes("a", "b")).watch(calls.append)()
+        self.assertEqual(calls, [])

@@ -51,6 +51,10 @@ class SlotOwner:
     epoch: int
 
 
+def _nodeDict(nodes: Mapping[str, NodeAddress]) -> dict[str, NodeAddress]:
+    return dict(nodes)
+
+
 @frozen
 class ShardMap:
     """
@@ -63,7 +67,7 @@ class ShardMap:
     """
 
     owners: tuple[SlotOwner, ...]
-    nodes: Mapping[str, NodeAddress] = field(converter=lambda m: dict(m))
+    nodes: Mapping[str, NodeAddress] = field(converter=_nodeDict)
     version: int = 1
 
     def __attrs_post_init__(self) -> None:

@@ -5,14 +5,52 @@ Topologies whose shard map is fixed when the node starts.
 
 from __future__ import annotations
 
-from typing import Callable
+import re
+from typing import Callable, Iterable, Protocol
 
 from zope.interface import implementer
 
 from fractal.keys import DEFAULT_SLOTS
 from fractal.routing.interfaces import ITopology, NodeAddress, ShardMap, SlotOwner
+from fractal.routing.rendezvous import rendezvousOwners
 
-__all__ = ["SingleNodeTopology"]
+__all__ = [
+    "SingleNodeTopology",
+    "StaticTopology",
+    "TopologyError",
+    "NODE_ID_PATTERN",
+    "checkNodeId",
+]
+
+NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})")
+"""
+What a node id may look like: 1 to 63 ASCII letters, digits, C{.}, C{_} or
+C{-}, starting with a letter or digit.  Node ids name certificate files and
+appear in certificates, so they are kept this plain.
+"""
+
+
+class TopologyError(ValueError):
+    """
+    A cluster description cannot be used: the message says which node and
+    which key is wrong.
+    """
+
+
+class _NodeEntry(Protocol):
+    """
+    The shape of one C{[[node]]} table of a cluster configuration (as
+    L{fractal.config.NodeEntry} has it).
+    """
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def client(self) -> str | None: ...
+
+    @property
+    def peer(self) -> str | None: ...
 
 
 @implementer(ITopology)
@@ -47,4 +85,100 @@ class SingleNodeTopology:
 
     def watch(self, observer: Callable[[ShardMap], None]) -> Callable[[], None]:
         # The map of a single node never changes, so there is nothing to tell.
+        return lambda: None
+
+
+def checkNodeId(nodeId: object) -> str:
+    """
+    Check that C{nodeId} is an acceptable node id (see L{NODE_ID_PATTERN}).
+
+    @return: C{nodeId}.
+    @raise TopologyError: if it is not.
+    """
+    if not isinstance(nodeId, str) or NODE_ID_PATTERN.fullmatch(nodeId) is None:
+        raise TopologyError(
+            f"node id {nodeId!r} is not 1-63 letters, digits, '.', '_' or '-' "
+            "starting with a letter or digit"
+        )
+    return nodeId
+
+
+@implementer(ITopology)
+class StaticTopology:
+    """
+    A fixed cluster, as written in a shared configuration file: every listed
+    node is a member, the slots are spread over them by rendezvous hashing
+    (L{fractal.routing.rendezvous}), and every slot is at epoch 1.
+
+    Every node computes the same map from the same member list, so no node
+    has to ask another who owns what.
+
+    @ivar localNode: the id of the node this object serves.
+    """
+
+    def __init__(
+        self, localNode: str, nodes: Iterable[NodeAddress], slots: int = DEFAULT_SLOTS
+    ) -> None:
+        """
+        @param localNode: the id of the node this object serves; one of
+            C{nodes}.
+        @param nodes: the address of every member.
+        @param slots: the cluster's slot count.
+        @raise TopologyError: if a node id is malformed or repeats, a node
+            has no client or peer endpoint (a lone node needs no peer
+            endpoint), or C{localNode} is not a member.
+        """
+        if slots < 1:
+            raise TopologyError(f"slot count must be positive, not {slots!r}")
+        members: dict[str, NodeAddress] = {}
+        addresses = list(nodes)
+        for address in addresses:
+            checkNodeId(address.node)
+            if address.node in members:
+                raise TopologyError(f"node id {address.node!r} is used by more than one node")
+            if not address.client:
+                raise TopologyError(f"node {address.node!r} has no 'client' endpoint")
+            if len(addresses) > 1 and not address.peer:
+                raise TopologyError(
+                    f"node {address.node!r} has no 'peer' endpoint; "
+                    "every node of a cluster needs one"
+                )
+            members[address.node] = address
+        if not members:
+            raise TopologyError("a cluster needs at least one node")
+        if localNode not in members:
+            raise TopologyError(
+                f"node {localNode!r} is not in the cluster "
+                f"(members: {', '.join(sorted(members))})"
+            )
+        self.localNode = localNode
+        owners = rendezvousOwners(members, slots)
+        self._map = ShardMap(
+            owners=tuple(SlotOwner(node, 1) for node in owners), nodes=members
+        )
+
+    @classmethod
+    def fromConfigNodes(
+        cls, localNode: str, entries: Iterable[_NodeEntry], slots: int = DEFAULT_SLOTS
+    ) -> StaticTopology:
+        """
+        Build the topology from the C{[[node]]} tables of a configuration
+        file (L{fractal.config.FractalConfig.nodes}).
+
+        @param localNode: the id of the node this object serves.
+        @param entries: the tables, each with C{id}, C{client} and C{peer}.
+        @param slots: the cluster's slot count.
+        @raise TopologyError: as L{StaticTopology.__init__} does.
+        """
+        return cls(
+            localNode,
+            [NodeAddress(entry.id, entry.client or "", entry.peer) for entry in entries],
+            slots,
+        )
+
+    def currentMap(self) -> ShardMap:
+        return self._map
+
+    def watch(self, observer: Callable[[ShardMap], None]) -> Callable[[], None]:
+        # A static map never changes.
         return lambda: None
