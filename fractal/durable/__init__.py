@@ -1,0 +1,14 @@
+"""
+Durable persistence: shipping each user store's changed pages to durable
+storage as a chain of delta records, and restoring a store from its chain.
+
+    - L{fractal.durable.interfaces}: L{IShipper <fractal.durable.interfaces.IShipper>},
+      the seam the node's store pool uses, and
+      L{IDurableBackend <fractal.durable.interfaces.IDurableBackend>}, the seam
+      every storage backend implements.
+    - L{fractal.durable.record}: the record format.
+    - L{fractal.durable.filesystem}: the default backend, a directory.
+    - L{fractal.durable.shipper}: the shipper and restore.
+"""
+
+__all__: list[str] = []
