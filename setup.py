@@ -15,6 +15,10 @@ setup(
     long_description_content_type="text/x-rst",
     license="MIT",
     python_requires=">=3.11",
+    # An explicit root makes "pip install -e ." put this directory on sys.path
+    # (a static .pth) rather than install an import hook, so that Twisted's
+    # plugin search finds twisted/plugins/fractal_plugin.py.
+    package_dir={"": "."},
     packages=find_packages(include=["fractal", "fractal.*"]) + ["twisted.plugins"],
     package_data={"fractal": ["py.typed"], "twisted.plugins": ["fractal_plugin.py"]},
     install_requires=[
@@ -24,6 +28,7 @@ setup(
         "attrs>=23.1.0",
         "Automat>=24.8.0",
         "psycopg[binary]>=3.1",
+        "cryptography>=42.0",
     ],
     extras_require={
         "test": ["hypothesis>=6.100"],

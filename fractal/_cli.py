@@ -23,6 +23,7 @@ __all__ = ["SUBCOMMANDS", "FractalOptions", "main"]
 
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     # (name, "module.OptionsClass", one-line description)
+    ("certs", "fractal.certs.CertsOptions", "Create a cluster CA and node certificates."),
 ]
 """
 The subcommands of C{fractal}, each as its name, the fully qualified name of
