@@ -10,4 +10,12 @@ passes against a fake says something about the real thing.
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from fractal.durable._conformance import DurableBackendTestsMixin, recordInfo
+from fractal.durable._memory import BackendUnavailable, MemoryDurableBackend
+
+__all__: list[str] = [
+    "BackendUnavailable",
+    "DurableBackendTestsMixin",
+    "MemoryDurableBackend",
+    "recordInfo",
+]

@@ -1,0 +1,306 @@
+# -*- test-case-name: tests.test_durable_record -*-
+"""
+The durable record format: one delta (or full image) of one store, compressed
+and checksummed.
+
+A record is self-describing and versioned.  Its layout, all integers
+big-endian::
+
+    magic       4 bytes   b"FXDR"
+    version     1 byte    1
+    kind        1 byte    0 = delta, 1 = snapshot (a full image)
+    reserved    2 bytes   0
+    epoch       8 bytes   the writer's epoch
+    seq         8 bytes   this record's sequence number, from 1
+    baseSeq     8 bytes   the record it applies to; 0 for a snapshot
+    pageSize    4 bytes   the SQLite page size, a power of two, 512..65536
+    pageCount   4 bytes   the number of pages of the image after this record
+    changed     4 bytes   the number of pages carried
+    store      32 bytes   the store's name (L{fractal.keys.storeNameForKey}) as raw bytes
+    image      32 bytes   the digest of the whole image after this record
+    bodyLength  4 bytes   the length of the compressed body
+    body                  zlib of: C{changed} 4-byte page numbers (1-based,
+                          strictly ascending), then the C{changed} pages
+    checksum   32 bytes   SHA-256 of everything before it
+
+The image digest lets a restore prove that it rebuilt exactly the image the
+writer had, so a delta applied to the wrong base is caught, not served.  It is
+computed from per-page digests (L{pageDigests}), which the shipper also keeps
+to find the pages that changed since the last ship.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from typing import Iterable, Sequence
+
+from attrs import field, frozen
+
+from fractal.durable.interfaces import CorruptRecord
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Delta",
+    "encodeRecord",
+    "decodeRecord",
+    "pageSizeOf",
+    "pageDigests",
+    "imageDigest",
+    "diffImage",
+    "applyDelta",
+]
+
+FORMAT_VERSION = 1
+"""
+The version of the record format this module writes; it reads only this one.
+"""
+
+_MAGIC = b"FXDR"
+_HEADER = struct.Struct(">4sBBHQQQIII32s32sI")
+_CHECKSUM_LENGTH = 32
+_KIND_DELTA = 0
+_KIND_SNAPSHOT = 1
+_COMPRESSION_LEVEL = 1
+_MAX_PAGE_COUNT = 2**31
+
+
+def _pagesTuple(pages: Iterable[tuple[int, bytes]]) -> tuple[tuple[int, bytes], ...]:
+    return tuple(pages)
+
+
+@frozen
+class Delta:
+    """
+    The decoded content of one record.
+
+    @ivar store: the store's name: 64 hexadecimal digits.
+    @ivar epoch: the writer's epoch.
+    @ivar seq: this record's sequence number.
+    @ivar baseSeq: the sequence number of the record this applies to, or C{0}
+        for a snapshot.
+    @ivar pageSize: the image's page size in bytes.
+    @ivar pageCount: the image's page count after this record.
+    @ivar pages: the changed pages, as (1-based page number, page bytes), in
+        ascending page order.  A snapshot carries every page.
+    @ivar imageDigest: L{imageDigest} of the image after this record.
+    """
+
+    store: str
+    epoch: int
+    seq: int
+    baseSeq: int
+    pageSize: int
+    pageCount: int
+    pages: tuple[tuple[int, bytes], ...] = field(converter=_pagesTuple)
+    imageDigest: bytes
+
+    @property
+    def isSnapshot(self) -> bool:
+        """
+        Whether this record is a full image.
+        """
+        return self.baseSeq == 0
+
+
+def _validPageSize(pageSize: int) -> bool:
+    return 512 <= pageSize <= 65536 and pageSize & (pageSize - 1) == 0
+
+
+def pageSizeOf(image: bytes) -> int:
+    """
+    The page size recorded in an SQLite database image's header.
+
+    @raise ValueError: if C{image} is not an SQLite database image.
+    """
+    if len(image) < 100 or image[:16] != b"SQLite format 3\x00":
+        raise ValueError("not an SQLite database image")
+    size = int.from_bytes(image[16:18], "big")
+    if size == 1:
+        size = 65536
+    if not _validPageSize(size) or len(image) % size:
+        raise ValueError(f"SQLite image has an invalid page size {size}")
+    return size
+
+
+def pageDigests(image: bytes, pageSize: int) -> list[bytes]:
+    """
+    A short digest of every page of C{image}, in page order.
+    """
+    view = memoryview(image)
+    return [
+        hashlib.blake2b(view[offset : offset + pageSize], digest_size=16).digest()
+        for offset in range(0, len(image), pageSize)
+    ]
+
+
+def imageDigest(digests: Sequence[bytes], pageSize: int) -> bytes:
+    """
+    The digest of a whole image, from the digests of its pages.
+    """
+    h = hashlib.sha256(struct.pack(">II", pageSize, len(digests)))
+    h.update(b"".join(digests))
+    return h.digest()
+
+
+def diffImage(
+    image: bytes, pageSize: int, previous: Sequence[bytes] | None
+) -> tuple[list[tuple[int, bytes]], list[bytes]]:
+    """
+    The pages of C{image} that differ from the image whose page digests are
+    C{previous}.
+
+    @param previous: the page digests of the last shipped image, or L{None} to
+        take every page (a snapshot).
+    @return: the changed pages as (1-based page number, bytes), and the page
+        digests of C{image}.
+    """
+    digests = pageDigests(image, pageSize)
+    changed = []
+    for index, digest in enumerate(digests):
+        if previous is None or index >= len(previous) or previous[index] != digest:
+            offset = index * pageSize
+            changed.append((index + 1, bytes(image[offset : offset + pageSize])))
+    return changed, digests
+
+
+def encodeRecord(delta: Delta) -> bytes:
+    """
+    Encode C{delta} as a record.
+
+    @raise ValueError: if C{delta} is not self-consistent.
+    """
+    if not _validPageSize(delta.pageSize):
+        raise ValueError(f"invalid page size {delta.pageSize}")
+    if delta.seq < 1 or delta.baseSeq < 0 or delta.baseSeq >= delta.seq or delta.epoch < 0:
+        raise ValueError(f"invalid sequence {delta.seq} on base {delta.baseSeq}")
+    numbers = [number for number, _ in delta.pages]
+    if numbers != sorted(set(numbers)) or (numbers and not 1 <= numbers[0] <= numbers[-1] <= delta.pageCount):
+        raise ValueError("page numbers must ascend within the page count")
+    for _, page in delta.pages:
+        if len(page) != delta.pageSize:
+            raise ValueError("every page must be one page long")
+    body = zlib.compress(
+        struct.pack(f">{len(numbers)}I", *numbers) + b"".join(page for _, page in delta.pages),
+        _COMPRESSION_LEVEL,
+    )
+    header = _HEADER.pack(
+        _MAGIC,
+        FORMAT_VERSION,
+        _KIND_SNAPSHOT if delta.isSnapshot else _KIND_DELTA,
+        0,
+        delta.epoch,
+        delta.seq,
+        delta.baseSeq,
+        delta.pageSize,
+        delta.pageCount,
+        len(numbers),
+        bytes.fromhex(delta.store),
+        delta.imageDigest,
+        len(body),
+    )
+    return header + body + hashlib.sha256(header + body).digest()
+
+
+def decodeRecord(data: bytes) -> Delta:
+    """
+    Decode and verify a record.
+
+    @raise CorruptRecord: if C{data} is not exactly one well-formed record of
+        a known version with a correct checksum.
+    """
+    if len(data) < _HEADER.size + _CHECKSUM_LENGTH:
+        raise CorruptRecord(f"record is truncated: {len(data)} bytes")
+    (
+        magic,
+        version,
+        kind,
+        reserved,
+        epoch,
+        seq,
+        baseSeq,
+        pageSize,
+        pageCount,
+        changed,
+        store,
+        digest,
+        bodyLength,
+    ) = _HEADER.unpack_from(data)
+    if magic != _MAGIC:
+        raise CorruptRecord("not a durable record (bad magic)")
+    if version != FORMAT_VERSION:
+        raise CorruptRecord(f"record format version {version} is not supported")
+    expected = _HEADER.size + bodyLength + _CHECKSUM_LENGTH
+    if len(data) != expected:
+        raise CorruptRecord(f"record is {len(data)} bytes; its header says {expected}")
+    if hashlib.sha256(data[:-_CHECKSUM_LENGTH]).digest() != data[-_CHECKSUM_LENGTH:]:
+        raise CorruptRecord("record checksum does not match")
+    # From here on the bytes are what the writer wrote; the checks below
+    # catch a writer that wrote nonsense.
+    if kind not in (_KIND_DELTA, _KIND_SNAPSHOT) or reserved != 0:
+        raise CorruptRecord(f"unknown record kind {kind}")
+    if (kind == _KIND_SNAPSHOT) != (baseSeq == 0) or seq < 1 or baseSeq >= seq:
+        raise CorruptRecord(f"record sequence {seq} on base {baseSeq} is inconsistent")
+    if not _validPageSize(pageSize) or pageCount > _MAX_PAGE_COUNT or changed > pageCount:
+        raise CorruptRecord("record page geometry is invalid")
+    if kind == _KIND_SNAPSHOT and changed != pageCount:
+        raise CorruptRecord("a snapshot must carry every page")
+    size = changed * (4 + pageSize)
+    try:
+        decompressor = zlib.decompressobj()
+        body = decompressor.decompress(data[_HEADER.size : _HEADER.size + bodyLength], size + 1)
+        if len(body) != size or not decompressor.eof or decompressor.unused_data:
+            raise CorruptRecord("record body does not match its header")
+    except zlib.error as e:
+        raise CorruptRecord(f"record body is not valid zlib: {e}") from None
+    numbers = struct.unpack_from(f">{changed}I", body)
+    if list(numbers) != sorted(set(numbers)) or (numbers and not 1 <= numbers[0] <= numbers[-1] <= pageCount):
+        raise CorruptRecord("record page numbers are out of order or range")
+    offset = 4 * changed
+    pages = tuple(
+        (number, body[offset + i * pageSize : offset + (i + 1) * pageSize])
+        for i, number in enumerate(numbers)
+    )
+    return Delta(
+        store=store.hex(),
+        epoch=epoch,
+        seq=seq,
+        baseSeq=baseSeq,
+        pageSize=pageSize,
+        pageCount=pageCount,
+        pages=pages,
+        imageDigest=digest,
+    )
+
+
+def applyDelta(image: bytearray, digests: list[bytes], delta: Delta) -> None:
+    """
+    Apply C{delta} to C{image} in place, keeping C{digests} (the page digests
+    of C{image}) up to date.
+
+    @raise CorruptRecord: if the page size differs from the image's, or the
+        result's digest differs from the one the record promises.
+    """
+    if delta.isSnapshot:
+        del image[:]
+        del digests[:]
+    elif digests and len(image) // len(digests) != delta.pageSize:
+        raise CorruptRecord(f"record {delta.seq} changes the page size")
+    size = delta.pageSize
+    newLength = delta.pageCount * size
+    if len(image) > newLength:
+        del image[newLength:]
+        del digests[delta.pageCount :]
+    elif len(image) < newLength:
+        missing = delta.pageCount - len(digests)
+        image.extend(bytes(missing * size))
+        digests.extend([b""] * missing)
+    for number, page in delta.pages:
+        image[(number - 1) * size : number * size] = page
+        digests[number - 1] = hashlib.blake2b(page, digest_size=16).digest()
+    if b"" in digests or imageDigest(digests, size) != delta.imageDigest:
+        raise CorruptRecord(
+            f"record {delta.seq} does not rebuild the image its writer had "
+            f"(wrong base or lost pages)"
+        )
