@@ -1,0 +1,319 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{twistd fractal}: the options of a node process and the service they build.
+
+A single node on the embedded defaults::
+
+    twistd -n fractal --app examples.mailbox:application
+
+One node of a cluster described by a shared configuration file (see
+L{fractal.config} for its format)::
+
+    twistd -n fractal --config cluster.toml --node n2
+
+Adding an option
+================
+
+Add it to L{Options.optParameters} (or C{optFlags}) and read it in
+L{makeService}.  It can then be written in the configuration file too, under
+its long name, at the top level or in a C{[[node]]} table.  Give a parameter
+the default L{None} in C{optParameters} and, if it has one, its real default
+in L{DEFAULTS}: a value that is still L{None} after the command line is taken
+from the file, then from L{DEFAULTS}.  A coercion function (the fifth item)
+checks the value from either source; give it a C{configType} attribute of
+C{int} or C{float} when the file should hold a number rather than a string.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Mapping, cast
+
+from twisted.application.service import IService
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+
+from fractal.config import (
+    NODE_ONLY_KEYS,
+    ConfigError,
+    FractalConfig,
+    NodeEntry,
+    loadConfig,
+    schemaFromOptions,
+)
+
+if TYPE_CHECKING:
+    from fractal.app import Application
+    from fractal.routing.interfaces import ITopology
+
+__all__ = ["DEFAULTS", "Options", "makeService", "resolveApplication"]
+
+DEFAULT_NODE_ID = "n1"
+"""
+The id of a node run without C{--node}.
+"""
+
+DEFAULTS: Mapping[str, object] = {
+    "data": "./fractal-data",
+    "listen": "tcp:7100:interface=127.0.0.1",
+}
+"""
+The defaults of the options whose C{optParameters} default is L{None}, used
+when neither the command line nor the configuration file sets them.
+"""
+
+
+def _positive(kind: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    """
+    A coercion function for a positive number of type C{kind}.
+    """
+
+    def coerce(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"{what} must be a positive number, not {value!r}") from None
+        if not number > 0:
+            raise ValueError(f"{what} must be a positive number, not {value!r}")
+        return number
+
+    coerce.coerceDoc = f"A positive {'integer' if kind is int else 'number'}."  # type: ignore[attr-defined]
+    coerce.configType = kind  # type: ignore[attr-defined]
+    return coerce
+
+
+def resolveApplication(spec: str) -> Application:
+    """
+    Import the application named by C{spec}, C{"module:attribute"}.
+
+    The current directory is put on C{sys.path} first when it is not there:
+    the C{twistd} script puts its own directory there instead, and an
+    application is usually a module of the project it is run from.
+
+    @param spec: the module's dotted name and the attribute's (possibly
+        dotted) name, separated by a colon.
+    @return: the application.
+    @raise usage.UsageError: if C{spec} is malformed, the module cannot be
+        imported, it has no such attribute, or the attribute is not a
+        L{fractal.app.Application}.
+    """
+    from fractal.app import Application
+
+    moduleName, colon, attribute = spec.partition(":")
+    if not colon or not moduleName or not attribute:
+        raise usage.UsageError(
+            f"--app {spec!r}: expected module:attribute, "
+            "for example examples.mailbox:application"
+        )
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        module = importlib.import_module(moduleName)
+    except ModuleNotFoundError as e:
+        if e.name and (moduleName == e.name or moduleName.startswith(e.name + ".")):
+            raise usage.UsageError(
+                f"--app {spec!r}: no module named {e.name!r} "
+                f"(looked in the current directory, {here}, and on sys.path)"
+            ) from None
+        raise usage.UsageError(f"--app {spec!r}: importing {moduleName!r} failed: {e}") from e
+    except ImportError as e:
+        raise usage.UsageError(f"--app {spec!r}: importing {moduleName!r} failed: {e}") from e
+    value: object = module
+    for part in attribute.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            found = sorted(
+                name for name, obj in vars(module).items() if isinstance(obj, Application)
+            )
+            hint = f" (its applications: {', '.join(found)})" if found else ""
+            raise usage.UsageError(
+                f"--app {spec!r}: module {moduleName!r} has no attribute {attribute!r}{hint}"
+            ) from None
+    if not isinstance(value, Application):
+        raise usage.UsageError(
+            f"--app {spec!r} is {type(value).__name__} {value!r:.60}, "
+            "not a fractal.app.Application"
+        )
+    return value
+
+
+class Options(usage.Options):
+    """
+    The options of C{twistd fractal}.
+
+    After parsing, every option key holds its final value (command line, then
+    the chosen C{[[node]]} table, then the file's top level, then
+    L{DEFAULTS}), C{self["node"]} holds the node id, and:
+
+    @ivar application: the application named by C{--app}.
+    @ivar config: the parsed configuration file, or L{None} without
+        C{--config}.  A cluster topology reads C{config.nodes}.
+    @ivar nodeEntry: the chosen C{[[node]]} table, or L{None}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run one txfractal node: per-user SQLite object stores, served over AMP.  "
+        "Every long option can also be set in the --config file."
+    )
+
+    optParameters: list[list[Any]] = [
+        ["app", None, None, "The application to serve, as module:attribute."],
+        [
+            "data",
+            None,
+            None,
+            f"The node's data directory (default: {DEFAULTS['data']}).",
+        ],
+        [
+            "listen",
+            None,
+            None,
+            f"The AMP endpoint clients call (default: {DEFAULTS['listen']}).",
+        ],
+        [
+            "max-open-stores",
+            None,
+            None,
+            "The most user stores kept open at once "
+            "(default: derived from the open file limit).",
+            _positive(int, "--max-open-stores"),
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Close a user store unused for this many seconds (default: the node's).",
+            _positive(float, "--idle-timeout"),
+        ],
+        ["config", None, None, "A TOML configuration file (see docs/deploying.rst)."],
+        [
+            "node",
+            None,
+            None,
+            f"The id of this node in the configuration file (default: {DEFAULT_NODE_ID}, "
+            "or the file's only [[node]]).",
+        ],
+    ]
+
+    optFlags: list[list[Any]] = []
+
+    application: Application
+    config: FractalConfig | None = None
+    nodeEntry: NodeEntry | None = None
+
+    def _coercions(self) -> dict[str, Callable[[str], Any] | None]:
+        coercions: dict[str, Callable[[str], Any] | None] = {}
+        for spec in self.optParameters:
+            coercions[spec[0]] = spec[4] if len(spec) > 4 else None
+        return coercions
+
+    def _chooseNode(self, config: FractalConfig) -> str | None:
+        nodeId: str | None = self["node"]
+        if nodeId is not None:
+            config.node(nodeId)
+            return nodeId
+        if len(config.nodes) == 1:
+            return config.nodes[0].id
+        if config.nodes:
+            raise usage.UsageError(
+                f"{config.source} describes {len(config.nodes)} nodes; choose one with "
+                f"--node ({', '.join(entry.id for entry in config.nodes)})"
+            )
+        return None
+
+    def postOptions(self) -> None:
+        """
+        Merge the configuration file under the command line, fill in the
+        defaults, and import the application.
+
+        @raise usage.UsageError: for a bad file, an unknown node or a bad
+            C{--app}.
+        """
+        settings: dict[str, Any] = {}
+        source = "--config"
+        if self["config"] is not None:
+            try:
+                config = loadConfig(FilePath(self["config"]), schemaFromOptions(type(self)))
+                nodeId = self._chooseNode(config)
+                settings = config.settingsFor(nodeId)
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
+            self.config = config
+            if nodeId is not None:
+                self.nodeEntry = config.node(nodeId)
+                self["node"] = nodeId
+            source = config.source
+        flags = {spec[0] for spec in self.optFlags}
+        coercions = self._coercions()
+        for key, value in settings.items():
+            if key in NODE_ONLY_KEYS:
+                continue
+            if key in flags:
+                self[key] = self[key] or value
+            elif self[key] is None:
+                coerce = coercions.get(key)
+                if coerce is not None:
+                    try:
+                        value = coerce(str(value))
+                    except ValueError as e:
+                        raise usage.UsageError(f"{source}: {key!r}: {e}") from None
+                self[key] = value
+        for key, default in DEFAULTS.items():
+            if self[key] is None:
+                self[key] = default
+        if self["node"] is None:
+            self["node"] = DEFAULT_NODE_ID
+        if self["app"] is None:
+            raise usage.UsageError(
+                "an application is required: --app module:attribute "
+                "(for example --app examples.mailbox:application), or 'app' in --config"
+            )
+        self.application = resolveApplication(self["app"])
+
+
+def _topology(options: Options) -> ITopology | None:
+    """
+    The topology of the node: L{None} (the node's own single-node topology)
+    unless the configuration file describes a cluster.
+
+    @raise usage.UsageError: for a configuration of several nodes, which
+        needs the cluster topology.
+    """
+    if options.config is not None and len(options.config.nodes) > 1:
+        raise usage.UsageError(
+            f"{options.config.source} describes {len(options.config.nodes)} nodes; "
+            "this version of txfractal runs single nodes only"
+        )
+    return None
+
+
+def makeService(options: Options) -> IService:
+    """
+    Build the node service from parsed options.
+
+    @param options: parsed L{Options}.
+    @return: the node, a L{twisted.application.service.MultiService}.
+    """
+    from twisted.internet import reactor
+
+    from fractal.node import FractalNode
+
+    extra: dict[str, Any] = {}
+    if options["idle-timeout"] is not None:
+        extra["idleTimeout"] = options["idle-timeout"]
+    node = FractalNode(
+        reactor,
+        options.application,
+        dataDir=FilePath(os.path.abspath(options["data"])),
+        listen=options["listen"],
+        nodeId=options["node"],
+        topology=_topology(options),
+        maxOpenStores=options["max-open-stores"],
+        **extra,
+    )
+    return cast(IService, node)
