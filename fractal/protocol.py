@@ -21,7 +21,10 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from twisted.protocols import amp
+
 from fractal.keys import InvalidUserKey
+from fractal.routing.wire import ShardMapArgument
 
 __all__ = [
     "USER_ARGUMENT",
@@ -35,6 +38,7 @@ __all__ = [
     "CallFailed",
     "FRAMEWORK_ERRORS",
     "RETRYABLE_ERRORS",
+    "GetShardMap",
 ]
 
 USER_ARGUMENT = b"user"
@@ -130,3 +134,17 @@ RETRYABLE_ERRORS: tuple[type[Exception], ...] = (
 The framework errors after which the same call may be sent again: the node did
 not run it.
 """
+
+
+class GetShardMap(amp.Command):
+    """
+    I{Internal.}  Ask a node for the newest shard map it knows: which node
+    owns each slot, at which epoch, and how to reach every node.  Smart
+    clients (L{fractal.routing.client}) call it on any node.
+
+    Response: C{map}, a L{fractal.routing.interfaces.ShardMap}.
+    """
+
+    commandName = b"fractal.GetShardMap"
+    arguments = []
+    response = [(b"map", ShardMapArgument())]
