@@ -1,0 +1,609 @@
+# -*- test-case-name: tests.test_benchmarks -*-
+"""
+One fractal node against its floor and against the standard stack.
+
+In one run on this machine, a client (this process) drives a server (a child
+process) over loopback, at 1 and at 50 outstanding calls, and reports the
+throughput and p50/p99 latency of:
+
+    1. a bare AMP echo server (the floor);
+    2. a bare AMP server doing one SQLite insert per call (WAL,
+       synchronous=NORMAL): the limit for a fractal write;
+    3. a fractal node (C{twistd -n fractal --app examples.mailbox:application})
+       answering the mailbox C{Deliver};
+    4. the standard stack: a stateless AMP server storing the same message in
+       PostgreSQL through C{twisted.enterprise.adbapi} (psycopg 3).
+
+All four answer the same box (C{Deliver}: user, sender, subject, body ->
+messageID), sent by the same plain AMP client.  Then the cold-open latency:
+the node is restarted (so no store is open) and each of a few hundred
+existing users is called once.
+
+PostgreSQL: C{FRACTAL_BENCH_POSTGRES} as a DSN, else the machine's
+C{host=127.0.0.1 port=5432 dbname=test user=postgres} if it answers, else a
+throwaway server made with C{initdb}/C{pg_ctl} if they exist; otherwise row 4
+is reported as skipped.
+
+Every phase is bounded in calls and in seconds; the whole run takes well under
+three minutes.  Run: C{python3 benchmarks/node.py} (C{--quick} for a shorter
+run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Awaitable, Callable
+
+from twisted.internet import defer, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.protocols import amp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+__all__ = ["main"]
+
+LOCAL_POSTGRES = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+CONCURRENCY = (1, 50)
+USERS = 100
+COLD_USERS = 300
+SUBJECT = "Quarterly report, draft 3"
+BODY = "Hello,\n\nplease find the figures below. " + "x" * 160 + "\n\n-- bob\n"
+
+
+class BenchDeliver(amp.Command):
+    """
+    The mailbox C{Deliver} box, as the baseline servers answer it.
+    """
+
+    commandName = b"Deliver"
+    arguments = [
+        (b"user", amp.Unicode()),
+        (b"sender", amp.Unicode()),
+        (b"subject", amp.Unicode()),
+        (b"body", amp.Unicode()),
+    ]
+    response = [(b"messageID", amp.Integer())]
+
+
+# ---------------------------------------------------------------------------
+# Servers (run in child processes with --serve)
+
+
+class EchoServer(amp.AMP):
+    """
+    (1) Answers without doing anything.
+    """
+
+    @BenchDeliver.responder
+    def deliver(self, user: str, sender: str, subject: str, body: str) -> dict[str, int]:
+        return {"messageID": 1}
+
+
+class SQLiteServer(amp.AMP):
+    """
+    (2) One insert and one commit per call, on the reactor thread.
+    """
+
+    connection: sqlite3.Connection
+
+    @BenchDeliver.responder
+    def deliver(self, user: str, sender: str, subject: str, body: str) -> dict[str, int]:
+        cursor = self.connection.execute(
+            "INSERT INTO messages (user, sender, subject, body, received) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (user, sender, subject, body, time.time()),
+        )
+        self.connection.commit()
+        return {"messageID": cursor.lastrowid or 0}
+
+
+class PostgresServer(amp.AMP):
+    """
+    (4) A stateless server: one INSERT per call through an adbapi pool.
+    """
+
+    pool: Any
+
+    @BenchDeliver.responder
+    def deliver(self, user: str, sender: str, subject: str, body: str) -> Any:
+        d = self.pool.runQuery(
+            "INSERT INTO fractal_bench_messages (userkey, sender, subject, body) "
+            "VALUES (%s, %s, %s, %s) RETURNING id",
+            (user, sender, subject, body),
+        )
+        return d.addCallback(lambda rows: {"messageID": rows[0][0]})
+
+
+def serve(kind: str, port: int, argument: str) -> None:
+    """
+    Run one baseline server until SIGTERM.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory
+
+    protocol: type[amp.AMP]
+    if kind == "echo":
+        protocol = EchoServer
+    elif kind == "sqlite":
+        connection = sqlite3.connect(argument, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, user TEXT, "
+            "sender TEXT, subject TEXT, body TEXT, received REAL)"
+        )
+        connection.isolation_level = ""  # implicit BEGIN before the insert
+        SQLiteServer.connection = connection
+        protocol = SQLiteServer
+    elif kind == "postgres":
+        from twisted.enterprise import adbapi
+
+        PostgresServer.pool = adbapi.ConnectionPool(
+            "psycopg", argument, cp_min=4, cp_max=10, cp_noisy=False
+        )
+        protocol = PostgresServer
+    else:
+        raise SystemExit(f"unknown server kind {kind!r}")
+    reactor.listenTCP(port, Factory.forProtocol(protocol), interface="127.0.0.1")  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------
+# Processes
+
+
+def freePort() -> int:
+    """
+    A TCP port on loopback that was free a moment ago.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Child:
+    """
+    A server child process, its port and its log.
+    """
+
+    def __init__(self, argv: list[str], port: int, log: str, cwd: str = ROOT) -> None:
+        self.port = port
+        self.log = log
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen(
+                argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+
+    async def ready(self, reactor: Any, seconds: float = 20.0) -> None:
+        """
+        Wait until the child accepts connections.
+        """
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                await task.deferLater(reactor, 0.05, lambda: None)
+        with open(self.log, errors="replace") as f:
+            tail = f.read()[-2000:]
+        self.stop()
+        raise RuntimeError(f"server on port {self.port} did not start:\n{tail}")
+
+    def stop(self, seconds: float = 20.0) -> int | None:
+        """
+        SIGTERM the child and wait for it (SIGKILL after C{seconds}).
+        """
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(seconds)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def baselineServer(kind: str, argument: str, log: str) -> Child:
+    port = freePort()
+    argv = [sys.executable, os.path.abspath(__file__), "--serve", kind, str(port), argument]
+    return Child(argv, port, log)
+
+
+def fractalNode(data: str, log: str, *extra: str) -> Child:
+    port = freePort()
+    argv = [
+        sys.executable,
+        "-m",
+        "twisted",
+        "--log-format=text",
+        "fractal",
+        "--app",
+        "examples.mailbox:application",
+        "--data",
+        data,
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        *extra,
+    ]
+    # "python -m twisted" runs the plugin in the foreground, as twistd -n does.
+    return Child(argv, port, log)
+
+
+# ---------------------------------------------------------------------------
+# Load
+
+
+class Result:
+    """
+    The figures of one measured phase.
+    """
+
+    def __init__(self, latencies: list[float], seconds: float) -> None:
+        self.calls = len(latencies)
+        self.seconds = seconds
+        ordered = sorted(latencies)
+        self.rate = self.calls / seconds if seconds else 0.0
+        self.p50 = _percentile(ordered, 50) * 1000
+        self.p99 = _percentile(ordered, 99) * 1000
+
+
+def _percentile(ordered: list[float], p: float) -> float:
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, int(round(p / 100 * len(ordered) + 0.5)) - 1))
+    return ordered[index]
+
+
+async def connectAMP(reactor: Any, port: int) -> amp.AMP:
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+    protocol: amp.AMP = await connectProtocol(endpoint, amp.AMP())
+    return protocol
+
+
+async def drive(
+    reactor: Any,
+    call: Callable[[int], Awaitable[object]],
+    outstanding: int,
+    seconds: float,
+    maxCalls: int,
+) -> Result:
+    """
+    Keep C{outstanding} calls in flight for C{seconds} or C{maxCalls} calls,
+    whichever ends first, and time each call.
+    """
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+    counter = iter(range(maxCalls))
+    clock = time.perf_counter
+
+    async def worker() -> None:
+        for n in counter:
+            if clock() > deadline:
+                return
+            started = clock()
+            await call(n)
+            latencies.append(clock() - started)
+
+    started = clock()
+    await defer.gatherResults(
+        [defer.ensureDeferred(worker()) for _ in range(outstanding)], consumeErrors=True
+    )
+    return Result(latencies, clock() - started)
+
+
+async def measure(
+    reactor: Any, port: int, command: type[amp.Command], seconds: float, maxCalls: int
+) -> dict[int, Result]:
+    """
+    Warm up, then measure at each concurrency, over one connection.
+    """
+    connection = await connectAMP(reactor, port)
+
+    def call(n: int) -> Awaitable[object]:
+        result: Awaitable[object] = connection.callRemote(
+            command,
+            user=f"user{n % USERS}@example.com",
+            sender="bob@example.com",
+            subject=SUBJECT,
+            body=BODY,
+        )
+        return result
+
+    results = {}
+    await drive(reactor, call, 10, min(0.5, seconds / 4), 2000)
+    for outstanding in CONCURRENCY:
+        results[outstanding] = await drive(reactor, call, outstanding, seconds, maxCalls)
+    connection.transport.loseConnection()
+    return results
+
+
+async def coldOpen(reactor: Any, data: str, log: str, users: int) -> tuple[Result, Result]:
+    """
+    Create C{users} stores, restart the node so none is open, call each user
+    once (cold), then once more (warm).
+    """
+    from examples.mailbox import Deliver, Stats
+
+    node = fractalNode(data, log)
+    try:
+        await node.ready(reactor)
+        connection = await connectAMP(reactor, node.port)
+
+        async def create(n: int) -> object:
+            result: object = await connection.callRemote(
+                Deliver, user=f"cold{n}", sender="s", subject="t", body="b"
+            )
+            return result
+
+        await drive(reactor, create, 20, 60, users)
+    finally:
+        node.stop()
+    node = fractalNode(data, log)
+    try:
+        await node.ready(reactor)
+        connection = await connectAMP(reactor, node.port)
+
+        async def stats(n: int) -> object:
+            result: object = await connection.callRemote(Stats, user=f"cold{n % users}")
+            return result
+
+        cold = await drive(reactor, stats, 1, 60, users)
+        warm = await drive(reactor, stats, 1, 60, users)
+        connection.transport.loseConnection()
+        return cold, warm
+    finally:
+        node.stop()
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL
+
+
+def _tryPostgres(dsn: str) -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect(dsn, connect_timeout=3) as connection:
+            connection.execute("SELECT 1")
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+
+
+def postgresDSN(workdir: str) -> tuple[str | None, str, Callable[[], None]]:
+    """
+    Find a PostgreSQL to measure against.
+
+    @return: a DSN or L{None}, a description of where it came from (or why
+        there is none), and a function that stops anything started.
+    """
+    explicit = os.environ.get("FRACTAL_BENCH_POSTGRES")
+    if explicit:
+        problem = _tryPostgres(explicit)
+        if problem is None:
+            return explicit, "FRACTAL_BENCH_POSTGRES", lambda: None
+        return None, f"FRACTAL_BENCH_POSTGRES does not connect ({problem})", lambda: None
+    if _tryPostgres(LOCAL_POSTGRES) is None:
+        return LOCAL_POSTGRES, "the machine's PostgreSQL on 127.0.0.1:5432", lambda: None
+    initdb, pgctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not (initdb and pgctl):
+        return None, "no PostgreSQL reachable and no initdb/pg_ctl", lambda: None
+    cluster = os.path.join(workdir, "pg")
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        # PostgreSQL refuses to run as root.
+        runuser = shutil.which("runuser")
+        if runuser is None:
+            return None, "running as root without runuser for initdb", lambda: None
+        prefix = [runuser, "-u", "postgres", "--"]
+        os.chmod(workdir, 0o777)
+    port = freePort()
+    try:
+        subprocess.run(
+            prefix + [initdb, "-D", cluster, "-A", "trust", "-U", "postgres"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        subprocess.run(
+            prefix
+            + [
+                pgctl,
+                "-D",
+                cluster,
+                "-w",
+                "-l",
+                os.path.join(cluster, "log"),
+                "-o",
+                f"-p {port} -k {cluster} -c listen_addresses=127.0.0.1",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    except (subprocess.SubprocessError, OSError) as e:
+        return None, f"could not start a throwaway PostgreSQL ({e})", lambda: None
+
+    def stop() -> None:
+        subprocess.run(prefix + [pgctl, "-D", cluster, "-m", "fast", "stop"], capture_output=True)
+
+    dsn = f"host=127.0.0.1 port={port} dbname=postgres user=postgres"
+    return dsn, "a throwaway PostgreSQL (initdb)", stop
+
+
+def preparePostgres(dsn: str) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn) as connection:
+        connection.execute("DROP TABLE IF EXISTS fractal_bench_messages")
+        connection.execute(
+            "CREATE TABLE fractal_bench_messages (id BIGSERIAL PRIMARY KEY, userkey TEXT, "
+            "sender TEXT, subject TEXT, body TEXT, received TIMESTAMPTZ DEFAULT now())"
+        )
+
+
+def dropPostgres(dsn: str) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn) as connection:
+        connection.execute("DROP TABLE IF EXISTS fractal_bench_messages")
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def verdict(value: float | None, target: float, atLeast: bool) -> str:
+    if value is None:
+        return "n/a"
+    ok = value >= target if atLeast else value <= target
+    return "meets" if ok else "MISSES"
+
+
+async def run(reactor: Any, options: argparse.Namespace) -> None:
+    from examples.mailbox import Deliver
+
+    seconds = 1.5 if options.quick else 3.0
+    maxCalls = 6000 if options.quick else 30000
+    coldUsers = 100 if options.quick else COLD_USERS
+    workdir = tempfile.mkdtemp(prefix="fractal-bench-")
+    rows: dict[str, dict[int, Result] | str] = {}
+    began = time.monotonic()
+    try:
+        for key, kind in [("1", "echo"), ("2", "sqlite")]:
+            server = baselineServer(
+                kind, os.path.join(workdir, "baseline.sqlite"), os.path.join(workdir, kind + ".log")
+            )
+            try:
+                await server.ready(reactor)
+                rows[key] = await measure(reactor, server.port, BenchDeliver, seconds, maxCalls)
+            finally:
+                server.stop()
+        node = fractalNode(os.path.join(workdir, "node-data"), os.path.join(workdir, "node.log"))
+        try:
+            await node.ready(reactor)
+            rows["3"] = await measure(reactor, node.port, Deliver, seconds, maxCalls)
+        finally:
+            node.stop()
+        dsn, source, stopPostgres = postgresDSN(workdir)
+        try:
+            if dsn is None:
+                rows["4"] = f"skipped: {source}"
+            else:
+                preparePostgres(dsn)
+                server = baselineServer("postgres", dsn, os.path.join(workdir, "postgres.log"))
+                try:
+                    await server.ready(reactor)
+                    rows["4"] = await measure(reactor, server.port, BenchDeliver, seconds, maxCalls)
+                finally:
+                    server.stop()
+                    dropPostgres(dsn)
+        finally:
+            stopPostgres()
+        cold, warm = await coldOpen(
+            reactor, os.path.join(workdir, "cold-data"), os.path.join(workdir, "cold.log"), coldUsers
+        )
+    finally:
+        if not options.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    elapsed = time.monotonic() - began
+
+    names = {
+        "1": "(1) bare AMP echo",
+        "2": "(2) AMP + SQLite insert (WAL, NORMAL)",
+        "3": "(3) fractal node, mailbox Deliver",
+        "4": "(4) AMP + adbapi + PostgreSQL",
+    }
+    print()
+    print(
+        f"txfractal node benchmark: loopback, {os.cpu_count()} CPUs, Python "
+        f"{sys.version.split()[0]}; each row up to {seconds:g} s or {maxCalls} calls"
+    )
+    if isinstance(rows.get("4"), dict):
+        print(f"PostgreSQL: {source}")
+    print()
+    print(f"{'server':40} {'outst.':>6} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'calls':>7}")
+    for key, name in names.items():
+        row = rows.get(key)
+        if not isinstance(row, dict):
+            print(f"{name:40} {row}")
+            continue
+        for outstanding, result in row.items():
+            print(
+                f"{name:40} {outstanding:>6} {result.rate:>9.0f} {result.p50:>8.2f} "
+                f"{result.p99:>8.2f} {result.calls:>7}"
+            )
+    print(
+        f"{'cold open (Stats, node restarted)':40} {1:>6} {cold.rate:>9.0f} "
+        f"{cold.p50:>8.2f} {cold.p99:>8.2f} {cold.calls:>7}"
+    )
+    print(
+        f"{'same users again, warm':40} {1:>6} {warm.rate:>9.0f} "
+        f"{warm.p50:>8.2f} {warm.p99:>8.2f} {warm.calls:>7}"
+    )
+
+    def get(key: str, outstanding: int, attribute: str) -> float | None:
+        row = rows.get(key)
+        if not isinstance(row, dict):
+            return None
+        value: float = getattr(row[outstanding], attribute)
+        return value
+
+    checks = [
+        ("(3)/(2) throughput at 1", ratio(get("3", 1, "rate"), get("2", 1, "rate")), 0.75, True),
+        ("(3)/(2) throughput at 50", ratio(get("3", 50, "rate"), get("2", 50, "rate")), 0.6, True),
+        ("(3)/(4) throughput at 50", ratio(get("3", 50, "rate"), get("4", 50, "rate")), 2.0, True),
+        ("(3)/(4) p50 latency at 1", ratio(get("3", 1, "p50"), get("4", 1, "p50")), 0.5, False),
+        ("cold open p99, ms", cold.p99, 5.0, False),
+    ]
+    print()
+    print(f"{'target':32} {'measured':>9} {'target':>8}  verdict")
+    for label, value, target, atLeast in checks:
+        shown = "n/a" if value is None else f"{value:.2f}"
+        bound = ("≥ " if atLeast else "≤ ") + f"{target:g}"
+        print(f"{label:32} {shown:>9} {bound:>8}  {verdict(value, target, atLeast)}")
+    print(f"\n(whole run: {elapsed:.0f} s)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """
+    Run the benchmark, or (with C{--serve}) one of its servers.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="shorter phases")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--serve", nargs=3, metavar=("KIND", "PORT", "ARG"), help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    if options.serve:
+        kind, port, argument = options.serve
+        serve(kind, int(port), argument)
+        return
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor, options)))
+
+
+if __name__ == "__main__":
+    main()
