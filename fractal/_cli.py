@@ -24,6 +24,8 @@ __all__ = ["SUBCOMMANDS", "FractalOptions", "main"]
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     # (name, "module.OptionsClass", one-line description)
     ("certs", "fractal.certs.CertsOptions", "Create a cluster CA and node certificates."),
+    ("restore", "fractal.durable.tool.RestoreOptions", "Restore one user's store from durable storage."),
+    ("verify", "fractal.durable.tool.VerifyOptions", "Check that every chain in a durable backend restores."),
 ]
 """
 The subcommands of C{fractal}, each as its name, the fully qualified name of

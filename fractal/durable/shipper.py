@@ -1,0 +1,747 @@
+# -*- test-case-name: tests.test_durable_shipper -*-
+"""
+The shipper: ships every dirty user store's changed pages to a durable
+backend, and restores a store from its chain.
+
+Each commit marks its store dirty.  Every ship interval, and at once when a
+caller waits for durability (L{Shipper.whenDurable}), a ship cycle takes a
+consistent image of every dirty store off the reactor thread (a separate
+read-only connection and C{sqlite3.Connection.serialize} inside one read
+transaction), compares its pages' digests with those of the image last
+shipped, and appends one record with the changed pages.  When the deltas since
+the last snapshot outweigh the snapshot, or the chain grows past
+C{maxChain}, the next record is a new snapshot and the older records are
+pruned.
+
+The shipper keeps, next to each store's database, a small state file
+(C{durable-state}) with the key, the last shipped record and its page
+digests, so that after a restart it goes on shipping deltas where it
+stopped; when that file does not match the backend's newest record, it ships
+a snapshot instead, which is always correct.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from typing import Any, Callable, Iterator
+from urllib.parse import quote
+
+from attrs import frozen
+from twisted.application.service import IService, Service
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    DeferredSemaphore,
+    fail,
+    succeed,
+)
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+from fractal.durable._threads import RunInThread, reactorThreads
+from fractal.durable.interfaces import (
+    IDurableBackend,
+    IShipper,
+    RecordInfo,
+    SequenceConflict,
+    ShippingLag,
+    StaleEpoch,
+    StoreLag,
+)
+from fractal.durable.record import (
+    Delta,
+    diffImage,
+    encodeRecord,
+    imageDigest,
+    pageSizeOf,
+)
+from fractal.durable.restore import rebuildFromBackend
+from fractal.keys import storeNameForKey, validateKey
+
+__all__ = ["Shipper", "readImage", "STATE_FILE"]
+
+STATE_FILE = "durable-state"
+"""
+The name of the shipper's state file in a store's directory.
+"""
+
+_STATE_VERSION = 1
+_DIGEST_SIZE = 16
+_MAX_BACKOFF = 30.0
+
+
+def readImage(database: FilePath[str]) -> bytes | None:
+    """
+    A consistent image of an SQLite database, read through a new read-only
+    connection inside one read transaction, so that commits by the store's
+    own connection meanwhile are not seen half-done.  Blocking.
+
+    @return: the image, or L{None} if the database file does not exist.
+    """
+    if not database.isfile():
+        return None
+    connection = sqlite3.connect(
+        f"file:{quote(database.path)}?mode=ro", uri=True, timeout=30, check_same_thread=False
+    )
+    try:
+        connection.execute("BEGIN")
+        connection.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        image = connection.serialize()
+        connection.rollback()
+    finally:
+        connection.close()
+    return image
+
+
+@frozen
+class _Built:
+    """
+    A record built from a store's image, not yet stored.
+    """
+
+    info: RecordInfo
+    data: bytes
+    digests: tuple[bytes, ...]
+    pageSize: int
+    takenAt: float
+
+
+class _StoreState:
+    """
+    What the shipper knows of one store.  Used only on the reactor thread,
+    except that a ship's worker reads it while that ship is the only one for
+    the store.
+    """
+
+    def __init__(self, key: str, dbdir: FilePath[str]) -> None:
+        self.key = key
+        self.name = storeNameForKey(key)
+        self.dbdir = dbdir
+        self.opens = 0
+        self.generation = 0
+        self.shippedGeneration = 0
+        self.dirtySince: float | None = None
+        self.loaded = False
+        self.digests: tuple[bytes, ...] | None = None
+        self.pageSize = 0
+        self.seq = 0
+        self.headDigest = b""
+        self.chainLength = 0
+        self.chainBytes = 0
+        self.snapshotBytes = 0
+        self.pendingBytes = 0
+        self.failures = 0
+        self.retryAt = 0.0
+        self.fenced: StaleEpoch | None = None
+        self.shipping: Deferred[None] | None = None
+        self.waiters: list[tuple[int, Deferred[None]]] = []
+
+    @property
+    def dirty(self) -> bool:
+        return self.generation != self.shippedGeneration
+
+    def markDirty(self, now: float) -> None:
+        if not self.dirty:
+            self.dirtySince = now
+        self.generation += 1
+
+
+def _readState(dbdir: FilePath[str]) -> dict[str, Any] | None:
+    try:
+        content = dbdir.child(STATE_FILE).getContent()
+        line, _, rest = content.partition(b"\n")
+        state: dict[str, Any] = json.loads(line)
+        if state.get("version") != _STATE_VERSION or len(rest) % _DIGEST_SIZE:
+            return None
+        state["digests"] = tuple(
+            rest[i : i + _DIGEST_SIZE] for i in range(0, len(rest), _DIGEST_SIZE)
+        )
+        return state
+    except (OSError, ValueError):
+        return None
+
+
+def _writeState(dbdir: FilePath[str], state: dict[str, Any], digests: tuple[bytes, ...]) -> None:
+    temporary = dbdir.child(STATE_FILE + ".new")
+    temporary.setContent(
+        json.dumps(dict(state, version=_STATE_VERSION)).encode("utf-8") + b"\n" + b"".join(digests)
+    )
+    os.replace(temporary.path, dbdir.child(STATE_FILE).path)
+
+
+@implementer(IShipper, IService)
+class Shipper(Service):
+    """
+    Ships dirty stores to a L{IDurableBackend} and restores stores from it.
+
+    @ivar backend: where the records go.
+    @ivar interval: seconds between ship cycles.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        backend: IDurableBackend,
+        clock: IReactorTime,
+        runInThread: RunInThread | None = None,
+        interval: float = 1.0,
+        epochForKey: Callable[[str], int] | None = None,
+        storesDirectory: FilePath[str] | None = None,
+        maxChain: int = 64,
+        concurrency: int = 4,
+        lagWarning: float = 10.0,
+    ) -> None:
+        """
+        @param backend: the durable backend.
+        @param clock: the reactor's clock, for the interval and the lag.
+        @param runInThread: runs the blocking work (reading images, diffing,
+            compressing, restoring); the reactor's thread pool by default.
+        @param interval: seconds between ship cycles.
+        @param epochForKey: the epoch at which this node owns a key's slot;
+            always 1 by default (a lone node).
+        @param storesDirectory: the pool's directory of stores
+            (C{DATA/stores}); when given, starting the service looks there
+            for stores changed since they were last shipped (after a crash)
+            and ships them.
+        @param maxChain: the most deltas after a snapshot before the next
+            record is a new snapshot.
+        @param concurrency: how many stores are shipped at the same time.
+        @param lagWarning: log a warning when the oldest unshipped commit is
+            older than this many seconds.
+        """
+        self.backend = backend
+        self.interval = interval
+        self._clock = clock
+        self._run = runInThread if runInThread is not None else reactorThreads()
+        self._epochForKey = epochForKey if epochForKey is not None else (lambda key: 1)
+        self._storesDirectory = storesDirectory
+        self._maxChain = maxChain
+        self._semaphore = DeferredSemaphore(concurrency)
+        self._lagWarning = lagWarning
+        self._states: dict[str, _StoreState] = {}
+        self._fencedObservers: list[Callable[[str, StaleEpoch], None]] = []
+        self._loop: LoopingCall | None = None
+        self._immediate: IDelayedCall | None = None
+        self._cycle: Deferred[Any] | None = None
+        self._again = False
+        self._cycleWaiters: list[Deferred[None]] = []
+        self._lastLagLog = -1e9
+        self._lagging = False
+
+    # IService
+
+    def startService(self) -> None:
+        """
+        Start shipping every interval, and ship the stores that changed since
+        they were last shipped.
+        """
+        Service.startService(self)  # type: ignore[no-untyped-call]
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self._clock
+        self._loop.start(self.interval, now=False).addErrback(
+            lambda f: self.log.failure("Ship loop stopped", f)
+        )
+        if self._storesDirectory is not None:
+            directory = self._storesDirectory
+            self._run(lambda: list(self._findUnshipped(directory))).addCallbacks(
+                self._resume, lambda f: self.log.failure("Cannot look for unshipped stores", f)
+            )
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop the interval and ship every dirty store one last time.
+
+        @return: fires when done; stores that could not be shipped are logged
+            with their lag.
+        """
+        Service.stopService(self)  # type: ignore[no-untyped-call]
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._immediate is not None and self._immediate.active():
+            self._immediate.cancel()
+        self._immediate = None
+        for state in self._states.values():
+            state.retryAt = 0.0
+
+        def report(_: object) -> None:
+            lag = self.lag()
+            if lag.stores:
+                self.log.warn(
+                    "Stopping with {stores} stores unshipped: {seconds:.1f}s, "
+                    "{bytesPending} bytes behind",
+                    stores=len(lag.stores),
+                    seconds=lag.seconds,
+                    bytesPending=lag.bytesPending,
+                )
+
+        return self.flush().addCallback(report)
+
+    # IShipper
+
+    def storeOpened(self, key: str, store: Any) -> None:
+        state = self._states.get(key)
+        dbdir: FilePath[str] = store.dbdir
+        if state is None:
+            state = self._states[key] = _StoreState(key, dbdir)
+        state.opens += 1
+        state.dbdir = dbdir
+        if state.fenced is not None and self._epochForKey(key) > state.fenced.current:
+            # This node owns the slot again, at a newer epoch.
+            state.fenced = None
+            state.loaded = False
+        if not state.loaded:
+            # Unknown whether it changed since it was last shipped (by an
+            # earlier run of this node): look, once.
+            state.markDirty(self._clock.seconds())
+        store.addCommitObserver(lambda: self._committed(state))
+
+    def _committed(self, state: _StoreState) -> None:
+        state.markDirty(self._clock.seconds())
+        self._states.setdefault(state.key, state)
+
+    def storeClosing(self, key: str, store: Any) -> Deferred[None]:
+        state = self._states.get(key)
+        if state is None:
+            return succeed(None)
+
+        def closed(_: object) -> None:
+            state.opens = max(0, state.opens - 1)
+            self._forgetIfDone(state)
+
+        state.retryAt = 0.0
+        return self._shipAfterCurrent(state).addBoth(closed)
+
+    def _forgetIfDone(self, state: _StoreState) -> None:
+        """
+        Drop what is known of a store that is closed and fully shipped, so
+        memory stays bounded by the open and unshipped stores.
+        """
+        if not state.dirty and not state.opens and not state.waiters:
+            if self._states.get(state.key) is state:
+                del self._states[state.key]
+
+    def _shipAfterCurrent(self, state: _StoreState) -> Deferred[None]:
+        """
+        Ship C{state} once, after the ship in progress for it (if any) has
+        finished, if it is still dirty; never fails.
+        """
+        if state.shipping is not None:
+            d: Deferred[None] = Deferred()
+            state.shipping.addBoth(lambda _: self._shipAfterCurrent(state).chainDeferred(d))
+            return d
+        if not state.dirty or state.fenced is not None:
+            return succeed(None)
+        return self._shipStore(state)
+
+    def whenDurable(self, key: str) -> Deferred[None]:
+        state = self._states.get(key)
+        if state is None:
+            return succeed(None)
+        if state.fenced is not None:
+            return fail(state.fenced)
+        if not state.dirty:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        state.waiters.append((state.generation, d))
+        self._shipSoon()
+        return d
+
+    def restore(self, key: str, destination: FilePath[str]) -> Deferred[bool]:
+        validateKey(key)
+        name = storeNameForKey(key)
+
+        async def restore() -> bool:
+            rebuilt = await rebuildFromBackend(self.backend, name, self._run, destination)
+            if rebuilt is None:
+                return False
+            record = self._stateRecord(key, rebuilt.head, rebuilt.pageSize, rebuilt.chainLength,
+                                       rebuilt.chainBytes, rebuilt.snapshotBytes, time.time())
+            await self._run(lambda: _writeState(destination, record, rebuilt.digests))
+            state = self._states.get(key)
+            if state is None:
+                state = self._states[key] = _StoreState(key, destination)
+            state.dbdir = destination
+            self._adopt(state, rebuilt.head, rebuilt.digests, rebuilt.pageSize,
+                        rebuilt.chainLength, rebuilt.chainBytes, rebuilt.snapshotBytes)
+            self.log.info(
+                "Restored store {store} to record {seq} ({size} bytes)",
+                store=name,
+                seq=rebuilt.head.seq,
+                size=len(rebuilt.image),
+            )
+            return True
+
+        return Deferred.fromCoroutine(restore())
+
+    def lag(self) -> ShippingLag:
+        now = self._clock.seconds()
+        stores = tuple(
+            StoreLag(
+                key=state.key,
+                seconds=max(0.0, now - state.dirtySince) if state.dirtySince is not None else 0.0,
+                bytesPending=state.pendingBytes,
+                seq=state.seq,
+                fenced=state.fenced is not None,
+            )
+            for state in self._states.values()
+            if state.dirty
+        )
+        return ShippingLag(
+            seconds=max((s.seconds for s in stores), default=0.0),
+            bytesPending=sum(s.bytesPending for s in stores),
+            stores=stores,
+        )
+
+    def addFencedObserver(self, observer: Callable[[str, StaleEpoch], None]) -> None:
+        self._fencedObservers.append(observer)
+
+    # Cycles
+
+    def flush(self) -> Deferred[None]:
+        """
+        Run a ship cycle now (after the one in progress, if any) that ships
+        every dirty store regardless of back-off.
+
+        @return: fires when that cycle has finished; never fails.
+        """
+        for state in self._states.values():
+            state.retryAt = 0.0
+        d: Deferred[None] = Deferred()
+        self._cycleWaiters.append(d)
+        self._startCycle()
+        return d
+
+    def _tick(self) -> None:
+        self._startCycle()
+
+    def _shipSoon(self) -> None:
+        if self._immediate is None:
+            self._immediate = self._clock.callLater(0, self._immediateDue)
+
+    def _immediateDue(self) -> None:
+        self._immediate = None
+        self._startCycle()
+
+    def _startCycle(self) -> None:
+        if self._cycle is not None:
+            self._again = True
+            return
+        waiters, self._cycleWaiters = self._cycleWaiters, []
+        now = self._clock.seconds()
+        due = [
+            state
+            for state in list(self._states.values())
+            if state.dirty
+            and state.fenced is None
+            and state.retryAt <= now
+        ]
+        cycle: Deferred[Any] = Deferred()
+        self._cycle = cycle
+
+        def finished(_: object) -> None:
+            self._cycle = None
+            self._reportLag()
+            for d in waiters:
+                d.callback(None)
+            if self._again:
+                self._again = False
+                self._startCycle()
+
+        cycle.addBoth(finished)
+        DeferredList(
+            [self._semaphore.run(self._shipAfterCurrent, state) for state in due],
+            consumeErrors=True,
+        ).chainDeferred(cycle)
+
+    def _shipStore(self, state: _StoreState) -> Deferred[None]:
+        """
+        Ship one store once.  Never fails: errors are logged and counted, and
+        the store stays dirty.
+        """
+        if state.shipping is not None or state.fenced is not None:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        state.shipping = done
+
+        async def ship() -> None:
+            generation = state.generation
+            if not state.loaded:
+                await self._load(state)
+            epoch = self._epochForKey(state.key)
+            built = await self._run(lambda: self._build(state, epoch))
+            if built is None:
+                self._shipped(state, generation)
+                return
+            state.pendingBytes = len(built.data)
+            await self.backend.append(built.info, built.data)
+            self._adopt(state, built.info, built.digests, built.pageSize, *(
+                (0, 0, built.info.size) if built.info.isSnapshot else
+                (state.chainLength + 1, state.chainBytes + built.info.size, state.snapshotBytes)))
+            self._shipped(state, generation)
+            if built.info.isSnapshot and built.info.seq > 1:
+                self.backend.prune(state.name, built.info.seq).addErrback(
+                    lambda f: self.log.failure("Cannot prune store {store}", f, store=state.name)
+                )
+            record = self._stateRecord(state.key, built.info, built.pageSize, state.chainLength,
+                                       state.chainBytes, state.snapshotBytes, built.takenAt)
+            dbdir, digests = state.dbdir, built.digests
+            await self._run(lambda: _writeState(dbdir, record, digests))
+
+        def failed(failure: Failure) -> None:
+            self._failed(state, failure)
+
+        def finish(_: object) -> None:
+            state.shipping = None
+            if state.waiters and state.dirty and state.retryAt <= self._clock.seconds():
+                # Commits made while this ship was under way are waited on.
+                self._shipSoon()
+            done.callback(None)
+
+        Deferred.fromCoroutine(ship()).addErrback(failed).addErrback(
+            lambda f: self.log.failure("Unexpected error shipping {store}", f, store=state.name)
+        ).addBoth(finish)
+        return done
+
+    def _build(self, state: _StoreState, epoch: int) -> _Built | None:
+        """
+        Read a store's image and build its next record; in a worker thread.
+
+        @return: the record, or L{None} if nothing changed since the last one.
+        @raise FileNotFoundError: if the store's database is gone.
+        """
+        takenAt = time.time()
+        image = readImage(state.dbdir.child("db.sqlite"))
+        if image is None:
+            raise FileNotFoundError(f"store {state.name} has no database file to ship")
+        pageSize = pageSizeOf(image)
+        base = state.digests if state.pageSize == pageSize else None
+        if state.seq == 0 or state.chainLength >= self._maxChain:
+            base = None
+        pages, digests = diffImage(image, pageSize, base)
+        if base is not None and not pages and len(digests) == len(base):
+            return None
+        built = self._encode(state, epoch, pageSize, pages, digests, base is None, takenAt)
+        if base is not None and state.chainBytes + built.info.size > max(state.snapshotBytes, 65536):
+            # The deltas since the snapshot now outweigh it: compact.
+            pages, digests = diffImage(image, pageSize, None)
+            built = self._encode(state, epoch, pageSize, pages, digests, True, takenAt)
+        return built
+
+    @staticmethod
+    def _encode(
+        state: _StoreState,
+        epoch: int,
+        pageSize: int,
+        pages: list[tuple[int, bytes]],
+        digests: list[bytes],
+        snapshot: bool,
+        takenAt: float,
+    ) -> _Built:
+        seq = state.seq + 1
+        data = encodeRecord(
+            Delta(
+                store=state.name,
+                epoch=epoch,
+                seq=seq,
+                baseSeq=0 if snapshot else state.seq,
+                pageSize=pageSize,
+                pageCount=len(digests),
+                pages=pages,
+                imageDigest=imageDigest(digests, pageSize),
+            )
+        )
+        info = RecordInfo(
+            store=state.name,
+            epoch=epoch,
+            seq=seq,
+            baseSeq=0 if snapshot else state.seq,
+            size=len(data),
+            digest=hashlib.sha256(data).digest(),
+        )
+        return _Built(info=info, data=data, digests=tuple(digests), pageSize=pageSize, takenAt=takenAt)
+
+    async def _load(self, state: _StoreState) -> None:
+        """
+        Learn where C{state}'s chain stands: the backend's newest record, and
+        whether this node's state file describes it.
+        """
+        head = await self.backend.head(state.name)
+        dbdir = state.dbdir
+        saved = await self._run(lambda: _readState(dbdir))
+        if head is None:
+            state.seq, state.digests = 0, None
+        elif (
+            saved is not None
+            and saved.get("key") == state.key
+            and saved.get("seq") == head.seq
+            and saved.get("head") == head.digest.hex()
+        ):
+            self._adopt(state, head, saved["digests"], saved["pageSize"], saved["chainLength"],
+                        saved["chainBytes"], saved["snapshotBytes"])
+        else:
+            # The chain moved on without this node knowing its pages: the
+            # next record is a snapshot after the newest.
+            state.seq, state.digests = head.seq, None
+        state.loaded = True
+
+    def _adopt(
+        self,
+        state: _StoreState,
+        head: RecordInfo,
+        digests: tuple[bytes, ...],
+        pageSize: int,
+        chainLength: int,
+        chainBytes: int,
+        snapshotBytes: int,
+    ) -> None:
+        state.loaded = True
+        state.seq = head.seq
+        state.headDigest = head.digest
+        state.digests = tuple(digests)
+        state.pageSize = pageSize
+        state.chainLength = chainLength
+        state.chainBytes = chainBytes
+        state.snapshotBytes = snapshotBytes
+
+    @staticmethod
+    def _stateRecord(
+        key: str,
+        head: RecordInfo,
+        pageSize: int,
+        chainLength: int,
+        chainBytes: int,
+        snapshotBytes: int,
+        takenAt: float,
+    ) -> dict[str, Any]:
+        return {
+            "key": key,
+            "seq": head.seq,
+            "head": head.digest.hex(),
+            "epoch": head.epoch,
+            "pageSize": pageSize,
+            "chainLength": chainLength,
+            "chainBytes": chainBytes,
+            "snapshotBytes": snapshotBytes,
+            "takenAt": takenAt,
+        }
+
+    def _shipped(self, state: _StoreState, generation: int) -> None:
+        state.shippedGeneration = max(state.shippedGeneration, generation)
+        state.pendingBytes = 0
+        state.failures = 0
+        state.retryAt = 0.0
+        if not state.dirty:
+            state.dirtySince = None
+        ready = [d for (g, d) in state.waiters if g <= generation]
+        state.waiters = [(g, d) for (g, d) in state.waiters if g > generation]
+        for d in ready:
+            d.callback(None)
+        self._forgetIfDone(state)
+
+    def _failed(self, state: _StoreState, failure: Failure) -> None:
+        error = failure.value
+        if isinstance(error, StaleEpoch):
+            state.fenced = error
+            waiters, state.waiters = state.waiters, []
+            for _, d in waiters:
+                d.errback(error)
+            self.log.error(
+                "Store {store} (key {key!r}) is fenced: {error}; this node must stop "
+                "serving its slot",
+                store=state.name,
+                key=state.key,
+                error=str(error),
+            )
+            for observer in self._fencedObservers:
+                try:
+                    observer(state.key, error)
+                except Exception:
+                    self.log.failure("Fenced observer failed")
+            return
+        if isinstance(error, SequenceConflict):
+            # Someone else's idea of the chain, or a stale state file: start
+            # again from the backend's newest record, with a snapshot.
+            state.loaded = False
+        if isinstance(error, FileNotFoundError):
+            self.log.warn("{error}", error=str(error))
+        state.failures += 1
+        state.retryAt = self._clock.seconds() + min(
+            _MAX_BACKOFF, self.interval * 2 ** (state.failures - 1)
+        )
+        if state.failures & (state.failures - 1) == 0:
+            self.log.warn(
+                "Cannot ship store {store} (attempt {attempts}): {error}",
+                store=state.name,
+                attempts=state.failures,
+                error=failure.getErrorMessage(),
+            )
+
+    def _reportLag(self) -> None:
+        lag = self.lag()
+        now = self._clock.seconds()
+        if lag.seconds >= self._lagWarning:
+            if now - self._lastLagLog >= self._lagWarning:
+                self._lastLagLog = now
+                self.log.warn(
+                    "Durable shipping lag {seconds:.1f}s: {bytesPending} bytes pending "
+                    "in {stores} stores",
+                    seconds=lag.seconds,
+                    bytesPending=lag.bytesPending,
+                    stores=len(lag.stores),
+                    lag=lag,
+                )
+            self._lagging = True
+        elif self._lagging and not lag.stores:
+            self._lagging = False
+            self.log.info("Durable shipping caught up")
+
+    # Resuming after a restart
+
+    @staticmethod
+    def _findUnshipped(directory: FilePath[str]) -> Iterator[tuple[str, FilePath[str]]]:
+        """
+        The stores under C{directory} changed since they were last shipped,
+        as (key, store directory); in a worker thread.
+        """
+        if not directory.isdir():
+            return
+        for bucket in directory.children():
+            if not bucket.isdir():
+                continue
+            for dbdir in bucket.children():
+                saved = _readState(dbdir)
+                if saved is None or not isinstance(saved.get("key"), str):
+                    continue
+                try:
+                    validateKey(saved["key"])
+                except ValueError:
+                    continue
+                if storeNameForKey(saved["key"]) != dbdir.basename():
+                    continue
+                changed = 0.0
+                for name in ("db.sqlite", "db.sqlite-wal"):
+                    try:
+                        changed = max(changed, os.stat(dbdir.child(name).path).st_mtime)
+                    except OSError:
+                        pass
+                if changed >= float(saved.get("takenAt", 0)) - 1.0:
+                    yield saved["key"], dbdir
+
+    def _resume(self, found: list[tuple[str, FilePath[str]]]) -> None:
+        now = self._clock.seconds()
+        for key, dbdir in found:
+            if key not in self._states:
+                state = self._states[key] = _StoreState(key, dbdir)
+                state.markDirty(now)
+        if found:
+            self.log.info("Resuming shipping of {count} stores", count=len(found))

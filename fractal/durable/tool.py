@@ -1,0 +1,189 @@
+# -*- test-case-name: tests.test_durable_tool -*-
+"""
+C{fractal restore} and C{fractal verify}: offline tools over a node's durable
+backend.
+
+Both work on the filesystem backend of a node's data directory
+(C{DATA/durable}, the default of C{twistd fractal}), or on the one named by
+C{--durable}.  They run in the calling thread, without a reactor.
+"""
+
+from __future__ import annotations
+
+import getopt
+import sys
+from typing import Any, Sequence, TextIO, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+
+from fractal.durable._threads import runSynchronously
+from fractal.durable.filesystem import FilesystemBackend
+from fractal.durable.interfaces import DurableError
+from fractal.durable.restore import RebuiltImage, rebuildFromBackend
+from fractal.keys import InvalidUserKey, storeNameForKey
+
+__all__ = ["RestoreOptions", "VerifyOptions", "durableDirectory"]
+
+T = TypeVar("T")
+
+
+def durableDirectory(data: str, durable: str | None) -> FilePath[str]:
+    """
+    The directory of a node's filesystem backend: C{durable} if given, else
+    C{data/durable}.
+    """
+    return FilePath(durable) if durable else FilePath(data).child("durable")
+
+
+def _result(d: Deferred[T]) -> T:
+    """
+    The result of a Deferred that has fired (everything here runs
+    synchronously); raises its failure's exception.
+    """
+    results: list[Any] = []
+    d.addBoth(results.append)
+    if not results:
+        raise RuntimeError("a synchronous operation did not finish")
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    value: T = results[0]
+    return value
+
+
+class _BackendOptions(usage.Options):
+    optParameters = [
+        ["data", None, "./fractal-data", "The node's data directory."],
+        [
+            "durable",
+            None,
+            None,
+            "The filesystem backend's directory (default: DATA/durable).",
+        ],
+    ]
+
+    @property
+    def out(self) -> TextIO:
+        return sys.stdout
+
+    @property
+    def err(self) -> TextIO:
+        return sys.stderr
+
+    def backend(self) -> FilesystemBackend:
+        return FilesystemBackend(
+            durableDirectory(self["data"], self["durable"]), runSynchronously
+        )
+
+
+class RestoreOptions(_BackendOptions):
+    """
+    C{fractal restore --data DIR USER --to PATH}: restore one user's store
+    from durable storage into a new directory, for inspection.
+    """
+
+    synopsis = "Usage: fractal restore [--data DIR] [--durable DIR] USER --to PATH"
+    optParameters = [
+        ["to", None, None, "The directory to restore into (PATH/db.sqlite); must not exist."],
+    ]
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """
+        Parse like L{usage.Options}, but allow options after the user key, as
+        in C{fractal restore --data DIR USER --to PATH}.
+        """
+        if options is None:
+            options = sys.argv[1:]
+        try:
+            found, arguments = getopt.gnu_getopt(list(options), self.shortOpt, self.longOpt)
+        except getopt.error as e:
+            raise usage.UsageError(str(e)) from None
+        ordered: list[str] = []
+        for option, value in found:
+            if option.startswith("--") and option[2:] + "=" in self.longOpt:
+                ordered.append(f"{option}={value}")
+            else:
+                ordered.append(option + value)
+        super().parseOptions(ordered + ["--"] + arguments)  # type: ignore[no-untyped-call]
+
+    def parseArgs(self, user: str) -> None:  # type: ignore[override]
+        try:
+            self["user"] = user
+            self["store"] = storeNameForKey(user)
+        except InvalidUserKey as e:
+            raise usage.UsageError(str(e)) from None
+
+    def postOptions(self) -> None:
+        if not self["to"]:
+            raise usage.UsageError("--to PATH is required")
+        if FilePath(self["to"]).exists():
+            raise usage.UsageError(f"--to {self['to']!r} already exists; give a new path")
+
+    def run(self) -> int:
+        """
+        Restore, and print where the store went and its chain position.
+
+        @return: 0 when restored, 1 when there is no durable copy or the
+            chain is broken.
+        """
+        destination = FilePath(self["to"])
+        try:
+            rebuilt = _result(
+                rebuildFromBackend(self.backend(), self["store"], runSynchronously, destination)
+            )
+        except (DurableError, OSError) as e:
+            print(f"fractal restore: {e}", file=self.err)
+            return 1
+        if rebuilt is None:
+            print(
+                f"fractal restore: no durable copy of user {self['user']!r} "
+                f"(store {self['store']})",
+                file=self.err,
+            )
+            return 1
+        print(
+            f"restored user {self['user']!r} (store {self['store']}) at record "
+            f"{rebuilt.head.seq}, epoch {rebuilt.head.epoch}, {len(rebuilt.image)} bytes, "
+            f"to {destination.child('db.sqlite').path}",
+            file=self.out,
+        )
+        return 0
+
+
+class VerifyOptions(_BackendOptions):
+    """
+    C{fractal verify}: check that every chain in a backend restores exactly.
+    """
+
+    synopsis = "Usage: fractal verify [--data DIR] [--durable DIR]"
+
+    def run(self) -> int:
+        """
+        Rebuild every store's chain in memory, and print one line per store.
+
+        @return: 0 when every chain is sound, 1 otherwise.
+        """
+        backend = self.backend()
+        broken = 0
+        stores = _result(backend.stores())
+        for store in stores:
+            try:
+                rebuilt: RebuiltImage | None = _result(
+                    rebuildFromBackend(backend, store, runSynchronously)
+                )
+            except (DurableError, OSError) as e:
+                broken += 1
+                print(f"BROKEN {store}: {e}", file=self.out)
+                continue
+            if rebuilt is None:
+                print(f"empty  {store}: fenced, no records", file=self.out)
+                continue
+            print(
+                f"ok     {store}: record {rebuilt.head.seq}, epoch {rebuilt.head.epoch}, "
+                f"{rebuilt.chainLength} deltas after the snapshot, {len(rebuilt.image)} bytes",
+                file=self.out,
+            )
+        print(f"{len(stores)} stores, {broken} broken", file=self.out)
+        return 1 if broken else 0
