@@ -24,6 +24,11 @@ __all__ = ["SUBCOMMANDS", "FractalOptions", "main"]
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     # (name, "module.OptionsClass", one-line description)
     ("certs", "fractal.certs.CertsOptions", "Create a cluster CA and node certificates."),
+    (
+        "dev-cluster",
+        "fractal.routing.devcluster.DevClusterOptions",
+        "Write (and run) a local development cluster of N nodes.",
+    ),
     ("restore", "fractal.durable.tool.RestoreOptions", "Restore one user's store from durable storage."),
     ("verify", "fractal.durable.tool.VerifyOptions", "Check that every chain in a durable backend restores."),
 ]
