@@ -1,0 +1,520 @@
+"""
+Tests for L{fractal.durable.shipper}: shipping dirty stores as deltas, the
+durable output gate, lag, fencing, compaction, restarts and restore.
+
+The stores are real L{fractal.store.Store}s on disk; the backend is the
+in-memory one (held to the same contract as the filesystem one), the clock a
+L{Clock}, and blocking work runs synchronously.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.application.service import IService
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.internet.testing import EventLoggingObserver
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from fractal.durable._threads import runSynchronously
+from fractal.durable.interfaces import BrokenChain, IShipper, StaleEpoch
+from fractal.durable.shipper import STATE_FILE, Shipper
+from fractal.keys import storeNameForKey
+from fractal.store import Item, Store, integer, text
+from fractal.testing import MemoryDurableBackend
+
+
+class DurableTestNote(Item):
+    typeName = "test_durable_note"
+    number = integer()
+    body = text()
+
+
+def openStore(dbdir: FilePath[str]) -> Any:
+    """
+    Open (or create) a real store at C{dbdir}.
+    """
+    return Store(dbdir)
+
+
+def write(store: Any, number: int, body: str) -> None:
+    """
+    Set note C{number} to C{body} in one transaction.
+    """
+
+    def change() -> None:
+        note = store.findFirst(DurableTestNote, DurableTestNote.number == number)
+        if note is None:
+            DurableTestNote(store=store, number=number, body=body)
+        else:
+            note.body = body
+
+    store.transact(change)
+
+
+def delete(store: Any, number: int) -> None:
+    """
+    Delete note C{number}, if it exists, in one transaction.
+    """
+
+    def change() -> None:
+        note = store.findFirst(DurableTestNote, DurableTestNote.number == number)
+        if note is not None:
+            note.deleteFromStore()
+
+    store.transact(change)
+
+
+def dump(database: FilePath[str]) -> list[str]:
+    """
+    The logical content of an SQLite database, as SQL statements.
+    """
+    connection = sqlite3.connect(f"file:{database.path}?mode=ro", uri=True)
+    try:
+        return list(connection.iterdump())
+    finally:
+        connection.close()
+
+
+class _Harness:
+    """
+    A shipper on an in-memory backend with a clock, and stores for it.
+    """
+
+    def __init__(self, case: SynchronousTestCase, **kwargs: Any) -> None:
+        self.case = case
+        self.clock = Clock()
+        self.backend = kwargs.pop("backend", None) or MemoryDurableBackend()
+        self.root = kwargs.pop("root", None) or FilePath(case.mktemp())
+        self.shipper = Shipper(
+            self.backend, self.clock, runInThread=runSynchronously, **kwargs
+        )
+        self.fenced: list[tuple[str, StaleEpoch]] = []
+        self.shipper.addFencedObserver(lambda key, error: self.fenced.append((key, error)))
+
+    def dbdir(self, key: str) -> FilePath[str]:
+        name = storeNameForKey(key)
+        return self.root.child(name[:2]).child(name)
+
+    def open(self, key: str) -> Any:
+        store = openStore(self.dbdir(key))
+        self.shipper.storeOpened(key, store)
+        self.case.addCleanup(store.close)
+        return store
+
+    def records(self, key: str) -> list[Any]:
+        return self.case.successResultOf(self.backend.records(storeNameForKey(key)))
+
+    def restored(self, key: str) -> list[str]:
+        destination = FilePath(self.case.mktemp())
+        other = Shipper(self.backend, Clock(), runInThread=runSynchronously)
+        self.case.assertTrue(self.case.successResultOf(other.restore(key, destination)))
+        return dump(destination.child("db.sqlite"))
+
+
+class ShipperTests(SynchronousTestCase):
+    """
+    Shipping dirty stores.
+    """
+
+    def test_provides(self) -> None:
+        """
+        L{Shipper} provides L{IShipper} and L{IService}.
+        """
+        shipper = Shipper(MemoryDurableBackend(), Clock(), runInThread=runSynchronously)
+        self.assertTrue(verifyObject(IShipper, shipper))
+        self.assertTrue(verifyObject(IService, shipper))
+
+    def test_shipsEveryInterval(self) -> None:
+        """
+        A store opened and changed is shipped at the next interval as a
+        snapshot, which restores to exactly its content.
+        """
+        h = _Harness(self, interval=1.0)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open("alice")
+        write(store, 1, "hello")
+        h.clock.advance(0.5)
+        self.assertEqual(h.records("alice"), [])
+        h.clock.advance(0.5)
+        [record] = h.records("alice")
+        self.assertTrue(record.isSnapshot)
+        self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
+
+    def test_deltaAfterSnapshot(self) -> None:
+        """
+        After the first snapshot, a one-row change ships as a small delta
+        based on the record before it; a store with no new commit ships
+        nothing.
+        """
+        h = _Harness(self)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open("alice")
+        for i in range(300):
+            write(store, i, "x" * 200)
+        h.clock.advance(1)
+        h.clock.advance(1)
+        self.assertEqual(len(h.records("alice")), 1)
+        write(store, 7, "changed")
+        h.clock.advance(1)
+        snapshot, delta = h.records("alice")
+        self.assertEqual((delta.seq, delta.baseSeq), (2, 1))
+        self.assertLess(delta.size * 4, snapshot.size)
+        self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
+
+    def test_whenDurable(self) -> None:
+        """
+        L{Shipper.whenDurable} fires at once for a store with nothing
+        unshipped; otherwise it starts a ship at once (not at the interval)
+        and fires only when the backend has stored the record.
+        """
+        h = _Harness(self, interval=60.0)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open("alice")
+        first = h.shipper.whenDurable("alice")
+        h.clock.advance(0)
+        self.successResultOf(first)
+        self.successResultOf(h.shipper.whenDurable("alice"))
+        self.successResultOf(h.shipper.whenDurable("nobody"))
+        h.backend.holdAppends = True
+        write(store, 1, "durable")
+        d = h.shipper.whenDurable("alice")
+        self.assertNoResult(d)
+        h.clock.advance(0)
+        self.assertNoResult(d)
+        h.backend.holdAppends = False
+        h.backend.releaseAppends()
+        self.successResultOf(d)
+        self.assertIn("'durable'", "\n".join(h.restored("alice")))
+
+    def test_groupCommit(self) -> None:
+        """
+        Durable waiters of several users in the same turn share one ship
+        cycle, and a commit made while a ship is under way is shipped right
+        after it, not at the next interval.
+        """
+        h = _Harness(self, interval=60.0)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        stores = {key: h.open(key) for key in ["a", "b", "c"]}
+        self.successResultOf(h.shipper.flush())
+        h.backend.holdAppends = True
+        waiters = []
+        for key, store in stores.items():
+            write(store, 1, key)
+            waiters.append(h.shipper.whenDurable(key))
+        h.clock.advance(0)
+        write(stores["a"], 2, "later")
+        later = h.shipper.whenDurable("a")
+        self.assertEqual(len(h.backend._held), 3)
+        h.backend.holdAppends = False
+        h.backend.releaseAppends()
+        for d in waiters:
+            self.successResultOf(d)
+        self.assertNoResult(later)
+        h.clock.advance(0)
+        self.successResultOf(later)
+        self.assertIn("'later'", "\n".join(h.restored("a")))
+
+    def test_backendDown(self) -> None:
+        """
+        While the backend is down the store goes on committing, the lag
+        grows and is logged, and shipping recovers by itself when the
+        backend returns.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        h = _Harness(self, lagWarning=5.0)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open("alice")
+        h.clock.advance(1)
+        h.backend.available = False
+        write(store, 1, "while down")
+        for _ in range(10):
+            h.clock.advance(1)
+            write(store, 2, f"at {h.clock.seconds()}")
+        lag = h.shipper.lag()
+        self.assertGreaterEqual(lag.seconds, 9.0)
+        self.assertGreater(lag.bytesPending, 0)
+        [storeLag] = lag.stores
+        self.assertEqual(storeLag.key, "alice")
+        self.assertTrue(any(e.get("log_format", "").startswith("Durable shipping lag") for e in events))
+        h.backend.available = True
+        h.clock.advance(31)
+        self.assertEqual(h.shipper.lag().stores, ())
+        self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
+
+    def test_staleEpoch(self) -> None:
+        """
+        When the backend refuses a write for a stale epoch, durable waiters
+        fail with L{StaleEpoch}, the fenced observers are told the key, and
+        the store is not shipped again.
+        """
+        h = _Harness(self, epochForKey=lambda key: 1)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open("alice")
+        h.clock.advance(1)
+        self.successResultOf(h.backend.fence(storeNameForKey("alice"), 2))
+        write(store, 1, "late")
+        d = h.shipper.whenDurable("alice")
+        h.clock.advance(0)
+        self.failureResultOf(d, StaleEpoch)
+        self.assertEqual([key for key, _ in h.fenced], ["alice"])
+        self.failureResultOf(h.shipper.whenDurable("alice"), StaleEpoch)
+        self.assertTrue(h.shipper.lag().stores[0].fenced)
+        count = len(h.backend.appended)
+        write(store, 2, "later")
+        h.clock.advance(5)
+        self.assertEqual(len(h.backend.appended), count)
+        self.flushLoggedErrors()
+
+    def test_compaction(self) -> None:
+        """
+        A chain longer than C{maxChain} is compacted: the next record is a
+        snapshot and the records before it are pruned; restore stays exact.
+        """
+        h = _Harness(self, maxChain=3)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open("alice")
+        for i in range(6):
+            write(store, i, f"note {i}")
+            h.clock.advance(1)
+        records = h.records("alice")
+        self.assertEqual([r.seq for r in records], [5, 6])
+        self.assertTrue(records[0].isSnapshot)
+        self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
+
+    def test_closingShipsAndForgets(self) -> None:
+        """
+        C{storeClosing} ships what is unshipped before it fires, and the
+        shipper then forgets the closed store.
+        """
+        h = _Harness(self, interval=60.0)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open("alice")
+        write(store, 1, "final")
+        self.successResultOf(h.shipper.storeClosing("alice", store))
+        self.assertIn("'final'", "\n".join(h.restored("alice")))
+        self.assertEqual(h.shipper._states, {})
+
+    def test_closingWhileDown(self) -> None:
+        """
+        C{storeClosing} fires even when the backend is down; the closed
+        store stays unshipped, visible in the lag, and is shipped from its
+        file when the backend returns.
+        """
+        h = _Harness(self)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open("alice")
+        write(store, 1, "kept")
+        h.backend.available = False
+        self.successResultOf(h.shipper.storeClosing("alice", store))
+        store.close()
+        self.assertEqual([s.key for s in h.shipper.lag().stores], ["alice"])
+        h.backend.available = True
+        h.clock.advance(31)
+        self.assertEqual(h.shipper.lag().stores, ())
+        self.assertIn("'kept'", "\n".join(h.restored("alice")))
+        self.assertEqual(h.shipper._states, {})
+
+    def test_stopShipsEverything(self) -> None:
+        """
+        Stopping the service ships every dirty store.
+        """
+        h = _Harness(self, interval=60.0)
+        h.shipper.startService()
+        store = h.open("alice")
+        write(store, 1, "at stop")
+        self.successResultOf(h.shipper.stopService())
+        self.assertIn("'at stop'", "\n".join(h.restored("alice")))
+
+    def test_restartResumesDeltas(self) -> None:
+        """
+        A new shipper (a restarted node) on the same stores and backend goes
+        on shipping deltas on the existing chain; if its state file does not
+        match the backend it ships a snapshot after the newest record.
+        """
+        h = _Harness(self)
+        h.shipper.startService()
+        store = h.open("alice")
+        write(store, 1, "one")
+        self.successResultOf(h.shipper.storeClosing("alice", store))
+        self.successResultOf(h.shipper.stopService())
+        store.close()
+
+        again = _Harness(self, backend=h.backend, root=h.root)
+        again.shipper.startService()
+        self.addCleanup(again.shipper.stopService)
+        store = again.open("alice")
+        write(store, 2, "two")
+        again.clock.advance(1)
+        self.assertEqual([(r.seq, r.baseSeq) for r in again.records("alice")], [(1, 0), (2, 1)])
+        self.successResultOf(again.shipper.storeClosing("alice", store))
+        store.close()
+
+        again.dbdir("alice").child(STATE_FILE).remove()
+        store = again.open("alice")
+        write(store, 3, "three")
+        again.clock.advance(1)
+        self.assertEqual([(r.seq, r.baseSeq) for r in again.records("alice")], [(3, 0)])
+        self.assertEqual(again.restored("alice"), dump(again.dbdir("alice").child("db.sqlite")))
+
+    def test_resumeAfterCrash(self) -> None:
+        """
+        Stores changed after their last ship by a node that then died are
+        found when a new shipper starts with the stores directory, and
+        shipped without being opened.
+        """
+        h = _Harness(self)
+        h.shipper.startService()
+        store = h.open("alice")
+        write(store, 1, "shipped")
+        h.clock.advance(1)
+        write(store, 2, "not yet shipped")
+        store.close()
+        h.clock.advance(0)
+
+        again = _Harness(self, backend=h.backend, root=h.root, storesDirectory=h.root)
+        again.shipper.startService()
+        self.addCleanup(again.shipper.stopService)
+        self.assertEqual([s.key for s in again.shipper.lag().stores], ["alice"])
+        again.clock.advance(1)
+        self.assertIn("'not yet shipped'", "\n".join(again.restored("alice")))
+
+
+class RestoreTests(SynchronousTestCase):
+    """
+    Restoring a store from its chain.
+    """
+
+    def _shipped(self) -> tuple[_Harness, str]:
+        h = _Harness(self)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open("alice")
+        for i in range(3):
+            write(store, i, f"version {i}")
+            h.clock.advance(1)
+        return h, storeNameForKey("alice")
+
+    def test_noCopy(self) -> None:
+        """
+        Restoring a key the backend has never seen answers C{False} and
+        writes nothing.
+        """
+        h = _Harness(self)
+        destination = FilePath(self.mktemp())
+        self.assertFalse(self.successResultOf(h.shipper.restore("nobody", destination)))
+        self.assertFalse(destination.exists())
+
+    def test_restoredStoreShipsDeltas(self) -> None:
+        """
+        A restored store, opened, goes on shipping deltas on its chain.
+        """
+        h, name = self._shipped()
+        other = _Harness(self, backend=h.backend)
+        other.shipper.startService()
+        self.addCleanup(other.shipper.stopService)
+        self.assertTrue(self.successResultOf(other.shipper.restore("alice", other.dbdir("alice"))))
+        store = other.open("alice")
+        write(store, 9, "after restore")
+        other.clock.advance(1)
+        self.assertEqual(other.records("alice")[-1].baseSeq, 3)
+
+    def test_gapRefused(self) -> None:
+        """
+        A chain with a missing link is refused with L{BrokenChain} and
+        nothing is written.
+        """
+        h, name = self._shipped()
+        h.backend.remove(name, 2)
+        destination = FilePath(self.mktemp())
+        failure = self.failureResultOf(h.shipper.restore("alice", destination), BrokenChain)
+        self.assertIn("gap", str(failure.value))
+        self.assertFalse(destination.child("db.sqlite").exists())
+
+    def test_corruptLinkRefused(self) -> None:
+        """
+        A chain with a damaged record (a flipped bit, or a record replaced
+        by another valid record) is refused with L{BrokenChain}.
+        """
+        h, name = self._shipped()
+        data = bytearray(self.successResultOf(h.backend.read(name, 2)))
+        data[len(data) // 2] ^= 0x10
+        h.backend.corrupt(name, 2, bytes(data))
+        destination = FilePath(self.mktemp())
+        self.failureResultOf(h.shipper.restore("alice", destination), BrokenChain)
+        self.assertFalse(destination.child("db.sqlite").exists())
+
+    def test_noSnapshotRefused(self) -> None:
+        """
+        A chain whose snapshot is lost is refused.
+        """
+        h, name = self._shipped()
+        h.backend.remove(name, 1)
+        self.failureResultOf(h.shipper.restore("alice", FilePath(self.mktemp())), BrokenChain)
+
+
+class ShipRestorePropertyTests(SynchronousTestCase):
+    """
+    Random transactions, shipped at random points, restore to exactly the
+    content shipped last.
+    """
+
+    @settings(max_examples=15, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["write", "delete", "ship", "close"]),
+                st.integers(0, 30),
+                st.integers(0, 3000),
+            ),
+            min_size=1,
+            max_size=25,
+        ),
+        st.integers(2, 6),
+    )
+    def test_restoreIsExact(self, operations: list[tuple[str, int, int]], maxChain: int) -> None:
+        """
+        After any sequence of writes, deletes, ships and reopenings, restoring
+        gives the content of the store at the last ship.
+        """
+        h = _Harness(self, maxChain=maxChain)
+        h.shipper.startService()
+        store = h.open("prop")
+        database = h.dbdir("prop").child("db.sqlite")
+        shipped: list[str] | None = None
+        for op, number, size in operations:
+            if op == "write":
+                write(store, number, "v" * size)
+            elif op == "delete":
+                delete(store, number)
+            elif op == "ship":
+                d = h.shipper.whenDurable("prop")
+                h.clock.advance(0)
+                self.successResultOf(d)
+                shipped = dump(database)
+            else:
+                self.successResultOf(h.shipper.storeClosing("prop", store))
+                store.close()
+                shipped = dump(database)
+                store = h.open("prop")
+        self.addCleanup(h.shipper.stopService)
+        if shipped is None:
+            destination = FilePath(self.mktemp())
+            self.assertFalse(self.successResultOf(h.shipper.restore("prop", destination)))
+        else:
+            self.assertEqual(h.restored("prop"), shipped)
