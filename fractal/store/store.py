@@ -1,0 +1,1433 @@
+# -*- test-case-name: tests.test_store_store -*-
+"""
+L{Store}: one SQLite database of items, laid out exactly as Axiom lays it
+out, so Axiom data opens here and the other way round.
+
+A store is one C{sqlite3} connection used from one thread.  Writes go to the
+database as they are made, inside an explicit C{BEGIN IMMEDIATE} transaction
+(L{Store.transact}), or, outside one, each in its own short transaction.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sqlite3
+import tempfile
+import weakref
+from typing import Any, Callable, Iterable, TypeVar
+
+from twisted.application.service import IService, IServiceCollection, MultiService
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+from fractal.store import attributes as _attributes
+from fractal.store.errors import (
+    CannotOpenStore,
+    ChangeRejected,
+    DeletionDisallowed,
+    DuplicateUniqueItem,
+    ItemNotFound,
+    ItemUpgradeError,
+    NoUpgradePathAvailable,
+    StoreAlreadyOpen,
+    StoreClosed,
+    StoreLocked,
+    StoreNotFound,
+    TransactionInProgress,
+    UnknownItemType,
+    UpgraderRecursion,
+)
+from fractal.store.interfaces import IAtomicFile, IBeneficiary, IScheduler
+from fractal.store.item import (
+    Empowered,
+    Item,
+    _allReferences,
+    _generation,
+    _legacyTypes,
+    _makeLegacyClass,
+    _PowerupConnector,
+    _typeNameToMostRecentClass,
+)
+
+__all__ = ["AtomicFile", "Store", "STORE_SELF_ID"]
+
+STORE_SELF_ID = -1
+"""
+The storeID of a store itself (what a reference to the store holds).
+"""
+
+_T = TypeVar("_T")
+_NOTHING: Any = object()
+
+_CREATE_OBJECTS = """
+CREATE TABLE "axiom_objects" (
+    "oid" INTEGER PRIMARY KEY AUTOINCREMENT,
+    "type_id" INTEGER NOT NULL
+        CONSTRAINT "fk_type_id" REFERENCES "axiom_types"("oid")
+)
+"""
+_CREATE_OBJECTS_IDX = """
+CREATE INDEX "axiom_objects_type_idx"
+    ON "axiom_objects"("type_id");
+"""
+_CREATE_TYPES = """
+CREATE TABLE "axiom_types" (
+    "oid" INTEGER PRIMARY KEY AUTOINCREMENT,
+    "typename" VARCHAR,
+    "module" VARCHAR,
+    "version" INTEGER
+)
+"""
+_CREATE_ATTRIBUTES = """
+CREATE TABLE "axiom_attributes" (
+    "type_id" INTEGER,
+    "row_offset" INTEGER,
+    "indexed" BOOLEAN,
+    "sqltype" VARCHAR,
+    "allow_none" BOOLEAN,
+    "pythontype" VARCHAR,
+    "attribute" VARCHAR,
+    "docstring" TEXT
+)
+"""
+_BASE_SCHEMA = [_CREATE_OBJECTS, _CREATE_OBJECTS_IDX, _CREATE_TYPES, _CREATE_ATTRIBUTES]
+
+_INSERT_OBJECT = 'INSERT INTO "axiom_objects" ("type_id") VALUES (?)'
+_BURN_OBJECT = 'INSERT INTO "axiom_objects" ("oid", "type_id") VALUES (?, -1)'
+_TYPE_OF = 'SELECT "type_id" FROM "axiom_objects" WHERE "oid" = ?'
+_CREATE_TYPE = 'INSERT INTO "axiom_types" ("typename", "module", "version") VALUES (?, ?, ?)'
+_ADD_ATTRIBUTE = (
+    'INSERT INTO "axiom_attributes" ("type_id", "row_offset", "indexed", "sqltype", '
+    '"allow_none", "attribute", "docstring", "pythontype") VALUES (?, ?, ?, ?, ?, ?, ?, ?)'
+)
+_JOURNAL_MODES = frozenset(["DELETE", "TRUNCATE", "PERSIST", "MEMORY", "WAL", "OFF"])
+_CHUNK = 500
+
+_openStores: dict[str, weakref.ref[Store]] = {}
+
+
+class _ClosedCursor:
+    """
+    Stands in for the cursor of a closed store, so any use raises
+    L{StoreClosed}.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        raise StoreClosed("this store has been closed")
+
+
+def _chunks(values: list[int]) -> Iterable[list[int]]:
+    for i in range(0, len(values), _CHUNK):
+        yield values[i : i + _CHUNK]
+
+
+def _marks(n: int) -> str:
+    return ", ".join(["?"] * n)
+
+
+def _isLockError(e: sqlite3.Error) -> bool:
+    text = str(e).lower()
+    return "locked" in text or "busy" in text
+
+
+def _asFilePath(value: Any) -> FilePath[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, FilePath):
+        return value
+    if isinstance(value, str):
+        return FilePath(value)
+    raise TypeError("expected a str or FilePath, not %r" % (value,))
+
+
+def _createStoreDirectory(dbdir: FilePath[str]) -> None:
+    """
+    Build a new store directory in a temporary sibling, then rename it into
+    place, so a half-made store is never seen at C{dbdir}.
+    """
+    parent = dbdir.parent()
+    parent.makedirs(ignoreExistingDirectory=True)
+    temp = dbdir.temporarySibling(".tmp")
+    temp.makedirs()
+    try:
+        for name in ("files", "temp", "run"):
+            temp.child(name).makedirs()
+        conn = sqlite3.connect(temp.child("db.sqlite").path, isolation_level=None)
+        try:
+            for sql in _BASE_SCHEMA:
+                conn.execute(sql)
+        finally:
+            conn.close()
+        temp.moveTo(dbdir)
+    except BaseException:
+        if temp.exists():
+            temp.remove()
+        raise
+
+
+@implementer(IBeneficiary)
+class Store(Empowered):
+    """
+    An Axiom-compatible object store.
+
+    @ivar dbdir: the store directory (L{FilePath}), or C{None} in memory.
+    @ivar filesdir: the directory for files belonging to the store
+        (C{dbdir/files}), or C{None}.
+    @ivar parent: the store this is a substore of, or C{None}.
+    @ivar idInParent: the storeID of the SubStore item in C{parent}.
+    @ivar journalMode: the SQLite journal mode (C{"WAL"} by default).
+    @ivar debug: whether SQL statements are printed.
+    @ivar lockTimeout: how many seconds to wait for another connection's
+        lock before raising L{StoreLocked}.
+    """
+
+    _fKind = "store"
+    log = Logger()
+    storeID = STORE_SELF_ID
+    __legacy__ = False
+
+    def __init__(
+        self,
+        dbdir: FilePath[str] | str | None = None,
+        filesdir: FilePath[str] | str | None = None,
+        debug: bool = False,
+        parent: Store | None = None,
+        idInParent: int | None = None,
+        journalMode: str | None = "WAL",
+        create: bool = True,
+        lockTimeout: float = 2.0,
+    ) -> None:
+        """
+        Open (or create) a store.
+
+        @param dbdir: the store directory; C{None} for an in-memory store.
+        @param filesdir: a files directory for an in-memory store.
+        @param create: whether a missing C{dbdir} is created.  With
+            C{create=False} a missing directory raises L{StoreNotFound}.
+        @param journalMode: C{"WAL"} (default, with C{synchronous=NORMAL}),
+            another SQLite journal mode, or C{None} for SQLite's default.
+        @param lockTimeout: seconds to wait for a lock held by another
+            connection before raising L{StoreLocked}.
+
+        @raise ValueError: if both C{dbdir} and C{filesdir} are given.
+        @raise StoreAlreadyOpen: if this process already has the store open.
+        """
+        dbdirPath = _asFilePath(dbdir)
+        filesdirPath = _asFilePath(filesdir)
+        if dbdirPath is not None and filesdirPath is not None:
+            raise ValueError("Give dbdir or filesdir, not both")
+        if journalMode is not None and journalMode.upper() not in _JOURNAL_MODES:
+            raise ValueError("Unknown journal mode %r" % (journalMode,))
+        self.dbdir = dbdirPath
+        self.debug = debug
+        self.parent = parent
+        self.idInParent = idInParent
+        self.journalMode = journalMode
+        self.lockTimeout = lockTimeout
+        self._registryKey: str | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._cursor: Any = _ClosedCursor()
+        self._txn = False
+        self._rejecting = False
+        self._touched: dict[int, tuple[Any, dict[str, Any] | None]] = {}
+        self._deletedItems: list[Any] = []
+        self._deletingIDs: set[int] = set()
+        self._tablesCreated: list[tuple[str, int]] = []
+        self._allocated: int | None = None
+        self._upgrading: set[int] = set()
+        self._commitObservers: list[Callable[[], object]] = []
+        self._inMemory: dict[Any, Any] = {}
+        self._aggregate: MultiService | None = None
+        self._typeIDs: dict[tuple[str, int], int] = {}
+        self._typeInfo: dict[int, tuple[str, str, int]] = {}
+        self._diskSchema: dict[int, list[tuple[str, str, str, bool]]] = {}
+        self._classByTypeID: dict[int, type[Item]] = {}
+        self._referrers: dict[Any, tuple[list[Any], list[Any], list[Any]]] = {}
+        self._referrersGeneration = -1
+        self._powerupSQL: dict[int, str] = {}
+        cache: dict[int, weakref.KeyedRef[Any, Any]] = {}
+        self._cache = cache
+
+        def gone(ref: weakref.KeyedRef[Any, Any], cache: dict[int, Any] = cache) -> None:
+            if cache.get(ref.key) is ref:
+                del cache[ref.key]
+
+        self._gone = gone
+
+        if dbdirPath is not None:
+            if not dbdirPath.exists():
+                if not create:
+                    raise StoreNotFound("No store at %s" % (dbdirPath.path,))
+                _createStoreDirectory(dbdirPath)
+            elif not dbdirPath.isdir():
+                raise CannotOpenStore("%s is not a directory" % (dbdirPath.path,))
+            for name in ("files", "temp", "run"):
+                child = dbdirPath.child(name)
+                if not child.isdir():
+                    child.makedirs(ignoreExistingDirectory=True)
+            self.filesdir: FilePath[str] | None = dbdirPath.child("files")
+            self._tempdir: FilePath[str] | None = dbdirPath.child("temp")
+            dbpath = dbdirPath.child("db.sqlite").path
+            key = os.path.realpath(dbpath)
+            existing = _openStores.get(key)
+            if existing is not None and existing() is not None:
+                raise StoreAlreadyOpen(
+                    "%s is already open in this process (%r); use that Store object"
+                    % (dbdirPath.path, existing())
+                )
+            self._registryKey = key
+            _openStores[key] = weakref.ref(self)
+        else:
+            self.filesdir = filesdirPath
+            self._tempdir = filesdirPath.child("temp") if filesdirPath is not None else None
+            dbpath = ":memory:"
+        try:
+            self._connect(dbpath)
+            self._startup()
+        except BaseException:
+            self._abandon()
+            raise
+
+    # ------------------------------------------------------------------
+    # Opening and closing
+
+    def _connect(self, dbpath: str) -> None:
+        conn = sqlite3.connect(
+            dbpath, isolation_level=None, timeout=self.lockTimeout, cached_statements=512
+        )
+        self._conn = conn
+        self._cursor = conn.cursor()
+        if self.debug:
+            conn.set_trace_callback(lambda sql: print("**", sql))
+        cur = self._cursor
+        try:
+            cur.execute("PRAGMA trusted_schema=OFF")
+            if self.journalMode is not None:
+                cur.execute("PRAGMA journal_mode=%s" % (self.journalMode.upper(),))
+                if self.journalMode.upper() == "WAL":
+                    cur.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.OperationalError as e:
+            if _isLockError(e):
+                raise StoreLocked("%s stayed locked: %s" % (dbpath, e)) from e
+            raise
+
+    def _startup(self) -> None:
+        cur = self._cursor
+        tables = {
+            row[0]
+            for row in cur.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if "axiom_objects" not in tables:
+            self.transact(self._createBaseSchema)
+        self._loadSchema()
+
+    def _createBaseSchema(self) -> None:
+        for sql in _BASE_SCHEMA:
+            self._cursor.execute(sql)
+
+    def _abandon(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+        self._cursor = _ClosedCursor()
+        self._unregister()
+
+    def _unregister(self) -> None:
+        key = self._registryKey
+        if key is not None:
+            ref = _openStores.get(key)
+            if ref is not None and ref() in (self, None):
+                del _openStores[key]
+            self._registryKey = None
+
+    def close(self) -> None:
+        """
+        Close the database.  Any later use of the store raises
+        L{StoreClosed}.  Closing twice does nothing.
+
+        @raise TransactionInProgress: if called inside a transaction.
+        """
+        if self._conn is None:
+            return
+        if self._txn:
+            raise TransactionInProgress("cannot close a store inside a transaction")
+        self._conn.close()
+        self._conn = None
+        self._cursor = _ClosedCursor()
+        self._cache.clear()
+        self._unregister()
+
+    def __del__(self) -> None:
+        try:
+            self._unregister()
+        except Exception:
+            pass
+
+    def _checkOpen(self) -> None:
+        if self._conn is None:
+            raise StoreClosed("this store has been closed")
+
+    def __repr__(self) -> str:
+        where = self.dbdir.path if self.dbdir is not None else ":memory:"
+        return "<Store %s@0x%X>" % (where, id(self))
+
+    @property
+    def store(self) -> Store:
+        """
+        The store itself, so that a store can be treated like an item.
+        """
+        return self
+
+    @property
+    def inTransaction(self) -> bool:
+        """
+        Whether a transaction is open.
+        """
+        return self._txn
+
+    # ------------------------------------------------------------------
+    # Schema
+
+    def _loadSchema(self) -> None:
+        cur = self._cursor
+        types = cur.execute('SELECT "oid", "typename", "module", "version" FROM "axiom_types"').fetchall()
+        attrs = cur.execute(
+            'SELECT "type_id", "attribute", "sqltype", "pythontype", "indexed" '
+            'FROM "axiom_attributes" ORDER BY "type_id", "row_offset"'
+        ).fetchall()
+        indexes = {
+            row[0] for row in cur.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
+        self._typeIDs = {}
+        self._typeInfo = {}
+        self._diskSchema = {}
+        self._classByTypeID = {}
+        for typeID, attribute, sqltype, pythontype, indexed in attrs:
+            self._diskSchema.setdefault(typeID, []).append(
+                (attribute, sqltype, pythontype, bool(indexed))
+            )
+        for typeID, typeName, module, version in types:
+            self._typeIDs[(typeName, version)] = typeID
+            self._typeInfo[typeID] = (typeName, module, version)
+            if typeName not in _typeNameToMostRecentClass:
+                self._importModule(typeName, module)
+        missingIndexes: list[str] = []
+        legacy: list[tuple[int, int]] = []
+        for typeID, (typeName, module, version) in self._typeInfo.items():
+            current = _typeNameToMostRecentClass.get(typeName)
+            if current is None:
+                continue
+            if version > current.schemaVersion:
+                raise RuntimeError(
+                    "The database holds %s version %d, but the code defines only version %d"
+                    % (typeName, version, current.schemaVersion)
+                )
+            if version == current.schemaVersion:
+                self._checkSchema(current, self._diskSchema.get(typeID, []))
+                self._classByTypeID[typeID] = current
+                for name, sql in _indexesFor(current):
+                    if name not in indexes:
+                        missingIndexes.append(sql)
+            else:
+                legacy.append((version, typeID))
+        pending: list[tuple[int, int]] = []
+        for version, typeID in sorted(legacy):
+            typeName = self._typeInfo[typeID][0]
+            cls = self._classForTypeID(typeID)
+            if cur.execute("SELECT 1 FROM %s LIMIT 1" % (cls._fTable,)).fetchone() is None:
+                continue
+            self._checkUpgradePath(typeName, version)
+            pending.append((version, typeID))
+        if missingIndexes or pending:
+            self.transact(self._prepare, missingIndexes, pending)
+
+    def _importModule(self, typeName: str, module: str) -> None:
+        candidates = [module]
+        if module == "axiom" or module.startswith("axiom."):
+            candidates.insert(0, "fractal.store" + module[len("axiom") :])
+        for name in candidates:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                continue
+            if typeName in _typeNameToMostRecentClass:
+                return
+        if typeName not in _typeNameToMostRecentClass:
+            self.log.warn(
+                "Item type {typeName} (module {module}) is not defined by any importable "
+                "module; its items cannot be loaded",
+                typeName=typeName,
+                module=module,
+            )
+
+    def _checkSchema(self, cls: type[Item], disk: list[tuple[str, str, str, bool]]) -> None:
+        onDisk = [(name, sqltype) for name, sqltype, _, _ in disk]
+        inMemory = [(name, attr.sqltype) for name, attr in cls._fSchema]
+        if onDisk != inMemory:
+            raise RuntimeError(
+                "Schema mismatch on %s version %d without a schemaVersion bump:\n"
+                "  on disk:   %r\n  in memory: %r" % (cls.typeName, cls.schemaVersion, onDisk, inMemory)
+            )
+
+    def _checkUpgradePath(self, typeName: str, version: int) -> None:
+        from fractal.store.upgrade import _upgradeRegistry
+
+        current = _typeNameToMostRecentClass[typeName]
+        while version < current.schemaVersion:
+            entry = _upgradeRegistry.get((typeName, version))
+            if entry is None:
+                raise NoUpgradePathAvailable(
+                    "No upgrader for %s from version %d (to reach version %d)"
+                    % (typeName, version, current.schemaVersion)
+                )
+            version = entry[1]
+            if version < current.schemaVersion and self._legacyClass(typeName, version) is None:
+                raise NoUpgradePathAvailable(
+                    "Type schema required for %s version %d: declare it with "
+                    "declareLegacyItem" % (typeName, version)
+                )
+
+    def _legacyClass(self, typeName: str, version: int) -> type[Item] | None:
+        found = _legacyTypes.get((typeName, version))
+        if found is not None:
+            return found
+        typeID = self._typeIDs.get((typeName, version))
+        if typeID is None:
+            return None
+        return self._classForTypeID(typeID)
+
+    def _prepare(self, indexSQL: list[str], pending: list[tuple[int, int]]) -> None:
+        cur = self._cursor
+        for sql in indexSQL:
+            cur.execute(sql)
+        for _, typeID in pending:
+            cls = self._classForTypeID(typeID)
+            ids = [row[0] for row in cur.execute("SELECT oid FROM %s ORDER BY oid" % (cls._fTable,))]
+            for storeID in ids:
+                row = cur.execute(cls._fSelectByIDSQL, (storeID,)).fetchone()  # type: ignore[attr-defined]
+                if row is None:
+                    continue
+                self._upgradeItem(self._materialize(cls, row))
+
+    def _classForTypeID(self, typeID: int) -> type[Item]:
+        cls = self._classByTypeID.get(typeID)
+        if cls is not None:
+            return cls
+        info = self._typeInfo.get(typeID)
+        if info is None:
+            self._loadSchema()
+            info = self._typeInfo.get(typeID)
+            if info is None:
+                raise UnknownItemType("No item type with id %d" % (typeID,))
+        typeName, module, version = info
+        current = _typeNameToMostRecentClass.get(typeName)
+        if current is not None and current.schemaVersion == version:
+            cls = current
+        else:
+            if current is not None and version > current.schemaVersion:
+                raise RuntimeError(
+                    "%s version %d was found in the database; the code defines only version %d"
+                    % (typeName, version, current.schemaVersion)
+                )
+            cls = _legacyTypes.get((typeName, version))
+            if cls is None:
+                if current is None:
+                    raise UnknownItemType(
+                        "Cannot load items of unknown type %s version %d (module %s)"
+                        % (typeName, version, module)
+                    )
+                cls = self._legacyFromDisk(typeName, version, self._diskSchema.get(typeID, []))
+        self._classByTypeID[typeID] = cls
+        return cls
+
+    def _legacyFromDisk(
+        self, typeName: str, version: int, disk: list[tuple[str, str, str, bool]]
+    ) -> type[Item]:
+        attrs: dict[str, Any] = {}
+        for name, sqltype, pythontype, indexed in disk:
+            factory = getattr(_attributes, pythontype, None)
+            if not (isinstance(factory, type) and issubclass(factory, _attributes.SQLAttribute)):
+                factory = None
+            if factory is None or factory is _attributes.SQLAttribute:
+                attrs[name] = _RawAttribute(sqltype)
+            elif issubclass(factory, _attributes.text):
+                attrs[name] = factory(caseSensitive=(sqltype == "TEXT"))
+            else:
+                attrs[name] = factory()
+            if attrs[name].sqltype != sqltype:
+                attrs[name] = _RawAttribute(sqltype)
+        return _makeLegacyClass(typeName, version, attrs, private=True)
+
+    def _createTable(self, cls: type[Item]) -> int:
+        key = (cls.typeName, cls.schemaVersion)
+        cur = self._cursor
+        columns = ["oid INTEGER PRIMARY KEY"] + [
+            "\n%s %s" % (attr.columnName, attr.sqltype) for _, attr in cls._fSchema
+        ]
+        try:
+            cur.execute("CREATE TABLE %s (%s)" % (cls._fTable, ", ".join(columns)))
+        except sqlite3.OperationalError as e:
+            if "already exists" not in str(e):
+                raise
+            self._loadSchema()
+            return self._typeIDs[key]
+        cur.execute(_CREATE_TYPE, (cls.typeName, cls.__module__, cls.schemaVersion))
+        typeID = cur.lastrowid
+        assert typeID is not None
+        for _, sql in _indexesFor(cls):
+            cur.execute(sql)
+        for offset, (name, attr) in enumerate(cls._fSchema):
+            cur.execute(
+                _ADD_ATTRIBUTE,
+                (
+                    typeID,
+                    offset,
+                    attr.indexed,
+                    attr.sqltype,
+                    attr.allowNone,
+                    name,
+                    attr.doc,
+                    type(attr).__name__,
+                ),
+            )
+        self._typeIDs[key] = typeID
+        self._typeInfo[typeID] = (cls.typeName, cls.__module__, cls.schemaVersion)
+        self._classByTypeID[typeID] = cls
+        self._diskSchema[typeID] = [
+            (name, attr.sqltype, type(attr).__name__, attr.indexed) for name, attr in cls._fSchema
+        ]
+        self._tablesCreated.append(key)
+        self._referrersGeneration = -1
+        return typeID
+
+    def _hasTable(self, cls: Any) -> bool:
+        return (cls.typeName, cls.schemaVersion) in self._typeIDs
+
+    def getTableName(self, tableClass: type[Item]) -> str:
+        """
+        The name of the table of C{tableClass} (which may not exist yet).
+        """
+        return tableClass._fTable
+
+    def getTypeID(self, tableClass: type[Item]) -> int:
+        """
+        The id of C{tableClass} in C{axiom_types}, creating its table if it
+        does not exist.
+        """
+        found = self._typeIDs.get((tableClass.typeName, tableClass.schemaVersion))
+        if found is not None:
+            return found
+        return self.transact(self._createTable, tableClass)
+
+    # ------------------------------------------------------------------
+    # Transactions
+
+    def _begin(self) -> None:
+        try:
+            self._cursor.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if _isLockError(e):
+                raise StoreLocked(
+                    "%r stayed locked by another connection for more than %s seconds"
+                    % (self, self.lockTimeout)
+                ) from e
+            raise
+        self._txn = True
+
+    def _commit(self) -> None:
+        self._cursor.execute("COMMIT")
+
+    def _clearTransaction(self) -> tuple[dict[int, Any], list[Any], list[tuple[str, int]], int | None]:
+        state = (self._touched, self._deletedItems, self._tablesCreated, self._allocated)
+        self._txn = False
+        self._touched = {}
+        self._deletedItems = []
+        self._deletingIDs = set()
+        self._tablesCreated = []
+        self._allocated = None
+        return state
+
+    def transact(self, f: Callable[..., _T], *a: Any, **kw: Any) -> _T:
+        """
+        Run C{f(*a, **kw)} in a transaction and return its result.
+
+        The transaction begins with C{BEGIN IMMEDIATE}, so it holds the
+        write lock from the start.  If C{f} raises, everything is rolled
+        back: the database, the persistent attributes of the items it
+        touched, and items it created (which are detached: their C{store}
+        and C{storeID} become C{None}).  Inside a transaction, C{transact}
+        simply calls C{f}.
+
+        After a commit, C{committed()} runs on every touched item,
+        C{deleted()} on deleted ones, then the commit observers.
+
+        @raise StoreLocked: if another connection holds the lock for longer
+            than C{lockTimeout}.
+        """
+        if self._txn:
+            return f(*a, **kw)
+        if self._rejecting:
+            raise ChangeRejected("cannot start a transaction from a commit hook")
+        self._begin()
+        try:
+            result = f(*a, **kw)
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        self._afterCommit()
+        return result
+
+    def _rollback(self) -> None:
+        try:
+            self._cursor.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        touched, deleted, tables, allocated = self._clearTransaction()
+        cache = self._cache
+        for storeID, (item, snapshot) in touched.items():
+            d = item.__dict__
+            if snapshot is None:
+                d["_fstore"] = None
+                d["_fstoreID"] = None
+                if cache.get(storeID) is not None:
+                    del cache[storeID]
+            else:
+                d.update(snapshot)
+                d.pop("_fdeleting", None)
+                if not item.__legacy__ and d.get("_fstore") is self:
+                    cache[storeID] = weakref.KeyedRef(item, self._gone, storeID)
+        if tables:
+            for key in tables:
+                typeID = self._typeIDs.pop(key, None)
+                if typeID is not None:
+                    self._typeInfo.pop(typeID, None)
+                    self._classByTypeID.pop(typeID, None)
+                    self._diskSchema.pop(typeID, None)
+            self._referrersGeneration = -1
+        if allocated is not None:
+            # The allocation of storeIDs was rolled back with everything
+            # else; record the highest one as dead so it is never reused.
+            try:
+                self._cursor.execute("BEGIN IMMEDIATE")
+                try:
+                    self._cursor.execute(_BURN_OBJECT, (allocated,))
+                    self._cursor.execute("COMMIT")
+                except BaseException:
+                    self._cursor.execute("ROLLBACK")
+                    raise
+            except Exception:
+                self.log.failure("Could not retire storeID {storeID}", storeID=allocated)
+
+    def _afterCommit(self) -> None:
+        touched, deleted, _, _ = self._clearTransaction()
+        self._rejecting = True
+        try:
+            for item, _ in touched.values():
+                if item._fHasCommitted:
+                    item.committed()
+            for item in deleted:
+                if item._fHasDeleted:
+                    item.deleted()
+        finally:
+            for item in deleted:
+                item.__dict__["_fstore"] = None
+            self._rejecting = False
+            if self._commitObservers:
+                self._notifyObservers()
+
+    def _notifyObservers(self) -> None:
+        for observer in list(self._commitObservers):
+            try:
+                observer()
+            except Exception:
+                self.log.failure("Commit observer {observer!r} failed", observer=observer)
+
+    def addCommitObserver(self, observer: Callable[[], object]) -> Callable[[], None]:
+        """
+        Call C{observer()} after every successful commit of this store (each
+        L{transact} and each write made outside one).  Its exceptions are
+        logged, never raised into the committing code.
+
+        @return: a callable that removes the observer.
+        """
+        self._commitObservers.append(observer)
+
+        def remove() -> None:
+            try:
+                self._commitObservers.remove(observer)
+            except ValueError:
+                pass
+
+        return remove
+
+    # ------------------------------------------------------------------
+    # Item persistence (called by items and attributes)
+
+    def _touch(self, item: Any, storeID: int) -> None:
+        if storeID not in self._touched:
+            d = item.__dict__
+            self._touched[storeID] = (item, {k: d[k] for k in item._fHidden})
+
+    def _writeAttribute(self, item: Any, attr: Any, dbval: Any) -> None:
+        if not self._txn:
+            if self._rejecting:
+                raise ChangeRejected("%r was changed in a commit hook" % (item,))
+            self.transact(self._writeAttribute, item, attr, dbval)
+            return
+        d = item.__dict__
+        storeID = d["_fstoreID"]
+        if storeID not in self._touched:
+            self._touched[storeID] = (item, {k: d[k] for k in item._fHidden})
+        self._cursor.execute(attr._updateSQL, (dbval, storeID))
+        d[attr.hidden] = dbval
+
+    def _resolveLate(self, item: Any) -> None:
+        d = item.__dict__
+        for attr in item._fLate:
+            value = d[attr.hidden]
+            if value is not None and not isinstance(value, (int, str)):
+                d[attr.hidden] = attr.infilter(value, item, self)
+
+    def _insertItem(self, item: Any) -> None:
+        if not self._txn:
+            if self._rejecting:
+                raise ChangeRejected("%r was created in a commit hook" % (item,))
+            self.transact(self._insertItem, item)
+            return
+        cls = type(item)
+        typeID = self._typeIDs.get((cls.typeName, cls.schemaVersion))
+        if typeID is None:
+            typeID = self._createTable(cls)
+        if cls._fLate:
+            self._resolveLate(item)
+        d = item.__dict__
+        cur = self._cursor
+        cur.execute(_INSERT_OBJECT, (typeID,))
+        storeID = cur.lastrowid
+        cur.execute(cls._fInsertSQL, (storeID, *map(d.__getitem__, cls._fHidden)))
+        d["_fstore"] = self
+        d["_fstoreID"] = storeID
+        self._allocated = storeID
+        self._touched[storeID] = (item, None)
+        if not cls.__legacy__:
+            self._cache[storeID] = weakref.KeyedRef(item, self._gone, storeID)
+        if cls._fHasActivate:
+            item.activate()
+        if cls._fHasStored:
+            item.stored()
+
+    def _materialize(self, cls: Any, row: Any) -> Any:
+        item = cls.__new__(cls)
+        d = item.__dict__
+        d.update(zip(cls._fHidden, row[1:]))
+        storeID = row[0]
+        d["_fstore"] = self
+        d["_fstoreID"] = storeID
+        if not cls.__legacy__:
+            self._cache[storeID] = weakref.KeyedRef(item, self._gone, storeID)
+        if cls._fHasActivate:
+            item.activate()
+        return item
+
+    def _loadRows(self, cls: Any, rows: list[Any]) -> list[Any]:
+        cache = self._cache
+        result = []
+        for row in rows:
+            ref = cache.get(row[0])
+            item = ref() if ref is not None else None
+            if item is None:
+                item = self._materialize(cls, row)
+            result.append(item)
+        return result
+
+    def _itemOrNone(self, storeID: int, autoUpgrade: bool = True) -> Any:
+        ref = self._cache.get(storeID)
+        if ref is not None:
+            item = ref()
+            if item is not None:
+                return item
+        return self._load(storeID, autoUpgrade)
+
+    def _load(self, storeID: int, autoUpgrade: bool) -> Any:
+        cur = self._cursor
+        row = cur.execute(_TYPE_OF, (storeID,)).fetchone()
+        if row is None or row[0] == -1:
+            return None
+        cls = self._classForTypeID(row[0])
+        data = cur.execute(cls._fSelectByIDSQL, (storeID,)).fetchone()  # type: ignore[attr-defined]
+        if data is None:
+            return None
+        item = self._materialize(cls, data)
+        if cls.__legacy__ and autoUpgrade:
+            return self._upgradeItem(item)
+        return item
+
+    def getItemByID(self, storeID: int, default: Any = _NOTHING, autoUpgrade: bool = True) -> Any:
+        """
+        The item with C{storeID} (the store itself for -1).  While any
+        strong reference to an item exists, this returns that same object.
+
+        @raise TypeError: if C{storeID} is not an int.
+        @raise ItemNotFound: if there is no such item and no C{default}.
+        """
+        if not isinstance(storeID, int):
+            raise TypeError("storeID must be an int, not %s" % (type(storeID).__name__,))
+        ref = self._cache.get(storeID)
+        if ref is not None:
+            item = ref()
+            if item is not None:
+                return item
+        if storeID == STORE_SELF_ID:
+            return self
+        item = self._load(storeID, autoUpgrade)
+        if item is None:
+            if default is _NOTHING:
+                raise ItemNotFound(storeID)
+            return default
+        return item
+
+    # ------------------------------------------------------------------
+    # Deletion
+
+    def _deleteItem(self, item: Any) -> None:
+        if not self._txn:
+            if self._rejecting:
+                raise ChangeRejected("%r was deleted in a commit hook" % (item,))
+            self.transact(self._deleteItem, item)
+            return
+        d = item.__dict__
+        if d.get("_fdeleting"):
+            return
+        self._deleteIDs(type(item), [d["_fstoreID"]], {d["_fstoreID"]: item})
+
+    def _referrersOf(self, cls: Any) -> tuple[list[Any], list[Any], list[Any]]:
+        if self._referrersGeneration != _generation[0]:
+            self._referrers = {}
+            self._referrersGeneration = _generation[0]
+        found = self._referrers.get(cls)
+        if found is None:
+            disallow: list[Any] = []
+            cascade: list[Any] = []
+            nullify: list[Any] = []
+            for attr in _allReferences:
+                if not attr.appliesTo(cls) or not self._hasTable(attr.type):
+                    continue
+                {
+                    _attributes.reference.DISALLOW: disallow,
+                    _attributes.reference.CASCADE: cascade,
+                    _attributes.reference.NULLIFY: nullify,
+                }[attr.whenDeleted].append(attr)
+            found = self._referrers[cls] = (disallow, cascade, nullify)
+        return found
+
+    def _referringIDs(self, attr: Any, storeIDs: list[int], limit: bool = False) -> list[int]:
+        result: list[int] = []
+        for chunk in _chunks(storeIDs):
+            sql = "SELECT oid FROM %s WHERE %s IN (%s)%s" % (
+                attr.type._fTable,
+                attr.columnName,
+                _marks(len(chunk)),
+                " LIMIT 1" if limit else "",
+            )
+            result.extend(row[0] for row in self._cursor.execute(sql, chunk))
+        return result
+
+    def _deleteIDs(self, cls: Any, storeIDs: list[int], items: dict[int, Any] | None = None) -> None:
+        storeIDs = [s for s in storeIDs if s not in self._deletingIDs]
+        if not storeIDs:
+            return
+        cur = self._cursor
+        disallow, cascade, nullify = self._referrersOf(cls)
+        targets = set(storeIDs)
+        for attr in disallow:
+            blockers = [
+                s
+                for s in self._referringIDs(attr, storeIDs)
+                if s not in self._deletingIDs and not (attr.type is cls and s in targets)
+            ]
+            if blockers:
+                raise DeletionDisallowed(
+                    "%s of item %d still refers to an item being deleted" % (attr, blockers[0])
+                )
+        self._deletingIDs.update(storeIDs)
+        cache = self._cache
+        doomed = []
+        for storeID in storeIDs:
+            item = items.get(storeID) if items else None
+            if item is None:
+                ref = cache.get(storeID)
+                item = ref() if ref is not None else None
+            if item is not None:
+                self._touch(item, storeID)
+                item.__dict__["_fdeleting"] = True
+                doomed.append(item)
+        for attr in cascade:
+            referrers = [s for s in self._referringIDs(attr, storeIDs) if s not in self._deletingIDs]
+            if not referrers:
+                continue
+            if attr.type._fOverridesDelete:
+                for s in referrers:
+                    referrer = self._itemOrNone(s)
+                    if referrer is not None and not referrer.__dict__.get("_fdeleting"):
+                        referrer.deleteFromStore()
+            else:
+                self._deleteIDs(attr.type, referrers)
+        for attr in nullify:
+            for chunk in _chunks(storeIDs):
+                cur.execute(
+                    "UPDATE %s SET %s = NULL WHERE %s IN (%s)"
+                    % (attr.type._fTable, attr.columnName, attr.columnName, _marks(len(chunk))),
+                    chunk,
+                )
+        for chunk in _chunks(storeIDs):
+            marks = _marks(len(chunk))
+            cur.execute("DELETE FROM %s WHERE oid IN (%s)" % (cls._fTable, marks), chunk)
+            cur.execute('UPDATE "axiom_objects" SET "type_id" = -1 WHERE "oid" IN (%s)' % (marks,), chunk)
+        for item in doomed:
+            storeID = item.__dict__["_fstoreID"]
+            if cache.get(storeID) is not None:
+                del cache[storeID]
+            self._deletedItems.append(item)
+
+    # ------------------------------------------------------------------
+    # Upgrades
+
+    def _upgradeItem(self, item: Any) -> Any:
+        if not self._txn:
+            return self.transact(self._upgradeItem, item)
+        from fractal.store.upgrade import _upgradeRegistry
+
+        typeName = item.typeName
+        current = _typeNameToMostRecentClass.get(typeName)
+        if current is None:
+            raise UnknownItemType("No current class for %s" % (typeName,))
+        storeID = item.storeID
+        if storeID in self._upgrading:
+            raise UpgraderRecursion("%r was asked for while it is being upgraded" % (item,))
+        self._upgrading.add(storeID)
+        try:
+            while item is not None and item.schemaVersion < current.schemaVersion:
+                entry = _upgradeRegistry.get((typeName, item.schemaVersion))
+                if entry is None:
+                    raise NoUpgradePathAvailable(
+                        "No upgrader for %s from version %d" % (typeName, item.schemaVersion)
+                    )
+                upgrader, newVersion = entry
+                try:
+                    item = upgrader(item)
+                except (UpgraderRecursion, NoUpgradePathAvailable, ItemUpgradeError):
+                    raise
+                except Exception:
+                    raise ItemUpgradeError(Failure(), storeID, type(item), current)
+        finally:
+            self._upgrading.discard(storeID)
+        return item
+
+    def _upgradeVersion(
+        self, old: Any, typeName: str, oldVersion: int, newVersion: int, values: dict[str, Any]
+    ) -> Any:
+        if old.typeName != typeName or old.schemaVersion != oldVersion:
+            raise ValueError(
+                "upgradeVersion(%r, %d, %d) called on %s version %d"
+                % (typeName, oldVersion, newVersion, old.typeName, old.schemaVersion)
+            )
+        current = _typeNameToMostRecentClass[typeName]
+        if newVersion == current.schemaVersion:
+            newCls: Any = current
+        else:
+            newCls = self._legacyClass(typeName, newVersion)
+            if newCls is None:
+                raise NoUpgradePathAvailable(
+                    "Type schema required for %s version %d" % (typeName, newVersion)
+                )
+        storeID = old.storeID
+        new = newCls.__new__(newCls)
+        d = new.__dict__
+        d.update(newCls._fDefaults)
+        for attr in newCls._fFactories:
+            d[attr.hidden] = attr._defaultDB()
+        d["_fstore"] = None
+        d["_fstoreID"] = None
+        for name, value in values.items():
+            setattr(new, name, value)
+        for attr in newCls._fRequired:
+            if d[attr.hidden] is None:
+                raise TypeError("attribute [%s] must not be None" % (attr,))
+        typeID = self._typeIDs.get((typeName, newVersion))
+        if typeID is None:
+            typeID = self._createTable(newCls)
+        if newCls._fLate:
+            self._resolveLate(new)
+        cur = self._cursor
+        cur.execute(newCls._fInsertSQL, (storeID, *map(d.__getitem__, newCls._fHidden)))
+        cur.execute('UPDATE "axiom_objects" SET "type_id" = ? WHERE "oid" = ?', (typeID, storeID))
+        cur.execute("DELETE FROM %s WHERE oid = ?" % (type(old)._fTable,), (storeID,))
+        d["_fstore"] = self
+        d["_fstoreID"] = storeID
+        if not newCls.__legacy__:
+            self._cache[storeID] = weakref.KeyedRef(new, self._gone, storeID)
+        if newCls._fHasActivate:
+            new.activate()
+        return new
+
+    def whenFullyUpgraded(self) -> Deferred[None]:
+        """
+        A Deferred that fires when no item needs upgrading.  Items are
+        upgraded when the store opens, so it has already fired.
+        """
+        return succeed(None)
+
+    # ------------------------------------------------------------------
+    # Queries
+
+    def query(
+        self,
+        tableClass: Any,
+        comparison: Any = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        sort: Any = None,
+    ) -> Any:
+        """
+        A lazy query for items of C{tableClass} (or tuples, for a tuple of
+        classes) matching C{comparison}.  Values in the comparison are
+        checked and converted now; each iteration runs the SQL again.
+        """
+        self._checkOpen()
+        from fractal.store.query import ItemQuery, MultipleItemQuery
+
+        if isinstance(tableClass, tuple):
+            return MultipleItemQuery(self, tableClass, comparison, limit, offset, sort)
+        return ItemQuery(self, tableClass, comparison, limit, offset, sort)
+
+    def count(self, tableClass: Any, comparison: Any = None) -> int:
+        """
+        The number of items of C{tableClass} matching C{comparison}.
+        """
+        result: int = self.query(tableClass, comparison).count()
+        return result
+
+    def sum(self, summableAttribute: Any, comparison: Any = None) -> Any:
+        """
+        The sum of an attribute over the items matching C{comparison}.
+        """
+        return (
+            self.query(summableAttribute.type, comparison)
+            .getColumn(summableAttribute.attrname)
+            .sum()
+        )
+
+    def findUnique(self, tableClass: Any, comparison: Any = None, default: Any = _NOTHING) -> Any:
+        """
+        The one item matching C{comparison}.
+
+        @raise ItemNotFound: if none matches and no C{default} is given.
+        @raise DuplicateUniqueItem: if more than one matches.
+        """
+        results = list(self.query(tableClass, comparison, limit=2))
+        if not results:
+            if default is _NOTHING:
+                raise ItemNotFound(comparison)
+            return default
+        if len(results) > 1:
+            raise DuplicateUniqueItem(comparison, results)
+        return results[0]
+
+    def findFirst(
+        self,
+        tableClass: Any,
+        comparison: Any = None,
+        offset: int | None = None,
+        sort: Any = None,
+        default: Any = None,
+    ) -> Any:
+        """
+        The first item matching C{comparison} (in C{sort} order), or
+        C{default}.
+        """
+        for item in self.query(tableClass, comparison, limit=1, offset=offset, sort=sort):
+            return item
+        return default
+
+    def findOrCreate(self, userItemClass: Any, __ifnew: Any = None, **attrs: Any) -> Any:
+        """
+        The first item of C{userItemClass} whose attributes equal C{attrs},
+        or a new one created with them (then C{__ifnew(item)} is called).
+        Runs in a transaction, so it is race free.  Note that text
+        attributes compare case-insensitively for ASCII unless declared
+        C{caseSensitive=True}.
+        """
+        return self.transact(self._findOrCreate, userItemClass, __ifnew, attrs)
+
+    def _findOrCreate(self, cls: Any, ifNew: Any, attrs: dict[str, Any]) -> Any:
+        from fractal.store.attributes import AND
+
+        comparisons = [getattr(cls, name) == value for name, value in attrs.items()]
+        if comparisons:
+            found = self.findFirst(cls, AND(*comparisons))
+        else:
+            found = self.findFirst(cls)
+        if found is not None:
+            return found
+        item = cls(store=self, **attrs)
+        if ifNew is not None:
+            ifNew(item)
+        return item
+
+    def batchInsert(self, itemType: Any, itemAttributes: list[Any], dataRows: Iterable[Any]) -> None:
+        """
+        Insert many items of C{itemType} without building item objects: no
+        C{activate()} or C{stored()} runs and nothing is cached.  Attributes
+        not listed get their default (C{defaultFactory} is honoured).
+
+        @param itemAttributes: the attributes (C{[Cls.a, Cls.b]}) given by
+            each row.
+        @param dataRows: sequences of values, one per attribute.
+        """
+        self.transact(self._batchInsert, itemType, list(itemAttributes), dataRows)
+
+    def _batchInsert(self, cls: Any, attrs: list[Any], rows: Iterable[Any]) -> None:
+        if self._rejecting:
+            raise ChangeRejected("batchInsert in a commit hook")
+        typeID = self._typeIDs.get((cls.typeName, cls.schemaVersion))
+        if typeID is None:
+            typeID = self._createTable(cls)
+        positions = {}
+        for i, attr in enumerate(attrs):
+            if getattr(attr, "type", None) is not cls or not hasattr(attr, "hidden"):
+                raise ValueError("%r is not an attribute of %r" % (attr, cls))
+            positions[attr.hidden] = (i, attr)
+        cur = self._cursor
+        for row in rows:
+            values = []
+            for attr in cls._fAttrs:
+                where = positions.get(attr.hidden)
+                if where is None:
+                    dbval = attr._defaultDB()
+                else:
+                    value = row[where[0]]
+                    dbval = None if value is None else attr.infilter(value, None, self)
+                if dbval is None and not attr.allowNone:
+                    raise TypeError("attribute [%s] must not be None" % (attr,))
+                values.append(dbval)
+            cur.execute(_INSERT_OBJECT, (typeID,))
+            storeID = cur.lastrowid
+            self._allocated = storeID
+            cur.execute(cls._fInsertSQL, (storeID, *values))
+
+    # ------------------------------------------------------------------
+    # Powerups
+
+    def _powerupTarget(self) -> tuple[Store | None, int | None]:
+        return self, STORE_SELF_ID
+
+    def _inMemoryPowerups(self) -> dict[Any, Any]:
+        return self._inMemory
+
+    def _cachedAggregate(self) -> MultiService | None:
+        return self._aggregate
+
+    def _storeAggregate(self, aggregate: MultiService) -> None:
+        self._aggregate = aggregate
+
+    def _serviceAggregate(self) -> MultiService:
+        if self._aggregate is None:
+            aggregate = MultiService()
+            if self.parent is None:
+                scheduler = IScheduler(self, None)
+                if scheduler is not None and IService.providedBy(scheduler):
+                    aggregate.addService(scheduler)
+            for service in self.powerupsFor(IService):
+                aggregate.addService(service)
+            self._aggregate = aggregate
+        return self._aggregate
+
+    def __conform__(self, interface: Any) -> Any:
+        """
+        Adapt the store through its powerups; see L{Empowered.__conform__}.
+        With no C{IScheduler} powerup, C{IScheduler(store)} gives the
+        store's scheduler from L{fractal.store.scheduler}.
+        """
+        if interface is IService or interface is IServiceCollection:
+            return self._serviceAggregate()
+        for powerup in self.powerupsFor(interface):
+            return powerup
+        if interface is IScheduler:
+            try:
+                from fractal.store.scheduler import _schedulerFor  # type: ignore[attr-defined]
+            except ImportError:
+                return None
+            return _schedulerFor(self)
+        return None
+
+    def _storedPowerups(self, storeID: int, names: tuple[str, ...]) -> list[Any]:
+        if not self._hasTable(_PowerupConnector):
+            return []
+        sql = self._powerupSQL.get(len(names))
+        if sql is None:
+            sql = self._powerupSQL[len(names)] = (
+                "SELECT [powerup] FROM %s WHERE [item] = ? AND [interface] IN (%s) "
+                "ORDER BY [priority] DESC, oid ASC" % (_PowerupConnector._fTable, _marks(len(names)))
+            )
+        rows = self._cursor.execute(sql, (storeID, *names)).fetchall()
+        result = []
+        for (powerupID,) in rows:
+            if powerupID is None:
+                continue
+            powerup = self._itemOrNone(powerupID)
+            if powerup is not None:
+                result.append(powerup)
+        return result
+
+    def _powerupInterfaceNames(self, storeID: int, powerupID: int) -> list[str]:
+        if not self._hasTable(_PowerupConnector):
+            return []
+        rows = self._cursor.execute(
+            "SELECT [interface] FROM %s WHERE [item] = ? AND [powerup] = ? ORDER BY oid"
+            % (_PowerupConnector._fTable,),
+            (storeID, powerupID),
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    # ------------------------------------------------------------------
+    # Files
+
+    def _requireFiles(self) -> FilePath[str]:
+        if self.filesdir is None:
+            raise RuntimeError("%r is in memory and has no files directory" % (self,))
+        return self.filesdir
+
+    @staticmethod
+    def _descend(base: FilePath[str], segments: tuple[str, ...]) -> FilePath[str]:
+        if not segments:
+            raise ValueError("at least one path segment is required")
+        result = base
+        for segment in segments:
+            if not isinstance(segment, str) or not segment or segment in (".", ".."):
+                raise ValueError("invalid path segment %r" % (segment,))
+            result = result.child(segment)
+        return result
+
+    def newFilePath(self, *segments: str) -> FilePath[str]:
+        """
+        A path under the store's files directory.  Segments are checked: no
+        separators, no C{..}.
+
+        @raise RuntimeError: for an in-memory store without a files
+            directory.
+        """
+        return self._descend(self._requireFiles(), segments)
+
+    def newTemporaryFilePath(self, *segments: str) -> FilePath[str]:
+        """
+        A path under the store's C{temp/} directory.
+        """
+        self._requireFiles()
+        assert self._tempdir is not None
+        return self._descend(self._tempdir, segments)
+
+    def newDirectory(self, *segments: str) -> FilePath[str]:
+        """
+        A directory under the store's files directory (created if missing).
+        """
+        result = self.newFilePath(*segments)
+        result.makedirs(ignoreExistingDirectory=True)
+        return result
+
+    def newFile(self, *segments: str) -> AtomicFile:
+        """
+        A new file that appears at C{files/<segments>} only when its
+        C{close()} succeeds.
+        """
+        final = self.newFilePath(*segments)
+        assert self._tempdir is not None
+        self._tempdir.makedirs(ignoreExistingDirectory=True)
+        fd, name = tempfile.mkstemp(dir=self._tempdir.path, prefix="newfile-")
+        return AtomicFile(os.fdopen(fd, "wb"), FilePath(name), final)
+
+
+class _RawAttribute(_attributes.SQLAttribute):
+    """
+    An attribute of a legacy type read from the database schema whose Python
+    type is unknown: the database value as is.
+    """
+
+    def __init__(self, sqltype: str) -> None:
+        _attributes.SQLAttribute.__init__(self)
+        self.sqltype = sqltype
+
+    def infilter(self, pyval: Any, oself: Any, store: Any) -> Any:
+        return pyval
+
+
+def _indexesFor(cls: type[Item]) -> list[tuple[str, str]]:
+    specs: list[tuple[Any, ...]] = []
+    for _, attr in cls._fSchema:
+        if attr.indexed:
+            specs.append((attr,))
+        for compound in attr.compoundIndexes:
+            if compound not in specs:
+                specs.append(compound)
+    result = []
+    seen = set()
+    for spec in specs:
+        name = "axiomidx_%s_v%d_%s" % (
+            cls.typeName,
+            cls.schemaVersion,
+            "_".join(a.attrname for a in spec),
+        )
+        if name in seen:
+            continue
+        seen.add(name)
+        result.append(
+            (name, "CREATE INDEX %s ON %s(%s)" % (name, cls._fTable, ", ".join(a.columnName for a in spec)))
+        )
+    return result
+
+
+@implementer(IAtomicFile)
+class AtomicFile:
+    """
+    A file written under the store's C{temp/} directory and renamed to its
+    final path on L{close}.
+    """
+
+    def __init__(self, fileObject: Any, tempPath: FilePath[str], finalPath: FilePath[str]) -> None:
+        self._file = fileObject
+        self.tempPath = tempPath
+        self.finalPath = finalPath
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        """
+        Append C{data}.
+        """
+        self._file.write(data)
+
+    def close(self) -> Deferred[FilePath[str]]:
+        """
+        Flush the file and move it to its final path.
+
+        @return: a Deferred firing with the final L{FilePath}.
+        """
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self.closed = True
+        self.finalPath.parent().makedirs(ignoreExistingDirectory=True)
+        self.tempPath.moveTo(self.finalPath)
+        return succeed(self.finalPath)
+
+    def abort(self) -> None:
+        """
+        Discard the file.
+        """
+        self._file.close()
+        self.closed = True
+        if self.tempPath.exists():
+            self.tempPath.remove()
