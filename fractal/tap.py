@@ -192,6 +192,28 @@ class Options(usage.Options):
         ],
         ["config", None, None, "A TOML configuration file (see docs/deploying.rst)."],
         [
+            "peer-listen",
+            None,
+            None,
+            "The endpoint the node listens on for calls forwarded by its peers "
+            "(default: derived from the node's 'peer' address in --config).",
+        ],
+        [
+            "certs",
+            None,
+            None,
+            "A directory made by 'fractal certs': peers then talk mutual TLS "
+            "(ca.crt, <node>.crt, <node>.key).",
+        ],
+        [
+            "peer-timeout",
+            None,
+            None,
+            "Seconds a forwarded call waits for its owner before failing with "
+            "OwnerUnavailable (default: 5).",
+            _positive(float, "--peer-timeout"),
+        ],
+        [
             "node",
             None,
             None,
@@ -200,7 +222,13 @@ class Options(usage.Options):
         ],
     ]
 
-    optFlags: list[list[Any]] = []
+    optFlags: list[list[Any]] = [
+        [
+            "insecure-peers",
+            None,
+            "Allow plain TCP between nodes on addresses that are not loopback.",
+        ],
+    ]
 
     application: Application
     config: FractalConfig | None = None
@@ -279,17 +307,60 @@ class Options(usage.Options):
 def _topology(options: Options) -> ITopology | None:
     """
     The topology of the node: L{None} (the node's own single-node topology)
-    unless the configuration file describes a cluster.
+    unless the configuration file describes a cluster, which gives a
+    L{fractal.routing.topology.StaticTopology} of its C{[[node]]} tables.  A
+    node table without C{client} is reached where its C{listen} says.
 
-    @raise usage.UsageError: for a configuration of several nodes, which
-        needs the cluster topology.
+    @raise usage.UsageError: for a cluster description that cannot be used.
     """
-    if options.config is not None and len(options.config.nodes) > 1:
-        raise usage.UsageError(
-            f"{options.config.source} describes {len(options.config.nodes)} nodes; "
-            "this version of txfractal runs single nodes only"
+    if options.config is None or len(options.config.nodes) < 2:
+        return None
+    from fractal.node import clientDescriptionFor
+    from fractal.routing.interfaces import NodeAddress
+    from fractal.routing.topology import StaticTopology, TopologyError
+
+    addresses = []
+    for entry in options.config.nodes:
+        client = entry.client
+        if client is None:
+            listen = options.config.settingsFor(entry.id).get("listen")
+            client = clientDescriptionFor(listen) if listen else None
+        addresses.append(NodeAddress(entry.id, client or "", entry.peer))
+    try:
+        return StaticTopology(options["node"], addresses)
+    except TopologyError as e:
+        raise usage.UsageError(f"{options.config.source}: {e}") from None
+
+
+def _joinCluster(options: Options, node: Any) -> None:
+    """
+    Make a node of a cluster forward calls to its peers and accept theirs.
+
+    @raise usage.UsageError: if the certificates cannot be loaded or plain
+        TCP would leave loopback without C{--insecure-peers}.
+    """
+    from fractal.certs import CertificateError, InsecurePeers, loadCredentials
+    from fractal.routing.cluster import joinCluster
+
+    credentials = None
+    if options["certs"] is not None:
+        try:
+            credentials = loadCredentials(FilePath(options["certs"]), options["node"])
+        except CertificateError as e:
+            raise usage.UsageError(str(e)) from None
+    extra: dict[str, Any] = {}
+    if options["peer-timeout"] is not None:
+        extra["callTimeout"] = options["peer-timeout"]
+    try:
+        joinCluster(
+            node,
+            peerListen=options["peer-listen"],
+            credentials=credentials,
+            insecure=options["insecure-peers"],
+            **extra,
         )
-    return None
+    except (InsecurePeers, ValueError) as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options) -> IService:
@@ -316,4 +387,10 @@ def makeService(options: Options) -> IService:
         maxOpenStores=options["max-open-stores"],
         **extra,
     )
+    if len(node.topology.currentMap().nodes) > 1:
+        _joinCluster(options, node)
+    else:
+        from fractal.routing.cluster import serveShardMap
+
+        serveShardMap(node.server)
     return cast(IService, node)

@@ -1,0 +1,235 @@
+# -*- test-case-name: tests.test_routing_cluster -*-
+# mypy: disable-error-code="no-untyped-call"
+"""
+The smart client: a L{fractal.client.FractalClient} that knows the shard map
+and sends each call straight to the node that owns its user.
+
+    from fractal.routing.smart import connectCluster
+
+    client = connectCluster(reactor, "tcp:host=127.0.0.1:port=7101")
+    answer = await client.callRemote(Deliver, user="alice", ...)
+
+It connects to one node first (any node: the I{seed}), asks it for the shard
+map (L{fractal.protocol.GetShardMap}) and from then on opens one connection
+per owner, on demand.  A call for a user whose owner's map entry is stale is
+answered L{fractal.protocol.NotOwner}: the client fetches the map again and
+sends the call once more.  When the owner cannot be reached from the client
+within C{fallbackAfter} seconds, or before the map is known, the call goes to
+any connected node instead, which forwards it (one hop).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, cast
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from fractal.client import DEFAULT_TIMEOUT, FractalClient, RetryPolicy, _ClientAMP
+from fractal.keys import InvalidUserKey
+from fractal.protocol import GetShardMap, NotOwner
+from fractal.routing.interfaces import ShardMap
+
+__all__ = ["ClusterClient", "connectCluster", "DEFAULT_FALLBACK_AFTER"]
+
+DEFAULT_FALLBACK_AFTER = 1.0
+"""
+Seconds a call waits for a connection to its owner before it is sent to
+another node to forward.
+"""
+
+
+class ClusterClient(FractalClient):
+    """
+    A client of a whole cluster that sends each call to its user's owner.
+
+    @ivar shardMap: the newest shard map the client has, or L{None} before
+        the first one arrives.
+    @ivar fallbackAfter: see L{DEFAULT_FALLBACK_AFTER}.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        endpoint: IStreamClientEndpoint,
+        timeout: float = DEFAULT_TIMEOUT,
+        retryPolicy: RetryPolicy | None = None,
+        endpointFor: Callable[[str], IStreamClientEndpoint] | None = None,
+        fallbackAfter: float = DEFAULT_FALLBACK_AFTER,
+    ) -> None:
+        """
+        Connect to the seed node at C{endpoint} and ask it for the map.
+
+        @param clock: the reactor (or a clock in tests).
+        @param endpoint: any node of the cluster.
+        @param timeout: the default per-call timeout, in seconds.
+        @param retryPolicy: see L{FractalClient.__init__}; also used for the
+            connections to owners.
+        @param endpointFor: makes the endpoint for a node's C{client}
+            description; by default C{clientFromString(clock, description)}.
+        @param fallbackAfter: see L{DEFAULT_FALLBACK_AFTER}.
+        """
+        FractalClient.__init__(self, clock, endpoint, timeout, retryPolicy)
+        self.shardMap: ShardMap | None = None
+        self.fallbackAfter = fallbackAfter
+        self._retryPolicy = retryPolicy
+        self._endpointFor = endpointFor or (
+            lambda description: clientFromString(clock, description)
+        )
+        self._owners: dict[str, ClientService] = {}
+        self._mapWaiters: list[Deferred[ShardMap | None]] = []
+        self.refreshMap()
+
+    def refreshMap(self) -> Deferred[ShardMap | None]:
+        """
+        Fetch the shard map again from any node; callers asking while a
+        fetch is under way share its result.
+
+        @return: fires with the new map, or with L{None} when no node
+            answered (the old map, if any, stays in use).
+        """
+        waiter: Deferred[ShardMap | None] = Deferred()
+        self._mapWaiters.append(waiter)
+        if len(self._mapWaiters) > 1:
+            return waiter
+
+        def fetched(result: dict[str, Any]) -> ShardMap:
+            shardMap: ShardMap = result["map"]
+            if self.shardMap is None or shardMap.version >= self.shardMap.version:
+                self.shardMap = shardMap
+            return shardMap
+
+        def failed(reason: Failure) -> None:
+            self._log.info("could not fetch the shard map: {why}", why=reason.getErrorMessage())
+            return None
+
+        def done(result: ShardMap | None) -> None:
+            waiters, self._mapWaiters = self._mapWaiters, []
+            for each in waiters:
+                each.callback(result)
+
+        FractalClient.callRemote(self, GetShardMap).addCallbacks(fetched, failed).addCallback(done)
+        return waiter
+
+    def _ownerService(self, node: str) -> ClientService | None:
+        """
+        The connection to C{node}, started on first use.
+        """
+        service = self._owners.get(node)
+        if service is None and self.shardMap is not None and node in self.shardMap.nodes:
+            service = ClientService(
+                self._endpointFor(self.shardMap.nodes[node].client),
+                Factory.forProtocol(_ClientAMP),
+                retryPolicy=self._retryPolicy or backoffPolicy(initialDelay=0.1, maxDelay=5.0),
+                clock=self._clock,
+            )
+            service.startService()
+            self._owners[node] = service
+        return service
+
+    def _anyConnection(self, exclude: str | None = None) -> Deferred[amp.AMP]:
+        """
+        A connection to any node: one that is up now if there is one, else
+        the seed's.
+        """
+        for node, service in self._owners.items():
+            if node == exclude:
+                continue
+            d = service.whenConnected()
+            if d.called:
+                return cast("Deferred[amp.AMP]", d)
+            d.cancel()
+            d.addErrback(lambda f: None)
+        return cast("Deferred[amp.AMP]", self._service.whenConnected())
+
+    def _connectionFor(self, user: str | None) -> Deferred[amp.AMP]:
+        """
+        The owner's connection for a call for C{user}, or any node's when the
+        owner is not known or not reachable within C{fallbackAfter}.
+        """
+        if user is None or self.shardMap is None:
+            return self._anyConnection()
+        try:
+            owner = self.shardMap.ownerOfKey(user).node
+        except InvalidUserKey:
+            # Let a node answer the error, as it would any bad call.
+            return self._anyConnection()
+        service = self._ownerService(owner)
+        if service is None:
+            return self._anyConnection()
+        connected = service.whenConnected(failAfterFailures=1)
+        if connected.called:
+            return cast("Deferred[amp.AMP]", connected)
+        connected.addTimeout(self.fallbackAfter, self._clock)
+        return cast(
+            "Deferred[amp.AMP]",
+            connected.addErrback(lambda reason: self._anyConnection(exclude=owner)),
+        )
+
+    def callRemote(
+        self,
+        command: type[amp.Command],
+        user: str | None = None,
+        *,
+        timeout: float | None = None,
+        **arguments: Any,
+    ) -> Deferred[dict[str, Any]]:
+        """
+        Call C{command} on the owner of C{user}; see
+        L{FractalClient.callRemote}.  A L{NotOwner} answer refreshes the map
+        and sends the call once more; a second one fails the call.
+        """
+
+        def send() -> Deferred[dict[str, Any]]:
+            return FractalClient.callRemote(
+                self, command, user, timeout=timeout, **dict(arguments)
+            )
+
+        def notOwner(reason: Failure) -> Deferred[dict[str, Any]]:
+            reason.trap(NotOwner)
+            return self.refreshMap().addCallback(lambda _: send())
+
+        return send().addErrback(notOwner)
+
+    def disconnect(self) -> Deferred[None]:
+        """
+        Close every connection and stop reconnecting.
+        """
+        stops: list[Deferred[Any]] = [
+            maybeDeferred(service.stopService) for service in self._owners.values()
+        ]
+        self._owners.clear()
+        stops.append(FractalClient.disconnect(self))
+        return gatherResults(stops).addCallback(lambda _: None)
+
+
+def connectCluster(
+    reactor: Any,
+    description: str,
+    timeout: float = DEFAULT_TIMEOUT,
+    retryPolicy: RetryPolicy | None = None,
+    fallbackAfter: float = DEFAULT_FALLBACK_AFTER,
+) -> ClusterClient:
+    """
+    Connect to a cluster through any of its nodes.
+
+    @param reactor: the reactor.
+    @param description: a client endpoint description of any node.
+    @param timeout: the default per-call timeout, in seconds.
+    @param retryPolicy: see L{FractalClient.__init__}.
+    @param fallbackAfter: see L{DEFAULT_FALLBACK_AFTER}.
+    @return: a client, already fetching the shard map.
+    """
+    endpoint = clientFromString(reactor, description)
+    return ClusterClient(
+        reactor, endpoint, timeout=timeout, retryPolicy=retryPolicy, fallbackAfter=fallbackAfter
+    )
+

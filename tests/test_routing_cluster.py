@@ -1,0 +1,247 @@
+"""
+Routing decisions of a cluster, tested deterministically on N real nodes
+over a simulated network with one clock (L{fractal.testing.SimulatedCluster}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.protocols import amp
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from examples.mailbox import Deliver, Stats, application
+from fractal.keys import storeNameForKey
+from fractal.protocol import GetShardMap, NotOwner, OwnerUnavailable
+from fractal.routing.harness import SimulatedCluster
+from fractal.routing.interfaces import ShardMap, SlotOwner
+from fractal.routing.smart import ClusterClient
+
+
+def deliver(client: Any, user: str, subject: str = "hi") -> Any:
+    return client.callRemote(Deliver, user=user, sender="bob", subject=subject, body="text")
+
+
+class ClusterRoutingTests(SynchronousTestCase):
+    """
+    Calls sent to any node are answered by the owner of their user.
+    """
+
+    def setUp(self) -> None:
+        self.directory = FilePath(self.mktemp())
+        self.cluster = SimulatedCluster(application, self.directory, nodes=3, slots=64)
+        self.cluster.start()
+        self.addCleanup(self.stopCluster)
+        self.users = [f"user{i}@example.com" for i in range(30)]
+
+    def stopCluster(self) -> None:
+        self.cluster.restore("client")
+        for node in self.cluster.nodes:
+            self.cluster.restore(node)
+        self.cluster.stop()
+        self.assertEqual(self.cluster.reactor.getDelayedCalls(), [])
+
+    def usersOf(self, node: str) -> list[str]:
+        return [u for u in self.users if self.cluster.ownerOf(u) == node]
+
+    def test_eachUserLandsOnItsOwner(self) -> None:
+        """
+        Calls sent round-robin to all nodes each run on the owner: every
+        user's store exists on exactly one node's disk, and every node reads
+        back the same counts.
+        """
+        clients = [self.cluster.client(node) for node in ["n1", "n2", "n3"]]
+        calls = [deliver(clients[i % 3], user) for i, user in enumerate(self.users)]
+        self.cluster.flush()
+        for d in calls:
+            self.assertIn("messageID", self.successResultOf(d))
+        self.assertTrue(all(self.usersOf(n) for n in ["n1", "n2", "n3"]))
+        for user in self.users:
+            holders = [
+                node
+                for node in self.cluster.nodes
+                if _holds(self.directory.child(node), storeNameForKey(user))
+            ]
+            self.assertEqual(holders, [self.cluster.ownerOf(user)], user)
+        for client in clients:
+            stats = [client.callRemote(Stats, user=user) for user in self.users]
+            self.cluster.flush()
+            for d in stats:
+                self.assertEqual(self.successResultOf(d), {"total": 1, "unread": 1})
+
+    def test_forwardedCallIsNotForwardedAgain(self) -> None:
+        """
+        A call arriving on a peer listener for a user the node does not own
+        is answered L{NotOwner} naming the owner, never forwarded again.
+        """
+        n3user = self.usersOf("n3")[0]
+        n2user = self.usersOf("n2")[0]
+        peer = self.cluster.network.endpoint("n1", str(self.cluster.addresses["n2"].peer))
+        proto = self.successResultOf(peer.connect(Factory.forProtocol(amp.AMP)))
+        self.cluster.flush()
+        # Take the raw AMP answers at once: AMP drops the connection for an
+        # error nobody handles by the time it arrives.
+        refused: Deferred[Any] = Deferred()
+        accepted: Deferred[Any] = Deferred()
+        deliver(proto, n3user).chainDeferred(refused)
+        deliver(proto, n2user).chainDeferred(accepted)
+        self.cluster.flush()
+        failure = self.failureResultOf(refused, NotOwner)
+        self.assertEqual(failure.value.args[0], "n3")
+        self.assertIn("messageID", self.successResultOf(accepted))
+        self.assertFalse(_holds(self.directory.child("n2"), storeNameForKey(n3user)))
+        self.assertFalse(_holds(self.directory.child("n3"), storeNameForKey(n3user)))
+        proto.transport.loseConnection()
+        self.cluster.flush()
+
+    def test_deadOwnerFailsFast(self) -> None:
+        """
+        When an owner dies, calls for its users fail at once with
+        L{OwnerUnavailable}, while calls for the other users carry on.
+        """
+        client = self.cluster.client("n1")
+        self.cluster.kill("n2")
+        dead = [deliver(client, u) for u in self.usersOf("n2")]
+        alive = [deliver(client, u) for u in self.usersOf("n1") + self.usersOf("n3")]
+        self.cluster.flush()
+        for d in dead:
+            failure = self.failureResultOf(d, OwnerUnavailable)
+            self.assertIn("'n2'", failure.getErrorMessage())
+        for d in alive:
+            self.assertIn("messageID", self.successResultOf(d))
+
+    def test_hungOwnerTimesOut(self) -> None:
+        """
+        An owner that stops answering makes its users' calls fail with
+        L{OwnerUnavailable} after the peer call timeout, never hang; other
+        users are served meanwhile.
+        """
+        client = self.cluster.client("n1")
+        self.cluster.hold("n2")
+        hung = deliver(client, self.usersOf("n2")[0])
+        other = deliver(client, self.usersOf("n3")[0])
+        self.cluster.flush()
+        self.assertIn("messageID", self.successResultOf(other))
+        self.cluster.advance(4.9)
+        self.assertNoResult(hung)
+        self.cluster.advance(0.1)
+        self.failureResultOf(hung, OwnerUnavailable)
+
+    def test_ownerComesBack(self) -> None:
+        """
+        Once a dead owner is reachable again, its users are served after the
+        peer link's retry delay.
+        """
+        client = self.cluster.client("n1")
+        user = self.usersOf("n2")[0]
+        self.cluster.kill("n2")
+        self.cluster.advance(3.0)
+        self.cluster.restore("n2")
+        self.cluster.advance(self.cluster.retryDelay)
+        d = deliver(client, user)
+        self.cluster.flush()
+        self.assertIn("messageID", self.successResultOf(d))
+
+    def test_shardMapFromAnyNode(self) -> None:
+        """
+        Every node answers L{GetShardMap} with the same map.
+        """
+        maps = []
+        for node in ["n1", "n2", "n3"]:
+            d = self.cluster.client(node).callRemote(GetShardMap)
+            self.cluster.flush()
+            maps.append(self.successResultOf(d)["map"])
+        self.assertEqual(maps[0], maps[1])
+        self.assertEqual(maps[0], maps[2])
+        self.assertEqual(maps[0], self.cluster.nodes["n1"].topology.currentMap())
+
+
+def _holds(nodeDirectory: FilePath[str], storeName: str) -> bool:
+    """
+    Whether a store directory or file named C{storeName} exists anywhere
+    under C{nodeDirectory}.
+    """
+    if not nodeDirectory.exists():
+        return False
+    return any(storeName in path.basename() for path in nodeDirectory.walk())
+
+
+class SmartClientTests(SynchronousTestCase):
+    """
+    Tests for L{ClusterClient} against real nodes.
+    """
+
+    def setUp(self) -> None:
+        self.directory = FilePath(self.mktemp())
+        self.cluster = SimulatedCluster(application, self.directory, nodes=3, slots=64)
+        self.cluster.start()
+        self.addCleanup(self.stopCluster)
+        self.users = [f"user{i}@example.com" for i in range(30)]
+
+    def stopCluster(self) -> None:
+        self.cluster.restore("client")
+        self.cluster.stop()
+        self.assertEqual(self.cluster.reactor.getDelayedCalls(), [])
+
+    def test_learnsMap(self) -> None:
+        """
+        The client fetches the shard map from its seed node.
+        """
+        client = self.cluster.client("n2", smart=True)
+        assert isinstance(client, ClusterClient)
+        self.assertEqual(client.shardMap, self.cluster.nodes["n1"].topology.currentMap())
+
+    def test_callsOwnersDirectly(self) -> None:
+        """
+        With the map known, each call goes straight to its owner: with every
+        link between nodes stalled, all calls are still answered.
+        """
+        client = self.cluster.client("n1", smart=True)
+        for a, b in [("n1", "n2"), ("n1", "n3"), ("n2", "n3")]:
+            self.cluster.hold(a, b)
+        calls = [deliver(client, user) for user in self.users]
+        self.cluster.flush()
+        for d in calls:
+            self.assertIn("messageID", self.successResultOf(d))
+        for a, b in [("n1", "n2"), ("n1", "n3"), ("n2", "n3")]:
+            self.cluster.restore(a, b)
+
+    def test_notOwnerRefreshesAndRetries(self) -> None:
+        """
+        A call sent on a stale map to a node that answers L{NotOwner} makes
+        the client fetch the map again and send the call to the real owner.
+        """
+        client = self.cluster.client("n1", smart=True)
+        assert isinstance(client, ClusterClient)
+        real = client.shardMap
+        assert real is not None
+        client.shardMap = ShardMap(
+            owners=(SlotOwner("n2", 1),) * real.slots, nodes=real.nodes, version=0
+        )
+        # n2 forwards nothing, so it answers NotOwner for other nodes' users.
+        self.cluster.nodes["n2"].server.forward = None
+        user = next(u for u in self.users if self.cluster.ownerOf(u) == "n3")
+        d = deliver(client, user)
+        self.cluster.flush()
+        self.assertIn("messageID", self.successResultOf(d))
+        self.assertEqual(client.shardMap, real)
+        stats = client.callRemote(Stats, user=user)
+        self.cluster.flush()
+        self.assertEqual(self.successResultOf(stats)["total"], 1)
+
+    def test_fallsBackToAnyNode(self) -> None:
+        """
+        When the client cannot reach a user's owner, the call goes, after
+        C{fallbackAfter}, to another node, which forwards it.
+        """
+        client = self.cluster.client("n1", smart=True)
+        user = next(u for u in self.users if self.cluster.ownerOf(u) == "n2")
+        self.cluster.cut("client", "n2")
+        d = deliver(client, user)
+        self.cluster.flush()
+        self.assertNoResult(d)
+        self.cluster.advance(1.0)
+        self.assertIn("messageID", self.successResultOf(d))
