@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.filepath import FilePath
 
@@ -33,6 +34,7 @@ from fractal.client import FractalClient
 from fractal.keys import DEFAULT_SLOTS
 from fractal.routing.cluster import ClusterService, joinCluster
 from fractal.routing.interfaces import NodeAddress
+from fractal.routing.peers import EndpointFactory
 from fractal.routing.simulation import SimulatedNetwork
 from fractal.routing.smart import ClusterClient
 from fractal.routing.topology import StaticTopology
@@ -119,9 +121,7 @@ class SimulatedCluster:
             )
             self.clusters[nodeId] = joinCluster(
                 node,
-                endpointFor=lambda address, source=nodeId: self.network.endpoint(
-                    source, str(address.peer)
-                ),
+                endpointFor=self._peerEndpoints(nodeId),
                 callTimeout=callTimeout,
                 connectTimeout=connectTimeout,
                 retryPolicy=lambda attempt: retryDelay,
@@ -130,6 +130,16 @@ class SimulatedCluster:
         self._clients: list[FractalClient] = []
         self._listened = 0
         self._unlisten: dict[str, list[Any]] = {}
+
+    def _peerEndpoints(self, source: str) -> EndpointFactory:
+        """
+        How node C{source} reaches its peers: over the simulated network.
+        """
+
+        def endpointFor(address: NodeAddress) -> IStreamClientEndpoint:
+            return self.network.endpoint(source, str(address.peer))
+
+        return endpointFor
 
     def _registerListeners(self) -> None:
         """
