@@ -724,6 +724,13 @@ class SQLAttribute(_Comparable, property):
             dbval = self.infilter(value, oself, store)
         if store is None:
             d[self.hidden] = dbval
+        elif store._txn:
+            storeID = d["_fstoreID"]
+            touched = store._touched
+            if storeID not in touched:
+                touched[storeID] = (oself, {k: d[k] for k in oself._fHidden})
+            store._cursor.execute(self._updateSQL, (dbval, storeID))
+            d[self.hidden] = dbval
         else:
             store._writeAttribute(oself, self, dbval)
 

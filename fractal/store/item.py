@@ -20,7 +20,7 @@ import functools
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
-from twisted.application.service import IService, IServiceCollection, MultiService
+from twisted.application.service import IService, MultiService
 from twisted.python.reflect import namedAny
 from zope.interface import implementer
 from zope.interface.interface import InterfaceClass
@@ -232,27 +232,13 @@ class Empowered:
             except (ImportError, AttributeError):
                 continue
 
-    def _serviceAggregate(self) -> MultiService:
-        aggregate = self._cachedAggregate()
-        if aggregate is None:
-            aggregate = MultiService()
-            for service in self.powerupsFor(IService):
-                aggregate.addService(service)
-            self._storeAggregate(aggregate)
-        return aggregate
-
-    def _storeAggregate(self, aggregate: MultiService) -> None:
-        raise NotImplementedError()
-
     def __conform__(self, interface: Any) -> Any:
         """
         Adapt to C{interface} through the powerups: the first one wins, even
         over the target's own implementation.  C{IService} and
-        C{IServiceCollection} give one cached C{MultiService} holding every
-        C{IService} powerup.
+        C{IServiceCollection} give, for a store, one cached C{MultiService}
+        holding every C{IService} powerup.
         """
-        if interface is IService or interface is IServiceCollection:
-            return self._serviceAggregate()
         for powerup in self.powerupsFor(interface):
             return powerup
         return None
@@ -438,15 +424,23 @@ class Item(Empowered):
             d["_fstore"] = None
             d["_fstoreID"] = None
         store = kw.pop("store", None)
-        if "storeID" in kw:
-            raise AttributeError("storeID is assigned by the store and cannot be passed")
+        setters = cls._fSetters
         for name, value in kw.items():
-            setattr(self, name, value)
+            attr = setters.get(name)
+            if attr is not None:
+                attr._set(self, value)
+            elif name == "storeID":
+                raise AttributeError("storeID is assigned by the store and cannot be passed")
+            else:
+                setattr(self, name, value)
         for attr in cls._fRequired:
             if d[attr.hidden] is None:
                 raise TypeError("attribute [%s] must not be None" % (attr,))
         if store is not None:
-            self.store = store
+            if d["_fstore"] is None and getattr(type(store), "_fKind", None) == "store":
+                store._insertItem(self)
+            else:
+                self.store = store
 
     def __setattr__(self, name: str, value: Any) -> None:
         attr = self._fSetters.get(name)
@@ -580,10 +574,7 @@ class Item(Empowered):
         return found  # type: ignore[no-any-return]
 
     def _cachedAggregate(self) -> MultiService | None:
-        return self.__dict__.get("_fAggregate")
-
-    def _storeAggregate(self, aggregate: MultiService) -> None:
-        self.__dict__["_fAggregate"] = aggregate
+        return None
 
 
 class _PowerupConnector(Item):

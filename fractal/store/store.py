@@ -249,14 +249,11 @@ class Store(Empowered):
         self._referrers: dict[Any, tuple[list[Any], list[Any], list[Any]]] = {}
         self._referrersGeneration = -1
         self._powerupSQL: dict[int, str] = {}
-        cache: dict[int, weakref.KeyedRef[Any, Any]] = {}
-        self._cache = cache
-
-        def gone(ref: weakref.KeyedRef[Any, Any], cache: dict[int, Any] = cache) -> None:
-            if cache.get(ref.key) is ref:
-                del cache[ref.key]
-
-        self._gone = gone
+        # The identity map: storeID -> weak reference.  Dead references are
+        # swept when the map doubles in size (cheaper than a callback per
+        # item).
+        self._cache: dict[int, weakref.ref[Any]] = {}
+        self._sweepAt = 1024
 
         if dbdirPath is not None:
             if not dbdirPath.exists():
@@ -700,7 +697,7 @@ class Store(Empowered):
                 d.update(snapshot)
                 d.pop("_fdeleting", None)
                 if not item.__legacy__ and d.get("_fstore") is self:
-                    cache[storeID] = weakref.KeyedRef(item, self._gone, storeID)
+                    cache[storeID] = weakref.ref(item)
         if tables:
             for key in tables:
                 typeID = self._typeIDs.pop(key, None)
@@ -815,11 +812,26 @@ class Store(Empowered):
         self._allocated = storeID
         self._touched[storeID] = (item, None)
         if not cls.__legacy__:
-            self._cache[storeID] = weakref.KeyedRef(item, self._gone, storeID)
+            cache = self._cache
+            cache[storeID] = weakref.ref(item)
+            if len(cache) > self._sweepAt:
+                self._sweep()
         if cls._fHasActivate:
             item.activate()
         if cls._fHasStored:
             item.stored()
+
+    def _remember(self, storeID: int, item: Any) -> None:
+        cache = self._cache
+        cache[storeID] = weakref.ref(item)
+        if len(cache) > self._sweepAt:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        cache = self._cache
+        for storeID in [k for k, ref in cache.items() if ref() is None]:
+            del cache[storeID]
+        self._sweepAt = max(1024, 2 * len(cache))
 
     def _materialize(self, cls: Any, row: Any) -> Any:
         item = cls.__new__(cls)
@@ -829,21 +841,47 @@ class Store(Empowered):
         d["_fstore"] = self
         d["_fstoreID"] = storeID
         if not cls.__legacy__:
-            self._cache[storeID] = weakref.KeyedRef(item, self._gone, storeID)
+            cache = self._cache
+            cache[storeID] = weakref.ref(item)
+            if len(cache) > self._sweepAt:
+                self._sweep()
         if cls._fHasActivate:
             item.activate()
         return item
 
     def _loadRows(self, cls: Any, rows: list[Any]) -> list[Any]:
+        if cls.__legacy__ or cls._fHasActivate:
+            return [self._cachedOrMaterialized(cls, row) for row in rows]
         cache = self._cache
+        ref_ = weakref.ref
+        new = cls.__new__
+        keys = ("_fstoreID",) + cls._fHidden
         result = []
+        append = result.append
         for row in rows:
-            ref = cache.get(row[0])
-            item = ref() if ref is not None else None
-            if item is None:
-                item = self._materialize(cls, row)
-            result.append(item)
+            storeID = row[0]
+            ref = cache.get(storeID)
+            if ref is not None:
+                item = ref()
+                if item is not None:
+                    append(item)
+                    continue
+            item = new(cls)
+            d = item.__dict__
+            d.update(zip(keys, row))
+            d["_fstore"] = self
+            cache[storeID] = ref_(item)
+            append(item)
+        if len(cache) > self._sweepAt:
+            self._sweep()
         return result
+
+    def _cachedOrMaterialized(self, cls: Any, row: Any) -> Any:
+        ref = self._cache.get(row[0])
+        item = ref() if ref is not None else None
+        if item is None:
+            item = self._materialize(cls, row)
+        return item
 
     def _itemOrNone(self, storeID: int, autoUpgrade: bool = True) -> Any:
         ref = self._cache.get(storeID)
@@ -1070,7 +1108,7 @@ class Store(Empowered):
         d["_fstore"] = self
         d["_fstoreID"] = storeID
         if not newCls.__legacy__:
-            self._cache[storeID] = weakref.KeyedRef(new, self._gone, storeID)
+            self._remember(storeID, new)
         if newCls._fHasActivate:
             new.activate()
         return new
@@ -1098,7 +1136,6 @@ class Store(Empowered):
         classes) matching C{comparison}.  Values in the comparison are
         checked and converted now; each iteration runs the SQL again.
         """
-        self._checkOpen()
         from fractal.store.query import ItemQuery, MultipleItemQuery
 
         if isinstance(tableClass, tuple):
@@ -1231,9 +1268,6 @@ class Store(Empowered):
 
     def _cachedAggregate(self) -> MultiService | None:
         return self._aggregate
-
-    def _storeAggregate(self, aggregate: MultiService) -> None:
-        self._aggregate = aggregate
 
     def _serviceAggregate(self) -> MultiService:
         if self._aggregate is None:
