@@ -20,18 +20,16 @@ any connected node instead, which forwards it (one hop).
 
 from __future__ import annotations
 
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
-from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from fractal.client import DEFAULT_TIMEOUT, FractalClient, RetryPolicy, _ClientAMP
+from fractal.client import DEFAULT_TIMEOUT, FractalClient, RetryPolicy
 from fractal.keys import InvalidUserKey
 from fractal.protocol import GetShardMap, NotOwner
 from fractal.routing.interfaces import ShardMap
@@ -84,7 +82,7 @@ class ClusterClient(FractalClient):
         self._endpointFor = endpointFor or (
             lambda description: clientFromString(clock, description)
         )
-        self._owners: dict[str, ClientService] = {}
+        self._owners: dict[str, FractalClient] = {}
         self._mapWaiters: list[Deferred[ShardMap | None]] = []
         self.refreshMap()
 
@@ -119,36 +117,35 @@ class ClusterClient(FractalClient):
         FractalClient.callRemote(self, GetShardMap).addCallbacks(fetched, failed).addCallback(done)
         return waiter
 
-    def _ownerService(self, node: str) -> ClientService | None:
+    def _ownerClient(self, node: str) -> FractalClient | None:
         """
-        The connection to C{node}, started on first use.
+        The client of C{node}, connecting from its first use.
         """
-        service = self._owners.get(node)
-        if service is None and self.shardMap is not None and node in self.shardMap.nodes:
-            service = ClientService(
+        client = self._owners.get(node)
+        if client is None and self.shardMap is not None and node in self.shardMap.nodes:
+            client = FractalClient(
+                self._clock,
                 self._endpointFor(self.shardMap.nodes[node].client),
-                Factory.forProtocol(_ClientAMP),
-                retryPolicy=self._retryPolicy or backoffPolicy(initialDelay=0.1, maxDelay=5.0),
-                clock=self._clock,
+                self.timeout,
+                self._retryPolicy,
             )
-            service.startService()
-            self._owners[node] = service
-        return service
+            self._owners[node] = client
+        return client
 
     def _anyConnection(self, exclude: str | None = None) -> Deferred[amp.AMP]:
         """
         A connection to any node: one that is up now if there is one, else
         the seed's.
         """
-        for node, service in self._owners.items():
+        for node, client in self._owners.items():
             if node == exclude:
                 continue
-            d = service.whenConnected()
+            d = client._connectionFor(None)
             if d.called:
-                return cast("Deferred[amp.AMP]", d)
-            d.cancel()
+                return d
             d.addErrback(lambda f: None)
-        return cast("Deferred[amp.AMP]", self._service.whenConnected())
+            d.cancel()
+        return FractalClient._connectionFor(self, None)
 
     def _connectionFor(self, user: str | None) -> Deferred[amp.AMP]:
         """
@@ -162,17 +159,14 @@ class ClusterClient(FractalClient):
         except InvalidUserKey:
             # Let a node answer the error, as it would any bad call.
             return self._anyConnection()
-        service = self._ownerService(owner)
-        if service is None:
+        client = self._ownerClient(owner)
+        if client is None:
             return self._anyConnection()
-        connected = service.whenConnected(failAfterFailures=1)
+        connected = client._connectionFor(None)
         if connected.called:
-            return cast("Deferred[amp.AMP]", connected)
+            return connected
         connected.addTimeout(self.fallbackAfter, self._clock)
-        return cast(
-            "Deferred[amp.AMP]",
-            connected.addErrback(lambda reason: self._anyConnection(exclude=owner)),
-        )
+        return connected.addErrback(lambda reason: self._anyConnection(exclude=owner))
 
     def callRemote(
         self,
@@ -203,9 +197,7 @@ class ClusterClient(FractalClient):
         """
         Close every connection and stop reconnecting.
         """
-        stops: list[Deferred[Any]] = [
-            maybeDeferred(service.stopService) for service in self._owners.values()
-        ]
+        stops: list[Deferred[Any]] = [client.disconnect() for client in self._owners.values()]
         self._owners.clear()
         stops.append(FractalClient.disconnect(self))
         return gatherResults(stops).addCallback(lambda _: None)
