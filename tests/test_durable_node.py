@@ -76,25 +76,18 @@ class DurableNodeTests(SynchronousTestCase):
         """
         A node with a shipper on C{self.backend}, started.
         """
-        node: FractalNode
-
-        def epochForKey(key: str) -> int:
-            return node.topology.currentMap().ownerOfKey(key).epoch
-
         shipper = Shipper(
             self.backend,
             self.reactor,
             runInThread=runSynchronously,
             interval=interval,
-            epochForKey=epochForKey,
             storesDirectory=dataDir.child("stores"),
         )
         self.reactor.tcpServers.clear()
         node = FractalNode(
             self.reactor, application, dataDir, "tcp:7100:interface=127.0.0.1", shipper=shipper
         )
-        if shipper.parent is None:
-            shipper.setServiceParent(node)
+        shipper.serveNode(node)
         node.startService()
         return node
 

@@ -237,6 +237,17 @@ class Shipper(Service):
         self._lastLagLog = -1e9
         self._lagging = False
 
+    def serveNode(self, node: Any) -> None:
+        """
+        Ship for C{node} (a L{fractal.node.FractalNode} built with this
+        shipper): take each key's epoch from the node's topology, and run as
+        one of the node's services, so it starts with the node and, when the
+        node stops, ships what its closing stores left unshipped.
+        """
+        self._epochForKey = lambda key: int(node.topology.currentMap().ownerOfKey(key).epoch)
+        if self.parent is None:
+            self.setServiceParent(node)  # type: ignore[no-untyped-call]
+
     # IService
 
     def startService(self) -> None:
