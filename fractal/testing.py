@@ -12,10 +12,16 @@ from __future__ import annotations
 
 from fractal.durable._conformance import DurableBackendTestsMixin, recordInfo
 from fractal.durable._memory import BackendUnavailable, MemoryDurableBackend
+from fractal.routing.harness import SimulatedCluster
+from fractal.routing.simulation import SimulatedNetwork
+from fractal.routing.topology import StaticTopology
 
 __all__: list[str] = [
     "BackendUnavailable",
     "DurableBackendTestsMixin",
     "MemoryDurableBackend",
     "recordInfo",
+    "SimulatedCluster",
+    "SimulatedNetwork",
+    "StaticTopology",
 ]

@@ -169,6 +169,45 @@ def _holds(nodeDirectory: FilePath[str], storeName: str) -> bool:
     return any(storeName in path.basename() for path in nodeDirectory.walk())
 
 
+class HarnessTests(SynchronousTestCase):
+    """
+    Tests for the harness itself, as exported by L{fractal.testing}.
+    """
+
+    def test_exported(self) -> None:
+        """
+        L{fractal.testing} exports the harness and the simulated network.
+        """
+        from fractal import testing
+
+        self.assertIs(testing.SimulatedCluster, SimulatedCluster)
+        self.assertIn("SimulatedCluster", testing.__all__)
+        self.assertIn("SimulatedNetwork", testing.__all__)
+
+    def test_delayedLink(self) -> None:
+        """
+        Delaying the links of an owner delays its users' forwarded answers
+        by that much on the shared clock, and no more.
+        """
+        cluster = SimulatedCluster(application, FilePath(self.mktemp()), nodes=2, slots=16)
+        cluster.start()
+        user = next(
+            u for u in (f"u{i}" for i in range(100)) if cluster.ownerOf(u) == "n2"
+        )
+        client = cluster.client("n1")
+        cluster.delay("n1", "n2", 0.5)
+        d = deliver(client, user)
+        cluster.flush()
+        self.assertNoResult(d)
+        cluster.advance(0.5)
+        self.assertNoResult(d)
+        cluster.advance(0.5)
+        self.assertIn("messageID", self.successResultOf(d))
+        cluster.restore("n1", "n2")
+        cluster.stop()
+        self.assertEqual(cluster.reactor.getDelayedCalls(), [])
+
+
 class SmartClientTests(SynchronousTestCase):
     """
     Tests for L{ClusterClient} against real nodes.
