@@ -190,6 +190,20 @@ class Options(usage.Options):
             "Close a user store unused for this many seconds (default: the node's).",
             _positive(float, "--idle-timeout"),
         ],
+        [
+            "durable",
+            None,
+            None,
+            "The directory the stores are shipped to, durably, as deltas "
+            "(default: DATA/durable; ideally another disk); 'none' ships nothing.",
+        ],
+        [
+            "ship-interval",
+            None,
+            None,
+            "Seconds between ship cycles of changed stores (default: 1).",
+            _positive(float, "--ship-interval"),
+        ],
         ["config", None, None, "A TOML configuration file (see docs/deploying.rst)."],
         [
             "peer-listen",
@@ -363,6 +377,32 @@ def _joinCluster(options: Options, node: Any) -> None:
         raise usage.UsageError(str(e)) from None
 
 
+def _shipper(options: Options, reactor: Any, dataDir: FilePath[str]) -> Any:
+    """
+    The durable shipper of the node: to the filesystem backend in
+    C{--durable} (C{DATA/durable} by default), or L{None} for C{--durable
+    none}.
+    """
+    if (options["durable"] or "").lower() == "none":
+        return None
+    from fractal.durable._threads import reactorThreads
+    from fractal.durable.filesystem import FilesystemBackend
+    from fractal.durable.shipper import Shipper
+
+    durable = (
+        FilePath(os.path.abspath(options["durable"]))
+        if options["durable"]
+        else dataDir.child("durable")
+    )
+    return Shipper(
+        FilesystemBackend(durable, reactorThreads(reactor)),
+        reactor,
+        runInThread=reactorThreads(reactor),
+        interval=options["ship-interval"] or 1.0,
+        storesDirectory=dataDir.child("stores"),
+    )
+
+
 def makeService(options: Options) -> IService:
     """
     Build the node service from parsed options.
@@ -377,16 +417,21 @@ def makeService(options: Options) -> IService:
     extra: dict[str, Any] = {}
     if options["idle-timeout"] is not None:
         extra["idleTimeout"] = options["idle-timeout"]
+    dataDir = FilePath(os.path.abspath(options["data"]))
+    shipper = _shipper(options, reactor, dataDir)
     node = FractalNode(
         reactor,
         options.application,
-        dataDir=FilePath(os.path.abspath(options["data"])),
+        dataDir=dataDir,
         listen=options["listen"],
         nodeId=options["node"],
         topology=_topology(options),
         maxOpenStores=options["max-open-stores"],
+        shipper=shipper,
         **extra,
     )
+    if shipper is not None:
+        shipper.serveNode(node)
     if len(node.topology.currentMap().nodes) > 1:
         _joinCluster(options, node)
     else:

@@ -211,3 +211,43 @@ class DurableNodeTests(SynchronousTestCase):
         self.assertIn("could not be stored durably", str(failure.value))
         self.assertTrue(node.shipper.lag().stores[0].fenced)  # type: ignore[union-attr]
         self.flushLoggedErrors(StaleEpoch)
+
+
+class TapDurableOptionsTests(SynchronousTestCase):
+    """
+    The C{twistd fractal} options of durable shipping.
+    """
+
+    def makeNode(self, *arguments: str) -> Any:
+        from fractal.tap import Options, makeService
+
+        options = Options()
+        options.parseOptions(["--app", "tests.test_durable_node:application", *arguments])
+        return makeService(options)
+
+    def test_shipsByDefault(self) -> None:
+        """
+        By default a node ships to C{DATA/durable} every second, and the
+        shipper is one of the node's services.
+        """
+        data = FilePath(self.mktemp())
+        node = self.makeNode("--data", data.path)
+        shipper = node.shipper
+        self.assertIsInstance(shipper, Shipper)
+        self.assertEqual(shipper.backend.root, data.child("durable"))
+        self.assertEqual(shipper.interval, 1.0)
+        self.assertIs(shipper.parent, node)
+
+    def test_options(self) -> None:
+        """
+        C{--durable DIR} and C{--ship-interval} choose the directory and the
+        interval; C{--durable none} ships nothing, which an application that
+        acknowledges durably refuses.
+        """
+        elsewhere = FilePath(self.mktemp())
+        node = self.makeNode("--durable", elsewhere.path, "--ship-interval", "0.25")
+        self.assertEqual(node.shipper.backend.root, elsewhere)
+        self.assertEqual(node.shipper.interval, 0.25)
+        with self.assertRaises(ValueError) as e:
+            self.makeNode("--durable", "none")
+        self.assertIn("no durable shipper", str(e.exception))
