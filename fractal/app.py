@@ -85,6 +85,7 @@ class UserCommand(amp.Command):
         C{"local"} or C{"durable"} to override it for this command.
     """
 
+    arguments = [(USER_ARGUMENT, amp.Unicode())]  # type: ignore[no-untyped-call]
     errors = dict(FRAMEWORK_ERRORS)
     ack: Ack | None = None
 

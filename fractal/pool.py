@@ -1,0 +1,578 @@
+# -*- test-case-name: tests.test_pool -*-
+# mypy: disable-error-code="no-untyped-call"
+"""
+The store pool: a node's open user stores.
+
+A node may serve millions of users but can hold only so many SQLite files open
+(each store in WAL mode holds L{FDS_PER_STORE} descriptors).  The pool opens a
+user's store on demand at C{dataDir/stores/<2 hex>/<storeNameForKey(key)>},
+keeps at most C{maxOpenStores} open, closes the least recently used one to make
+room and any one idle longer than C{idleTimeout}, and never closes a store
+while a call holds it.  When every open store is in use it refuses with the
+retryable L{Overloaded} rather than running out of descriptors.
+
+The raw user key never becomes a path: it is stored inside the store, in a
+L{UserKey} item, and checked each time the store is opened.
+
+With a durable shipper (L{fractal.durable.interfaces.IShipper}), a store whose
+local copy is missing is first restored from durable storage, the shipper
+watches every store the pool opens, and the pool waits for the shipper to ship
+a store before closing it.
+"""
+
+from __future__ import annotations
+
+import errno
+import resource
+from collections import OrderedDict
+from typing import Any, Callable, Iterator
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+
+from fractal.durable.interfaces import IShipper
+from fractal.keys import InvalidUserKey, storeNameForKey, validateKey
+from fractal.protocol import Overloaded, StoreUnavailable
+from fractal.store import Item, Store, text
+
+__all__ = [
+    "FDS_PER_STORE",
+    "DEFAULT_IDLE_TIMEOUT",
+    "defaultMaxOpenStores",
+    "UserKey",
+    "StoreLease",
+    "StorePool",
+]
+
+FDS_PER_STORE = 3
+"""
+File descriptors one open store holds in WAL mode: the database, its
+write-ahead log and its shared-memory index.
+"""
+
+DEFAULT_IDLE_TIMEOUT = 300.0
+"""
+Seconds after which a store nobody has used is closed.
+"""
+
+
+def defaultMaxOpenStores(
+    getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+) -> int:
+    """
+    How many stores a process may keep open, from its soft C{RLIMIT_NOFILE}.
+
+    A quarter of the descriptors (at least 64) is left for sockets, logs and
+    the stores being opened or inspected; the rest is divided by
+    L{FDS_PER_STORE}.
+
+    @param getrlimit: L{resource.getrlimit}, or a stand-in for tests.
+    @return: at least 1.
+    """
+    soft, _ = getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0 or soft > 1 << 20:
+        soft = 1 << 20
+    reserve = max(64, soft // 4)
+    return max(1, (soft - reserve) // FDS_PER_STORE)
+
+
+class UserKey(Item):
+    """
+    The raw key of the user a store belongs to, kept inside the store because
+    the store's path is only a hash of it.
+    """
+
+    typeName = "fractal_user_key"
+    schemaVersion = 1
+
+    key = text(allowNone=False, doc="The user key, exactly as the client sent it.")
+
+
+class StoreLease:
+    """
+    One open store, held for a call.  While any lease on a store is held, the
+    pool does not close it.  Each L{StorePool.acquire} hands out the store's
+    lease once; call L{release} exactly once for each.
+
+    @ivar key: the user key.
+    @ivar store: the open store.
+    @ivar prepared: what the pool's C{prepare} callable returned for the store
+        (for a node: the application's bound responders), or L{None}.
+    """
+
+    __slots__ = ("key", "store", "prepared", "_pool", "_busy", "_lastUsed", "_whenIdle")
+
+    def __init__(self, pool: StorePool, key: str, store: Store, prepared: Any) -> None:
+        self.key = key
+        self.store = store
+        self.prepared = prepared
+        self._pool = pool
+        self._busy = 0
+        self._lastUsed = 0.0
+        self._whenIdle: list[Deferred[None]] = []
+
+    def release(self) -> None:
+        """
+        The call is done with the store.
+        """
+        self._pool._release(self)
+
+
+class StorePool:
+    """
+    The user stores a node holds open.
+
+    @ivar dataDir: the node's data directory; stores live under
+        C{dataDir/stores}.
+    @ivar maxOpenStores: the most stores held open at once, counting those
+        being opened or closed.
+    @ivar idleTimeout: seconds after which an unused store is closed.
+    @ivar shipper: the durable shipper, or L{None}.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        dataDir: FilePath[str],
+        prepare: Callable[[Store], Any] | None = None,
+        maxOpenStores: int | None = None,
+        idleTimeout: float = DEFAULT_IDLE_TIMEOUT,
+        shipper: IShipper | None = None,
+    ) -> None:
+        """
+        @param clock: the time source for idle closing.
+        @param dataDir: the node's data directory.
+        @param prepare: called with every store the pool opens, after its key
+            is checked, inside the opening transaction; its result is kept as
+            L{StoreLease.prepared}.  A node passes
+            L{fractal.app.Application.installOn}.
+        @param maxOpenStores: the most stores open at once; L{None} for
+            L{defaultMaxOpenStores}.
+        @param idleTimeout: seconds after which an unused store is closed.
+        @param shipper: the durable shipper, or L{None}.
+        @raise ValueError: if C{maxOpenStores} or C{idleTimeout} is not
+            positive.
+        """
+        if maxOpenStores is None:
+            maxOpenStores = defaultMaxOpenStores()
+        if maxOpenStores < 1:
+            raise ValueError(f"maxOpenStores must be at least 1, not {maxOpenStores!r}")
+        if not idleTimeout > 0:
+            raise ValueError(f"idleTimeout must be positive, not {idleTimeout!r}")
+        self._clock = clock
+        self.dataDir = dataDir
+        self._prepare = prepare
+        self.maxOpenStores = maxOpenStores
+        self.idleTimeout = idleTimeout
+        self.shipper = shipper
+        self._open: OrderedDict[str, StoreLease] = OrderedDict()
+        self._opening: dict[str, list[Deferred[StoreLease]]] = {}
+        self._closing: dict[str, StoreLease] = {}
+        self._roomWaiters: list[Deferred[None]] = []
+        self._sweepCall: IDelayedCall | None = None
+        self._closed = False
+        self._closeWaiters: list[Deferred[None]] = []
+        self.opened = 0
+        self.closedCount = 0
+
+    # -- paths and keys --------------------------------------------------
+
+    @property
+    def storesDir(self) -> FilePath[str]:
+        """
+        The directory holding every user store of this node.
+        """
+        return self.dataDir.child("stores")
+
+    def pathForKey(self, key: str) -> FilePath[str]:
+        """
+        The directory of C{key}'s store: a name derived from a hash of the
+        key, under L{storesDir}, whatever the key contains.
+
+        @raise fractal.keys.InvalidUserKey: if C{key} is not valid.
+        """
+        name = storeNameForKey(key)
+        return self.storesDir.child(name[:2]).child(name)
+
+    def openKeys(self) -> list[str]:
+        """
+        The keys of the stores open now, least recently used first.
+        """
+        return list(self._open)
+
+    def knownKeys(self, limit: int = 100) -> list[str]:
+        """
+        Up to C{limit} keys of users that have a store on this node's disk:
+        those open now first, then others, read from inside their stores.
+
+        @param limit: the most keys to return.
+        """
+        keys = list(self._open)[:limit]
+        seen = set(keys)
+        for dbdir in self._storeDirectories():
+            if len(keys) >= limit:
+                break
+            key = self._readKey(dbdir)
+            if key is not None and key not in seen:
+                seen.add(key)
+                keys.append(key)
+        return keys
+
+    def _storeDirectories(self) -> Iterator[FilePath[str]]:
+        """
+        Every store directory under L{storesDir} holding a database.
+        """
+        if not self.storesDir.isdir():
+            return
+        for bucket in sorted(self.storesDir.children()):
+            if not bucket.isdir():
+                continue
+            for dbdir in sorted(bucket.children()):
+                if dbdir.child("db.sqlite").isfile():
+                    yield dbdir
+
+    def _readKey(self, dbdir: FilePath[str]) -> str | None:
+        """
+        The user key stored inside the store at C{dbdir}, or L{None} if it
+        cannot be read (being opened or closed, or damaged).
+        """
+        for lease in list(self._open.values()) + list(self._closing.values()):
+            if lease.store.dbdir == dbdir:
+                return lease.key
+        for waiting in self._opening:
+            if self.pathForKey(waiting) == dbdir:
+                return None
+        try:
+            store = Store(dbdir)
+        except Exception:
+            self.log.failure("Cannot open store {path} to read its key", path=dbdir.path)
+            return None
+        try:
+            found = store.findFirst(UserKey)
+            return None if found is None else found.key
+        finally:
+            store.close()
+
+    # -- opening ---------------------------------------------------------
+
+    def tryAcquire(self, key: str) -> StoreLease | None:
+        """
+        The lease of C{key}'s store if it is open now, else L{None}: the fast
+        path of L{acquire}, without a L{Deferred}.
+
+        @param key: a valid user key.
+        """
+        lease = self._open.get(key)
+        if lease is not None:
+            lease._busy += 1
+            lease._lastUsed = self._clock.seconds()
+            self._open.move_to_end(key)
+        return lease
+
+    def acquire(self, key: str) -> Deferred[StoreLease]:
+        """
+        Hold C{key}'s store for a call, opening (or restoring, or creating) it
+        if needed.  The store stays open at least until the lease is released.
+
+        @param key: a valid user key.
+        @return: fires with the L{StoreLease}, at once when the store is open
+            already; fails with L{Overloaded} when every open store is in use,
+            with L{StoreUnavailable} when the store cannot be opened or the
+            pool is closed, or with L{InvalidUserKey}.
+        """
+        lease = self.tryAcquire(key)
+        if lease is not None:
+            return succeed(lease)
+        if self._closed:
+            return fail(StoreUnavailable("the node's store pool is closed"))
+        try:
+            validateKey(key)
+        except InvalidUserKey:
+            return fail()
+        waiters = self._opening.get(key)
+        if waiters is not None:
+            d: Deferred[StoreLease] = Deferred()
+            waiters.append(d)
+            return d
+        closing = self._closing.get(key)
+        if closing is not None:
+            # Never two Store objects on one file: reopen once it is closed.
+            waitClosed: Deferred[None] = Deferred()
+            closing._whenIdle.append(waitClosed)
+            return waitClosed.addCallback(lambda _: self.acquire(key))
+        if not self._makeRoom():
+            if self._closing:
+                room: Deferred[None] = Deferred()
+                self._roomWaiters.append(room)
+                return room.addCallback(lambda _: self.acquire(key))
+            return fail(
+                Overloaded(
+                    f"all {self.maxOpenStores} open stores are in use; try again shortly"
+                )
+            )
+        self._opening[key] = []
+        result: Deferred[StoreLease] = Deferred()
+        self._opening[key].append(result)
+        self._startOpening(key)
+        return result
+
+    def openStore(self, key: str) -> Deferred[Store]:
+        """
+        C{key}'s store, opened if needed, for inspection (a console, a tool).
+
+        The store is not held: the pool may close it once it has been idle for
+        L{idleTimeout} or is the least recently used when room is needed.
+        Write to it only inside C{store.transact}.
+
+        @param key: a valid user key.
+        @return: fires with the store; at once when it is open already.
+        """
+
+        def unhold(lease: StoreLease) -> Store:
+            lease.release()
+            return lease.store
+
+        return self.acquire(key).addCallback(unhold)
+
+    def _count(self) -> int:
+        """
+        Stores that hold descriptors: open, being opened, being closed.
+        """
+        return len(self._open) + len(self._opening) + len(self._closing)
+
+    def _makeRoom(self) -> bool:
+        """
+        Close least recently used idle stores until one more may be opened.
+
+        @return: whether there is room now.
+        """
+        if self._count() < self.maxOpenStores:
+            return True
+        for lease in list(self._open.values()):
+            if lease._busy == 0:
+                self._closeLease(lease)
+                if self._count() < self.maxOpenStores:
+                    return True
+        return False
+
+    def _startOpening(self, key: str) -> None:
+        """
+        Open C{key}'s store (restoring it first when a shipper has a copy and
+        the local one is missing) and hand its lease to every waiter.
+        """
+        dbdir = self.pathForKey(key)
+        if self.shipper is not None and not dbdir.child("db.sqlite").exists():
+            shipper = self.shipper
+            d = maybeDeferred(shipper.restore, key, dbdir)
+        else:
+            d = succeed(False)
+        d.addCallback(lambda restored: self._openLocal(key, dbdir))
+        d.addCallbacks(
+            lambda lease: self._opened(key, lease), lambda f: self._openFailed(key, f)
+        )
+
+    def _openLocal(self, key: str, dbdir: FilePath[str]) -> StoreLease:
+        """
+        Open (or create) the store at C{dbdir}, store or check its key, and
+        prepare it, in one transaction.
+
+        @raise Overloaded: if the process has run out of descriptors.
+        @raise StoreUnavailable: if the store cannot be opened or belongs to
+            another key.
+        """
+        try:
+            dbdir.parent().makedirs(ignoreExistingDirectory=True)
+            store = Store(dbdir)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise Overloaded("the node has no file descriptors left; try again shortly")
+            raise
+        try:
+            prepared = store.transact(self._checkStore, store, key)
+        except BaseException:
+            store.close()
+            raise
+        return StoreLease(self, key, store, prepared)
+
+    def _checkStore(self, store: Store, key: str) -> Any:
+        """
+        Record C{key} in a new store, or check that an existing one is
+        C{key}'s; then prepare it.  Runs in a transaction.
+        """
+        found = store.findFirst(UserKey)
+        if found is None:
+            UserKey(store=store, key=key)
+        elif found.key != key:
+            raise StoreUnavailable(
+                "the store at this user's path belongs to another key; refusing to serve it"
+            )
+        if self._prepare is not None:
+            return self._prepare(store)
+        return None
+
+    def _opened(self, key: str, lease: StoreLease) -> None:
+        """
+        A store is open: register it and hand it to its waiters.
+        """
+        waiters = self._opening.pop(key)
+        self.opened += 1
+        self._open[key] = lease
+        lease._lastUsed = self._clock.seconds()
+        if self.shipper is not None:
+            try:
+                self.shipper.storeOpened(key, lease.store)
+            except Exception:
+                self.log.failure("Shipper failed to watch the store of {key!r}", key=key)
+        lease._busy += len(waiters)
+        for waiter in waiters:
+            waiter.callback(lease)
+        if self._closed:
+            # close() came while this store was being opened.
+            self._closeWhenIdle(lease)
+        self._scheduleSweep()
+
+    def _openFailed(self, key: str, failure: Failure) -> None:
+        """
+        A store could not be opened: fail every waiter with a clear error.
+        """
+        waiters = self._opening.pop(key)
+        if not failure.check(Overloaded, StoreUnavailable):
+            self.log.failure(
+                "Cannot open the store of {key!r} at {path}",
+                failure,
+                key=key,
+                path=self.pathForKey(key).path,
+            )
+            failure = Failure(StoreUnavailable("the user's store cannot be opened"))
+        for waiter in waiters:
+            waiter.errback(failure)
+        self._roomFreed()
+
+    # -- closing ---------------------------------------------------------
+
+    def _release(self, lease: StoreLease) -> None:
+        """
+        See L{StoreLease.release}.
+        """
+        lease._busy -= 1
+        lease._lastUsed = self._clock.seconds()
+        if lease.key in self._open:
+            self._open.move_to_end(lease.key)
+        if lease._busy == 0:
+            if self._closed:
+                self._closeLease(lease)
+            elif self._sweepCall is None:
+                self._scheduleSweep()
+
+    def _scheduleSweep(self) -> None:
+        """
+        Arrange for the idle sweep to run when the least recently used idle
+        store reaches L{idleTimeout}.
+        """
+        if self._sweepCall is not None or self._closed:
+            return
+        for lease in self._open.values():
+            if lease._busy == 0:
+                delay = lease._lastUsed + self.idleTimeout - self._clock.seconds()
+                self._sweepCall = self._clock.callLater(max(0.0, delay), self._sweep)
+                return
+
+    def _sweep(self) -> None:
+        """
+        Close every store idle for at least L{idleTimeout}.
+        """
+        self._sweepCall = None
+        now = self._clock.seconds()
+        for lease in list(self._open.values()):
+            if lease._busy:
+                continue
+            if now - lease._lastUsed < self.idleTimeout:
+                # The order is of last use: every later store is fresher.
+                break
+            self.log.debug("Closing idle store of {key!r}", key=lease.key)
+            self._closeLease(lease)
+        self._scheduleSweep()
+
+    def _closeLease(self, lease: StoreLease) -> None:
+        """
+        Close an idle store: let the shipper ship it first, then close it.
+        """
+        key = lease.key
+        del self._open[key]
+        self._closing[key] = lease
+        if self.shipper is not None:
+            d = maybeDeferred(self.shipper.storeClosing, key, lease.store)
+            d.addErrback(
+                lambda f: self.log.failure(
+                    "Shipper failed before closing the store of {key!r}", f, key=key
+                )
+            )
+            d.addCallback(lambda _: self._finishClose(lease))
+        else:
+            self._finishClose(lease)
+
+    def _finishClose(self, lease: StoreLease) -> None:
+        """
+        Close the store's connection and wake whoever waits for it.
+        """
+        try:
+            lease.store.close()
+        except Exception:
+            self.log.failure("Error closing the store of {key!r}", key=lease.key)
+        del self._closing[lease.key]
+        self.closedCount += 1
+        waiters, lease._whenIdle = lease._whenIdle, []
+        for waiter in waiters:
+            waiter.callback(None)
+        self._roomFreed()
+
+    def _roomFreed(self) -> None:
+        """
+        A descriptor slot is free: retry the opens waiting for room, and
+        finish L{close} when everything is closed.
+        """
+        waiters, self._roomWaiters = self._roomWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        self._checkClosed()
+
+    def _closeWhenIdle(self, lease: StoreLease) -> None:
+        """
+        Close C{lease}'s store now if no call holds it, else at its release.
+        """
+        if lease._busy == 0:
+            self._closeLease(lease)
+
+    def close(self) -> Deferred[None]:
+        """
+        Close every store: idle ones now, held ones when released, ones being
+        opened once open; each shipped first when there is a shipper.  New
+        acquisitions fail with L{StoreUnavailable}.
+
+        @return: fires when every store is closed.
+        """
+        d: Deferred[None] = Deferred()
+        self._closeWaiters.append(d)
+        if not self._closed:
+            self._closed = True
+            if self._sweepCall is not None:
+                self._sweepCall.cancel()
+                self._sweepCall = None
+            for lease in list(self._open.values()):
+                self._closeWhenIdle(lease)
+        self._checkClosed()
+        return d
+
+    def _checkClosed(self) -> None:
+        """
+        Fire the Deferreds of L{close} once every store is closed.
+        """
+        if self._closed and self._count() == 0:
+            waiters, self._closeWaiters = self._closeWaiters, []
+            for waiter in waiters:
+                waiter.callback(None)

@@ -1,0 +1,624 @@
+# -*- test-case-name: tests.test_server -*-
+# mypy: disable-error-code="no-untyped-call"
+"""
+The AMP front door of a node.
+
+A node reads boxes, not commands: for each box it reads the command name and
+the C{user} key, checks the key, asks the topology which node owns the key's
+slot and either runs the call here or hands the raw box to a forwarder (or
+answers L{NotOwner} when there is none).  Only the application's declared
+L{fractal.app.UserCommand}s are callable; there is no C{amp_*} method
+fallback and no C{StartTLS}.
+
+Each call runs in the user's store inside one transaction.  An exception the
+command does not declare rolls the transaction back and fails that call alone
+(L{CallFailed}); the connection and every other call carry on.
+
+Limits, each with a clear answer: the bytes of a box still being received
+(beyond L{ServerLimits.maxBoxBytes} the connection is dropped, as no call can
+be answered before its box is complete), the keys of one box
+(L{InvalidRequest}) and the calls outstanding on one connection
+(L{Overloaded}).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+from attrs import frozen
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.amp import (
+    ANSWER,
+    ASK,
+    COMMAND,
+    ERROR,
+    ERROR_CODE,
+    ERROR_DESCRIPTION,
+    UNHANDLED_ERROR_CODE,
+    AmpBox,
+    BinaryBoxProtocol,
+    IBoxReceiver,
+    IBoxSender,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from fractal.app import Application, Responder
+from fractal.durable.interfaces import IShipper
+from fractal.keys import InvalidUserKey, validateKey
+from fractal.pool import StoreLease, StorePool
+from fractal.protocol import (
+    FRAMEWORK_ERRORS,
+    USER_ARGUMENT,
+    CallFailed,
+    InvalidRequest,
+    NodeStopping,
+    NotOwner,
+    Overloaded,
+    OwnerUnavailable,
+    StoreUnavailable,
+)
+from fractal.routing.interfaces import ITopology, SlotOwner
+
+__all__ = ["ServerLimits", "IForwarder", "FractalServer", "NodeProtocol"]
+
+_MAX_DESCRIPTION = 1000
+"""
+The longest error description sent, in characters.
+"""
+
+
+@frozen
+class ServerLimits:
+    """
+    What one connection may ask of a node.
+
+    @ivar maxBoxBytes: the most bytes of one box (keys, values and their
+        length prefixes) buffered before it is complete.  A bigger box drops
+        its connection.
+    @ivar maxKeysPerBox: the most keys in one box, C{_command} and C{_ask}
+        included; a call with more is answered L{InvalidRequest}.
+    @ivar maxOutstanding: the most calls of one connection running at once;
+        more are answered L{Overloaded}.
+    """
+
+    maxBoxBytes: int = 1 << 20
+    maxKeysPerBox: int = 128
+    maxOutstanding: int = 256
+
+
+class IForwarder(Protocol):
+    """
+    Runs a call on the node that owns its user: the cluster's seam.
+    """
+
+    def __call__(self, box: AmpBox, owner: SlotOwner, key: str) -> Deferred[AmpBox | None]:
+        """
+        Send C{box}, unchanged, to C{owner} and return its answer.
+
+        @param box: the call's box as received (with this connection's
+            C{_ask} tag).
+        @param owner: the owner of the user's slot in the current map.
+        @param key: the user key, already validated.
+        @return: fires with the owner's answer box (an C{_answer} or an
+            C{_error} box; its tag is replaced by this connection's), or
+            L{None} for a call that asks no answer, or fails
+            with a framework error such as L{OwnerUnavailable} or L{NotOwner}.
+        """
+
+
+InternalResponder = Callable[[AmpBox], "AmpBox | Deferred[AmpBox]"]
+"""
+Answers one of a node's internal commands: the request box in, the response
+box (without C{_answer} tag) out, or a L{Deferred} of it.  Raising a framework
+error (L{fractal.protocol.FRAMEWORK_ERRORS}) answers that error.
+"""
+
+
+class FractalServer:
+    """
+    The node's call dispatcher, shared by all its client connections.
+
+    @ivar application: the application whose commands are callable.
+    @ivar pool: the store pool.
+    @ivar topology: who owns which slot.
+    @ivar shipper: the durable shipper, for C{ack="durable"} commands.
+    @ivar limits: the per-connection limits.
+    @ivar forward: the forwarder for calls this node does not own, or L{None}
+        to answer those with L{NotOwner}.
+    @ivar internalCommands: the node's own commands (shard map, health), by
+        command name: each is called with the request box and returns the
+        response box (without tag), or a L{Deferred} firing with it.  They
+        take no user key and run before any routing.
+    @ivar callsServed: calls answered successfully.
+    @ivar callsFailed: calls answered with an error (of any kind).
+    @ivar responderErrors: calls whose responder raised an undeclared error.
+    @ivar inFlight: calls started and not yet answered.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        application: Application,
+        pool: StorePool,
+        topology: ITopology,
+        shipper: IShipper | None = None,
+        limits: ServerLimits = ServerLimits(),
+        forward: IForwarder | None = None,
+    ) -> None:
+        """
+        @raise ValueError: if a command of C{application} is acknowledged
+            durably and there is no C{shipper}.
+        """
+        if application.requiresDurable and shipper is None:
+            durable = sorted(
+                r.command.__name__ for r in application.responders.values() if r.ack == "durable"
+            )
+            raise ValueError(
+                f"application {application.name!r} acknowledges {', '.join(durable)} "
+                "durably (ack='durable'), but the node has no durable shipper"
+            )
+        self.application = application
+        self.pool = pool
+        self.topology = topology
+        self.shipper = shipper
+        self.limits = limits
+        self.forward = forward
+        self.internalCommands: dict[bytes, InternalResponder] = {}
+        self.callsServed = 0
+        self.callsFailed = 0
+        self.responderErrors = 0
+        self.inFlight = 0
+        self._stopping = False
+        self._drainWaiters: list[Deferred[None]] = []
+        self._connections: set[NodeProtocol] = set()
+
+    def buildProtocol(self, addr: object, forwarding: bool = True) -> NodeProtocol:
+        """
+        A protocol for one new connection.
+
+        @param forwarding: whether calls for users of other nodes are handed to
+            L{forward}; C{False} answers them with L{NotOwner} (for calls
+            forwarded by a peer: at most one hop).
+        """
+        return NodeProtocol(self, forwarding)
+
+    def factory(self) -> Factory:
+        """
+        The protocol factory of the client listener: calls for other nodes'
+        users go to L{forward}.
+        """
+        return Factory.forProtocol(lambda: NodeProtocol(self, True))
+
+    def peerFactory(self) -> Factory:
+        """
+        The protocol factory of a peer listener: calls there were forwarded
+        once already, so those for other nodes' users are answered
+        L{NotOwner} rather than forwarded again.
+        """
+        return Factory.forProtocol(lambda: NodeProtocol(self, False))
+
+    @property
+    def connections(self) -> int:
+        """
+        The number of client connections open now.
+        """
+        return len(self._connections)
+
+    def stopAccepting(self) -> None:
+        """
+        From now on, answer new calls with L{NodeStopping}; calls already
+        running carry on.
+        """
+        self._stopping = True
+
+    def whenDrained(self) -> Deferred[None]:
+        """
+        @return: fires once no call is running.
+        """
+        if self.inFlight == 0:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drainWaiters.append(d)
+        return d
+
+    def disconnectAll(self) -> None:
+        """
+        Close every client connection.
+        """
+        for connection in list(self._connections):
+            if connection.transport is not None:
+                connection.transport.loseConnection()
+
+    # -- called by NodeProtocol -------------------------------------------
+
+    def _callDone(self, failed: bool) -> None:
+        """
+        Account for one finished call.
+        """
+        self.inFlight -= 1
+        if failed:
+            self.callsFailed += 1
+        else:
+            self.callsServed += 1
+        if self.inFlight == 0 and self._drainWaiters:
+            waiters, self._drainWaiters = self._drainWaiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+
+def _describeArgument(error: BaseException) -> str:
+    """
+    Say why a box's arguments could not be parsed.
+    """
+    if isinstance(error, KeyError):
+        name = error.args[0] if error.args else b"?"
+        if isinstance(name, bytes):
+            name = name.decode("ascii", "replace")
+        return f"missing argument {name!r}"
+    return f"bad argument: {type(error).__name__}: {error}"
+
+
+@implementer(IBoxReceiver)
+class NodeProtocol(BinaryBoxProtocol):
+    """
+    One client connection to a node: parses boxes with AMP's framing and runs
+    each call through its L{FractalServer}.
+
+    @ivar outstanding: the calls of this connection running now.
+    """
+
+    log = Logger()
+
+    def __init__(self, server: FractalServer, forwarding: bool = True) -> None:
+        """
+        @param server: the node's dispatcher.
+        @param forwarding: see L{FractalServer.buildProtocol}.
+        """
+        BinaryBoxProtocol.__init__(self, self)
+        self.server = server
+        self.forwarding = forwarding
+        self.outstanding = 0
+        self._boxBytes = 0
+        self._dropping = False
+
+    # -- framing limit ----------------------------------------------------
+
+    def stringReceived(self, string: bytes) -> None:
+        """
+        Count the bytes of the box being received; drop the connection when a
+        box grows beyond L{ServerLimits.maxBoxBytes}.
+        """
+        if self._dropping:
+            return
+        self._boxBytes += len(string) + 2
+        if self._boxBytes > self.server.limits.maxBoxBytes:
+            self._dropping = True
+            self.log.warn(
+                "Dropping connection from {peer}: a box grew beyond {limit} bytes",
+                peer=self.transport.getPeer() if self.transport else None,
+                limit=self.server.limits.maxBoxBytes,
+            )
+            if self.transport is not None:
+                self.transport.loseConnection()
+            return
+        BinaryBoxProtocol.stringReceived(self, string)
+        if self._currentBox is None:
+            self._boxBytes = 0
+
+    # -- IBoxReceiver -------------------------------------------------------
+
+    def startReceivingBoxes(self, boxSender: IBoxSender) -> None:
+        """
+        The connection is up.
+        """
+        self.server._connections.add(self)
+
+    def stopReceivingBoxes(self, reason: Failure) -> None:
+        """
+        The connection is gone; calls still running finish, and their answers
+        are dropped.
+        """
+        self.server._connections.discard(self)
+
+    def ampBoxReceived(self, box: AmpBox) -> None:
+        """
+        Route and run one call.
+        """
+        server = self.server
+        ask = box.get(ASK)
+        name = box.get(COMMAND)
+        if name is None:
+            # Not a call: an answer to something a node never asks.
+            self.log.warn("Ignoring a box that is not a call: keys {keys}", keys=sorted(box))
+            return
+        if len(box) > server.limits.maxKeysPerBox:
+            self._refuse(
+                ask,
+                InvalidRequest(
+                    f"the box has {len(box)} keys; the limit is {server.limits.maxKeysPerBox}"
+                ),
+            )
+            return
+        if server._stopping:
+            self._refuse(ask, NodeStopping("the node is stopping; call again"))
+            return
+        if self.outstanding >= server.limits.maxOutstanding:
+            self._refuse(
+                ask,
+                Overloaded(
+                    f"{self.outstanding} calls are outstanding on this connection; "
+                    f"the limit is {server.limits.maxOutstanding}"
+                ),
+            )
+            return
+        internal = server.internalCommands.get(name)
+        if internal is not None:
+            self._internal(internal, box, ask)
+            return
+        raw = box.get(USER_ARGUMENT)
+        if raw is None:
+            self._refuse(ask, InvalidRequest("missing argument 'user'"))
+            return
+        try:
+            key = validateKey(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            self._refuse(ask, InvalidUserKey("user key is not valid UTF-8"))
+            return
+        except InvalidUserKey as e:
+            self._refuse(ask, e)
+            return
+        owner = server.topology.currentMap().ownerOfKey(key)
+        if owner.node != server.topology.localNode:
+            self._forward(box, ask, owner, key)
+            return
+        responder = server.application.responders.get(name)
+        if responder is None:
+            self._refuseBox(
+                _errorBox(
+                    ask, UNHANDLED_ERROR_CODE, f"Unhandled Command: {name.decode('ascii', 'replace')!r}"
+                )
+            )
+            return
+        try:
+            kwargs = responder.command.parseArguments(box, self)
+        except Exception as e:
+            self._refuse(ask, InvalidRequest(_describeArgument(e)))
+            return
+        del kwargs["user"]
+        self._begin()
+        lease = server.pool.tryAcquire(key)
+        if lease is not None:
+            self._run(lease, responder, kwargs, ask, key)
+        else:
+            server.pool.acquire(key).addCallbacks(
+                self._run,
+                lambda f: self._finish(ask, self._frameworkErrorBox(ask, f, key)),
+                (responder, kwargs, ask, key),
+            )
+
+    # -- running a call -----------------------------------------------------
+
+    def _begin(self) -> None:
+        """
+        Count a call as running.
+        """
+        self.outstanding += 1
+        self.server.inFlight += 1
+
+    def _finish(self, ask: bytes | None, box: AmpBox) -> None:
+        """
+        A running call is answered with C{box}.
+        """
+        self.outstanding -= 1
+        # Send before accounting: the last call of a drain lets the node
+        # close its connections.
+        if ask is not None and self.transport is not None and not self._dropping:
+            self.sendBox(box)
+        self.server._callDone(ERROR_CODE in box)
+
+    def _run(
+        self,
+        lease: StoreLease,
+        responder: Responder,
+        kwargs: dict[str, Any],
+        ask: bytes | None,
+        key: str,
+    ) -> None:
+        """
+        Run the responder in one transaction of the user's store and answer.
+
+        A synchronous responder's response is serialised inside the
+        transaction too, so a response that does not fit the command's
+        C{response} rolls the call back like any other error.
+        """
+        method = lease.prepared[responder.command.commandName]
+        command = responder.command
+
+        def serialize(result: Any) -> AmpBox:
+            box: AmpBox = command.makeResponse({} if result is None else result, self)
+            return box
+
+        def call() -> AmpBox | Deferred[Any]:
+            result = method(**kwargs)
+            if isinstance(result, Deferred):
+                return result
+            return serialize(result)
+
+        try:
+            result = lease.store.transact(call)
+        except BaseException:
+            lease.release()
+            self._finish(ask, self._responderErrorBox(ask, Failure(), responder, key))
+            return
+        if isinstance(result, Deferred):
+            result.addBoth(_releasing, lease)
+            result.addCallback(serialize)
+            result.addCallbacks(
+                self._respond,
+                lambda f: self._finish(ask, self._responderErrorBox(ask, f, responder, key)),
+                (responder, ask, key),
+            )
+        else:
+            lease.release()
+            self._respond(result, responder, ask, key)
+
+    def _respond(self, box: AmpBox, responder: Responder, ask: bytes | None, key: str) -> None:
+        """
+        Answer a call with its response C{box}, once durable if its command is
+        acknowledged durably.
+        """
+        if ask is not None:
+            box[ANSWER] = ask
+        if responder.ack == "durable":
+            shipper = self.server.shipper
+            assert shipper is not None
+            maybeDeferred(shipper.whenDurable, key).addCallbacks(
+                lambda _: self._finish(ask, box),
+                lambda f: self._finish(ask, self._notDurableBox(ask, f, key)),
+            )
+        else:
+            self._finish(ask, box)
+
+    def _forward(self, box: AmpBox, ask: bytes | None, owner: SlotOwner, key: str) -> None:
+        """
+        Hand a call for another node's user to the forwarder, or answer
+        L{NotOwner}.
+        """
+        forward = self.server.forward if self.forwarding else None
+        if forward is None:
+            self._refuse(ask, NotOwner(owner.node))
+            return
+        self._begin()
+
+        def relay(answer: AmpBox | None) -> None:
+            if answer is None:
+                # The call asked for no answer.
+                self._finish(ask, AmpBox())
+                return
+            relayed = AmpBox(answer)
+            relayed.pop(ANSWER, None)
+            tag = ERROR if ERROR in relayed else ANSWER
+            relayed.pop(ERROR, None)
+            if ask is not None:
+                relayed[tag] = ask
+            self._finish(ask, relayed)
+
+        maybeDeferred(forward, box, owner, key).addCallbacks(
+            relay, lambda f: self._finish(ask, self._frameworkErrorBox(ask, f, key, OwnerUnavailable))
+        )
+
+    def _internal(self, responder: InternalResponder, box: AmpBox, ask: bytes | None) -> None:
+        """
+        Run one of the node's internal commands.
+        """
+        self._begin()
+
+        def answered(response: AmpBox) -> None:
+            response = AmpBox(response)
+            if ask is not None:
+                response[ANSWER] = ask
+            self._finish(ask, response)
+
+        maybeDeferred(responder, box).addCallbacks(
+            answered,
+            lambda f: self._finish(
+                ask, self._frameworkErrorBox(ask, f, "(internal)", CallFailed)
+            ),
+        )
+
+    # -- errors -------------------------------------------------------------
+
+    def _refuse(self, ask: bytes | None, error: Exception) -> None:
+        """
+        Answer a call that is not run with a framework error.
+        """
+        self._refuseBox(_errorBox(ask, FRAMEWORK_ERRORS[type(error)], str(error)))
+
+    def _refuseBox(self, box: AmpBox) -> None:
+        """
+        Answer a call that is not run with an error box.
+        """
+        self.server.callsFailed += 1
+        if ERROR in box and self.transport is not None and not self._dropping:
+            self.sendBox(box)
+
+    def _frameworkErrorBox(
+        self,
+        ask: bytes | None,
+        failure: Failure,
+        key: str,
+        otherwise: type[Exception] = StoreUnavailable,
+    ) -> AmpBox:
+        """
+        The error box for a call that failed before its responder ran.
+        """
+        errorType = failure.check(*FRAMEWORK_ERRORS)
+        if errorType is None:
+            self.log.failure("Call for user {key!r} failed", failure, key=key)
+            return _errorBox(ask, FRAMEWORK_ERRORS[otherwise], "the call could not be run")
+        return _errorBox(ask, FRAMEWORK_ERRORS[errorType], str(failure.value))
+
+    def _responderErrorBox(
+        self, ask: bytes | None, failure: Failure, responder: Responder, key: str
+    ) -> AmpBox:
+        """
+        The error box for a responder that raised: its declared error, or
+        L{CallFailed} for an undeclared one (logged).
+        """
+        allErrors: dict[type[Exception], bytes] = responder.command.allErrors  # type: ignore[attr-defined]
+        errorType = failure.check(*allErrors)
+        if errorType is not None:
+            return _errorBox(ask, allErrors[errorType], str(failure.value))
+        self.server.responderErrors += 1
+        self.log.failure(
+            "{command} for user {key!r} raised an undeclared error; "
+            "its transaction was rolled back",
+            failure,
+            command=responder.command.__name__,
+            key=key,
+        )
+        return _errorBox(
+            ask,
+            FRAMEWORK_ERRORS[CallFailed],
+            f"{responder.command.__name__} failed on the node with an error it does "
+            "not declare; its transaction was rolled back (see the node's log)",
+        )
+
+    def _notDurableBox(self, ask: bytes | None, failure: Failure, key: str) -> AmpBox:
+        """
+        The error box for a committed call whose commit could not be stored
+        durably.
+        """
+        self.log.failure("Commit for user {key!r} was not stored durably", failure, key=key)
+        return _errorBox(
+            ask,
+            FRAMEWORK_ERRORS[StoreUnavailable],
+            "the call was committed locally but could not be stored durably",
+        )
+
+
+def _releasing(result: object, lease: StoreLease) -> object:
+    """
+    Release C{lease} and pass C{result} on.
+    """
+    lease.release()
+    return result
+
+
+def _errorBox(ask: bytes | None, code: bytes, description: str) -> AmpBox:
+    """
+    An AMP error answer.
+    """
+    if len(description) > _MAX_DESCRIPTION:
+        description = description[: _MAX_DESCRIPTION - 3] + "..."
+    box = AmpBox()
+    box[ERROR_CODE] = code
+    box[ERROR_DESCRIPTION] = description.encode("utf-8", "replace")
+    if ask is not None:
+        box[ERROR] = ask
+    return box
+

@@ -1,0 +1,322 @@
+"""
+Tests for L{fractal.pool}: opening user stores on demand, with a bound on how
+many are open, LRU and idle closing, and never closing a store in use.
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from fractal.keys import InvalidUserKey, storeNameForKey
+from fractal.pool import (
+    FDS_PER_STORE,
+    StoreLease,
+    StorePool,
+    UserKey,
+    defaultMaxOpenStores,
+)
+from fractal.protocol import Overloaded, StoreUnavailable
+from fractal.store import Item, Store, integer
+
+
+class PoolTestCounter(Item):
+    typeName = "test_pool_counter"
+    value = integer(default=0)
+
+
+def _prepare(store: Store) -> PoolTestCounter:
+    """
+    A pool's C{prepare}: make sure the store has a counter.
+    """
+    return store.findOrCreate(PoolTestCounter)
+
+
+class DefaultMaxOpenStoresTests(SynchronousTestCase):
+    """
+    Tests for L{defaultMaxOpenStores}.
+    """
+
+    def test_fromSoftLimit(self) -> None:
+        """
+        The default leaves a quarter of the descriptors (at least 64) for
+        everything else and divides the rest by the descriptors of one store.
+        """
+        self.assertEqual(defaultMaxOpenStores(lambda which: (1024, 4096)), 768 // FDS_PER_STORE)
+        self.assertEqual(defaultMaxOpenStores(lambda which: (100, 100)), 36 // FDS_PER_STORE)
+        self.assertEqual(defaultMaxOpenStores(lambda which: (65536, 65536)), 49152 // 3)
+
+    def test_atLeastOne(self) -> None:
+        """
+        Even a tiny descriptor limit allows one store.
+        """
+        self.assertEqual(defaultMaxOpenStores(lambda which: (10, 10)), 1)
+
+    def test_unlimited(self) -> None:
+        """
+        An unlimited soft limit gives a large, finite default.
+        """
+        result = defaultMaxOpenStores(lambda which: (resource.RLIM_INFINITY, -1))
+        self.assertTrue(1000 < result < 1 << 20)
+
+    def test_askedForDescriptors(self) -> None:
+        """
+        The limit consulted is C{RLIMIT_NOFILE}.
+        """
+        asked: list[int] = []
+
+        def getrlimit(which: int) -> tuple[int, int]:
+            asked.append(which)
+            return (1024, 1024)
+
+        defaultMaxOpenStores(getrlimit)
+        self.assertEqual(asked, [resource.RLIMIT_NOFILE])
+
+
+class StorePoolTests(SynchronousTestCase):
+    """
+    Tests for L{StorePool}.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.root = FilePath(self.mktemp())
+        self.dataDir = self.root.child("data")
+
+    def makePool(self, **kw: Any) -> StorePool:
+        """
+        A pool over C{self.dataDir}, closed at the end of the test.
+        """
+        kw.setdefault("prepare", _prepare)
+        pool = StorePool(self.clock, self.dataDir, **kw)
+        self.addCleanup(pool.close)
+        return pool
+
+    def acquire(self, pool: StorePool, key: str) -> StoreLease:
+        """
+        Acquire C{key}'s store, which must be possible at once.
+        """
+        return self.successResultOf(pool.acquire(key))
+
+    def test_path(self) -> None:
+        """
+        A store lives at C{dataDir/stores/<2 hex>/<storeNameForKey(key)>}.
+        """
+        pool = self.makePool()
+        name = storeNameForKey("alice")
+        self.assertEqual(
+            pool.pathForKey("alice"),
+            self.dataDir.child("stores").child(name[:2]).child(name),
+        )
+        self.assertRaises(InvalidUserKey, pool.pathForKey, "")
+
+    def test_createStoresKeyInside(self) -> None:
+        """
+        Opening a new user's store creates it at its path, records the raw
+        key inside it and prepares it.
+        """
+        pool = self.makePool()
+        lease = self.acquire(pool, "alice")
+        self.assertEqual(lease.key, "alice")
+        self.assertEqual(lease.store.dbdir, pool.pathForKey("alice"))
+        self.assertEqual(lease.store.findUnique(UserKey).key, "alice")
+        self.assertIsInstance(lease.prepared, PoolTestCounter)
+        self.assertEqual(pool.openKeys(), ["alice"])
+        lease.release()
+
+    def test_hostileKeyStaysInside(self) -> None:
+        """
+        A key that looks like a path is only hashed: its store is under the
+        data directory, no file appears outside it, and the key itself is
+        stored inside the store.
+        """
+        pool = self.makePool()
+        key = "../../etc/passwd"
+        lease = self.acquire(pool, key)
+        lease.release()
+        self.assertEqual(self.root.listdir(), ["data"])
+        self.assertTrue(pool.pathForKey(key).isdir())
+        self.assertEqual(
+            [p.basename() for p in self.dataDir.child("stores").walk() if "etc" in p.path], []
+        )
+        self.assertEqual(lease.store.findUnique(UserKey).key, key)
+
+    def test_openIsSynchronousWhenOpen(self) -> None:
+        """
+        Acquiring an open store fires at once with the same store, and
+        L{StorePool.tryAcquire} returns its lease without a Deferred.
+        """
+        pool = self.makePool()
+        first = self.acquire(pool, "alice")
+        second = pool.tryAcquire("alice")
+        self.assertIs(second, first)
+        self.assertIs(self.successResultOf(pool.openStore("alice")), first.store)
+        self.assertIsNone(pool.tryAcquire("bob"))
+        first.release()
+        first.release()
+
+    def test_reopenKeepsData(self) -> None:
+        """
+        A store closed by the pool and opened again has its data.
+        """
+        pool = self.makePool()
+        lease = self.acquire(pool, "alice")
+        lease.store.transact(lambda: setattr(lease.prepared, "value", 7))
+        lease.release()
+        self.successResultOf(pool.close())
+        again = self.makePool()
+        lease = self.acquire(again, "alice")
+        self.assertEqual(lease.prepared.value, 7)
+        self.assertEqual(lease.store.query(PoolTestCounter).count(), 1)
+        lease.release()
+
+    def test_storeOfAnotherKeyRefused(self) -> None:
+        """
+        A store found at a key's path that records a different key is not
+        served: the call fails with L{StoreUnavailable} and the store is left
+        as it was.
+        """
+        pool = self.makePool()
+        self.acquire(pool, "alice").release()
+        self.successResultOf(pool.close())
+        pool.pathForKey("bob").parent().makedirs(ignoreExistingDirectory=True)
+        pool.pathForKey("alice").moveTo(pool.pathForKey("bob"))
+        pool = self.makePool()
+        failure = self.failureResultOf(pool.acquire("bob"), StoreUnavailable)
+        self.assertIn("another key", str(failure.value))
+        self.assertEqual(pool.openKeys(), [])
+        store = Store(pool.pathForKey("bob"))
+        self.assertEqual(store.findUnique(UserKey).key, "alice")
+        store.close()
+
+    def test_damagedStoreRefused(self) -> None:
+        """
+        A store whose database is not SQLite fails with L{StoreUnavailable},
+        logged, and its file is left untouched; other users are served.
+        """
+        pool = self.makePool()
+        path = pool.pathForKey("mallory")
+        path.makedirs()
+        path.child("db.sqlite").setContent(b"not a database" * 100)
+        self.failureResultOf(pool.acquire("mallory"), StoreUnavailable)
+        self.assertTrue(self.flushLoggedErrors())
+        self.assertEqual(path.child("db.sqlite").getContent(), b"not a database" * 100)
+        self.acquire(pool, "alice").release()
+        self.assertEqual(pool.openKeys(), ["alice"])
+
+    def test_leastRecentlyUsedClosed(self) -> None:
+        """
+        At C{maxOpenStores}, opening another store closes the least recently
+        used idle one.
+        """
+        pool = self.makePool(maxOpenStores=2)
+        a = self.acquire(pool, "a")
+        a.release()
+        self.acquire(pool, "b").release()
+        pool.tryAcquire("a").release()  # type: ignore[union-attr]
+        self.acquire(pool, "c").release()
+        self.assertEqual(pool.openKeys(), ["a", "c"])
+        self.acquire(pool, "d").release()
+        self.assertEqual(pool.openKeys(), ["c", "d"])
+        self.assertEqual(pool.closedCount, 2)
+        # A closed store object is not used again: reopening makes a new one.
+        self.assertIsNot(self.acquire(pool, "a").store, a.store)
+
+    def test_busyNeverClosed(self) -> None:
+        """
+        When every open store is held by a call, opening another is refused
+        with the retryable L{Overloaded}, and nothing held is closed; once one
+        is released the open succeeds.
+        """
+        pool = self.makePool(maxOpenStores=2)
+        a = self.acquire(pool, "a")
+        b = self.acquire(pool, "b")
+        failure = self.failureResultOf(pool.acquire("c"), Overloaded)
+        self.assertIn("2 open stores are in use", str(failure.value))
+        self.assertEqual(pool.openKeys(), ["a", "b"])
+        a.store.findUnique(UserKey)
+        a.release()
+        c = self.acquire(pool, "c")
+        self.assertEqual(pool.openKeys(), ["b", "c"])
+        b.store.findUnique(UserKey)
+        b.release()
+        c.release()
+
+    def test_idleClosed(self) -> None:
+        """
+        A store unused for C{idleTimeout} seconds is closed; one used since is
+        not; no timer is left when nothing is open.
+        """
+        pool = self.makePool(idleTimeout=10)
+        self.acquire(pool, "a").release()
+        self.clock.advance(6)
+        self.acquire(pool, "b").release()
+        self.clock.advance(4)
+        self.assertEqual(pool.openKeys(), ["b"])
+        self.clock.advance(5)
+        self.assertEqual(pool.openKeys(), ["b"])
+        self.clock.advance(1)
+        self.assertEqual(pool.openKeys(), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_heldStoreNotIdleClosed(self) -> None:
+        """
+        A store held by a call past the idle timeout stays open, and is closed
+        an idle timeout after its release.
+        """
+        pool = self.makePool(idleTimeout=10)
+        lease = self.acquire(pool, "a")
+        self.clock.advance(30)
+        self.assertEqual(pool.openKeys(), ["a"])
+        lease.release()
+        self.clock.advance(9)
+        self.assertEqual(pool.openKeys(), ["a"])
+        self.clock.advance(1)
+        self.assertEqual(pool.openKeys(), [])
+
+    def test_knownKeys(self) -> None:
+        """
+        L{StorePool.knownKeys} lists users with a store on disk, open or
+        not, reading closed stores' keys from inside them, up to a limit.
+        """
+        pool = self.makePool(maxOpenStores=1)
+        keys = ["alice", "bob", "../../etc/passwd", "ünïcode"]
+        for key in keys:
+            self.acquire(pool, key).release()
+        self.assertEqual(pool.openKeys(), ["ünïcode"])
+        self.assertEqual(sorted(pool.knownKeys()), sorted(keys))
+        self.assertEqual(pool.knownKeys(limit=2)[0], "ünïcode")
+        self.assertEqual(len(pool.knownKeys(limit=2)), 2)
+        self.assertEqual(pool.openKeys(), ["ünïcode"])
+        self.assertEqual(StorePool(self.clock, self.root.child("empty")).knownKeys(), [])
+
+    def test_close(self) -> None:
+        """
+        L{StorePool.close} closes idle stores at once and held ones when they
+        are released, then fires; later acquisitions fail with
+        L{StoreUnavailable}.
+        """
+        pool = self.makePool()
+        self.acquire(pool, "a").release()
+        held = self.acquire(pool, "b")
+        d = pool.close()
+        self.assertNoResult(d)
+        self.assertEqual(pool.openKeys(), ["b"])
+        held.store.findUnique(UserKey)
+        held.release()
+        self.successResultOf(d)
+        self.assertEqual(pool.openKeys(), [])
+        self.failureResultOf(pool.acquire("a"), StoreUnavailable)
+        self.successResultOf(pool.close())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_badLimits(self) -> None:
+        """
+        A limit or timeout that is not positive is refused.
+        """
+        self.assertRaises(ValueError, StorePool, self.clock, self.dataDir, maxOpenStores=0)
+        self.assertRaises(ValueError, StorePool, self.clock, self.dataDir, idleTimeout=0)

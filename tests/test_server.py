@@ -1,0 +1,668 @@
+"""
+Tests for L{fractal.server}: the AMP front door of a node.
+
+Clients are real L{amp.AMP} protocols talking to a real L{FractalServer} over
+L{twisted.test.iosim}, against real SQLite stores under C{mktemp()}; raw byte
+inputs go through a L{StringTransport}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols import amp
+from twisted.python.filepath import FilePath
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from fractal import app
+from fractal.keys import InvalidUserKey
+from fractal.pool import StorePool, UserKey
+from fractal.protocol import (
+    FRAMEWORK_ERRORS,
+    CallFailed,
+    InvalidRequest,
+    NodeStopping,
+    NotOwner,
+    Overloaded,
+    OwnerUnavailable,
+)
+from fractal.routing.interfaces import NodeAddress, SlotOwner
+from fractal.routing.topology import SingleNodeTopology, StaticTopology
+from fractal.server import FractalServer, NodeProtocol, ServerLimits
+from fractal.store import Item, integer, text
+
+
+
+def callRemote(client: amp.AMP, command: type[amp.Command], **kw: Any) -> Deferred[Any]:
+    """
+    Call C{command} on C{client}, with the result in a new L{Deferred}: AMP
+    drops a connection whose call fails without an errback, and a test looks
+    at the result only after the pump has run.
+    """
+    result: Deferred[Any] = Deferred()
+    client.callRemote(command, **kw).chainDeferred(result)
+    return result
+
+class NoSuchNote(Exception):
+    """
+    A declared error.
+    """
+
+
+class AddNote(app.UserCommand):
+    arguments = [(b"body", amp.Unicode()), (b"count", amp.Integer(optional=True))]
+    response = [(b"noteID", amp.Integer())]
+
+
+class CountNotes(app.UserCommand):
+    response = [(b"notes", amp.Integer()), (b"added", amp.Integer())]
+
+
+class ReadNote(app.UserCommand):
+    arguments = [(b"noteID", amp.Integer())]
+    response = [(b"body", amp.Unicode())]
+    errors = {NoSuchNote: b"NO_SUCH_NOTE"}
+
+
+class Explode(app.UserCommand):
+    arguments = [(b"body", amp.Unicode())]
+
+
+class Later(app.UserCommand):
+    response = [(b"value", amp.Integer())]
+
+
+class Durably(app.UserCommand):
+    ack = "durable"
+
+
+class RawAddNote(amp.Command):
+    """
+    L{AddNote} as a client that sends the user key as raw bytes sees it.
+    """
+
+    commandName = b"AddNote"
+    arguments = [(b"user", amp.String()), (b"body", amp.Unicode())]
+    response = [(b"noteID", amp.Integer())]
+    errors = dict(FRAMEWORK_ERRORS)
+
+
+class NoUserAddNote(amp.Command):
+    """
+    L{AddNote} without its user key.
+    """
+
+    commandName = b"AddNote"
+    arguments = [(b"body", amp.Unicode())]
+    response = [(b"noteID", amp.Integer())]
+    errors = dict(FRAMEWORK_ERRORS)
+
+
+class ServerTestNote(Item):
+    typeName = "test_server_note"
+    body = text()
+
+
+class ServerTestNotebook(Item):
+    typeName = "test_server_notebook"
+    added = integer(default=0)
+
+    pending: list[Deferred[dict[str, Any]]] = []
+
+    @AddNote.responder
+    def addNote(self, body: str, count: int | None) -> dict[str, Any]:
+        note = ServerTestNote(store=self.store, body=body)
+        self.added += 1
+        return {"noteID": note.storeID}
+
+    @CountNotes.responder
+    def countNotes(self) -> dict[str, Any]:
+        return {"notes": self.store.query(ServerTestNote).count(), "added": self.added}
+
+    @ReadNote.responder
+    def readNote(self, noteID: int) -> dict[str, Any]:
+        note = self.store.getItemByID(noteID, default=None)
+        if not isinstance(note, ServerTestNote):
+            raise NoSuchNote(f"no note {noteID}")
+        return {"body": note.body}
+
+    @Explode.responder
+    def explode(self, body: str) -> dict[str, Any]:
+        ServerTestNote(store=self.store, body=body)
+        self.added += 1
+        raise RuntimeError("the responder broke")
+
+    @Later.responder
+    def later(self) -> Deferred[dict[str, Any]]:
+        d: Deferred[dict[str, Any]] = Deferred()
+        ServerTestNotebook.pending.append(d)
+        return d
+
+
+class ServerTestDurable(Item):
+    typeName = "test_server_durable"
+    unused = integer(default=0)
+
+    @Durably.responder
+    def durably(self) -> dict[str, Any]:
+        return {}
+
+
+application = app.Application("notes", powerups=[ServerTestNotebook])
+
+
+def _twoNodes() -> StaticTopology:
+    """
+    The topology of a two-node cluster, as node C{n1} sees it.
+    """
+    return StaticTopology(
+        "n1",
+        [
+            NodeAddress("n1", "tcp:host=127.0.0.1:port=7101", "tcp:host=127.0.0.1:port=7201"),
+            NodeAddress("n2", "tcp:host=127.0.0.1:port=7102", "tcp:host=127.0.0.1:port=7202"),
+        ],
+        slots=16,
+    )
+
+
+def _keyOwnedBy(topology: StaticTopology, node: str) -> str:
+    """
+    A user key whose slot C{node} owns.
+    """
+    shardMap = topology.currentMap()
+    return next(k for k in (f"user{i}" for i in range(1000)) if shardMap.ownerOfKey(k).node == node)
+
+
+class ServerTests(SynchronousTestCase):
+    """
+    Tests for L{FractalServer} and L{NodeProtocol}.
+    """
+
+    def setUp(self) -> None:
+        ServerTestNotebook.pending = []
+        self.clock = Clock()
+        self.root = FilePath(self.mktemp())
+        self.dataDir = self.root.child("data")
+        self.pool = StorePool(
+            self.clock, self.dataDir, prepare=application.installOn, maxOpenStores=4
+        )
+        self.addCleanup(self.pool.close)
+        self.topology = SingleNodeTopology("n1", "tcp:host=127.0.0.1:port=7100")
+        self.server = FractalServer(application, self.pool, self.topology)
+
+    def connect(self) -> tuple[amp.AMP, NodeProtocol, iosim.IOPump]:
+        """
+        A real AMP client connected to the server over an in-memory link.
+        """
+        client, server, pump = iosim.connectedServerAndClient(
+            lambda: self.server.buildProtocol(None), amp.AMP, clock=self.clock
+        )
+        return client, server, pump
+
+    def call(self, command: type[amp.Command], **kw: Any) -> Any:
+        """
+        Call C{command} on a fresh connection and return its result.
+        """
+        client, _, pump = self.connect()
+        d = callRemote(client, command, **kw)
+        pump.flush()
+        return self.successResultOf(d)
+
+    def callFails(self, command: type[amp.Command], error: type[Exception], **kw: Any) -> Exception:
+        """
+        Call C{command} on a fresh connection and return the error it fails
+        with, which must be C{error}.
+        """
+        client, _, pump = self.connect()
+        d = callRemote(client, command, **kw)
+        pump.flush()
+        return self.failureResultOf(d, error).value  # type: ignore[return-value]
+
+    def rawCall(self, box: amp.AmpBox, proto: NodeProtocol | None = None) -> amp.AmpBox:
+        """
+        Send one box over a L{StringTransport} and return the single answer.
+        """
+        if proto is None:
+            proto = self.server.buildProtocol(None)
+            proto.makeConnection(StringTransport())
+        transport = proto.transport
+        assert isinstance(transport, StringTransport)
+        transport.clear()
+        proto.dataReceived(box.serialize())
+        [answer] = amp.parseString(transport.value())
+        return answer
+
+    def test_dispatch(self) -> None:
+        """
+        A user command runs its responder in the user's store and answers
+        with its response.
+        """
+        client, _, pump = self.connect()
+        first = callRemote(client, AddNote, user="alice", body="hello")
+        second = callRemote(client, AddNote, user="alice", body="again")
+        count = callRemote(client, CountNotes, user="alice")
+        pump.flush()
+        noteID = self.successResultOf(first)["noteID"]
+        self.assertNotEqual(self.successResultOf(second)["noteID"], noteID)
+        self.assertEqual(self.successResultOf(count), {"notes": 2, "added": 2})
+        read = callRemote(client, ReadNote, user="alice", noteID=noteID)
+        pump.flush()
+        self.assertEqual(self.successResultOf(read), {"body": "hello"})
+        self.assertEqual(self.server.callsServed, 4)
+        self.assertEqual(self.server.inFlight, 0)
+        self.assertTrue(self.pool.pathForKey("alice").child("db.sqlite").isfile())
+
+    def test_usersAreSeparate(self) -> None:
+        """
+        Each user has their own store.
+        """
+        self.call(AddNote, user="alice", body="a")
+        self.call(AddNote, user="alice", body="b")
+        self.call(AddNote, user="bob", body="c")
+        self.assertEqual(self.call(CountNotes, user="alice")["notes"], 2)
+        self.assertEqual(self.call(CountNotes, user="bob")["notes"], 1)
+        self.assertEqual(self.call(CountNotes, user="carol")["notes"], 0)
+
+    def test_declaredError(self) -> None:
+        """
+        An error the command declares reaches the client as that error, and
+        the connection carries on.
+        """
+        client, _, pump = self.connect()
+        d = callRemote(client, ReadNote, user="alice", noteID=999)
+        after = callRemote(client, CountNotes, user="alice")
+        pump.flush()
+        self.assertEqual(str(self.failureResultOf(d, NoSuchNote).value), "no note 999")
+        self.assertEqual(self.successResultOf(after)["notes"], 0)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_undeclaredErrorRollsBack(self) -> None:
+        """
+        An undeclared exception in a responder rolls back everything the call
+        did, fails that call alone with L{CallFailed}, and is logged; calls of
+        the same and other users on the same connection carry on.
+        """
+        client, _, pump = self.connect()
+        before = callRemote(client, AddNote, user="alice", body="kept")
+        boom = callRemote(client, Explode, user="alice", body="lost")
+        other = callRemote(client, AddNote, user="bob", body="fine")
+        after = callRemote(client, CountNotes, user="alice")
+        pump.flush()
+        self.successResultOf(before)
+        failure = self.failureResultOf(boom, CallFailed)
+        self.assertIn("Explode failed", str(failure.value))
+        self.assertIn("rolled back", str(failure.value))
+        self.assertNotIn("the responder broke", str(failure.value))
+        self.successResultOf(other)
+        self.assertEqual(self.successResultOf(after), {"notes": 1, "added": 1})
+        [logged] = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(str(logged.value), "the responder broke")
+        self.assertEqual(self.server.responderErrors, 1)
+        self.assertEqual(self.server.callsFailed, 1)
+
+    def test_deferredResponder(self) -> None:
+        """
+        A responder may return a Deferred: the call is answered when it fires,
+        the store stays held meanwhile, and other calls are answered at once.
+        """
+        client, _, pump = self.connect()
+        later = callRemote(client, Later, user="alice")
+        now = callRemote(client, CountNotes, user="bob")
+        pump.flush()
+        self.assertNoResult(later)
+        self.successResultOf(now)
+        self.assertEqual(self.server.inFlight, 1)
+        self.clock.advance(self.pool.idleTimeout * 2)
+        self.assertIn("alice", self.pool.openKeys())
+        ServerTestNotebook.pending.pop().callback({"value": 5})
+        pump.flush()
+        self.assertEqual(self.successResultOf(later), {"value": 5})
+        self.assertEqual(self.server.inFlight, 0)
+
+    def test_deferredResponderFails(self) -> None:
+        """
+        A responder's Deferred failing with an undeclared error fails that
+        call with L{CallFailed}.
+        """
+        client, _, pump = self.connect()
+        later = callRemote(client, Later, user="alice")
+        pump.flush()
+        ServerTestNotebook.pending.pop().errback(ZeroDivisionError())
+        pump.flush()
+        self.failureResultOf(later, CallFailed)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_badKeys(self) -> None:
+        """
+        An empty key, a key of 256 bytes and a key with a NUL are each
+        answered with L{InvalidUserKey}, and no store is created.
+        """
+        for key in ["", "x" * 256, "a\x00b", "tab\there"]:
+            error = self.callFails(AddNote, InvalidUserKey, user=key, body="x")
+            self.assertIn("user key", str(error))
+        self.assertEqual(self.call(CountNotes, user="é" * 127)["notes"], 0)
+        self.assertEqual(self.pool.openKeys(), ["é" * 127])
+
+    def test_undecodableKey(self) -> None:
+        """
+        A user key whose bytes are not UTF-8 is answered with
+        L{InvalidUserKey}.
+        """
+        error = self.callFails(RawAddNote, InvalidUserKey, user=b"\xff\xfe", body="x")
+        self.assertIn("not valid UTF-8", str(error))
+        self.assertEqual(self.pool.openKeys(), [])
+
+    def test_pathLikeKey(self) -> None:
+        """
+        A key that looks like a path works like any other, and no file appears
+        outside the data directory.
+        """
+        key = "../../etc/passwd"
+        self.call(AddNote, user=key, body="x")
+        self.assertEqual(self.call(CountNotes, user=key)["notes"], 1)
+        self.assertEqual(self.root.listdir(), ["data"])
+        store = self.successResultOf(self.pool.openStore(key))
+        self.assertTrue(store.dbdir.path.startswith(self.dataDir.path + "/"))
+        self.assertEqual(store.findUnique(UserKey).key, key)
+
+    def test_unknownCommand(self) -> None:
+        """
+        A command the application does not declare is answered with AMP's
+        unhandled-command error, and the connection carries on; AMP's
+        C{StartTLS} is not among the commands.
+        """
+
+        class Nonsense(amp.Command):
+            arguments = [(b"user", amp.Unicode())]
+
+        self.callFails(Nonsense, amp.UnhandledCommand, user="alice")
+        answer = self.rawCall(
+            amp.AmpBox(_command=b"StartTLS", _ask=b"1", user=b"alice", tls_localCertificate=b"x")
+        )
+        self.assertEqual(answer[b"_error_code"], amp.UNHANDLED_ERROR_CODE)
+        answer = self.rawCall(amp.AmpBox(_command=b"amp_addNote", _ask=b"2", user=b"alice"))
+        self.assertEqual(answer[b"_error_code"], amp.UNHANDLED_ERROR_CODE)
+        self.assertEqual(self.call(CountNotes, user="alice")["notes"], 0)
+
+    def test_missingArgument(self) -> None:
+        """
+        A call missing an argument, the user key or another, is answered with
+        L{InvalidRequest} naming it.
+        """
+        error = self.callFails(NoUserAddNote, InvalidRequest, body="x")
+        self.assertIn("'user'", str(error))
+        answer = self.rawCall(amp.AmpBox(_command=b"AddNote", _ask=b"1", user=b"alice"))
+        self.assertEqual(answer[b"_error_code"], b"INVALID_REQUEST")
+        self.assertIn(b"missing argument 'body'", answer[b"_error_description"])
+
+    def test_badArgument(self) -> None:
+        """
+        An argument that does not decode (bad UTF-8, an integer that is not
+        one) is answered with L{InvalidRequest}.
+        """
+        answer = self.rawCall(
+            amp.AmpBox(_command=b"AddNote", _ask=b"1", user=b"alice", body=b"\xff")
+        )
+        self.assertEqual(answer[b"_error_code"], b"INVALID_REQUEST")
+        answer = self.rawCall(
+            amp.AmpBox(_command=b"AddNote", _ask=b"1", user=b"alice", body=b"x", count=b"many")
+        )
+        self.assertEqual(answer[b"_error_code"], b"INVALID_REQUEST")
+        self.assertEqual(self.call(CountNotes, user="alice")["notes"], 0)
+
+    def test_oversizedValue(self) -> None:
+        """
+        A value longer than AMP's 65,535 bytes cannot be sent: the client
+        refuses it with L{amp.TooLong} and the node carries on.
+        """
+        client, _, pump = self.connect()
+        self.assertRaises(
+            amp.TooLong, client.callRemote, AddNote, user="alice", body="x" * 70000
+        )
+        pump.flush()
+        self.assertEqual(self.call(AddNote, user="alice", body="x" * 65000)["noteID"] > 0, True)
+
+    def test_tooLongKeyDropsConnection(self) -> None:
+        """
+        A box key longer than AMP allows drops that connection only.
+        """
+        proto = self.server.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b"\x01\x00" + b"k" * 256)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.call(CountNotes, user="alice")["notes"], 0)
+
+    def test_tooManyKeys(self) -> None:
+        """
+        A call with more keys than the limit is answered with
+        L{InvalidRequest}.
+        """
+        self.server.limits = ServerLimits(maxKeysPerBox=6)
+        box = amp.AmpBox(_command=b"AddNote", _ask=b"1", user=b"alice", body=b"x")
+        box.update({b"extra%d" % i: b"y" for i in range(3)})
+        answer = self.rawCall(box)
+        self.assertEqual(answer[b"_error_code"], b"INVALID_REQUEST")
+        self.assertIn(b"7 keys", answer[b"_error_description"])
+        self.assertEqual(self.call(CountNotes, user="alice")["notes"], 0)
+
+    def test_boxTooBig(self) -> None:
+        """
+        A box growing beyond C{maxBoxBytes} before it is complete drops its
+        connection, and is logged; other connections carry on.
+        """
+        self.server.limits = ServerLimits(maxBoxBytes=10000)
+        proto = self.server.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        value = b"v" * 4000
+        partial = b"".join(
+            len(k).to_bytes(2, "big") + k + len(value).to_bytes(2, "big") + value
+            for k in [b"a", b"b", b"c"]
+        )
+        proto.dataReceived(partial[:8100])
+        self.assertFalse(transport.disconnecting)
+        proto.dataReceived(partial[8100:])
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.call(AddNote, user="alice", body="x" * 5000)["noteID"] > 0, True)
+
+    def test_boxBytesCountedPerBox(self) -> None:
+        """
+        The box size limit applies to each box, not to a connection's total.
+        """
+        self.server.limits = ServerLimits(maxBoxBytes=200)
+        client, _, pump = self.connect()
+        calls = [callRemote(client, AddNote, user="alice", body="x" * 50) for _ in range(20)]
+        pump.flush()
+        for d in calls:
+            self.successResultOf(d)
+
+    def test_outstandingLimit(self) -> None:
+        """
+        Calls beyond the connection's limit of outstanding calls are answered
+        with the retryable L{Overloaded}; once calls finish, new ones run.
+        """
+        self.server.limits = ServerLimits(maxOutstanding=2)
+        client, _, pump = self.connect()
+        held = [callRemote(client, Later, user="alice") for _ in range(2)]
+        refused = callRemote(client, CountNotes, user="bob")
+        pump.flush()
+        self.assertIn("limit is 2", str(self.failureResultOf(refused, Overloaded).value))
+        # Another connection has its own allowance.
+        self.assertEqual(self.call(CountNotes, user="bob")["notes"], 0)
+        for d in ServerTestNotebook.pending:
+            d.callback({"value": 1})
+        pump.flush()
+        for d in held:
+            self.successResultOf(d)
+        accepted = callRemote(client, CountNotes, user="bob")
+        pump.flush()
+        self.successResultOf(accepted)
+
+    def test_storesExhausted(self) -> None:
+        """
+        When every open store is held by a running call, a call for another
+        user is answered with the retryable L{Overloaded}.
+        """
+        client, _, pump = self.connect()
+        held = [callRemote(client, Later, user=f"user{i}") for i in range(4)]
+        refused = callRemote(client, CountNotes, user="other")
+        pump.flush()
+        self.failureResultOf(refused, Overloaded)
+        for d in ServerTestNotebook.pending:
+            d.callback({"value": 1})
+        pump.flush()
+        for d in held:
+            self.successResultOf(d)
+        self.assertEqual(self.call(CountNotes, user="other")["notes"], 0)
+
+    def test_notOwner(self) -> None:
+        """
+        A call for a user whose slot another node owns is answered with
+        L{NotOwner} naming that node, when there is no forwarder.
+        """
+        topology = _twoNodes()
+        self.server = FractalServer(application, self.pool, topology)
+        key = _keyOwnedBy(topology, "n2")
+        error = self.callFails(AddNote, NotOwner, user=key, body="x")
+        self.assertEqual(error.owner, "n2")  # type: ignore[attr-defined]
+        self.assertEqual(self.pool.openKeys(), [])
+        self.assertEqual(self.call(CountNotes, user=_keyOwnedBy(topology, "n1"))["notes"], 0)
+
+    def test_forward(self) -> None:
+        """
+        A call for another node's user is handed, as its raw box, to the
+        forwarder, and the answer box is relayed back with the caller's tag;
+        a forwarder failure that is not a framework error becomes
+        L{OwnerUnavailable}.  A connection built without forwarding answers
+        L{NotOwner} instead (at most one hop).
+        """
+        topology = _twoNodes()
+        seen: list[tuple[amp.AmpBox, SlotOwner, str]] = []
+        results: list[Any] = []
+
+        def forward(box: amp.AmpBox, owner: SlotOwner, key: str) -> Any:
+            seen.append((box, owner, key))
+            return results.pop(0)
+
+        self.server = FractalServer(application, self.pool, topology, forward=forward)
+        key = _keyOwnedBy(topology, "n2")
+        d: Deferred[amp.AmpBox] = Deferred()
+        results.append(d)
+        client, _, pump = self.connect()
+        call = callRemote(client, AddNote, user=key, body="hi")
+        pump.flush()
+        [(box, owner, forwardedKey)] = seen
+        self.assertEqual((box[b"body"], owner.node, forwardedKey), (b"hi", "n2", key))
+        self.assertNoResult(call)
+        d.callback(amp.AmpBox(_answer=b"77", noteID=b"12"))
+        pump.flush()
+        self.assertEqual(self.successResultOf(call), {"noteID": 12})
+        error = Deferred()
+        results.append(error)
+        call = callRemote(client, AddNote, user=key, body="hi")
+        pump.flush()
+        error.errback(RuntimeError("link broke"))
+        pump.flush()
+        self.failureResultOf(call, OwnerUnavailable)
+        self.flushLoggedErrors(RuntimeError)
+        client, _, pump = iosim.connectedServerAndClient(
+            lambda: self.server.peerFactory().buildProtocol(None), amp.AMP, clock=self.clock
+        )
+        call = callRemote(client, AddNote, user=key, body="hi")
+        pump.flush()
+        self.failureResultOf(call, NotOwner)
+        self.assertEqual(self.server.inFlight, 0)
+
+    def test_internalCommand(self) -> None:
+        """
+        A node's internal command is answered by its registered responder,
+        without a user key; a framework error it raises is answered as such.
+        """
+
+        def ping(box: amp.AmpBox) -> amp.AmpBox:
+            if box[b"ping"] == b"busy":
+                raise Overloaded("too busy to answer")
+            return amp.AmpBox(pong=box[b"ping"])
+
+        self.server.internalCommands[b"fractal.Ping"] = ping
+        answer = self.rawCall(amp.AmpBox(_command=b"fractal.Ping", _ask=b"9", ping=b"x"))
+        self.assertEqual(answer, {b"_answer": b"9", b"pong": b"x"})
+        answer = self.rawCall(amp.AmpBox(_command=b"fractal.Ping", _ask=b"10", ping=b"busy"))
+        self.assertEqual(answer[b"_error_code"], b"OVERLOADED")
+        self.assertEqual(self.server.inFlight, 0)
+
+    def test_stopping(self) -> None:
+        """
+        After L{FractalServer.stopAccepting}, new calls are answered with the
+        retryable L{NodeStopping}, calls running finish, and
+        L{FractalServer.whenDrained} fires when the last is answered.
+        """
+        client, _, pump = self.connect()
+        later = callRemote(client, Later, user="alice")
+        pump.flush()
+        self.server.stopAccepting()
+        drained = self.server.whenDrained()
+        refused = callRemote(client, CountNotes, user="alice")
+        pump.flush()
+        self.failureResultOf(refused, NodeStopping)
+        self.assertNoResult(drained)
+        ServerTestNotebook.pending.pop().callback({"value": 1})
+        pump.flush()
+        self.successResultOf(later)
+        self.successResultOf(drained)
+        self.successResultOf(self.server.whenDrained())
+
+    def test_connectionLostDuringCall(self) -> None:
+        """
+        A call whose connection is lost before it is answered finishes
+        without error, and is no longer counted as in flight.
+        """
+        client, proto, pump = self.connect()
+        callRemote(client, Later, user="alice").addErrback(lambda f: None)
+        pump.flush()
+        self.assertEqual(self.server.connections, 1)
+        client.transport.loseConnection()
+        pump.flush()
+        self.assertEqual(self.server.connections, 0)
+        ServerTestNotebook.pending.pop().callback({"value": 1})
+        self.assertEqual(self.server.inFlight, 0)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_notACall(self) -> None:
+        """
+        A box that is not a call (an answer nobody asked for) is ignored.
+        """
+        proto = self.server.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(amp.AmpBox(_answer=b"1", x=b"y").serialize())
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.disconnecting)
+
+    def test_callWithoutAnswer(self) -> None:
+        """
+        A call that asks for no answer runs and sends nothing back.
+        """
+        proto = self.server.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(amp.AmpBox(_command=b"AddNote", user=b"alice", body=b"x").serialize())
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.call(CountNotes, user="alice")["notes"], 1)
+
+    def test_durableNeedsShipper(self) -> None:
+        """
+        An application acknowledging a command durably cannot be served
+        without a durable shipper.
+        """
+        durable = app.Application("sync", powerups=[ServerTestDurable])
+        with self.assertRaises(ValueError) as e:
+            FractalServer(durable, self.pool, self.topology)
+        self.assertIn("Durably", str(e.exception))
+        self.assertIn("no durable shipper", str(e.exception))
