@@ -228,11 +228,14 @@ def baselineServer(kind: str, argument: str, log: str) -> Child:
 
 def fractalNode(data: str, log: str, *extra: str) -> Child:
     port = freePort()
-    argv = [
-        sys.executable,
-        "-m",
-        "twisted",
-        "--log-format=text",
+    script = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.access(script, os.X_OK):
+        twistd = [sys.executable, script]
+    else:
+        twistd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+    argv = twistd + [
+        "-n",
+        "--pidfile=",
         "fractal",
         "--app",
         "examples.mailbox:application",
@@ -242,7 +245,6 @@ def fractalNode(data: str, log: str, *extra: str) -> Child:
         f"tcp:{port}:interface=127.0.0.1",
         *extra,
     ]
-    # "python -m twisted" runs the plugin in the foreground, as twistd -n does.
     return Child(argv, port, log)
 
 

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_client -*-
 """
-Calling a fractal node: a reconnecting AMP client with per-call timeouts.
+Calling a fractal node: a reconnecting AMP client with per-call timeouts::
 
     from fractal.client import connect
 
@@ -19,10 +19,10 @@ exceptions the command lists.
 
 from __future__ import annotations
 
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -63,12 +63,37 @@ class ClientStopped(Exception):
 
 class _ClientAMP(amp.AMP):
     """
-    The client's side of the connection: it sends calls and answers none, so
-    a node cannot call anything on the client (not even AMP's C{StartTLS}).
+    The client's side of a connection: it sends calls and answers none, so a
+    node cannot call anything on the client (not even AMP's C{StartTLS}), and
+    it tells its client when it connects and when it is lost.
     """
+
+    def __init__(self, client: FractalClient) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._client = client
 
     def locateResponder(self, name: bytes) -> None:
         return None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()  # type: ignore[no-untyped-call]
+        self._client._connectionMade(self)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        # Forget the connection before AMP fails its outstanding calls, so a
+        # call made from one of their errbacks waits for the next connection.
+        self._client._connectionLost(self)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+
+class _ClientFactory(Factory):
+    def __init__(self, client: FractalClient) -> None:
+        self._client = client
+
+    def buildProtocol(self, addr: object) -> _ClientAMP:
+        protocol = _ClientAMP(self._client)
+        protocol.factory = self
+        return protocol
 
 
 class FractalClient:
@@ -103,13 +128,44 @@ class FractalClient:
         self._clock = clock
         self.timeout = timeout
         self._stopped = False
+        self._connection: _ClientAMP | None = None
+        self._waiting: list[Deferred[amp.AMP]] = []
+        # ClientService only (re)connects.  The client tracks the connection
+        # itself rather than asking ClientService.whenConnected, which must
+        # not be called from code its own state machine is running (such as
+        # a callback of an earlier whenConnected).
         self._service = ClientService(
             endpoint,
-            Factory.forProtocol(_ClientAMP),
+            _ClientFactory(self),
             retryPolicy=retryPolicy or backoffPolicy(initialDelay=0.1, maxDelay=5.0),
             clock=clock,
         )
         self._service.startService()
+
+    def _connectionMade(self, connection: _ClientAMP) -> None:
+        self._connection = connection
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(connection)
+
+    def _connectionLost(self, connection: _ClientAMP) -> None:
+        if self._connection is connection:
+            self._connection = None
+
+    def _waitForConnection(self) -> Deferred[amp.AMP]:
+        """
+        The current connection, or the next one.
+        """
+        if self._connection is not None:
+            return succeed(self._connection)
+
+        def cancel(d: Deferred[amp.AMP]) -> None:
+            if d in self._waiting:
+                self._waiting.remove(d)
+
+        waiter: Deferred[amp.AMP] = Deferred(cancel)
+        self._waiting.append(waiter)
+        return waiter
 
     def _connectionFor(self, user: str | None) -> Deferred[amp.AMP]:
         """
@@ -120,7 +176,7 @@ class FractalClient:
 
         @param user: the user key of the call, or L{None}.
         """
-        return cast("Deferred[amp.AMP]", self._service.whenConnected())
+        return self._waitForConnection()
 
     def callRemote(
         self,
@@ -159,16 +215,8 @@ class FractalClient:
         def timedOut(result: object, seconds: float) -> object:
             raise CallTimeout(f"{name} got no answer within {seconds:g} seconds")
 
-        def stopped(reason: Failure) -> Failure:
-            if self._stopped and reason.check(CancelledError):  # type: ignore[no-untyped-call]
-                return Failure(  # type: ignore[no-untyped-call]
-                    ClientStopped(f"{name}: the client was disconnected")
-                )
-            return reason
-
         call = self._connectionFor(user).addCallback(send)
         call.addTimeout(limit, self._clock, onTimeoutCancel=timedOut)
-        call.addErrback(stopped)
         return call
 
     def whenConnected(self, timeout: float | None = None) -> Deferred[None]:
@@ -197,6 +245,9 @@ class FractalClient:
         @return: a L{Deferred} that fires once the connection is closed.
         """
         self._stopped = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(ClientStopped("the client was disconnected"))
         stopped: Deferred[None] = self._service.stopService()
         return stopped
 

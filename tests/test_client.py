@@ -255,6 +255,42 @@ class ClientTests(SynchronousTestCase):
         self.failureResultOf(d, ClientStopped)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_callWhenConnected(self) -> None:
+        """
+        A call made from the callback of L{FractalClient.whenConnected}, while
+        the connection is being set up, goes out on that connection.
+        """
+        calls: list[Deferred[Any]] = []
+        connected = self.client.whenConnected()
+        connected.addCallback(
+            lambda _: calls.append(self.client.callRemote(Echo, user="kim", text="eager"))
+        )
+        pump = self.accept()
+        pump.flush()
+        self.assertEqual(self.successResultOf(calls[0])["text"], "eager")
+        self.stop()
+
+    def test_callWhenLost(self) -> None:
+        """
+        A call made from the errback of a call lost with its connection waits
+        for the next connection.
+        """
+        pump = self.accept()
+        retries: list[Deferred[Any]] = []
+        d = self.client.callRemote(Echo, user="lee", text="hold")
+        d.addErrback(
+            lambda _: retries.append(self.client.callRemote(Echo, user="lee", text="retry"))
+        )
+        pump.flush()
+        self.servers[0].transport.loseConnection()
+        pump.flush()
+        self.assertNoResult(retries[0])
+        self.reactor.advance(1.0)
+        pump = self.accept()
+        pump.flush()
+        self.assertEqual(self.successResultOf(retries[0])["text"], "retry")
+        self.stop()
+
     def test_badTimeout(self) -> None:
         """
         A timeout that is not positive is refused.
