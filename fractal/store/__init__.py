@@ -116,3 +116,35 @@ __all__ = [
 ]
 
 # Names added by the dependency/substore/scheduler modules go below.
+
+from fractal.store.dependency import (  # noqa: E402
+    dependable,
+    dependsOn,
+    installedDependents,
+    installedOn,
+    installedRequirements,
+    installedUniqueRequirements,
+    installOn,
+    requiresFromSite,
+    uninstallFrom,
+)
+from fractal.store.errors import DependencyError, UnsatisfiedRequirement  # noqa: E402
+from fractal.store.scheduler import TimedEvent, TimedEventFailureLog  # noqa: E402
+from fractal.store.substore import SubStore  # noqa: E402
+
+__all__ += [
+    "DependencyError",
+    "SubStore",
+    "TimedEvent",
+    "TimedEventFailureLog",
+    "UnsatisfiedRequirement",
+    "dependable",
+    "dependsOn",
+    "installOn",
+    "installedDependents",
+    "installedOn",
+    "installedRequirements",
+    "installedUniqueRequirements",
+    "requiresFromSite",
+    "uninstallFrom",
+]
