@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from fractal.store.attributes import Time, boolean, integer, text
+from fractal.store.errors import NoCrossStoreReferences
 from fractal.store.interfaces import IScheduler
 from fractal.store.item import Item
 from fractal.store.scheduler import (
@@ -555,3 +556,54 @@ class SubSchedulerTests(SynchronousTestCase, _SiteFixture):
         self.clock.advance(10)
         self.assertEqual(self.store.query(TimedEvent).count(), 0)
         self.assertEqual(self.store.query(TimedEventFailureLog).count(), 0)
+
+    def test_moveToAnotherSite(self) -> None:
+        """
+        A user store moved to another site store (hook dropped with
+        L{_UserScheduler.migrateDown}, directory moved, a new L{SubStore}
+        made, hook re-armed with L{_UserScheduler.migrateUp}) keeps its data
+        and runs its pending events there.
+        """
+        r = Runnable(store=self.user, note="moving")
+        self.userScheduler.schedule(r, self.later(10))
+        rid = r.storeID
+        del r
+        self.userScheduler.migrateDown()
+        source = self.subStoreItem.storepath
+        self.subStoreItem.close()
+        self.subStoreItem.deleteFromStore()
+
+        other = Store(self.mktemp())
+        self.addCleanup(other.close)
+        otherScheduler = IScheduler(other)
+        otherScheduler.clock = self.clock
+        otherScheduler.startService()
+        self.addCleanup(otherScheduler.stopService)
+        destination = other.newFilePath("account", "alice.axiom")
+        destination.parent().makedirs()
+        source.moveTo(destination)
+        moved = SubStore(store=other, storepath=destination)
+        self.addCleanup(moved.close)
+        IScheduler(moved.open()).migrateUp()
+
+        self.clock.advance(10)
+        self.assertEqual(self.store.query(TimedEvent).count(), 0)
+        r = moved.open().getItemByID(rid)
+        self.assertEqual((r.note, r.runs), ("ran", 1))
+
+
+class ScheduleErrorTests(SynchronousTestCase):
+    """
+    Tests for scheduling mistakes.
+    """
+
+    def test_crossStoreRunnable(self) -> None:
+        """
+        Scheduling a runnable from another store raises
+        L{NoCrossStoreReferences} and schedules nothing.
+        """
+        store, elsewhere = Store(), Store()
+        r = Runnable(store=elsewhere)
+        self.assertRaises(NoCrossStoreReferences, IScheduler(store).schedule, r, _at(10))
+        self.assertEqual(store.query(TimedEvent).count(), 0)
+        self.assertEqual(elsewhere.query(TimedEvent).count(), 0)

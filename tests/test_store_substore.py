@@ -190,6 +190,7 @@ class OpenCloseTests(SynchronousTestCase):
         self.assertIs(user.parent, self.site)
         self.assertEqual(user.idInParent, self.ss.storeID)
         self.assertEqual(user.journalMode, self.site.journalMode)
+        self.assertEqual(user.debug, self.site.debug)
         self.assertEqual(user.dbdir, self.ss.storepath)
 
     def test_itemKeptWhileOpen(self) -> None:

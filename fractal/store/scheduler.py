@@ -247,7 +247,7 @@ class _SchedulerMixin:
             method.
         @param when: a L{Time}.
         """
-        TimedEvent(store=runnable.store, time=when, runnable=runnable)
+        TimedEvent(store=self.store, time=when, runnable=runnable)
         self._transientSchedule(when, self.now())
 
     def reschedule(self, runnable: Any, fromWhen: Any, toWhen: Any) -> None:
