@@ -239,6 +239,7 @@ class OpenCloseTests(SynchronousTestCase):
         for round in range(3):
             for ss in items:
                 Note(store=ss.open(), body=str(round))
+            self.assertGreaterEqual(_openFileCount(), before + len(items))
             for ss in items:
                 ss.close()
         gc.collect()
