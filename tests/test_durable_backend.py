@@ -6,13 +6,15 @@ to the L{fractal.testing.DurableBackendTestsMixin} contract.
 from __future__ import annotations
 
 import os
+from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fractal.durable._threads import runSynchronously
 from fractal.durable.filesystem import FilesystemBackend
-from fractal.durable.interfaces import IDurableBackend
+from fractal.durable.interfaces import IDurableBackend, SequenceConflict
 from fractal.keys import storeNameForKey
 from fractal.testing import DurableBackendTestsMixin, MemoryDurableBackend, recordInfo
 
@@ -71,3 +73,65 @@ class FilesystemBackendTests(SynchronousTestCase):
         self.successResultOf(backend.append(recordInfo(store, 1, 1, 0, b"s"), b"s"))
         root.child(store[:2]).child(store).child(".tmp-junk").setContent(b"torn")
         self.assertEqual([r.seq for r in self.successResultOf(backend.records(store))], [1])
+
+
+class _ManualThreads:
+    """
+    A runner that queues the work it is given until the test runs it, as a
+    thread pool would run it later.
+    """
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Any, Deferred[Any]]] = []
+
+    def __call__(self, f: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.queue.append((f, d))
+        return d
+
+    def runOne(self) -> None:
+        f, d = self.queue.pop(0)
+        try:
+            result = f()
+        except Exception as e:
+            d.errback(e)
+        else:
+            d.callback(result)
+
+
+class FilesystemGroupCommitTests(SynchronousTestCase):
+    """
+    Appends that arrive while a batch is being written are written together
+    as the next batch.
+    """
+
+    def test_batches(self) -> None:
+        """
+        The first append is written at once; the appends arriving meanwhile
+        wait and then go as one batch; a refused record in a batch fails
+        alone.
+        """
+        threads = _ManualThreads()
+        backend = FilesystemBackend(FilePath(self.mktemp()), threads)
+        names = [storeNameForKey(f"user{i}") for i in range(4)]
+        first = backend.append(recordInfo(names[0], 1, 1, 0, b"a"), b"a")
+        self.assertEqual(len(threads.queue), 1)
+        rest = [backend.append(recordInfo(name, 1, 1, 0, b"b"), b"b") for name in names[1:3]]
+        refused = backend.append(recordInfo(names[3], 1, 2, 1, b"c"), b"c")
+        self.assertEqual(len(threads.queue), 1)
+        self.assertNoResult(first)
+        threads.runOne()
+        self.successResultOf(first)
+        self.assertEqual(len(threads.queue), 1)
+        for d in rest:
+            self.assertNoResult(d)
+        threads.runOne()
+        for d in rest:
+            self.successResultOf(d)
+        self.failureResultOf(refused, SequenceConflict)
+        self.assertEqual(threads.queue, [])
+        records = [backend.records(name) for name in names[1:3]]
+        threads.runOne()
+        threads.runOne()
+        for d in records:
+            self.assertEqual(len(self.successResultOf(d)), 1)

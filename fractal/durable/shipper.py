@@ -197,7 +197,8 @@ class Shipper(Service):
         epochForKey: Callable[[str], int] | None = None,
         storesDirectory: FilePath[str] | None = None,
         maxChain: int = 64,
-        concurrency: int = 4,
+        concurrency: int = 64,
+        buildConcurrency: int = 4,
         lagWarning: float = 10.0,
     ) -> None:
         """
@@ -214,7 +215,11 @@ class Shipper(Service):
             and ships them.
         @param maxChain: the most deltas after a snapshot before the next
             record is a new snapshot.
-        @param concurrency: how many stores are shipped at the same time.
+        @param concurrency: how many stores are shipped at the same time
+            (their records waiting for the backend together, so a backend
+            can commit them as a group).
+        @param buildConcurrency: how many store images are read and diffed at
+            the same time; this bounds the memory images take.
         @param lagWarning: log a warning when the oldest unshipped commit is
             older than this many seconds.
         """
@@ -226,6 +231,7 @@ class Shipper(Service):
         self._storesDirectory = storesDirectory
         self._maxChain = maxChain
         self._semaphore = DeferredSemaphore(concurrency)
+        self._building = DeferredSemaphore(buildConcurrency)
         self._lagWarning = lagWarning
         self._states: dict[str, _StoreState] = {}
         self._fencedObservers: list[Callable[[str, StaleEpoch], None]] = []
@@ -489,7 +495,7 @@ class Shipper(Service):
             if not state.loaded:
                 await self._load(state)
             epoch = self._epochForKey(state.key)
-            built = await self._run(lambda: self._build(state, epoch))
+            built = await self._building.run(self._run, lambda: self._build(state, epoch))
             if built is None:
                 self._shipped(state, generation)
                 return
