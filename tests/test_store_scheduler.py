@@ -377,6 +377,18 @@ class SiteSchedulerTests(SynchronousTestCase, _SiteFixture):
         self.assertEqual(self.store.query(TimedEvent).count(), 1)
 
 
+    def test_closedStore(self) -> None:
+        """
+        A timer that fires after its store was closed does nothing and
+        leaves no timer behind.
+        """
+        r = Runnable(store=self.store)
+        self.scheduler.schedule(r, self.later(10))
+        self.store.close()
+        self.clock.advance(10)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
 class StartTests(SynchronousTestCase, _SiteFixture):
     """
     Tests for what happens before and at the start of the site scheduler.

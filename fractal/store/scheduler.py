@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from fractal.store.attributes import AND, Time, bytes, inmemory, reference, timestamp
+from fractal.store.errors import StoreClosed
 from fractal.store.interfaces import IScheduler
 from fractal.store.item import Item
 from fractal.store.substore import SubStore
@@ -350,12 +351,16 @@ class _SiteScheduler(_SchedulerMixin, Service):
     def tick(self) -> None:
         """
         Run due events; see L{_SchedulerMixin.tick}.  Called directly rather
-        than by the timer, it cancels the pending timer, which it re-arms.
+        than by the timer, it cancels the pending timer, which it re-arms.  If
+        the store was closed meanwhile, it does nothing.
         """
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
-        super().tick()
+        try:
+            super().tick()
+        except StoreClosed:
+            self._log.info("Scheduler of closed store {store!r} stops ticking", store=self.store)
 
     def _transientSchedule(self, when: Any, now: Any) -> None:
         """
