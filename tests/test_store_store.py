@@ -1,0 +1,296 @@
+"""
+Tests for L{fractal.store.Store}: opening, layout, locking, closing, files
+and batchInsert.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from fractal.store import Item, Store, errors, integer, text
+
+
+class Note(Item):
+    """
+    A note.
+    """
+
+    title = text()
+    n = integer(default=0)
+
+
+class Numbered(Item):
+    """
+    Has a default and a factory, for batchInsert.
+    """
+
+    a = integer(default=5)
+    b = integer(defaultFactory=lambda: 7)
+    c = text()
+
+
+class OpenTests(SynchronousTestCase):
+    """
+    Opening and creating stores.
+    """
+
+    def test_inMemory(self) -> None:
+        """
+        Store() is in memory, with no directories.
+        """
+        s = Store()
+        self.assertIsNone(s.dbdir)
+        self.assertIsNone(s.filesdir)
+        Note(store=s, title="x")
+        self.assertEqual(s.count(Note), 1)
+
+    def test_layout(self) -> None:
+        """
+        A new store directory holds db.sqlite, files/, temp/ and run/, and no
+        temporary sibling is left behind.
+        """
+        path = FilePath(self.mktemp())
+        s = Store(path)
+        self.assertEqual(
+            sorted(c.basename() for c in path.children()), ["db.sqlite", "db.sqlite-shm", "db.sqlite-wal", "files", "run", "temp"]
+        )
+        self.assertEqual(s.dbdir, path)
+        self.assertEqual(s.filesdir, path.child("files"))
+        self.assertEqual(path.parent().listdir(), [path.basename()])
+        s.close()
+
+    def test_strPath(self) -> None:
+        """
+        dbdir may be a str.
+        """
+        path = self.mktemp()
+        s = Store(path)
+        self.assertEqual(s.dbdir, FilePath(path))
+        s.close()
+
+    def test_reopen(self) -> None:
+        """
+        Data survives close and reopen.
+        """
+        path = self.mktemp()
+        s = Store(path)
+        Note(store=s, title="kept", n=3)
+        s.close()
+        s = Store(path)
+        self.assertEqual([(n.title, n.n) for n in s.query(Note)], [("kept", 3)])
+        s.close()
+
+    def test_bothDirs(self) -> None:
+        """
+        Passing dbdir and filesdir raises ValueError.
+        """
+        self.assertRaises(ValueError, Store, self.mktemp(), filesdir=self.mktemp())
+
+    def test_filesdirOnly(self) -> None:
+        """
+        An in-memory store can have a files directory.
+        """
+        files = FilePath(self.mktemp())
+        s = Store(filesdir=files)
+        self.assertEqual(s.newFilePath("a"), files.child("a"))
+
+    def test_noCreate(self) -> None:
+        """
+        create=False and a missing directory raise StoreNotFound (a
+        CannotOpenStore) and create nothing.
+        """
+        path = FilePath(self.mktemp())
+        self.assertRaises(errors.StoreNotFound, Store, path, create=False)
+        self.assertTrue(issubclass(errors.StoreNotFound, errors.CannotOpenStore))
+        self.assertFalse(path.exists())
+        Store(path).close()
+        Store(path, create=False).close()
+
+    def test_pragmas(self) -> None:
+        """
+        WAL with synchronous=NORMAL and trusted_schema=OFF by default.
+        """
+        s = Store(self.mktemp())
+        cur = s._cursor
+        self.assertEqual(cur.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        self.assertEqual(cur.execute("PRAGMA synchronous").fetchone()[0], 1)
+        self.assertEqual(cur.execute("PRAGMA trusted_schema").fetchone()[0], 0)
+        self.assertEqual(s.journalMode, "WAL")
+        s.close()
+
+    def test_journalMode(self) -> None:
+        """
+        Another journal mode can be chosen; an unknown one raises ValueError.
+        """
+        s = Store(self.mktemp(), journalMode="DELETE")
+        self.assertEqual(s._cursor.execute("PRAGMA journal_mode").fetchone()[0], "delete")
+        s.close()
+        self.assertRaises(ValueError, Store, self.mktemp(), journalMode="WAL; DROP TABLE x")
+
+    def test_attributes(self) -> None:
+        """
+        parent, idInParent and debug are kept.
+        """
+        parent = Store()
+        s = Store(parent=parent, idInParent=4)
+        self.assertIs(s.parent, parent)
+        self.assertEqual(s.idInParent, 4)
+        self.assertFalse(s.debug)
+
+
+class ExclusionTests(SynchronousTestCase):
+    """
+    One store object per file, and bounded lock waits.
+    """
+
+    def test_secondOpenRefused(self) -> None:
+        """
+        Opening a store that is already open in this process raises
+        StoreAlreadyOpen, even inside a transaction on the first (Axiom hung
+        here); after close it opens again.
+        """
+        path = self.mktemp()
+        s = Store(path)
+
+        def inside() -> None:
+            Note(store=s, title="x")
+            self.assertRaises(errors.StoreAlreadyOpen, Store, path)
+
+        s.transact(inside)
+        s.close()
+        Store(path).close()
+
+    def test_lockTimeout(self) -> None:
+        """
+        A write lock held by another connection makes a transaction raise
+        StoreLocked after lockTimeout instead of blocking forever; nothing
+        is changed.
+        """
+        path = FilePath(self.mktemp())
+        s = Store(path, lockTimeout=0.05)
+        Note(store=s, title="before")
+        other = sqlite3.connect(path.child("db.sqlite").path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        self.assertRaises(errors.StoreLocked, Note, store=s, title="blocked")
+        self.assertRaises(errors.StoreLocked, s.transact, lambda: None)
+        other.execute("ROLLBACK")
+        Note(store=s, title="after")
+        self.assertEqual(sorted(n.title for n in s.query(Note)), ["after", "before"])
+        s.close()
+
+
+class CloseTests(SynchronousTestCase):
+    """
+    close().
+    """
+
+    def test_useAfterClose(self) -> None:
+        """
+        Any use after close raises StoreClosed; closing twice is fine.
+        """
+        s = Store(self.mktemp())
+        n = Note(store=s, title="x")
+        storeID = n.storeID
+        s.close()
+        s.close()
+        self.assertRaises(errors.StoreClosed, s.getItemByID, storeID)
+        self.assertRaises(errors.StoreClosed, list, s.query(Note))
+        self.assertRaises(errors.StoreClosed, s.count, Note)
+        self.assertRaises(errors.StoreClosed, Note, store=s)
+        self.assertRaises(errors.StoreClosed, setattr, n, "title", "y")
+        self.assertRaises(errors.StoreClosed, s.transact, lambda: None)
+
+    def test_closeInTransaction(self) -> None:
+        """
+        Closing inside a transaction raises TransactionInProgress.
+        """
+        s = Store()
+        self.assertRaises(errors.TransactionInProgress, s.transact, s.close)
+        Note(store=s, title="still open")
+
+
+class FileTests(SynchronousTestCase):
+    """
+    newFilePath, newTemporaryFilePath, newDirectory and newFile.
+    """
+
+    def test_paths(self) -> None:
+        """
+        Paths are made under files/ and temp/; directories are created.
+        """
+        path = FilePath(self.mktemp())
+        s = Store(path)
+        self.assertEqual(s.newFilePath("a", "b"), path.child("files").child("a").child("b"))
+        self.assertEqual(s.newTemporaryFilePath("t"), path.child("temp").child("t"))
+        d = s.newDirectory("x", "y")
+        self.assertTrue(d.isdir())
+        s.close()
+
+    def test_unsafeSegments(self) -> None:
+        """
+        Segments with separators, '..' or nothing are refused.
+        """
+        s = Store(self.mktemp())
+        for bad in [("..",), ("a/b",), ("",), ()]:
+            self.assertRaises(Exception, s.newFilePath, *bad)
+        s.close()
+
+    def test_newFile(self) -> None:
+        """
+        newFile writes in temp/ and appears at files/... only on close.
+        """
+        path = FilePath(self.mktemp())
+        s = Store(path)
+        f = s.newFile("dir", "file.bin")
+        f.write(b"data")
+        final = path.child("files").child("dir").child("file.bin")
+        self.assertFalse(final.exists())
+        result = self.successResultOf(f.close())
+        self.assertEqual(result, final)
+        self.assertEqual(final.getContent(), b"data")
+        self.assertEqual(path.child("temp").listdir(), [])
+        s.close()
+
+    def test_abort(self) -> None:
+        """
+        abort() discards the file.
+        """
+        path = FilePath(self.mktemp())
+        s = Store(path)
+        f = s.newFile("gone")
+        f.write(b"x")
+        f.abort()
+        self.assertFalse(path.child("files").child("gone").exists())
+        self.assertEqual(path.child("temp").listdir(), [])
+        s.close()
+
+    def test_inMemoryNoFiles(self) -> None:
+        """
+        An in-memory store without a files directory raises RuntimeError.
+        """
+        s = Store()
+        self.assertRaises(RuntimeError, s.newFilePath, "a")
+        self.assertRaises(RuntimeError, s.newFile, "a")
+
+
+class BatchInsertTests(SynchronousTestCase):
+    """
+    batchInsert.
+    """
+
+    def test_batchInsert(self) -> None:
+        """
+        Rows are inserted with defaults (and factories) for missing
+        attributes, checked like attribute sets.
+        """
+        s = Store()
+        s.batchInsert(Numbered, [Numbered.c, Numbered.a], [("x", 1), ("y", None)])
+        self.assertEqual(
+            sorted((n.c, n.a, n.b) for n in s.query(Numbered)), [("x", 1, 7), ("y", None, 7)]
+        )
+        self.assertRaises(TypeError, s.batchInsert, Numbered, [Numbered.c], [(1,)])
+        self.assertEqual(s.count(Numbered), 2)
