@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sqlite3
 
 from twisted.application.service import IService, Service
 from twisted.python.filepath import FilePath, InsecurePath
@@ -129,6 +130,18 @@ class CreateTests(SynchronousTestCase):
         user = ss.open()
         self.addCleanup(ss.close)
         self.assertEqual([n.body for n in user.query(Note)], ["kept"])
+
+    def test_onDisk(self) -> None:
+        """
+        On disk the item is a row of Axiom's C{item_substore_v1} table whose
+        C{storepath} is the '/'-separated path under the files directory.
+        """
+        ss = SubStore.createNew(self.site, ("account", "example.com", "alice.axiom"))
+        self.site.close()
+        db = sqlite3.connect(self.dbdir.child("db.sqlite").path)
+        self.addCleanup(db.close)
+        rows = db.execute("SELECT oid, storepath FROM item_substore_v1").fetchall()
+        self.assertEqual(rows, [(ss.storeID, "account/example.com/alice.axiom")])
 
     def test_stringRejected(self) -> None:
         """
