@@ -77,7 +77,8 @@ from twisted.conch.ssh import factory as sshFactory
 from twisted.conch.ssh import keys
 from twisted.conch.ssh.common import getNS
 from twisted.conch.ssh.session import SSHSession, wrapProtocol
-from twisted.conch.ssh.transport import SSHServerTransport
+from twisted.conch.ssh.connection import SSHConnection
+from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION, SSHServerTransport
 from twisted.conch.ssh.userauth import SSHUserAuthServer
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, succeed
@@ -443,12 +444,17 @@ class _Console(ConchUser):
 
     @ivar user: the user name, for the log.
     @ivar namespace: builds a fresh console namespace for each session.
+    @ivar reactor: the reactor, to start consoles once their request is
+        answered.
     """
 
-    def __init__(self, user: str, namespace: Callable[[], dict[str, object]]) -> None:
+    def __init__(
+        self, user: str, namespace: Callable[[], dict[str, object]], reactor: Any
+    ) -> None:
         super().__init__()
         self.user = user
         self.namespace = namespace
+        self.reactor = reactor
         self.channelLookup[b"session"] = SSHSession
 
 
@@ -616,14 +622,25 @@ class _LineConsole(Protocol):
         self._running = False
         self._atLineStart = True
         self._prompt = b">>> "
+        self._started = False
 
     def connectionMade(self) -> None:
         self.interpreter = _ConsoleInterpreter(
             self, _sessionNamespace(self, self._namespace)
         )
+
+    def start(self) -> None:
+        """
+        Greet (when echoing) and run the lines received so far; until then
+        input is only collected.
+        """
+        if self._started:
+            return
+        self._started = True
         greeting = self._namespace.get("__greeting__")
         if self.echo and greeting:
             self._write(f"{greeting}\n".encode())
+        self._run()
 
     def _write(self, data: bytes) -> None:
         if data and not self._done and self.transport is not None:
@@ -665,7 +682,7 @@ class _LineConsole(Protocol):
         self._run()
 
     def _run(self) -> None:
-        if self._running:
+        if self._running or not self._started:
             return
         self._running = True
         try:
@@ -764,6 +781,9 @@ class _ConsoleSession:
         if command is not None:
             console.dataReceived(command + b"\n")
             console.inputEnded()
+        # Output only once the client has the answer to its shell or exec
+        # request: some clients (twisted.conch's) drop data that comes first.
+        self.avatar.reactor.callLater(0, console.start)
 
     def windowChanged(self, newWindowSize: tuple[int, ...]) -> None:
         if self._terminal is not None:
@@ -790,8 +810,9 @@ class _ConsoleRealm:
     Gives each operator who logs in a L{_Console}.
     """
 
-    def __init__(self, namespace: Callable[[], dict[str, object]]) -> None:
+    def __init__(self, namespace: Callable[[], dict[str, object]], reactor: Any) -> None:
         self._namespace = namespace
+        self._reactor = reactor
 
     def requestAvatar(
         self, avatarId: bytes | tuple[()], mind: object, *interfaces: Any
@@ -803,7 +824,7 @@ class _ConsoleRealm:
         def logout() -> None:
             _log.info("manhole logout: {user}", manhole="logout", user=user)
 
-        return IConchUser, _Console(user, self._namespace), logout
+        return IConchUser, _Console(user, self._namespace, self._reactor), logout
 
 
 class ManholeService(Service):
@@ -880,7 +901,7 @@ class ManholeService(Service):
         if reactor is None:
             from twisted.internet import reactor
         key = loadOrCreateHostKey(self.hostKey)
-        portal = Portal(_ConsoleRealm(self._namespace))
+        portal = Portal(_ConsoleRealm(self._namespace, reactor))
         portal.registerChecker(SSHPublicKeyChecker(AuthorizedKeysFile(self.authorizedKeys)))
         self._factory = _ManholeFactory(portal, key, reactor)
         self._listening = serverFromString(reactor, self.endpoint).listen(self._factory)
@@ -933,8 +954,15 @@ class ManholeService(Service):
         port, self._port = self._port, None
         if self._factory is not None:
             for connection in list(self._factory.connections):
-                if connection.transport is not None:
-                    connection.transport.loseConnection()
+                # Close each session first, so clients see it end, then
+                # the connection.
+                service = connection.service
+                if isinstance(service, SSHConnection):
+                    for channel in list(service.channels.values()):
+                        service.sendClose(channel)
+                connection.sendDisconnect(
+                    DISCONNECT_BY_APPLICATION, b"the node's manhole is stopping"
+                )
         if port is not None:
             return port.stopListening()
         if listening is not None:
