@@ -4,11 +4,13 @@ Tests for L{fractal.store.scheduler}.
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -619,3 +621,134 @@ class ScheduleErrorTests(SynchronousTestCase):
         self.assertRaises(NoCrossStoreReferences, IScheduler(store).schedule, r, _at(10))
         self.assertEqual(store.query(TimedEvent).count(), 0)
         self.assertEqual(elsewhere.query(TimedEvent).count(), 0)
+
+
+_AXIOM_BASE = [
+    "CREATE TABLE axiom_objects (oid INTEGER PRIMARY KEY AUTOINCREMENT, type_id INTEGER NOT NULL)",
+    "CREATE INDEX axiom_objects_type_idx ON axiom_objects(type_id)",
+    "CREATE TABLE axiom_types (oid INTEGER PRIMARY KEY AUTOINCREMENT, typename VARCHAR, "
+    "module VARCHAR, version INTEGER)",
+    "CREATE TABLE axiom_attributes (type_id INTEGER, row_offset INTEGER, indexed BOOLEAN, "
+    "sqltype VARCHAR, allow_none BOOLEAN, pythontype VARCHAR, attribute VARCHAR, docstring TEXT)",
+]
+
+
+class _AxiomDatabase:
+    """
+    Writes a store directory the way Axiom lays it out, with raw SQL.
+    """
+
+    def __init__(self, dbdir: FilePath[str]) -> None:
+        for name in "files", "temp", "run":
+            dbdir.child(name).makedirs()
+        self.db = sqlite3.connect(dbdir.child("db.sqlite").path)
+        for sql in _AXIOM_BASE:
+            self.db.execute(sql)
+        self.types: dict[str, tuple[int, str, list[str]]] = {}
+
+    def declare(
+        self, typeName: str, module: str, version: int, attrs: list[tuple[str, str, str]]
+    ) -> None:
+        """
+        Declare a type with (name, sqltype, pythontype) attributes, sorted by
+        name.
+        """
+        typeID = self.db.execute(
+            "INSERT INTO axiom_types (typename, module, version) VALUES (?, ?, ?)",
+            (typeName, module, version),
+        ).lastrowid
+        assert typeID is not None
+        table = f"item_{typeName}_v{version}"
+        columns = ", ".join(["oid INTEGER PRIMARY KEY"] + [f"[{n}] {t}" for n, t, _ in attrs])
+        self.db.execute(f"CREATE TABLE {table} ({columns})")
+        for offset, (name, sqltype, pythontype) in enumerate(attrs):
+            self.db.execute(
+                "INSERT INTO axiom_attributes VALUES (?, ?, 0, ?, 1, ?, ?, '')",
+                (typeID, offset, sqltype, pythontype, name),
+            )
+        self.types[typeName] = (typeID, table, [n for n, _, _ in attrs])
+
+    def insert(self, typeName: str, **values: Any) -> int:
+        """
+        Insert an item; return its storeID.
+        """
+        typeID, table, names = self.types[typeName]
+        oid = self.db.execute("INSERT INTO axiom_objects (type_id) VALUES (?)", (typeID,)).lastrowid
+        assert oid is not None
+        self.db.execute(
+            f"INSERT INTO {table} VALUES ({', '.join('?' * (len(names) + 1))})",
+            (oid, *[values[n] for n in names]),
+        )
+        return oid
+
+    def close(self) -> None:
+        self.db.commit()
+        self.db.close()
+
+
+class AxiomDataTests(SynchronousTestCase):
+    """
+    Stores written by Axiom keep their substores and pending events.
+    """
+
+    def test_axiomSiteAndUserStore(self) -> None:
+        """
+        A site store and a user store laid out by Axiom, with a substore, its
+        parent hook and pending timed events, open here, and the user
+        store's event runs through the hook when it is due.
+        """
+        when = 1_000_010 * 1_000_000
+        siteDir = FilePath(self.mktemp())
+        site = _AxiomDatabase(siteDir)
+        site.declare("substore", "axiom.substore", 1, [("storepath", "TEXT COLLATE NOCASE", "path")])
+        site.declare(
+            "axiom_subscheduler_parent_hook",
+            "axiom.scheduler",
+            4,
+            [("subStore", "INTEGER", "reference")],
+        )
+        site.declare(
+            "timed_event",
+            "axiom.scheduler",
+            1,
+            [("runnable", "INTEGER", "reference"), ("time", "INTEGER", "timestamp")],
+        )
+        ssID = site.insert("substore", storepath="account/alice.axiom")
+        hookID = site.insert("axiom_subscheduler_parent_hook", subStore=ssID)
+        site.insert("timed_event", runnable=hookID, time=when)
+        site.close()
+
+        user = _AxiomDatabase(siteDir.child("files").child("account").child("alice.axiom"))
+        user.declare(
+            "timed_event",
+            "axiom.scheduler",
+            1,
+            [("runnable", "INTEGER", "reference"), ("time", "INTEGER", "timestamp")],
+        )
+        user.declare(
+            Runnable.typeName,
+            Runnable.__module__,
+            Runnable.schemaVersion,
+            [(name, attr.sqltype, type(attr).__name__) for name, attr in Runnable.getSchema()],
+        )
+        rid = user.insert(Runnable.typeName, fail=0, interval=10, note="axiom", repeat=0, runs=0)
+        user.insert("timed_event", runnable=rid, time=when)
+        user.close()
+
+        clock = Clock()
+        clock.advance(1_000_000)
+        store = Store(siteDir, create=False)
+        self.addCleanup(store.close)
+        scheduler = IScheduler(store)
+        scheduler.clock = clock
+        scheduler.startService()
+        self.addCleanup(scheduler.stopService)
+        ss = store.getItemByID(ssID)
+        self.addCleanup(ss.close)
+        self.assertIsInstance(ss, SubStore)
+        self.assertIs(store.getItemByID(hookID).subStore, ss)
+        self.assertEqual(list(scheduler.scheduledTimes(store.getItemByID(hookID))), [_at(1_000_010)])
+        clock.advance(10)
+        self.assertEqual(ss.open().getItemByID(rid).runs, 1)
+        self.assertEqual(ss.open().query(TimedEvent).count(), 0)
+        self.assertEqual(store.query(TimedEvent).count(), 0)
