@@ -55,6 +55,7 @@ import inspect
 import ipaddress
 import os
 import pydoc
+import re
 import textwrap
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
@@ -1093,6 +1094,15 @@ def consoleHelper(function: _F) -> _F:
     return function
 
 
+def _words(name: str) -> str:
+    """
+    A counter's name as words: C{"callsServed"} is C{"calls served"}.
+    """
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", lambda m: " " + m.group(1).lower(), name).replace(
+        "_", " "
+    )
+
+
 def _firstLine(obj: object) -> str:
     doc = inspect.getdoc(obj) or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
@@ -1108,9 +1118,16 @@ def _bind(function: Callable[..., object], node: FractalNode) -> Callable[..., o
     def helper(*args: object, **kwargs: object) -> object:
         return _settled(function(node, *args, **kwargs))
 
+    # Shown by help(): the operator's arguments, without annotations.
     signature = inspect.signature(function)
-    parameters = list(signature.parameters.values())[1:]
-    setattr(helper, "__signature__", signature.replace(parameters=parameters))
+    parameters = [
+        parameter.replace(annotation=inspect.Parameter.empty)
+        for parameter in list(signature.parameters.values())[1:]
+    ]
+    plain = signature.replace(
+        parameters=parameters, return_annotation=inspect.Signature.empty
+    )
+    setattr(helper, "__signature__", plain)
     del helper.__wrapped__
     return helper
 
@@ -1183,7 +1200,7 @@ def stats(node: FractalNode) -> object:
 
     def summarize(counters: Mapping[str, object]) -> Summary:
         rows: list[tuple[str, object]] = [
-            (str(name).replace("_", " "), value) for name, value in counters.items()
+            (_words(str(name)), value) for name, value in counters.items()
         ]
         shipper = getattr(node, "shipper", None)
         if shipper is None:

@@ -17,16 +17,24 @@ from twisted.conch.ssh import keys
 from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.session import packRequest_pty_req
 from twisted.internet import reactor as globalReactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import EventLoggingObserver, MemoryReactor, StringTransport
+from twisted.internet.testing import (
+    EventLoggingObserver,
+    MemoryReactor,
+    MemoryReactorClock,
+    StringTransport,
+)
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from fractal.app import Application
+from fractal.keys import InvalidUserKey, slotForKey
 from fractal.manhole import (
+    HELPERS,
     AuthorizedKeysFile,
     ManholeConfigurationError,
     ManholeService,
@@ -34,8 +42,24 @@ from fractal.manhole import (
     UserList,
     _LineConsole,
     checkEndpoint,
+    consoleHelper,
+    consoleNamespace,
     loadOrCreateHostKey,
 )
+from fractal.node import FractalNode
+from fractal.routing.interfaces import NodeAddress
+from fractal.routing.topology import StaticTopology
+from fractal.store import Item, text
+
+
+class ManholeNote(Item):
+    """
+    An item written through the console in the tests.
+    """
+
+    typeName = "fractal_test_manhole_note"
+    schemaVersion = 1
+    body = text()
 
 
 def _newKey() -> keys.Key:
@@ -406,6 +430,175 @@ class LineConsoleTests(SynchronousTestCase):
         console.inputEnded()
         self.assertEqual(transport.value(), b"ran\n")
         self.assertEqual(statuses, [0])
+
+
+class NamespaceTests(SynchronousTestCase):
+    """
+    The console namespace of a real L{FractalNode} (over a memory reactor,
+    with real stores on disk).
+    """
+
+    def node(self, topology: StaticTopology | None = None) -> FractalNode:
+        return FractalNode(
+            MemoryReactorClock(),
+            Application("notes", powerups=[]),
+            FilePath(self.mktemp()),
+            "tcp:0:interface=127.0.0.1",
+            topology=topology,
+        )
+
+    def test_objects(self) -> None:
+        """
+        The node's objects are in the namespace; C{shipper} only when the
+        node has one.
+        """
+        node = self.node()
+        namespace = consoleNamespace(node)
+        self.assertIs(namespace["node"], node)
+        self.assertIs(namespace["app"], node.application)
+        self.assertIs(namespace["pool"], node.pool)
+        self.assertIs(namespace["topology"], node.topology)
+        self.assertNotIn("shipper", namespace)
+
+    def test_help(self) -> None:
+        """
+        C{help()} lists every object and helper with its arguments and what
+        it does, within 80 columns; C{help(obj)} gives obj's documentation.
+        """
+        namespace = consoleNamespace(self.node())
+        help: Any = namespace["help"]
+        listing = repr(help())
+        for expected in [
+            "node ",
+            "app ",
+            "pool ",
+            "topology ",
+            "where(user)",
+            "store(user)",
+            "users(limit=20)",
+            "stats()",
+            "shardmap()",
+            "help(obj)",
+        ]:
+            self.assertIn(expected, listing)
+        self.assertTrue(all(len(line) <= 80 for line in listing.splitlines()))
+        self.assertIn("Where a user lives", repr(help(namespace["where"])))
+
+    def test_whereAndStore(self) -> None:
+        """
+        C{where(user)} gives the user's slot, owner, epoch and whether its
+        store is open here; C{store(user)} opens it through the pool, and
+        what is written in its C{transact} is there.
+        """
+        node = self.node()
+        namespace = consoleNamespace(node)
+        where: Any = namespace["where"]
+        store: Any = namespace["store"]
+        before = where("alice")
+        self.assertEqual(before["slot"], slotForKey("alice"))
+        self.assertEqual((before["owner"], before["epoch"]), ("n1", 1))
+        self.assertEqual((before["local"], before["open"]), (True, False))
+        s = store("alice")
+        self.assertEqual(node.pool.openKeys(), ["alice"])
+        s.transact(lambda: ManholeNote(store=s, body="hello"))
+        self.assertEqual([n.body for n in s.query(ManholeNote)], ["hello"])
+        self.assertEqual(where("alice")["open"], True)
+        self.assertTrue(all(len(line) <= 80 for line in repr(where("alice")).splitlines()))
+
+    def test_invalidKey(self) -> None:
+        """
+        A key that is not valid is refused with the key module's error.
+        """
+        namespace = consoleNamespace(self.node())
+        where: Any = namespace["where"]
+        store: Any = namespace["store"]
+        self.assertRaises(InvalidUserKey, where, "")
+        self.assertRaises(InvalidUserKey, store, "../../etc/passwd\x00")
+
+    def test_storeOfAnotherNode(self) -> None:
+        """
+        C{store(user)} is refused for a user another node owns, naming it,
+        and no store is created here.
+        """
+        topology = StaticTopology(
+            "n1",
+            [
+                NodeAddress("n1", "tcp:host=127.0.0.1:port=1", "tcp:host=127.0.0.1:port=3"),
+                NodeAddress("n2", "tcp:host=127.0.0.1:port=2", "tcp:host=127.0.0.1:port=4"),
+            ],
+        )
+        node = self.node(topology)
+        shardMap = topology.currentMap()
+        user = next(f"u{i}" for i in range(1000) if shardMap.ownerOfKey(f"u{i}").node == "n2")
+        namespace = consoleNamespace(node)
+        store: Any = namespace["store"]
+        where: Any = namespace["where"]
+        error = self.assertRaises(ValueError, store, user)
+        self.assertIn("'n2'", str(error))
+        self.assertEqual(node.pool.openKeys(), [])
+        self.assertEqual(node.pool.knownKeys(10), [])
+        self.assertEqual((where(user)["owner"], where(user)["local"]), ("n2", False))
+
+    def test_users(self) -> None:
+        """
+        C{users(limit)} lists at most C{limit} users known on this node.
+        """
+        node = self.node()
+        namespace = consoleNamespace(node)
+        store: Any = namespace["store"]
+        users: Any = namespace["users"]
+        for name in ["alice", "bob", "carol"]:
+            store(name)
+        self.assertEqual(sorted(users()), ["alice", "bob", "carol"])
+        self.assertEqual(len(users(2)), 2)
+        self.assertTrue(repr(users()).startswith("3 users\n"))
+
+    def test_statsAndShardmap(self) -> None:
+        """
+        C{stats()} shows the node's counters in words and says when there is
+        no shipper; C{shardmap()} shows each node's share.
+        """
+        node = self.node()
+        namespace = consoleNamespace(node)
+        store: Any = namespace["store"]
+        stats: Any = namespace["stats"]
+        shardmap: Any = namespace["shardmap"]
+        store("alice")
+        summary = stats()
+        self.assertEqual(summary["open stores"], 1)
+        self.assertEqual(summary["calls served"], 0)
+        self.assertIn("no shipper", summary["shipping"])
+        self.assertTrue(all(len(line) <= 80 for line in repr(summary).splitlines()))
+        shares = shardmap()
+        self.assertEqual(shares["slots"], 4096)
+        self.assertIn("4096 slots (this node)", shares["node n1"])
+
+    def test_addHelper(self) -> None:
+        """
+        A function registered with L{consoleHelper} is offered, bound to the
+        node, and listed by C{help()}; a L{Deferred} it returns that has
+        fired is replaced by its result, a pending one is returned as is.
+        """
+        pending: Deferred[int] = Deferred()
+
+        @consoleHelper
+        def openCount(node: FractalNode, extra: int = 0) -> object:
+            """
+            How many stores are open, plus extra.
+            """
+            if extra < 0:
+                return pending
+            return succeed(len(node.pool.openKeys()) + extra)
+
+        self.addCleanup(HELPERS.pop, "openCount")
+        namespace = consoleNamespace(self.node())
+        helper: Any = namespace["openCount"]
+        help: Any = namespace["help"]
+        self.assertEqual(helper(), 0)
+        self.assertEqual(helper(extra=2), 2)
+        self.assertIs(helper(-1), pending)
+        self.assertIn("openCount(extra=0)", repr(help()))
+        self.assertIn("How many stores are open, plus extra.", repr(help()))
 
 
 # ---------------------------------------------------------------------------
