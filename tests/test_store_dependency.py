@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import Interface
 
@@ -27,6 +28,7 @@ from fractal.store.dependency import (
 from fractal.store.item import Item
 from fractal.store.store import Store
 from fractal.store.substore import SubStore
+from tests._axiomdb import _AxiomDatabase
 
 
 class IPowerStrip(Interface):
@@ -478,3 +480,71 @@ class RequiresFromSiteTests(SynchronousTestCase):
         Read on the class it is the descriptor itself.
         """
         self.assertIsInstance(UsesSite.thing, requiresFromSite)
+
+
+class AxiomDataTests(SynchronousTestCase):
+    """
+    Installations made by Axiom are read back.
+    """
+
+    def test_axiomInstallation(self) -> None:
+        """
+        A store laid out by Axiom with an item installed on it (Axiom's
+        dependency connector and powerup connector rows) opens here: the
+        installation is found and can be undone.
+        """
+        dbdir = FilePath(self.mktemp())
+        db = _AxiomDatabase(dbdir)
+        db.declare(
+            PowerStrip.typeName,
+            PowerStrip.__module__,
+            PowerStrip.schemaVersion,
+            [(name, attr.sqltype, type(attr).__name__) for name, attr in PowerStrip.getSchema()],
+        )
+        db.declare(
+            "axiom_dependency__dependencyconnector",
+            "axiom.dependency",
+            1,
+            [
+                ("explicitlyInstalled", "BOOLEAN", "boolean"),
+                ("installee", "INTEGER", "reference"),
+                ("target", "INTEGER", "reference"),
+            ],
+        )
+        db.declare(
+            "axiom_powerup_connector",
+            "axiom.item",
+            1,
+            [
+                ("interface", "TEXT COLLATE NOCASE", "text"),
+                ("item", "INTEGER", "reference"),
+                ("powerup", "INTEGER", "reference"),
+                ("priority", "INTEGER", "integer"),
+            ],
+        )
+        stripID = db.insert(PowerStrip.typeName, voltage=230)
+        db.insert(
+            "axiom_dependency__dependencyconnector", explicitlyInstalled=1, installee=stripID, target=-1
+        )
+        db.insert(
+            "axiom_powerup_connector",
+            interface=f"{IPowerStrip.__module__}.{IPowerStrip.__name__}",
+            item=-1,
+            powerup=stripID,
+            priority=0,
+        )
+        db.close()
+
+        store = Store(dbdir, create=False)
+        self.addCleanup(store.close)
+        strip = store.getItemByID(stripID)
+        self.assertIs(installedOn(strip), store)
+        self.assertIs(IPowerStrip(store), strip)
+        toaster = Toaster(store=store)
+        installOn(toaster, store)
+        self.assertIs(toaster.powerStrip, strip)
+        uninstallFrom(toaster, store)
+        self.assertIs(installedOn(strip), store)
+        uninstallFrom(strip, store)
+        self.assertIsNone(installedOn(strip))
+        self.assertIsNone(IPowerStrip(store, None))
