@@ -429,3 +429,49 @@ class HelperTests(SynchronousTestCase):
         Placeholder is importable from fractal.store.item.
         """
         self.assertEqual(repr(Placeholder(Plain)), "Placeholder(Plain)")
+
+
+class _Marker:
+    """
+    A foreign descriptor, as other modules (dependsOn) may put in a class.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.owner = owner
+        self.name = name
+
+    def __get__(self, oself: object, cls: object = None) -> object:
+        return self
+
+
+class _SpecialReference(reference):
+    """
+    A reference subclass, as dependsOn returns.
+    """
+
+
+class Decorated(Item):
+    """
+    Holds a foreign descriptor and a reference subclass.
+    """
+
+    marker = _Marker()
+    special = _SpecialReference()
+
+
+class ForeignDescriptorTests(SynchronousTestCase):
+    """
+    The item class machinery keeps what it does not know.
+    """
+
+    def test_foreignDescriptorKept(self) -> None:
+        """
+        An unknown descriptor stays in the class, bound to it by
+        __set_name__; a subclass of reference is a persistent attribute.
+        """
+        self.assertIs(Decorated.__dict__["marker"].owner, Decorated)
+        self.assertEqual([n for n, _ in Decorated.getSchema()], ["special"])
+        s = Store()
+        p = Plain(store=s, name="x")
+        d = Decorated(store=s, special=p)
+        self.assertIs(d.special, p)
