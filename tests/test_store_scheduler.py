@@ -158,6 +158,25 @@ class SiteSchedulerTests(SynchronousTestCase, _SiteFixture):
         other.advance(42)
         self.assertEqual(_SiteScheduler(Store(), clock=other).now(), _at(42))
 
+    def test_axiomStyleTestHooks(self) -> None:
+        """
+        Replacing a scheduler's C{now} and C{callLater} on the instance, as
+        Axiom's tests do, drives it too.
+        """
+        other = Clock()
+        other.advance(5_000_000)
+        scheduler = _SiteScheduler(Store())
+        scheduler.now = lambda: _at(other.seconds())  # type: ignore[method-assign]
+        scheduler.callLater = other.callLater  # type: ignore[method-assign]
+        scheduler.startService()
+        self.addCleanup(scheduler.stopService)
+        r = Runnable(store=scheduler.store)
+        scheduler.schedule(r, _at(5_000_030))
+        other.advance(29)
+        self.assertEqual(r.runs, 0)
+        other.advance(1)
+        self.assertEqual(r.runs, 1)
+
     def test_runAtTime(self) -> None:
         """
         An event runs when its time comes, not before, and is then deleted
