@@ -104,6 +104,9 @@ __all__ = [
     "Summary",
     "UserList",
     "checkEndpoint",
+    "checkKeysFile",
+    "manholeForNode",
+    "HOST_KEY_NAME",
     "loadOrCreateHostKey",
     "consoleHelper",
     "consoleNamespace",
@@ -117,6 +120,11 @@ _F = TypeVar("_F", bound=Callable[..., object])
 COLUMNS = 80
 """
 The width helper output is laid out for.
+"""
+
+HOST_KEY_NAME = "manhole_host_key"
+"""
+The name of the host key file in a node's data directory.
 """
 
 
@@ -225,10 +233,15 @@ def checkEndpoint(description: str, allowRemote: bool = False) -> None:
     )
 
 
-def _checkNotWritableByOthers(path: FilePath[str], what: str) -> None:
+def checkKeysFile(path: FilePath[str]) -> None:
     """
-    Refuse a key file that does not exist or that other users could change.
+    Refuse an C{authorized_keys} file that does not exist or that other users
+    could change (whoever can write it can log in).
+
+    @param path: the file.
+    @raise ManholeConfigurationError: saying what is wrong and how to fix it.
     """
+    what = "authorized keys file"
     try:
         mode = os.stat(path.path).st_mode
     except OSError as e:
@@ -868,7 +881,7 @@ class ManholeService(Service):
             C{allowRemote}, or the key file is missing or writable by others.
         """
         checkEndpoint(endpoint, allowRemote)
-        _checkNotWritableByOthers(authorizedKeys, "authorized keys file")
+        checkKeysFile(authorizedKeys)
         self.endpoint = endpoint
         self.authorizedKeys = authorizedKeys
         self.hostKey = hostKey
@@ -1294,3 +1307,33 @@ def consoleNamespace(
         f"txfractal manhole on node {node.nodeId!r}; help() lists the helpers."
     )
     return namespace
+
+
+def manholeForNode(
+    node: FractalNode,
+    endpoint: str,
+    authorizedKeys: FilePath[str],
+    allowRemote: bool = False,
+) -> ManholeService:
+    """
+    The Manhole of C{node}: its consoles get L{consoleNamespace}C{(node)},
+    its host key is L{HOST_KEY_NAME} in the node's data directory, and it
+    listens with the node's reactor.  Make it a child of the node with
+    C{setServiceParent(node)}.
+
+    @param node: the node.
+    @param endpoint: a server endpoint description.
+    @param authorizedKeys: the OpenSSH C{authorized_keys} file.
+    @param allowRemote: allow an endpoint other machines can reach.
+    @raise ManholeConfigurationError: as L{ManholeService} does.
+    """
+    service = ManholeService(
+        endpoint,
+        authorizedKeys,
+        node.dataDir.child(HOST_KEY_NAME),
+        lambda: consoleNamespace(node),
+        allowRemote=allowRemote,
+        reactor=node.reactor,
+    )
+    service.setName("manhole")
+    return service

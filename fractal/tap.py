@@ -234,6 +234,19 @@ class Options(usage.Options):
             f"The id of this node in the configuration file (default: {DEFAULT_NODE_ID}, "
             "or the file's only [[node]]).",
         ],
+        [
+            "manhole",
+            None,
+            None,
+            "Open the Manhole, an SSH Python console into the node, on this endpoint, "
+            "e.g. tcp:2222:interface=127.0.0.1 (default: off; see docs/manhole.rst).",
+        ],
+        [
+            "manhole-keys",
+            None,
+            None,
+            "The OpenSSH authorized_keys file of the operators who may log into the Manhole.",
+        ],
     ]
 
     optFlags: list[list[Any]] = [
@@ -241,6 +254,11 @@ class Options(usage.Options):
             "insecure-peers",
             None,
             "Allow plain TCP between nodes on addresses that are not loopback.",
+        ],
+        [
+            "manhole-allow-remote",
+            None,
+            "Let the Manhole listen on an interface that is not loopback.",
         ],
     ]
 
@@ -316,6 +334,33 @@ class Options(usage.Options):
                 "(for example --app examples.mailbox:application), or 'app' in --config"
             )
         self.application = resolveApplication(self["app"])
+        _checkManhole(self)
+
+
+def _checkManhole(options: Options) -> None:
+    """
+    Check the Manhole options: C{--manhole-keys} goes with C{--manhole}, the
+    endpoint is loopback unless C{--manhole-allow-remote}, and the keys file
+    exists and only its owner may write it.
+
+    @raise usage.UsageError: saying what to change.
+    """
+    from fractal.manhole import ManholeConfigurationError, checkEndpoint, checkKeysFile
+
+    if options["manhole"] is None:
+        if options["manhole-keys"] is not None:
+            raise usage.UsageError("--manhole-keys needs --manhole ENDPOINT")
+        return
+    if options["manhole-keys"] is None:
+        raise usage.UsageError(
+            "--manhole needs --manhole-keys FILE, an OpenSSH authorized_keys file "
+            "(the Manhole accepts public keys only)"
+        )
+    try:
+        checkEndpoint(options["manhole"], options["manhole-allow-remote"])
+        checkKeysFile(FilePath(os.path.abspath(options["manhole-keys"])))
+    except ManholeConfigurationError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def _topology(options: Options) -> ITopology | None:
@@ -432,6 +477,15 @@ def makeService(options: Options) -> IService:
     )
     if shipper is not None:
         shipper.serveNode(node)
+    if options["manhole"] is not None:
+        from fractal.manhole import manholeForNode
+
+        manholeForNode(
+            node,
+            options["manhole"],
+            FilePath(os.path.abspath(options["manhole-keys"])),
+            allowRemote=options["manhole-allow-remote"],
+        ).setServiceParent(node)  # type: ignore[no-untyped-call]
     if len(node.topology.currentMap().nodes) > 1:
         _joinCluster(options, node)
     else:

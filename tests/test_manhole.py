@@ -29,6 +29,7 @@ from twisted.internet.testing import (
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fractal.app import Application
@@ -47,6 +48,7 @@ from fractal.manhole import (
     loadOrCreateHostKey,
 )
 from fractal.node import FractalNode
+from fractal.tap import Options, makeService
 from fractal.routing.interfaces import NodeAddress
 from fractal.routing.topology import StaticTopology
 from fractal.store import Item, text
@@ -60,6 +62,14 @@ class ManholeNote(Item):
     typeName = "fractal_test_manhole_note"
     schemaVersion = 1
     body = text()
+
+
+notesApplication = Application("notes", powerups=[])
+"""
+An application with nothing to call, for building nodes in these tests.
+"""
+
+NOTES = "tests.test_manhole:notesApplication"
 
 
 def _newKey() -> keys.Key:
@@ -441,7 +451,7 @@ class NamespaceTests(SynchronousTestCase):
     def node(self, topology: StaticTopology | None = None) -> FractalNode:
         return FractalNode(
             MemoryReactorClock(),
-            Application("notes", powerups=[]),
+            notesApplication,
             FilePath(self.mktemp()),
             "tcp:0:interface=127.0.0.1",
             topology=topology,
@@ -599,6 +609,93 @@ class NamespaceTests(SynchronousTestCase):
         self.assertIs(helper(-1), pending)
         self.assertIn("openCount(extra=0)", repr(help()))
         self.assertIn("How many stores are open, plus extra.", repr(help()))
+
+
+class TapOptionsTests(SynchronousTestCase):
+    """
+    The C{--manhole} options of C{twistd fractal}, and their configuration
+    file keys.
+    """
+
+    def parse(self, *argv: str) -> Options:
+        options = Options()
+        options.parseOptions(["--app", NOTES, "--data", self.mktemp(), *argv])
+        return options
+
+    def test_offByDefault(self) -> None:
+        """
+        Without C{--manhole} the node has no Manhole.
+        """
+        node: Any = makeService(self.parse())
+        self.assertRaises(KeyError, node.getServiceNamed, "manhole")
+
+    def test_manholeChild(self) -> None:
+        """
+        C{--manhole} and C{--manhole-keys} add a Manhole service, named
+        C{manhole}, to the node, keeping its host key in the data directory.
+        """
+        keysFile = _authorizedKeysFile(self, _newKey())
+        options = self.parse(
+            "--manhole", "tcp:2222:interface=127.0.0.1", "--manhole-keys", keysFile.path
+        )
+        node: Any = makeService(options)
+        manhole = node.getServiceNamed("manhole")
+        self.assertIsInstance(manhole, ManholeService)
+        self.assertEqual(manhole.endpoint, "tcp:2222:interface=127.0.0.1")
+        self.assertEqual(manhole.authorizedKeys, keysFile)
+        self.assertEqual(manhole.hostKey, node.dataDir.child("manhole_host_key"))
+
+    def test_publicRefused(self) -> None:
+        """
+        A Manhole endpoint on every interface is a usage error naming the
+        flag; with C{--manhole-allow-remote} it is accepted.
+        """
+        keysFile = _authorizedKeysFile(self, _newKey()).path
+        error = self.assertRaises(
+            UsageError, self.parse, "--manhole", "tcp:2222", "--manhole-keys", keysFile
+        )
+        self.assertIn("--manhole-allow-remote", str(error))
+        options = self.parse(
+            "--manhole", "tcp:2222", "--manhole-keys", keysFile, "--manhole-allow-remote"
+        )
+        self.assertTrue(options["manhole-allow-remote"])
+
+    def test_keysRequired(self) -> None:
+        """
+        C{--manhole} without C{--manhole-keys}, C{--manhole-keys} without
+        C{--manhole}, or a keys file that does not exist, are usage errors.
+        """
+        self.assertRaises(UsageError, self.parse, "--manhole", "tcp:2222:interface=127.0.0.1")
+        keysFile = _authorizedKeysFile(self, _newKey()).path
+        self.assertRaises(UsageError, self.parse, "--manhole-keys", keysFile)
+        error = self.assertRaises(
+            UsageError,
+            self.parse,
+            "--manhole",
+            "tcp:2222:interface=127.0.0.1",
+            "--manhole-keys",
+            self.mktemp(),
+        )
+        self.assertIn("cannot be read", str(error))
+
+    def test_configFile(self) -> None:
+        """
+        The configuration file takes the same keys.
+        """
+        keysFile = _authorizedKeysFile(self, _newKey()).path
+        config = FilePath(self.mktemp())
+        config.setContent(
+            f"""app = "{NOTES}"
+manhole = "tcp:2222"
+manhole-keys = "{keysFile}"
+manhole-allow-remote = true
+""".encode()
+        )
+        options = self.parse("--config", config.path)
+        self.assertEqual(
+            (options["manhole"], options["manhole-keys"], options["manhole-allow-remote"]),
+            ("tcp:2222", keysFile, True),
+        )
 
 
 # ---------------------------------------------------------------------------
