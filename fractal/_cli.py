@@ -29,6 +29,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
         "fractal.routing.devcluster.DevClusterOptions",
         "Write (and run) a local development cluster of N nodes.",
     ),
+    ("db", "fractal.postgres.schema.DbOptions", "Create or upgrade a cluster's PostgreSQL tables."),
     ("restore", "fractal.durable.tool.RestoreOptions", "Restore one user's store from durable storage."),
     ("verify", "fractal.durable.tool.VerifyOptions", "Check that every chain in a durable backend restores."),
 ]

@@ -1,0 +1,236 @@
+# -*- test-case-name: tests.test_postgres_backend -*-
+"""
+L{PostgresBackend}: durable records in PostgreSQL, fenced by slot ownership
+in the same transaction.
+
+Each append is one transaction that:
+
+    1. locks the store's row in C{store_fences} (creating it at epoch 0), so
+       writers of one store take turns;
+    2. refuses the write (L{StaleEpoch}) if its epoch is lower than the
+       store's fenced epoch, or lower than the current epoch of the store's
+       slot in C{slot_owners} (read with C{FOR SHARE}, so a concurrent move of
+       the slot either commits first and is seen, or waits for the write);
+    3. checks the sequence against the newest record;
+    4. inserts the record and raises the store's fenced epoch.
+
+Step 2 is what makes a move of a slot and the durable writes of its stores
+serialise: once the transaction that moves a slot to epoch E+1 has committed,
+no write at epoch E of any store of that slot can commit, even for a store
+the new owner has not touched yet.  Without a cluster (no C{cluster} row) the
+slot check is skipped and the backend is a plain, fenced record store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from fractal.durable.filesystem import checkInfo, checkStoreName
+from fractal.durable.interfaces import (
+    IDurableBackend,
+    NoSuchRecord,
+    RecordInfo,
+    SequenceConflict,
+    StaleEpoch,
+)
+from fractal.postgres.connection import Database
+
+__all__ = ["PostgresBackend", "slotOfStore"]
+
+Cursor = psycopg.Cursor[Any]
+
+
+def slotOfStore(store: str, slots: int) -> int:
+    """
+    The slot of the store named C{store}: the same as
+    L{fractal.keys.slotForKey} of its key, since a store's name is the hex
+    SHA-256 of its key and a key's slot is taken from the first 8 bytes of
+    that hash.
+
+    @param store: a store name (see L{checkStoreName}).
+    @param slots: the cluster's slot count.
+    """
+    return int(checkStoreName(store)[:16], 16) % slots
+
+
+def _lockFence(cursor: Cursor, store: str) -> int:
+    """
+    Lock C{store}'s fence row, creating it at epoch 0, and return its epoch.
+    """
+    cursor.execute(
+        "INSERT INTO store_fences (store, epoch) VALUES (%s, 0) ON CONFLICT (store) DO NOTHING",
+        (store,),
+    )
+    cursor.execute("SELECT epoch FROM store_fences WHERE store = %s FOR UPDATE", (store,))
+    row = cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _slotEpoch(cursor: Cursor, store: str) -> int:
+    """
+    The current epoch of C{store}'s slot, share-locked for the rest of the
+    transaction; C{0} when there is no cluster or the slot has no owner yet.
+    """
+    cursor.execute("SELECT slots FROM cluster WHERE id = 1")
+    row = cursor.fetchone()
+    if row is None:
+        return 0
+    cursor.execute(
+        "SELECT epoch FROM slot_owners WHERE slot = %s FOR SHARE",
+        (slotOfStore(store, int(row[0])),),
+    )
+    row = cursor.fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _info(store: str, row: tuple[Any, ...]) -> RecordInfo:
+    seq, baseSeq, epoch, size, digest = row
+    return RecordInfo(
+        store=store,
+        epoch=int(epoch),
+        seq=int(seq),
+        baseSeq=int(baseSeq),
+        size=int(size),
+        digest=bytes(digest),
+    )
+
+
+_COLUMNS = "seq, base_seq, epoch, octet_length(data), digest"
+
+
+@implementer(IDurableBackend)
+class PostgresBackend:
+    """
+    Chains of records in the C{records} table of a cluster's schema.
+
+    @ivar database: the connection layer.
+    """
+
+    def __init__(self, database: Database) -> None:
+        """
+        @param database: the database; its schema must be initialised
+            (L{fractal.postgres.schema.initSchema}).
+        """
+        self.database = database
+
+    def append(self, info: RecordInfo, data: bytes) -> Deferred[None]:
+        def append(cursor: Cursor) -> None:
+            fenced = _lockFence(cursor, info.store)
+            current = max(fenced, _slotEpoch(cursor, info.store))
+            if info.epoch < current:
+                raise StaleEpoch(info.store, info.epoch, current)
+            cursor.execute(
+                "SELECT seq FROM records WHERE store = %s ORDER BY seq DESC LIMIT 1",
+                (info.store,),
+            )
+            row = cursor.fetchone()
+            if row is not None:
+                if info.seq != int(row[0]) + 1:
+                    raise SequenceConflict(
+                        f"store {info.store}: record {info.seq} does not follow "
+                        f"the newest stored record {row[0]}"
+                    )
+            elif not info.isSnapshot:
+                raise SequenceConflict(f"store {info.store}: the first record must be a snapshot")
+            cursor.execute(
+                "INSERT INTO records (store, seq, base_seq, epoch, digest, data) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                (info.store, info.seq, info.baseSeq, info.epoch, info.digest, data),
+            )
+            if info.epoch > fenced:
+                cursor.execute(
+                    "UPDATE store_fences SET epoch = %s WHERE store = %s",
+                    (info.epoch, info.store),
+                )
+
+        try:
+            checkInfo(info, data)
+        except ValueError as e:
+            return _failed(e)
+        return self.database.transact(append)
+
+    def fence(self, store: str, epoch: int) -> Deferred[None]:
+        def fence(cursor: Cursor) -> None:
+            current = _lockFence(cursor, store)
+            if epoch < current:
+                raise StaleEpoch(store, epoch, current)
+            if epoch > current:
+                cursor.execute(
+                    "UPDATE store_fences SET epoch = %s WHERE store = %s", (epoch, store)
+                )
+
+        return self._checked(store, fence)
+
+    def head(self, store: str) -> Deferred[RecordInfo | None]:
+        def head(cursor: Cursor) -> RecordInfo | None:
+            cursor.execute(
+                f"SELECT {_COLUMNS} FROM records WHERE store = %s ORDER BY seq DESC LIMIT 1",
+                (store,),
+            )
+            row = cursor.fetchone()
+            return None if row is None else _info(store, row)
+
+        return self._checked(store, head)
+
+    def records(self, store: str) -> Deferred[list[RecordInfo]]:
+        def records(cursor: Cursor) -> list[RecordInfo]:
+            cursor.execute(
+                f"SELECT {_COLUMNS} FROM records WHERE store = %s ORDER BY seq", (store,)
+            )
+            return [_info(store, row) for row in cursor.fetchall()]
+
+        return self._checked(store, records)
+
+    def read(self, store: str, seq: int) -> Deferred[bytes]:
+        def read(cursor: Cursor) -> bytes:
+            cursor.execute("SELECT data FROM records WHERE store = %s AND seq = %s", (store, seq))
+            row = cursor.fetchone()
+            if row is None:
+                raise NoSuchRecord(f"store {store} has no record {seq}")
+            return bytes(row[0])
+
+        return self._checked(store, read)
+
+    def prune(self, store: str, beforeSeq: int) -> Deferred[int]:
+        def prune(cursor: Cursor) -> int:
+            _lockFence(cursor, store)
+            cursor.execute(
+                "SELECT 1 FROM records WHERE store = %s AND seq = %s AND base_seq = 0",
+                (store, beforeSeq),
+            )
+            if cursor.fetchone() is None:
+                return 0
+            cursor.execute(
+                "DELETE FROM records WHERE store = %s AND seq < %s", (store, beforeSeq)
+            )
+            return cursor.rowcount
+
+        return self._checked(store, prune)
+
+    def stores(self) -> Deferred[list[str]]:
+        def stores(cursor: Cursor) -> list[str]:
+            cursor.execute(
+                "SELECT store FROM store_fences f WHERE f.epoch > 0 "
+                "OR EXISTS (SELECT 1 FROM records r WHERE r.store = f.store) ORDER BY store"
+            )
+            return [str(row[0]) for row in cursor.fetchall()]
+
+        return self.database.transact(stores)
+
+    def _checked(self, store: str, f: Any) -> Deferred[Any]:
+        try:
+            checkStoreName(store)
+        except ValueError as e:
+            return _failed(e)
+        return self.database.transact(f)
+
+
+def _failed(error: Exception) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
+    d.errback(error)
+    return d
