@@ -148,7 +148,7 @@ class StorePool:
         @param clock: the time source for idle closing.
         @param dataDir: the node's data directory.
         @param prepare: called with every store the pool opens, after its key
-            is checked, inside the opening transaction; its result is kept as
+            is checked; its result is kept as
             L{StoreLease.prepared}.  A node passes
             L{fractal.app.Application.installOn}.
         @param maxOpenStores: the most stores open at once; L{None} for
@@ -379,21 +379,20 @@ class StorePool:
     def _openLocal(self, key: str, dbdir: FilePath[str]) -> StoreLease:
         """
         Open (or create) the store at C{dbdir}, store or check its key, and
-        prepare it, in one transaction.
+        prepare it.
 
         @raise Overloaded: if the process has run out of descriptors.
         @raise StoreUnavailable: if the store cannot be opened or belongs to
             another key.
         """
         try:
-            dbdir.parent().makedirs(ignoreExistingDirectory=True)
             store = Store(dbdir)
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE):
                 raise Overloaded("the node has no file descriptors left; try again shortly")
             raise
         try:
-            prepared = store.transact(self._checkStore, store, key)
+            prepared = self._checkStore(store, key)
         except BaseException:
             store.close()
             raise
@@ -402,11 +401,12 @@ class StorePool:
     def _checkStore(self, store: Store, key: str) -> Any:
         """
         Record C{key} in a new store, or check that an existing one is
-        C{key}'s; then prepare it.  Runs in a transaction.
+        C{key}'s; then prepare it.  An existing store is only read (no write
+        transaction), so opening it stays cheap.
         """
         found = store.findFirst(UserKey)
         if found is None:
-            UserKey(store=store, key=key)
+            store.transact(lambda: store.findFirst(UserKey) or UserKey(store=store, key=key))
         elif found.key != key:
             raise StoreUnavailable(
                 "the store at this user's path belongs to another key; refusing to serve it"

@@ -287,16 +287,19 @@ class NodeProtocol(BinaryBoxProtocol):
 
     # -- framing limit ----------------------------------------------------
 
-    def stringReceived(self, string: bytes) -> None:
+    def proto_value(self, string: bytes) -> str:
         """
-        Count the bytes of the box being received; drop the connection when a
-        box grows beyond L{ServerLimits.maxBoxBytes}.
+        Count the bytes of the box being received, pair by pair; drop the
+        connection when a box grows beyond L{ServerLimits.maxBoxBytes}.  (The
+        one string still being framed is bounded by AMP's 16-bit lengths.)
         """
         if self._dropping:
-            return
-        self._boxBytes += len(string) + 2
+            return "key"
+        assert self._currentKey is not None
+        self._boxBytes += len(string) + len(self._currentKey) + 4
         if self._boxBytes > self.server.limits.maxBoxBytes:
             self._dropping = True
+            self._currentBox = AmpBox()
             self.log.warn(
                 "Dropping connection from {peer}: a box grew beyond {limit} bytes",
                 peer=self.transport.getPeer() if self.transport else None,
@@ -304,10 +307,9 @@ class NodeProtocol(BinaryBoxProtocol):
             )
             if self.transport is not None:
                 self.transport.loseConnection()
-            return
-        BinaryBoxProtocol.stringReceived(self, string)
-        if self._currentBox is None:
-            self._boxBytes = 0
+            return "key"
+        state: str = BinaryBoxProtocol.proto_value(self, string)
+        return state
 
     # -- IBoxReceiver -------------------------------------------------------
 
@@ -328,6 +330,9 @@ class NodeProtocol(BinaryBoxProtocol):
         """
         Route and run one call.
         """
+        self._boxBytes = 0
+        if self._dropping:
+            return
         server = self.server
         ask = box.get(ASK)
         name = box.get(COMMAND)
