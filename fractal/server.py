@@ -455,7 +455,7 @@ class NodeProtocol(BinaryBoxProtocol):
 
         try:
             result = lease.store.transact(call)
-        except BaseException:
+        except Exception:
             lease.release()
             self._finish(ask, self._responderErrorBox(ask, Failure(), responder, key))
             return

@@ -314,6 +314,33 @@ class StorePoolTests(SynchronousTestCase):
         self.successResultOf(pool.close())
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_descriptorLimit(self) -> None:
+        """
+        Under a real, low descriptor limit, the default pool size keeps the
+        process clear of C{EMFILE}: holding ever more stores ends in the
+        retryable L{Overloaded}, not in an C{OSError}, and the pool keeps
+        working.
+        """
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        inUse = len(FilePath("/proc/self/fd").listdir())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (inUse + 120, hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        pool = self.makePool()
+        self.assertEqual(pool.maxOpenStores, defaultMaxOpenStores())
+        held = []
+        for i in range(1000):
+            d = pool.acquire(f"user{i}")
+            result: list[Any] = []
+            d.addBoth(result.append)
+            if not isinstance(result[0], StoreLease):
+                result[0].trap(Overloaded)
+                break
+            held.append(result[0])
+        self.assertEqual(len(held), pool.maxOpenStores)
+        for lease in held:
+            lease.release()
+        self.acquire(pool, "one more").release()
+
     def test_badLimits(self) -> None:
         """
         A limit or timeout that is not positive is refused.

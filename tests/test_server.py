@@ -521,6 +521,25 @@ class ServerTests(SynchronousTestCase):
             self.successResultOf(d)
         self.assertEqual(self.call(CountNotes, user="other")["notes"], 0)
 
+    def test_manyUsersFewStores(self) -> None:
+        """
+        Ten times as many users as open stores are all served, their data
+        kept, while never more than C{maxOpenStores} stores are open.
+        """
+        client, _, pump = self.connect()
+        users = [f"user{i}" for i in range(10 * self.pool.maxOpenStores)]
+        for round in range(2):
+            for user in users:
+                d = callRemote(client, AddNote, user=user, body=user)
+                pump.flush()
+                self.successResultOf(d)
+                self.assertLessEqual(len(self.pool.openKeys()), self.pool.maxOpenStores)
+        for user in users:
+            d = callRemote(client, CountNotes, user=user)
+            pump.flush()
+            self.assertEqual(self.successResultOf(d), {"notes": 2, "added": 2})
+        self.assertEqual(sorted(self.pool.knownKeys(limit=1000)), sorted(users))
+
     def test_notOwner(self) -> None:
         """
         A call for a user whose slot another node owns is answered with
