@@ -381,8 +381,9 @@ class ServiceTests(SynchronousTestCase):
         """
         s = Store()
         try:
-            from fractal.store.scheduler import _schedulerFor  # noqa: F401
+            import fractal.store.scheduler as scheduler
         except ImportError:
             self.assertIsNone(IScheduler(s, None))
         else:
+            self.assertTrue(hasattr(scheduler, "_schedulerFor"))
             self.assertIs(IScheduler(s), IScheduler(s))

@@ -89,7 +89,7 @@ _MICROSECOND = datetime.timedelta(microseconds=1)
 _ZERO = datetime.timedelta()
 
 
-class Time(extime.Time):
+class Time(extime.Time):  # type: ignore[misc]
     """
     An L{epsilon.extime.Time} that can be hashed and ordered.
 
@@ -125,7 +125,8 @@ class Time(extime.Time):
     def __add__(self, addend: datetime.timedelta) -> Time:
         if not isinstance(addend, datetime.timedelta):
             raise TypeError("expected a datetime.timedelta instance")
-        return Time.fromDatetime(self._time + addend)
+        result: Time = Time.fromDatetime(self._time + addend)
+        return result
 
     def __sub__(self, other: Any) -> Any:
         if isinstance(other, extime.Time):
@@ -144,7 +145,8 @@ class Time(extime.Time):
         self = cls.__new__(cls)
         self._time = _EPOCH + datetime.timedelta(microseconds=microseconds)
         self.resolution = _ZERO
-        return self
+        result: Time = self
+        return result
 
     @classmethod
     def fromTime(cls, other: extime.Time) -> Time:
@@ -193,10 +195,10 @@ class _Comparable:
             raise TypeError("None/NULL does not work with %s comparison" % (op,))
         return _ValueComparison(self, op, other)
 
-    def __eq__(self, other: object) -> Any:  # type: ignore[override]
+    def __eq__(self, other: object) -> Any:
         return self._compare(other, "=")
 
-    def __ne__(self, other: object) -> Any:  # type: ignore[override]
+    def __ne__(self, other: object) -> Any:
         return self._compare(other, "!=")
 
     def __lt__(self, other: object) -> Any:
@@ -416,7 +418,7 @@ class _LikeComparison:
         pieces = []
         for p in self.parts:
             if IColumn.providedBy(p):
-                pieces.append(p.getColumnName(store))  # type: ignore[union-attr]
+                pieces.append(p.getColumnName(store))  # type: ignore[union-attr,unused-ignore]
             elif p is None:
                 pieces.append("NULL")
             else:
@@ -795,7 +797,7 @@ class bytes(SQLAttribute):
 
     def infilter(self, pyval: Any, oself: Any, store: Any) -> Any:
         if isinstance(pyval, _builtinBytes):
-            return _builtinBytes(pyval)
+            return _builtinBytes(pyval)  # type: ignore[call-arg,arg-type,unused-ignore]
         raise ConstraintError(self, "bytes", pyval)
 
 
@@ -1022,7 +1024,7 @@ class reference(integer):
         rt = self.reftype
         if rt is None or rt is cls:
             return True
-        return getattr(rt, "typeName", rt) == getattr(cls, "typeName", None)
+        return bool(getattr(rt, "typeName", rt) == getattr(cls, "typeName", None))
 
     def infilter(self, pyval: Any, oself: Any, store: Any) -> Any:
         kind = getattr(type(pyval), "_fKind", None)

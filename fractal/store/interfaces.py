@@ -11,6 +11,8 @@ L{fractal.store} treats those names as aliases of the interfaces defined here
 from __future__ import annotations
 
 from twisted.application.service import IService, IServiceCollection
+from typing import Any
+
 from zope.interface import Attribute, Interface
 
 __all__ = [
@@ -111,7 +113,7 @@ class IColumn(Interface):
     type = Attribute("The item class the column belongs to.")
     attrname = Attribute("The attribute name.")
 
-    def getColumnName(store: object) -> str:
+    def getColumnName(store: Any) -> str:
         """
         The qualified SQL name of the column.
         """
@@ -122,12 +124,12 @@ class IComparison(Interface):
     A condition in a query's C{WHERE} clause.
     """
 
-    def getQuery(store: object) -> str:
+    def getQuery(store: Any) -> str:
         """
         The SQL text of the condition, with C{?} placeholders.
         """
 
-    def getArgs(store: object) -> list[object]:
+    def getArgs(store: Any) -> list[Any]:
         """
         The values for the placeholders of L{getQuery}.
         """

@@ -132,7 +132,8 @@ class Empowered:
             raise NoCrossStoreReferences(
                 "%r cannot be a powerup of %r: they are not in the same store" % (powerup, self)
             )
-        store.transact(self._installPowerup, store, powerup, interface, priority)
+        target: Any = store
+        target.transact(self._installPowerup, store, powerup, interface, priority)
 
     def _installPowerup(self, store: Store, powerup: Any, interface: Any, priority: int) -> None:
         name = _qual(interface)
@@ -153,7 +154,7 @@ class Empowered:
         if interface is IService:
             aggregate = self._cachedAggregate()
             if aggregate is not None:
-                aggregate.addService(powerup)
+                aggregate.addService(powerup)  # type: ignore[no-untyped-call]
 
     def powerDown(self, powerup: Any, interface: Any = None) -> None:
         """
@@ -189,7 +190,7 @@ class Empowered:
         if interface is IService:
             aggregate = self._cachedAggregate()
             if aggregate is not None and powerup in list(aggregate):
-                aggregate.removeService(powerup)
+                aggregate.removeService(powerup)  # type: ignore[no-untyped-call]
 
     def inMemoryPowerUp(self, powerup: Any, interface: Any) -> None:
         """
@@ -228,7 +229,7 @@ class Empowered:
         for name in store._powerupInterfaceNames(storeID, powerup.storeID):
             name = axiomInterfaceNames.get(name, name)
             try:
-                yield namedAny(name)
+                yield namedAny(name)  # type: ignore[no-untyped-call]
             except (ImportError, AttributeError):
                 continue
 
@@ -355,7 +356,7 @@ class Item(Empowered):
         cls._fAttrs = tuple(a for _, a in schema)
         cls._fHidden = tuple(a.hidden for a in cls._fAttrs)
         cls._fTable = table
-        cls.storeID = _StoreIDColumn(cls, table)  # type: ignore[assignment]
+        cls.storeID = _StoreIDColumn(cls, table)
         cls._fSetters = {name: attr for name, attr in schema}
         allowed = {"__provides__"}
         for klass in reversed(cls.__mro__):
@@ -426,9 +427,9 @@ class Item(Empowered):
         store = kw.pop("store", None)
         setters = cls._fSetters
         for name, value in kw.items():
-            attr = setters.get(name)
-            if attr is not None:
-                attr._set(self, value)
+            setter = setters.get(name)
+            if setter is not None:
+                setter._set(self, value)
             elif name == "storeID":
                 raise AttributeError("storeID is assigned by the store and cannot be passed")
             else:
@@ -571,7 +572,7 @@ class Item(Empowered):
         found = d.get("_fInMemoryPowerups")
         if found is None:
             found = d["_fInMemoryPowerups"] = {}
-        return found  # type: ignore[no-any-return]
+        return found
 
     def _cachedAggregate(self) -> MultiService | None:
         return None
@@ -607,7 +608,8 @@ def empowerment(iface: InterfaceClass, priority: int = 0) -> Callable[[_T], _T]:
         cls.powerupInterfaces = tuple(getattr(cls, "powerupInterfaces", ())) + (  # type: ignore[attr-defined]
             (iface, priority),
         )
-        return implementer(iface)(cls)
+        result: _T = implementer(iface)(cls)
+        return result
 
     return decorate
 

@@ -65,7 +65,6 @@ class _RawComparison(_ValueComparison):
         return [self.value]
 
 
-@implementer(IQuery)
 class _BaseQuery:
     """
     What item, multiple-item and attribute queries share.
@@ -167,6 +166,7 @@ class _BaseQuery:
         raise NotImplementedError()
 
 
+@implementer(IQuery)
 class ItemQuery(_BaseQuery):
     """
     A query for items of one class.  It has no C{len()} and is always true,
@@ -316,6 +316,7 @@ class ItemQuery(_BaseQuery):
                 last = (final.__dict__[column.hidden], final.storeID)
 
 
+@implementer(IQuery)
 class MultipleItemQuery(_BaseQuery):
     """
     A query yielding tuples of items, one per class in C{tableClass}.
@@ -384,6 +385,7 @@ class MultipleItemQuery(_BaseQuery):
         )
 
 
+@implementer(IQuery)
 class AttributeQuery(_BaseQuery):
     """
     The values of one attribute of the items a query matches.
@@ -465,7 +467,7 @@ class AttributeQuery(_BaseQuery):
             return None
         places = self._places()
         if places is not None:
-            return float(result) / (10**places)
+            return float(result) / float(10**places)
         return float(result)
 
     def _extreme(self, function: str, default: Any) -> Any:

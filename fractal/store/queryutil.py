@@ -44,11 +44,11 @@ class AttributeTuple:
             raise ValueError("compare with a tuple of %d values" % (len(self.attributes),))
         return other
 
-    def __eq__(self, other: Any) -> Any:  # type: ignore[override]
+    def __eq__(self, other: Any) -> Any:
         other = self._check(other)
         return AND(*[a == v for a, v in zip(self.attributes, other)])
 
-    def __ne__(self, other: Any) -> Any:  # type: ignore[override]
+    def __ne__(self, other: Any) -> Any:
         other = self._check(other)
         return OR(*[a != v for a, v in zip(self.attributes, other)])
 

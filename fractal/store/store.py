@@ -599,7 +599,7 @@ class Store(Empowered):
         ]
         self._tablesCreated.append(key)
         self._referrersGeneration = -1
-        return typeID
+        return int(typeID)
 
     def _hasTable(self, cls: Any) -> bool:
         return (cls.typeName, cls.schemaVersion) in self._typeIDs
@@ -856,7 +856,7 @@ class Store(Empowered):
         ref_ = weakref.ref
         new = cls.__new__
         keys = ("_fstoreID",) + cls._fHidden
-        result = []
+        result: list[Any] = []
         append = result.append
         for row in rows:
             storeID = row[0]
@@ -1061,7 +1061,9 @@ class Store(Empowered):
                 except (UpgraderRecursion, NoUpgradePathAvailable, ItemUpgradeError):
                     raise
                 except Exception:
-                    raise ItemUpgradeError(Failure(), storeID, type(item), current)
+                    raise ItemUpgradeError(
+                        Failure(), storeID, type(item), current  # type: ignore[no-untyped-call]
+                    )
         finally:
             self._upgrading.discard(storeID)
         return item
@@ -1271,13 +1273,13 @@ class Store(Empowered):
 
     def _serviceAggregate(self) -> MultiService:
         if self._aggregate is None:
-            aggregate = MultiService()
+            aggregate = MultiService()  # type: ignore[no-untyped-call]
             if self.parent is None:
                 scheduler = IScheduler(self, None)
                 if scheduler is not None and IService.providedBy(scheduler):
-                    aggregate.addService(scheduler)
+                    aggregate.addService(scheduler)  # type: ignore[no-untyped-call]
             for service in self.powerupsFor(IService):
-                aggregate.addService(service)
+                aggregate.addService(service)  # type: ignore[no-untyped-call]
             self._aggregate = aggregate
         return self._aggregate
 
@@ -1293,7 +1295,7 @@ class Store(Empowered):
             return powerup
         if interface is IScheduler:
             try:
-                from fractal.store.scheduler import _schedulerFor  # type: ignore[attr-defined]
+                from fractal.store.scheduler import _schedulerFor
             except ImportError:
                 return None
             return _schedulerFor(self)
