@@ -314,3 +314,36 @@ class LayoutTests(SynchronousTestCase):
             <= indexes
         )
         s.close()
+
+
+class UnknownTypeTests(SynchronousTestCase):
+    """
+    Types whose code is missing.
+    """
+
+    def test_unknownType(self) -> None:
+        """
+        A stored type whose module cannot be imported does not stop the store
+        from opening (a warning is logged); loading one of its items raises
+        UnknownItemType, and other items still load.
+        """
+        from twisted.logger import globalLogPublisher
+        from twisted.internet.testing import EventLoggingObserver
+
+        from fractal.store.errors import UnknownItemType
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        path = FilePath(self.mktemp())
+        axiomStore(
+            path,
+            [
+                ("test_compat_gone", "no_such_module_anywhere", 1, [("x", "INTEGER", "integer", False)]),
+                NOTE_TYPE,
+            ],
+            [(0, 1, [1]), (1, 2, ["still here", 1, None, "\x02", None])],
+        )
+        s = Store(path)
+        self.assertRaises(UnknownItemType, s.getItemByID, 1)
+        self.assertEqual(s.getItemByID(2).body, "still here")
+        self.assertTrue(any(e.get("typeName") == "test_compat_gone" for e in events))
+        s.close()

@@ -294,3 +294,23 @@ class BatchInsertTests(SynchronousTestCase):
         )
         self.assertRaises(TypeError, s.batchInsert, Numbered, [Numbered.c], [(1,)])
         self.assertEqual(s.count(Numbered), 2)
+
+
+class DebugTests(SynchronousTestCase):
+    """
+    debug=True prints SQL.
+    """
+
+    def test_debugPrints(self) -> None:
+        """
+        Every statement is printed.
+        """
+        import io
+        import sys
+
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        s = Store(debug=True)
+        Note(store=s, title="x")
+        self.assertIn("INSERT INTO", out.getvalue())
+        self.assertTrue(s.debug)
