@@ -137,23 +137,42 @@ class PeerLinkTests(SynchronousTestCase):
         self.network.flush()
         self.assertEqual(len(self.seen), 1)
 
-    def test_ownerDown(self) -> None:
+    def test_ownerNotStartedYet(self) -> None:
         """
-        When the owner cannot be reached, a call fails at once with
-        L{OwnerUnavailable} naming the owner, and keeps failing fast until
-        the link comes back.
+        A peer that has never been reachable may simply not have started:
+        a call waits for the connect timeout at most, then fails with
+        L{OwnerUnavailable}; once the peer listens, calls go through after
+        the retry delay.
         """
         self.stopListening()
         self.start()
-        failure = self.failureResultOf(self.link.forward(callBox(b"1")), OwnerUnavailable)
+        d = self.link.forward(callBox(b"1"))
+        self.network.advance(1.9)
+        self.assertNoResult(d)
+        self.network.advance(0.1)
+        failure = self.failureResultOf(d, OwnerUnavailable)
         self.assertIn("'n2'", str(failure.value))
-        self.assertIn("cannot connect", str(failure.value))
+        self.assertIn("not connected within 2 s", str(failure.value))
+        d = self.link.forward(callBox(b"2"))
         self.network.listen(
             "n2", "n2/peer", Factory.forProtocol(lambda: _EchoServer("n2", self.seen))
         )
-        self.failureResultOf(self.link.forward(callBox(b"1")), OwnerUnavailable)
         self.network.advance(1.0)
         self.assertTrue(self.link.connected)
+        self.assertEqual(self.successResultOf(d)[b"_answer"], b"2")
+
+    def test_ownerDied(self) -> None:
+        """
+        Once a peer that was up cannot be reached, calls fail at once with
+        L{OwnerUnavailable} saying why, until the link comes back.
+        """
+        self.start()
+        self.network.cut("n2")
+        self.network.advance(1.0)
+        failure = self.failureResultOf(self.link.forward(callBox(b"1")), OwnerUnavailable)
+        self.assertIn("cannot connect", str(failure.value))
+        self.network.restore("n2")
+        self.network.advance(1.0)
         d = self.link.forward(callBox(b"2"))
         self.network.flush()
         self.assertEqual(self.successResultOf(d)[b"_answer"], b"2")

@@ -12,15 +12,17 @@ therefore needs none of the application's command classes.
 
 Each peer has one persistent connection kept up by a
 L{twisted.application.internet.ClientService} (reconnecting with backoff).
-A call for a peer that is known to be down fails at once with
-L{fractal.protocol.OwnerUnavailable}; a call on a link that is still
-connecting waits at most C{connectTimeout}; a call the peer does not answer
-within C{callTimeout} fails the same way.  Nothing here waits without a
+A call for a peer whose link was up and is now down (its connection was
+lost, and reconnecting fails) fails at once with
+L{fractal.protocol.OwnerUnavailable}; a call on a link that has not been up
+yet (peers start in any order) waits at most C{connectTimeout} for it; a
+call the peer does not answer within C{callTimeout} fails the same way.  Nothing here waits without a
 bound, and one slow or dead peer holds up only the calls for its own users.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Callable, Iterable
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -46,6 +48,7 @@ from fractal.routing.interfaces import ITopology, NodeAddress, ShardMap
 __all__ = [
     "DEFAULT_CALL_TIMEOUT",
     "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_RETRY_POLICY",
     "PeerLink",
     "PeerLinks",
     "EndpointFactory",
@@ -58,9 +61,24 @@ Seconds a forwarded call waits for the owner's answer before failing with
 L{OwnerUnavailable}.
 """
 
-DEFAULT_CONNECT_TIMEOUT = 2.0
+DEFAULT_CONNECT_TIMEOUT = 3.0
 """
-Seconds a forwarded call waits for a peer link that is still connecting.
+Seconds a forwarded call waits for a peer link that has not been up yet.
+Longer than the longest wait between reconnection attempts
+(L{DEFAULT_RETRY_POLICY}), so at least one attempt falls inside it.
+"""
+
+
+def _jitter() -> float:
+    return random.random() * 0.2
+
+
+DEFAULT_RETRY_POLICY = backoffPolicy(initialDelay=0.1, maxDelay=1.0, jitter=_jitter)
+"""
+Seconds before each reconnection attempt to a peer: from 0.1 growing to 1
+second, plus up to 0.2 seconds of jitter.  Attempts are cheap (a refused
+connection on a dead node), and a short wait means a restarted peer is used
+again quickly.
 """
 
 EndpointFactory = Callable[[NodeAddress], IStreamClientEndpoint]
@@ -176,13 +194,14 @@ class PeerLink:
         self._connectTimeout = connectTimeout
         self._receiver: _PeerClientReceiver | None = None
         self._down: str | None = None
+        self._everConnected = False
         self._nextTag = 0
         self._waiting: dict[bytes, tuple[bytes, Deferred[amp.AmpBox], IDelayedCall]] = {}
         self._queued: list[tuple[amp.AmpBox, Deferred[amp.AmpBox], IDelayedCall]] = []
         self.service = ClientService(
             _ObservedEndpoint(endpoint, self),  # type: ignore[arg-type]
             Factory.forProtocol(lambda: amp.BinaryBoxProtocol(_PeerClientReceiver(self))),
-            retryPolicy=retryPolicy or backoffPolicy(initialDelay=0.1, maxDelay=2.0),
+            retryPolicy=retryPolicy or DEFAULT_RETRY_POLICY,
             clock=clock,
         )
 
@@ -251,6 +270,7 @@ class PeerLink:
     def _connected(self, receiver: _PeerClientReceiver) -> None:
         self.log.info("peer link to {node} is up", node=self.node)
         self._receiver = receiver
+        self._everConnected = True
         self._down = None
         queued, self._queued = self._queued, []
         for box, d, timeout in queued:
@@ -258,6 +278,11 @@ class PeerLink:
             self._send(box, d)
 
     def _attemptFailed(self, reason: Failure) -> None:
+        if not self._everConnected:
+            # Peers start in any order: until a link has been up once, a
+            # refused attempt means "not started yet", and calls wait (for
+            # the connect timeout at most) for a later attempt.
+            return
         self._down = f"cannot connect: {reason.getErrorMessage()}"
         queued, self._queued = self._queued, []
         for _, d, timeout in queued:
