@@ -108,6 +108,7 @@ __all__ = [
     "manholeForNode",
     "HOST_KEY_NAME",
     "loadOrCreateHostKey",
+    "fingerprint",
     "consoleHelper",
     "consoleNamespace",
     "HELPERS",
@@ -256,6 +257,17 @@ def checkKeysFile(path: FilePath[str]) -> None:
         )
 
 
+def fingerprint(key: keys.Key) -> str:
+    """
+    The fingerprint of C{key} as OpenSSH shows it (C{ssh-keygen -l}):
+    C{SHA256:} and the unpadded base64 SHA-256 of the public key.
+
+    @param key: a public or private key.
+    """
+    digest: str = key.fingerprint(keys.FingerprintFormats.SHA256_BASE64)
+    return "SHA256:" + digest.rstrip("=")
+
+
 def loadOrCreateHostKey(path: FilePath[str]) -> keys.Key:
     """
     Load the Manhole's SSH host key from C{path}, generating an Ed25519 key
@@ -288,7 +300,7 @@ def loadOrCreateHostKey(path: FilePath[str]) -> keys.Key:
         temporary.moveTo(path)
         _log.info(
             "manhole: generated host key {fingerprint} in {path}",
-            fingerprint=key.fingerprint(keys.FingerprintFormats.SHA256_BASE64),
+            fingerprint=fingerprint(key),
             path=path.path,
         )
         return key
@@ -385,16 +397,13 @@ class _ManholeUserAuth(SSHUserAuthServer):
         if kind == b"none":
             return d
         peer = _peerOf(self.transport.transport)
-        fingerprint = "-"
+        offered = "-"
         if kind == b"publickey":
             try:
-                blob = getNS(data[1:], 2)[1]
-                fingerprint = keys.Key.fromString(blob).fingerprint(
-                    keys.FingerprintFormats.SHA256_BASE64
-                )
+                offered = fingerprint(keys.Key.fromString(getNS(data[1:], 2)[1]))
             except Exception:
-                fingerprint = "unparsable"
-        fields = dict(user=_text(user), peer=peer, method=_text(kind), fingerprint=fingerprint)
+                offered = "unparsable"
+        fields = dict(user=_text(user), peer=peer, method=_text(kind), fingerprint=offered)
 
         def succeeded(result: object) -> object:
             _log.info(
@@ -926,7 +935,7 @@ class ManholeService(Service):
                 "manhole listening on {endpoint}, host key {fingerprint}",
                 manhole="listening",
                 endpoint=self.endpoint,
-                fingerprint=key.fingerprint(keys.FingerprintFormats.SHA256_BASE64),
+                fingerprint=fingerprint(key),
             )
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:

@@ -45,6 +45,7 @@ from fractal.manhole import (
     checkEndpoint,
     consoleHelper,
     consoleNamespace,
+    fingerprint,
     loadOrCreateHostKey,
 )
 from fractal.node import FractalNode
@@ -827,7 +828,7 @@ class SSHLoginTests(TestCase):
         self.assertEqual(login["user"], "admin")
         self.assertEqual(
             login["fingerprint"],
-            self.clientKey.fingerprint(keys.FingerprintFormats.SHA256_BASE64),
+            fingerprint(self.clientKey),
         )
         lines = [event["line"] for event in self._events("line")]
         self.assertEqual(lines, ["answer + 1", "x = [answer]", "x * 2"])
@@ -858,7 +859,7 @@ class SSHLoginTests(TestCase):
         self.assertTrue(refused)
         self.assertEqual(
             refused[-1]["fingerprint"],
-            stranger.fingerprint(keys.FingerprintFormats.SHA256_BASE64),
+            fingerprint(stranger),
         )
         self.assertEqual(self._events("login"), [])
 
