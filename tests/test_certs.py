@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet import defer, reactor as _globalReactor
+from twisted.internet import defer
+from twisted.internet import reactor as _globalReactor
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP4ServerEndpoint,

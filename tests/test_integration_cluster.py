@@ -13,6 +13,7 @@ import socket
 import sys
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectionClosed, ProcessDone, ProcessTerminated
@@ -23,7 +24,6 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
-from OpenSSL import SSL
 
 from examples.mailbox import Deliver, Stats
 from fractal.certs import createAuthority, createNodeCertificate, loadCredentials

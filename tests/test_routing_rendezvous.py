@@ -10,7 +10,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from fractal.routing.rendezvous import rendezvousOwners, slotWeight
 
-
 PINNED = ("n2", "n1", "n2", "n1", "n2", "n3", "n1", "n1")
 
 

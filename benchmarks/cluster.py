@@ -1,0 +1,260 @@
+# -*- test-case-name: tests.test_integration_cluster -*-
+"""
+A three-node cluster against a single node, in one run on this machine.
+
+Three C{twistd -n fractal} node processes on loopback, from one generated
+config (plain TCP between nodes, as loopback allows), and one single node for
+reference, all serving the mailbox; a client in this process sends the
+mailbox C{Deliver} for a few hundred users, at 1 and at 50 outstanding calls,
+and reports throughput and p50/p99 latency for:
+
+    1. the single node (plain client);
+    2. the cluster through the smart client, each call sent straight to its
+       user's owner (L{fractal.routing.smart.ClusterClient});
+    3. the cluster through a plain client connected to one fixed node, so
+       two thirds of the calls are forwarded one hop to their owner.
+
+Targets: (3) p50 at most 2.0x (2) p50 (the cost of one hop); (2) throughput
+per node at least 0.9x (1).  All nodes run with C{--durable none}, so the
+figures are about routing, not shipping.  On a machine with fewer cores than
+processes (three nodes and a client), the per-node figure is bounded by CPU
+sharing, which the report shows beside the core count.
+
+Every phase is bounded in calls and in seconds.  Run:
+C{python3 benchmarks/cluster.py} (C{--quick} for a shorter run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Awaitable
+
+from twisted.internet import defer, task
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for path in (ROOT, HERE):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from node import (  # noqa: E402  (benchmarks/node.py, beside this file)
+    BODY,
+    SUBJECT,
+    Child,
+    Result,
+    drive,
+    freePort,
+    ratio,
+    verdict,
+)
+
+__all__ = ["main"]
+
+CONCURRENCY = (1, 50)
+USERS = 300
+NODES = ("n1", "n2", "n3")
+
+
+def _twistd() -> list[str]:
+    script = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.access(script, os.X_OK):
+        return [sys.executable, script]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def startCluster(workdir: str) -> dict[str, Child]:
+    """
+    Write a three-node config with free ports and start the nodes.
+    """
+    ports = {node: (freePort(), freePort()) for node in NODES}
+    lines = ['app = "examples.mailbox:application"', 'durable = "none"']
+    for node, (client, peer) in ports.items():
+        lines += [
+            "[[node]]",
+            f'id = "{node}"',
+            f'listen = "tcp:{client}:interface=127.0.0.1"',
+            f'peer = "tcp:host=127.0.0.1:port={peer}"',
+            f'data = "{os.path.join(workdir, node)}"',
+        ]
+    config = os.path.join(workdir, "cluster.toml")
+    with open(config, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    children = {}
+    for node, (client, _) in ports.items():
+        argv = _twistd() + ["-n", "--pidfile=", "fractal", "--config", config, "--node", node]
+        children[node] = Child(argv, client, os.path.join(workdir, f"{node}.log"))
+    return children
+
+
+def startSingle(workdir: str) -> Child:
+    """
+    Start the reference single node.
+    """
+    port = freePort()
+    argv = _twistd() + [
+        "-n",
+        "--pidfile=",
+        "fractal",
+        "--app",
+        "examples.mailbox:application",
+        "--data",
+        os.path.join(workdir, "single"),
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--durable",
+        "none",
+    ]
+    return Child(argv, port, os.path.join(workdir, "single.log"))
+
+
+async def measure(
+    reactor: Any, client: Any, seconds: float, maxCalls: int
+) -> dict[int, Result]:
+    """
+    Warm up (every user's store created), then measure at each concurrency.
+    """
+    from examples.mailbox import Deliver
+
+    def call(n: int) -> Awaitable[object]:
+        result: Awaitable[object] = client.callRemote(
+            Deliver,
+            user=f"user{n % USERS}@example.com",
+            sender="bob@example.com",
+            subject=SUBJECT,
+            body=BODY,
+        )
+        return result
+
+    await drive(reactor, call, 20, 30, USERS)
+    await drive(reactor, call, 10, min(0.5, seconds / 4), 2000)
+    results = {}
+    for outstanding in CONCURRENCY:
+        results[outstanding] = await drive(reactor, call, outstanding, seconds, maxCalls)
+    return results
+
+
+async def linked(reactor: Any, client: Any, deadline: float = 30.0) -> None:
+    """
+    Wait until calls for every user go through (peer links up).
+    """
+    from examples.mailbox import Stats
+
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            await defer.gatherResults(
+                [client.callRemote(Stats, user=f"probe{i}") for i in range(30)],
+                consumeErrors=True,
+            )
+            return
+        except Exception:
+            if time.monotonic() > end:
+                raise
+            await task.deferLater(reactor, 0.1, lambda: None)
+
+
+async def run(reactor: Any, options: argparse.Namespace) -> None:
+    from fractal.client import connect
+    from fractal.routing.smart import connectCluster
+
+    seconds = 1.5 if options.quick else 3.0
+    maxCalls = 6000 if options.quick else 30000
+    workdir = tempfile.mkdtemp(prefix="fractal-cluster-bench-")
+    rows: dict[str, dict[int, Result]] = {}
+    began = time.monotonic()
+    try:
+        single = startSingle(workdir)
+        try:
+            await single.ready(reactor)
+            client = connect(reactor, f"tcp:host=127.0.0.1:port={single.port}")
+            await linked(reactor, client)
+            rows["1"] = await measure(reactor, client, seconds, maxCalls)
+            await client.disconnect()
+        finally:
+            single.stop()
+        nodes = startCluster(workdir)
+        try:
+            for child in nodes.values():
+                await child.ready(reactor)
+            seed = f"tcp:host=127.0.0.1:port={nodes['n1'].port}"
+            plain = connect(reactor, seed)
+            await linked(reactor, plain)
+            smart = connectCluster(reactor, seed)
+            await linked(reactor, smart)
+            rows["2"] = await measure(reactor, smart, seconds, maxCalls)
+            rows["3"] = await measure(reactor, plain, seconds, maxCalls)
+            await smart.disconnect()
+            await plain.disconnect()
+        finally:
+            for child in nodes.values():
+                child.stop()
+    finally:
+        if not options.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    elapsed = time.monotonic() - began
+
+    names = {
+        "1": "(1) single node, plain client",
+        "2": "(2) 3 nodes, smart client (direct)",
+        "3": "(3) 3 nodes, plain client via n1",
+    }
+    print()
+    print(
+        f"txfractal cluster benchmark: loopback, {os.cpu_count()} CPUs, Python "
+        f"{sys.version.split()[0]}; mailbox Deliver, {USERS} users; "
+        f"each row up to {seconds:g} s or {maxCalls} calls"
+    )
+    print()
+    print(f"{'setup':40} {'outst.':>6} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'calls':>7}")
+    for key, name in names.items():
+        for outstanding, result in rows[key].items():
+            print(
+                f"{name:40} {outstanding:>6} {result.rate:>9.0f} {result.p50:>8.2f} "
+                f"{result.p99:>8.2f} {result.calls:>7}"
+            )
+
+    def get(key: str, outstanding: int, attribute: str) -> float:
+        value: float = getattr(rows[key][outstanding], attribute)
+        return value
+
+    def perNode(outstanding: int) -> float | None:
+        return ratio(get("2", outstanding, "rate") / len(NODES), get("1", outstanding, "rate"))
+
+    checks = [
+        ("(3)/(2) p50 at 1", ratio(get("3", 1, "p50"), get("2", 1, "p50")), 2.0, False),
+        ("(3)/(2) p50 at 50", ratio(get("3", 50, "p50"), get("2", 50, "p50")), 2.0, False),
+        ("(2) per node / (1), rate at 1", perNode(1), 0.9, True),
+        ("(2) per node / (1), rate at 50", perNode(50), 0.9, True),
+    ]
+    print()
+    print(f"{'target':32} {'measured':>9} {'target':>8}  verdict")
+    for label, value, target, atLeast in checks:
+        shown = "n/a" if value is None else f"{value:.2f}"
+        bound = ("≥ " if atLeast else "≤ ") + f"{target:g}"
+        print(f"{label:32} {shown:>9} {bound:>8}  {verdict(value, target, atLeast)}")
+    print(
+        f"(for scale: (2) total / (1) at 50 = "
+        f"{get('2', 50, 'rate') / get('1', 50, 'rate'):.2f}; "
+        f"{len(NODES)} nodes and this client share {os.cpu_count()} CPUs)"
+    )
+    print(f"\n(whole run: {elapsed:.0f} s)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """
+    Run the benchmark.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="shorter phases")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    options = parser.parse_args(argv)
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor, options)))
+
+
+if __name__ == "__main__":
+    main()
