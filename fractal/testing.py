@@ -15,6 +15,7 @@ from fractal.durable._memory import BackendUnavailable, MemoryDurableBackend
 from fractal.routing.harness import SimulatedCluster
 from fractal.routing.simulation import SimulatedNetwork
 from fractal.routing.topology import StaticTopology
+from fractal.store._fixtures import writeAxiomStore
 
 __all__: list[str] = [
     "BackendUnavailable",
@@ -24,4 +25,5 @@ __all__: list[str] = [
     "SimulatedCluster",
     "SimulatedNetwork",
     "StaticTopology",
+    "writeAxiomStore",
 ]

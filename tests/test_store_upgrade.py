@@ -403,3 +403,64 @@ class UpgradeTests(SynchronousTestCase):
         conn = sqlite3.connect(path.child("db.sqlite").path)
         self.assertEqual(conn.execute("SELECT value FROM item_test_upgrade_recursive_v1").fetchall(), [(1,)])
         conn.close()
+
+
+class OldNote(Item):
+    """
+    Version 2 of a note whose version 1 is written by the fixture harness.
+    """
+
+    typeName = "test_upgrade_fixture_note"
+    schemaVersion = 2
+    title = text()
+    shouted = text()
+    parent = reference()
+
+
+_OldNoteV1 = declareLegacyItem(
+    "test_upgrade_fixture_note", 1, {"title": text(), "parent": reference()}
+)
+registerUpgrader(
+    lambda old: old.upgradeVersion(
+        "test_upgrade_fixture_note", 1, 2, title=old.title, shouted=old.title.upper(), parent=old.parent
+    ),
+    "test_upgrade_fixture_note",
+    1,
+    2,
+)
+
+
+class FixtureHarnessTests(SynchronousTestCase):
+    """
+    L{fractal.testing.writeAxiomStore} writes stores at old versions.
+    """
+
+    def test_fixture(self) -> None:
+        """
+        Items written at version 1 (with a deleted row and references) are
+        upgraded when the store opens, keeping storeIDs and references.
+        """
+        from fractal.store._fixtures import writeAxiomStore
+
+        path = FilePath(self.mktemp())
+        ids = writeAxiomStore(
+            path,
+            [(_OldNoteV1, {"title": "root"}), (None, {}), (_OldNoteV1, {"title": "child", "parent": 1})],
+        )
+        self.assertEqual(ids, [1, None, 3])
+        s = Store(path)
+        self.addCleanup(s.close)
+        child = s.getItemByID(3)
+        self.assertEqual((child.title, child.shouted), ("child", "CHILD"))
+        self.assertIs(child.parent, s.getItemByID(1))
+        self.assertIsNone(s.getItemByID(2, None))
+
+    def test_unknownAttribute(self) -> None:
+        """
+        A value for an attribute the class lacks is refused.
+        """
+        from fractal.store._fixtures import writeAxiomStore
+
+        self.assertRaises(
+            AttributeError, writeAxiomStore, FilePath(self.mktemp()), [(_OldNoteV1, {"nope": 1})]
+        )
