@@ -101,8 +101,8 @@ class _ManualThreads:
 
 class FilesystemGroupCommitTests(SynchronousTestCase):
     """
-    Appends that arrive while a batch is being written are written together
-    as the next batch.
+    Appends that arrive while the most batches are being written are written
+    together as the next batch.
     """
 
     def test_batches(self) -> None:
@@ -112,7 +112,7 @@ class FilesystemGroupCommitTests(SynchronousTestCase):
         alone.
         """
         threads = _ManualThreads()
-        backend = FilesystemBackend(FilePath(self.mktemp()), threads)
+        backend = FilesystemBackend(FilePath(self.mktemp()), threads, maxBatches=1)
         names = [storeNameForKey(f"user{i}") for i in range(4)]
         first = backend.append(recordInfo(names[0], 1, 1, 0, b"a"), b"a")
         self.assertEqual(len(threads.queue), 1)

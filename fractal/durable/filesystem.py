@@ -120,16 +120,21 @@ class FilesystemBackend:
     @ivar root: the directory.
     """
 
-    def __init__(self, root: FilePath[str], runInThread: RunInThread | None = None) -> None:
+    def __init__(
+        self, root: FilePath[str], runInThread: RunInThread | None = None, maxBatches: int = 1,
+    ) -> None:
         """
         @param root: the directory; created when first written.
         @param runInThread: runs the blocking file work; the global reactor's
             thread pool by default.
+        @param maxBatches: how many batches of appends are written at the
+            same time, each in its own thread.
         """
         self.root = root
         self._run = runInThread if runInThread is not None else reactorThreads()
         self._pending: list[tuple[RecordInfo, bytes, Deferred[None]]] = []
-        self._batching = False
+        self._batching = 0
+        self._maxBatches = maxBatches
 
     def _dir(self, store: str) -> FilePath[str]:
         checkStoreName(store)
@@ -195,25 +200,24 @@ class FilesystemBackend:
         """
         See L{IDurableBackend.append}.
 
-        Appends arriving while a batch is being written wait for it and then
-        go together as the next batch, made durable by one C{syncfs(2)} of
+        Appends arriving while C{maxBatches} batches are being written wait
+        and then go together as the next batch, made durable by one C{syncfs(2)} of
         the backend's file system where there is one (group commit), instead
         of two C{fsync}s per record.
         """
         d: Deferred[None] = Deferred()
         self._pending.append((info, data, d))
-        if not self._batching:
-            self._nextBatch()
+        self._nextBatch()
         return d
 
     def _nextBatch(self) -> None:
         """
-        Write the pending appends as one batch, if no batch is being written;
-        each batch's end starts the next.
+        Write the pending appends as one batch, if fewer than C{maxBatches}
+        are being written; each batch's end starts the next.
         """
-        while self._pending and not self._batching:
+        while self._pending and self._batching < self._maxBatches:
             batch, self._pending = self._pending, []
-            self._batching = True
+            self._batching += 1
             state = {"dispatching": True}
 
             def done(outcomes: list[BaseException | None], batch: Any = batch) -> None:
@@ -228,7 +232,7 @@ class FilesystemBackend:
                     d.errback(failure)
 
             def finished(_: object, state: dict[str, bool] = state) -> None:
-                self._batching = False
+                self._batching -= 1
                 if not state["dispatching"]:
                     self._nextBatch()
 
@@ -249,20 +253,21 @@ class FilesystemBackend:
             it.
         """
         grouped = _syncfs is not None and len(items) > 1
-        outcomes: list[BaseException | None] = []
-        for info, data in items:
+
+        def write(item: tuple[RecordInfo, bytes]) -> BaseException | None:
+            info, data = item
             try:
                 checkInfo(info, data)
-                def appendOne(
-                    directory: FilePath[str], info: RecordInfo = info, data: bytes = data
-                ) -> None:
+
+                def appendOne(directory: FilePath[str]) -> None:
                     self._appendOne(directory, info, data, not grouped)
 
                 self._locked(info.store, appendOne)
             except Exception as e:
-                outcomes.append(e)
-            else:
-                outcomes.append(None)
+                return e
+            return None
+
+        outcomes = [write(item) for item in items]
         if grouped and None in outcomes:
             assert _syncfs is not None
             fd = os.open(self.root.path, os.O_RDONLY | os.O_DIRECTORY)

@@ -141,6 +141,10 @@ class _StoreState:
         self.failures = 0
         self.retryAt = 0.0
         self.fenced: StaleEpoch | None = None
+        self.queued = False
+        self.savedSeq = -1
+        self.savedAt = -1e18
+        self.takenAt = 0.0
         self.shipping: Deferred[None] | None = None
         self.waiters: list[tuple[int, Deferred[None]]] = []
 
@@ -200,6 +204,7 @@ class Shipper(Service):
         concurrency: int = 64,
         buildConcurrency: int = 4,
         lagWarning: float = 10.0,
+        saveInterval: float = 10.0,
     ) -> None:
         """
         @param backend: the durable backend.
@@ -222,6 +227,10 @@ class Shipper(Service):
             the same time; this bounds the memory images take.
         @param lagWarning: log a warning when the oldest unshipped commit is
             older than this many seconds.
+        @param saveInterval: the least seconds between writes of a store's
+            state file while it is open (it is always written when the store
+            closes and when the service stops); a state file that is behind
+            costs a snapshot after a crash, nothing else.
         """
         self.backend = backend
         self.interval = interval
@@ -233,13 +242,11 @@ class Shipper(Service):
         self._semaphore = DeferredSemaphore(concurrency)
         self._building = DeferredSemaphore(buildConcurrency)
         self._lagWarning = lagWarning
+        self._saveInterval = saveInterval
         self._states: dict[str, _StoreState] = {}
         self._fencedObservers: list[Callable[[str, StaleEpoch], None]] = []
         self._loop: LoopingCall | None = None
         self._immediate: IDelayedCall | None = None
-        self._cycle: Deferred[Any] | None = None
-        self._again = False
-        self._cycleWaiters: list[Deferred[None]] = []
         self._lastLagLog = -1e9
         self._lagging = False
 
@@ -301,7 +308,10 @@ class Shipper(Service):
                     bytesPending=lag.bytesPending,
                 )
 
-        return self.flush().addCallback(report)
+        def save(_: object) -> Deferred[Any]:
+            return DeferredList([self._saveState(state) for state in list(self._states.values())])
+
+        return self.flush().addCallback(save).addCallback(report)
 
     # IShipper
 
@@ -336,7 +346,9 @@ class Shipper(Service):
             self._forgetIfDone(state)
 
         state.retryAt = 0.0
-        return self._shipAfterCurrent(state).addBoth(closed)
+        d = self._shipAfterCurrent(state)
+        d.addCallback(lambda _: self._saveState(state))
+        return d.addBoth(closed)
 
     def _forgetIfDone(self, state: _StoreState) -> None:
         """
@@ -390,6 +402,8 @@ class Shipper(Service):
             state.dbdir = destination
             self._adopt(state, rebuilt.head, rebuilt.digests, rebuilt.pageSize,
                         rebuilt.chainLength, rebuilt.chainBytes, rebuilt.snapshotBytes)
+            state.savedSeq = rebuilt.head.seq
+            state.takenAt = record["takenAt"]
             self.log.info(
                 "Restored store {store} to record {seq} ({size} bytes)",
                 store=name,
@@ -426,20 +440,25 @@ class Shipper(Service):
 
     def flush(self) -> Deferred[None]:
         """
-        Run a ship cycle now (after the one in progress, if any) that ships
-        every dirty store regardless of back-off.
+        Ship every dirty store now, regardless of back-off, each after the
+        ship in progress for it, if any.
 
-        @return: fires when that cycle has finished; never fails.
+        @return: fires when those ships have finished; never fails.
         """
-        for state in self._states.values():
+        due = []
+        for state in list(self._states.values()):
             state.retryAt = 0.0
-        d: Deferred[None] = Deferred()
-        self._cycleWaiters.append(d)
-        self._startCycle()
-        return d
+            if state.dirty and state.fenced is None:
+                due.append(state)
+        d = DeferredList(
+            [self._semaphore.run(self._shipAfterCurrent, state) for state in due],
+            consumeErrors=True,
+        )
+        return d.addCallback(lambda _: None)
 
     def _tick(self) -> None:
-        self._startCycle()
+        self._shipDue()
+        self._reportLag()
 
     def _shipSoon(self) -> None:
         if self._immediate is None:
@@ -447,38 +466,29 @@ class Shipper(Service):
 
     def _immediateDue(self) -> None:
         self._immediate = None
-        self._startCycle()
+        self._shipDue()
 
-    def _startCycle(self) -> None:
-        if self._cycle is not None:
-            self._again = True
-            return
-        waiters, self._cycleWaiters = self._cycleWaiters, []
+    def _shipDue(self) -> None:
+        """
+        Start shipping every dirty store not being shipped already and not
+        backing off.  Ships of different calls overlap; each store has at
+        most one at a time, and its end starts the next when somebody waits.
+        """
         now = self._clock.seconds()
-        due = [
-            state
-            for state in list(self._states.values())
-            if state.dirty
-            and state.fenced is None
-            and state.retryAt <= now
-        ]
-        cycle: Deferred[Any] = Deferred()
-        self._cycle = cycle
+        for state in list(self._states.values()):
+            if (
+                state.dirty
+                and state.fenced is None
+                and state.shipping is None
+                and not state.queued
+                and state.retryAt <= now
+            ):
+                state.queued = True
+                self._semaphore.run(self._shipQueued, state)
 
-        def finished(_: object) -> None:
-            self._cycle = None
-            self._reportLag()
-            for d in waiters:
-                d.callback(None)
-            if self._again:
-                self._again = False
-                self._startCycle()
-
-        cycle.addBoth(finished)
-        DeferredList(
-            [self._semaphore.run(self._shipAfterCurrent, state) for state in due],
-            consumeErrors=True,
-        ).chainDeferred(cycle)
+    def _shipQueued(self, state: _StoreState) -> Deferred[None]:
+        state.queued = False
+        return self._shipStore(state)
 
     def _shipStore(self, state: _StoreState) -> Deferred[None]:
         """
@@ -509,10 +519,9 @@ class Shipper(Service):
                 self.backend.prune(state.name, built.info.seq).addErrback(
                     lambda f: self.log.failure("Cannot prune store {store}", f, store=state.name)
                 )
-            record = self._stateRecord(state.key, built.info, built.pageSize, state.chainLength,
-                                       state.chainBytes, state.snapshotBytes, built.takenAt)
-            dbdir, digests = state.dbdir, built.digests
-            await self._run(lambda: _writeState(dbdir, record, digests))
+            state.takenAt = built.takenAt
+            if not state.opens or self._clock.seconds() - state.savedAt >= self._saveInterval:
+                await self._saveState(state)
 
         def failed(failure: Failure) -> None:
             self._failed(state, failure)
@@ -553,6 +562,34 @@ class Shipper(Service):
             pages, digests = diffImage(image, pageSize, None)
             built = self._encode(state, epoch, pageSize, pages, digests, True, takenAt)
         return built
+
+    def _saveState(self, state: _StoreState) -> Deferred[None]:
+        """
+        Write C{state}'s state file if it does not describe the newest record
+        shipped.  Never fails.
+        """
+        if state.savedSeq == state.seq or state.digests is None or state.seq == 0:
+            return succeed(None)
+        record = self._stateRecord(
+            state.key,
+            RecordInfo(state.name, 0, state.seq, 0, 0, state.headDigest),
+            state.pageSize,
+            state.chainLength,
+            state.chainBytes,
+            state.snapshotBytes,
+            state.takenAt,
+        )
+        dbdir, digests, seq = state.dbdir, state.digests, state.seq
+
+        def saved(_: object) -> None:
+            state.savedSeq = seq
+            state.savedAt = self._clock.seconds()
+
+        d: Deferred[None] = self._run(lambda: _writeState(dbdir, record, digests))
+        return d.addCallback(saved).addErrback(
+            lambda f: self.log.failure("Cannot save the shipping state of {store}", f,
+                                       store=state.name)
+        )
 
     @staticmethod
     def _encode(
@@ -605,6 +642,8 @@ class Shipper(Service):
         ):
             self._adopt(state, head, saved["digests"], saved["pageSize"], saved["chainLength"],
                         saved["chainBytes"], saved["snapshotBytes"])
+            state.savedSeq = head.seq
+            state.takenAt = float(saved.get("takenAt", 0.0))
         else:
             # The chain moved on without this node knowing its pages: the
             # next record is a snapshot after the newest.
