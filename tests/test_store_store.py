@@ -314,3 +314,25 @@ class DebugTests(SynchronousTestCase):
         Note(store=s, title="x")
         self.assertIn("INSERT INTO", out.getvalue())
         self.assertTrue(s.debug)
+
+
+class DamagedTests(SynchronousTestCase):
+    """
+    A damaged database file gives a clear error and is left alone.
+    """
+
+    def test_notADatabase(self) -> None:
+        """
+        A db.sqlite that is not a database raises CannotOpenStore, keeps its
+        bytes, and does not stay registered as open.
+        """
+        path = FilePath(self.mktemp())
+        Store(path).close()
+        garbage = b"this is not a database" * 100
+        path.child("db.sqlite").setContent(garbage)
+        for suffix in ("-wal", "-shm"):
+            if path.child("db.sqlite" + suffix).exists():
+                path.child("db.sqlite" + suffix).remove()
+        self.assertRaises(errors.CannotOpenStore, Store, path)
+        self.assertRaises(errors.CannotOpenStore, Store, path)
+        self.assertEqual(path.child("db.sqlite").getContent(), garbage)

@@ -285,6 +285,9 @@ class Store(Empowered):
         try:
             self._connect(dbpath)
             self._startup()
+        except sqlite3.DatabaseError as e:
+            self._abandon()
+            raise CannotOpenStore("Cannot open the store at %s: %s" % (dbpath, e)) from e
         except BaseException:
             self._abandon()
             raise
