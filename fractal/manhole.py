@@ -65,11 +65,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.application.service import Service
 from twisted.conch import error as conchError
 from twisted.conch.avatar import ConchUser
-from twisted.conch.checkers import (
-    IAuthorizedKeysDB,
-    SSHPublicKeyChecker,
-    readAuthorizedKeyFile,
-)
+from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
 from twisted.conch.insults import insults
 from twisted.conch.interfaces import IConchUser, ISession
 from twisted.conch.manhole import ColoredManhole, ManholeInterpreter
@@ -79,7 +75,11 @@ from twisted.conch.ssh import keys
 from twisted.conch.ssh.common import getNS
 from twisted.conch.ssh.session import SSHSession, wrapProtocol
 from twisted.conch.ssh.connection import SSHConnection
-from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION, SSHServerTransport
+from twisted.conch.ssh.transport import (
+    DISCONNECT_BY_APPLICATION,
+    DISCONNECT_CONNECTION_LOST,
+    SSHServerTransport,
+)
 from twisted.conch.ssh.userauth import SSHUserAuthServer
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, succeed
@@ -345,8 +345,7 @@ class AuthorizedKeysFile:
         @param avatarId: the user name logging in (not used).
         """
         try:
-            with self.path.open("r") as f:
-                return list(readAuthorizedKeyFile(f))
+            content = self.path.getContent()
         except OSError as e:
             _log.error(
                 "manhole: cannot read authorized keys {path}: {error}",
@@ -354,6 +353,21 @@ class AuthorizedKeysFile:
                 error=e.strerror,
             )
             return []
+        found = []
+        for number, line in enumerate(content.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith(b"#"):
+                continue
+            try:
+                found.append(keys.Key.fromString(line))
+            except (keys.BadKeyError, ValueError):
+                _log.warn(
+                    "manhole: line {number} of {path} is not a plain public key"
+                    " (options are not supported); skipped",
+                    number=number,
+                    path=self.path.path,
+                )
+        return found
 
 
 # ---------------------------------------------------------------------------
@@ -387,6 +401,8 @@ class _ManholeUserAuth(SSHUserAuthServer):
     """
 
     transport: _ManholeTransport
+    loginTimeout = 120
+    attemptsBeforeDisconnect = 6
 
     def serviceStarted(self) -> None:
         self.clock = self.transport.factory.reactor
@@ -442,6 +458,13 @@ class _ManholeTransport(SSHServerTransport):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.factory.connections.discard(self)
         super().connectionLost(reason)
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        # A client closing its connection says so with a disconnect message:
+        # not an error worth an operator's attention.
+        if reasonCode in (DISCONNECT_BY_APPLICATION, DISCONNECT_CONNECTION_LOST):
+            return
+        super().receiveError(reasonCode, description)
 
 
 class _ManholeFactory(sshFactory.SSHFactory):
@@ -622,6 +645,9 @@ class _LineConsole(Protocol):
 
     @ivar echo: whether each line is written back after a prompt, making the
         output a readable transcript (true for shells, false for commands).
+
+    A command run with a terminal (C{ssh -t host 'stats()'}) gets C{\r\n}
+    line ends, which a terminal in raw mode needs.
     """
 
     maxLineLength = 65536
@@ -633,8 +659,10 @@ class _LineConsole(Protocol):
         peer: str,
         echo: bool,
         finished: Callable[[int], None],
+        terminal: bool = False,
     ) -> None:
         self.user, self.peer, self.echo = user, peer, echo
+        self._terminal = terminal
         self._namespace = namespace
         self._finished = finished
         self._buffer = b""
@@ -667,8 +695,10 @@ class _LineConsole(Protocol):
 
     def _write(self, data: bytes) -> None:
         if data and not self._done and self.transport is not None:
-            self.transport.write(data)
             self._atLineStart = data.endswith(b"\n")
+            if self._terminal:
+                data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            self.transport.write(data)
 
     def addOutput(self, data: bytes | str, isAsync: bool | None = None) -> None:
         """
@@ -797,7 +827,14 @@ class _ConsoleSession:
             reason = ProcessDone(None) if status == 0 else ProcessTerminated(exitCode=status)
             proto.processEnded(Failure(reason))
 
-        console = _LineConsole(namespace, self.avatar.user, self._peer(), echo, finished)
+        console = _LineConsole(
+            namespace,
+            self.avatar.user,
+            self._peer(),
+            echo,
+            finished,
+            terminal=self._size is not None,
+        )
         self._lineConsole = console
         console.makeConnection(proto)
         proto.makeConnection(wrapProtocol(console))

@@ -26,7 +26,8 @@ from twisted.internet.testing import (
     MemoryReactorClock,
     StringTransport,
 )
-from twisted.logger import globalLogPublisher
+from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.python.usage import UsageError
@@ -431,6 +432,19 @@ class LineConsoleTests(SynchronousTestCase):
         console, transport, statuses = self._console({}, echo=False)
         console.dataReceived(b"input()\n")
         self.assertIn(b"input() would block the node", transport.value())
+
+    def test_terminalLineEnds(self) -> None:
+        """
+        A command run with a terminal ends its lines with CR LF.
+        """
+        statuses: list[int] = []
+        console = _LineConsole({}, "admin", "127.0.0.1:1", False, statuses.append, True)
+        transport = StringTransport()
+        console.makeConnection(transport)
+        console.start()
+        console.dataReceived(b"print('a\\nb')\n")
+        console.inputEnded()
+        self.assertEqual(transport.value(), b"a\r\nb\r\n")
 
     def test_unfinishedBlock(self) -> None:
         """
@@ -933,6 +947,21 @@ class SSHLoginTests(TestCase):
         yield holder.ended
         lines = [event["line"] for event in self._events("line")]
         self.assertEqual(lines, ["gate", "answer * 2", "exit()"])
+
+    @inlineCallbacks
+    def test_clientDisconnectNotAnError(self) -> Any:
+        """
+        A client that closes its connection normally leaves no error in the
+        log.
+        """
+        yield self._session(b"answer")
+        # Let the client's disconnect message arrive.
+        for _ in range(20):
+            if not self.service._factory.connections:  # type: ignore[union-attr]
+                break
+            yield deferLater(globalReactor, 0.01, lambda: None)
+        errors = [e for e in self.log if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+        self.assertEqual(errors, [])
 
     @inlineCallbacks
     def test_stopClosesSessions(self) -> Any:
