@@ -64,6 +64,11 @@ from fractal.routing.interfaces import ITopology, SlotOwner
 
 __all__ = ["ServerLimits", "IForwarder", "FractalServer", "NodeProtocol"]
 
+_ROUTES_KEPT = 1 << 16
+"""
+The most user keys whose routing decision a server remembers.
+"""
+
 _MAX_DESCRIPTION = 1000
 """
 The longest error description sent, in characters.
@@ -175,6 +180,8 @@ class FractalServer:
         self._stopping = False
         self._drainWaiters: list[Deferred[None]] = []
         self._connections: set[NodeProtocol] = set()
+        self._routedMap: object = None
+        self._routes: dict[bytes, tuple[str, SlotOwner]] = {}
 
     def buildProtocol(self, addr: object, forwarding: bool = True) -> NodeProtocol:
         """
@@ -234,6 +241,34 @@ class FractalServer:
                 connection.transport.loseConnection()
 
     # -- called by NodeProtocol -------------------------------------------
+
+    def _route(self, raw: bytes) -> tuple[str, SlotOwner] | InvalidUserKey:
+        """
+        The user key in C{raw} and the owner of its slot, or why the key is
+        refused.
+
+        The answer for a key is remembered for as long as the topology's map
+        is the same object, so a busy user's calls skip decoding, validation
+        and hashing.
+        """
+        shardMap = self.topology.currentMap()
+        if shardMap is not self._routedMap:
+            self._routedMap = shardMap
+            self._routes.clear()
+        route = self._routes.get(raw)
+        if route is not None:
+            return route
+        try:
+            key = validateKey(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            return InvalidUserKey("user key is not valid UTF-8")
+        except InvalidUserKey as e:
+            return e
+        route = (key, shardMap.ownerOfKey(key))
+        if len(self._routes) >= _ROUTES_KEPT:
+            self._routes.clear()
+        self._routes[raw] = route
+        return route
 
     def _callDone(self, failed: bool) -> None:
         """
@@ -368,15 +403,11 @@ class NodeProtocol(BinaryBoxProtocol):
         if raw is None:
             self._refuse(ask, InvalidRequest("missing argument 'user'"))
             return
-        try:
-            key = validateKey(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            self._refuse(ask, InvalidUserKey("user key is not valid UTF-8"))
+        route = server._route(raw)
+        if isinstance(route, Exception):
+            self._refuse(ask, route)
             return
-        except InvalidUserKey as e:
-            self._refuse(ask, e)
-            return
-        owner = server.topology.currentMap().ownerOfKey(key)
+        key, owner = route
         if owner.node != server.topology.localNode:
             self._forward(box, ask, owner, key)
             return

@@ -553,6 +553,18 @@ class ServerTests(SynchronousTestCase):
         self.assertEqual(self.pool.openKeys(), [])
         self.assertEqual(self.call(CountNotes, user=_keyOwnedBy(topology, "n1"))["notes"], 0)
 
+    def test_newMapRoutesAgain(self) -> None:
+        """
+        Routing follows the topology's current map: a user served here is
+        answered L{NotOwner} once a new map gives the user's slot to another
+        node.
+        """
+        topology = _twoNodes()
+        key = _keyOwnedBy(topology, "n2")
+        self.assertEqual(self.call(CountNotes, user=key)["notes"], 0)
+        self.server.topology = topology
+        self.assertEqual(self.callFails(CountNotes, NotOwner, user=key).owner, "n2")  # type: ignore[attr-defined]
+
     def test_forward(self) -> None:
         """
         A call for another node's user is handed, as its raw box, to the
