@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -38,6 +39,8 @@ from fractal.certs import (
     InsecurePeers,
     NodeCredentials,
     checkPeerTransport,
+    clientServerFactory,
+    clientTLSCreator,
     createAuthority,
     createNodeCertificate,
     endpointHost,
@@ -299,3 +302,56 @@ class MutualTLSTests(TestCase):
             self.call(peerClientCreator(self.creds["n1"], "n2")), VerificationError
         )
         self.assertEqual(self.calls, [])
+
+
+class ClientTLSTests(TestCase):
+    """
+    Client-facing TLS with the same certificates: the client checks the
+    node id, no client certificate is needed.
+    """
+
+    @defer.inlineCallbacks
+    def test_clientTLS(self) -> Any:
+        """
+        A client trusting the cluster CA reaches a node listening with
+        L{clientServerFactory} when it expects that node's id, and refuses
+        a node with another id.
+        """
+        creds = makeCluster(FilePath(self.mktemp()), "n1")["n1"]
+        calls: list[int] = []
+
+        def build() -> amp.AMP:
+            proto = _Counting()
+            proto.calls = calls
+            return proto
+
+        factory = clientServerFactory(creds.certificate, Factory.forProtocol(build))
+        port = yield TCP4ServerEndpoint(_globalReactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+
+        @defer.inlineCallbacks
+        def call(nodeId: str) -> Any:
+            endpoint = wrapClientTLS(
+                clientTLSCreator(creds.authority, nodeId),
+                TCP4ClientEndpoint(_globalReactor, "127.0.0.1", port.getHost().port),
+            )
+            proto = yield connectProtocol(endpoint, amp.AMP())
+            lost: defer.Deferred[None] = defer.Deferred()
+            original = proto.connectionLost
+
+            def connectionLost(reason: object) -> None:
+                original(reason)
+                lost.callback(None)
+
+            proto.connectionLost = connectionLost
+            try:
+                result = yield proto.callRemote(Ping, n=5)
+            finally:
+                proto.transport.loseConnection()
+                yield lost
+            return result
+
+        result = yield call("n1")
+        self.assertEqual(result, {"n": 6})
+        yield self.assertFailure(call("n2"), VerificationError)
+        self.assertEqual(calls, [5])
