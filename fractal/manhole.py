@@ -73,8 +73,8 @@ from twisted.conch.manhole_ssh import TerminalSessionTransport
 from twisted.conch.ssh import factory as sshFactory
 from twisted.conch.ssh import keys
 from twisted.conch.ssh.common import getNS
-from twisted.conch.ssh.session import SSHSession, wrapProtocol
 from twisted.conch.ssh.connection import SSHConnection
+from twisted.conch.ssh.session import SSHSession, wrapProtocol
 from twisted.conch.ssh.transport import (
     DISCONNECT_BY_APPLICATION,
     DISCONNECT_CONNECTION_LOST,

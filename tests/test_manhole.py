@@ -20,13 +20,13 @@ from twisted.internet import reactor as globalReactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.internet.testing import (
     EventLoggingObserver,
     MemoryReactor,
     MemoryReactorClock,
     StringTransport,
 )
-from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -50,10 +50,10 @@ from fractal.manhole import (
     loadOrCreateHostKey,
 )
 from fractal.node import FractalNode
-from fractal.tap import Options, makeService
 from fractal.routing.interfaces import NodeAddress
 from fractal.routing.topology import StaticTopology
 from fractal.store import Item, text
+from fractal.tap import Options, makeService
 
 
 class ManholeNote(Item):
