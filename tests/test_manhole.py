@@ -34,6 +34,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fractal.app import Application
+from fractal.durable.shipper import Shipper
 from fractal.keys import InvalidUserKey, slotForKey
 from fractal.manhole import (
     HELPERS,
@@ -54,6 +55,7 @@ from fractal.routing.interfaces import NodeAddress
 from fractal.routing.topology import StaticTopology
 from fractal.store import Item, text
 from fractal.tap import Options, makeService
+from fractal.testing import MemoryDurableBackend
 
 
 class ManholeNote(Item):
@@ -597,6 +599,29 @@ class NamespaceTests(SynchronousTestCase):
         shares = shardmap()
         self.assertEqual(shares["slots"], 4096)
         self.assertIn("4096 slots (this node)", shares["node n1"])
+
+    def test_statsWithShipper(self) -> None:
+        """
+        With a shipper, C{shipper} is in the namespace and C{stats()} shows
+        the shipping lag: how old the oldest unshipped commit is, and how
+        many stores are behind.
+        """
+        clock = MemoryReactorClock()
+        dataDir = FilePath(self.mktemp())
+        shipper = Shipper(MemoryDurableBackend(), clock, storesDirectory=dataDir.child("stores"))
+        node = FractalNode(
+            clock, notesApplication, dataDir, "tcp:0:interface=127.0.0.1", shipper=shipper
+        )
+        shipper.serveNode(node)
+        namespace = consoleNamespace(node)
+        self.assertIs(namespace["shipper"], shipper)
+        store: Any = namespace["store"]
+        stats: Any = namespace["stats"]
+        s = store("alice")
+        s.transact(lambda: ManholeNote(store=s, body="unshipped"))
+        clock.advance(3)
+        summary = stats()
+        self.assertEqual((summary["lag seconds"], summary["stores behind"]), (3.0, 1))
 
     def test_addHelper(self) -> None:
         """
