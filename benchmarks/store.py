@@ -91,9 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short run")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run, for tests")
     options = parser.parse_args(argv)
     scale = 0.1 if options.quick else 1.0
     budget = 0.5 if options.quick else 3.0
+    if options.smoke:
+        scale, budget = 0.01, 0.05
     workdir = FilePath(tempfile.mkdtemp(prefix="fractal-bench-"))
     results: list[tuple[str, float, float]] = []
     try:
@@ -139,7 +142,7 @@ def _run(workdir: FilePath[str], scale: float, budget: float) -> list[tuple[str,
 
         store.transact(create)
 
-    count = max(3, int(30 * scale))
+    count = max(1, int(30 * scale))
     rawRate = _rate(rawThousand, count, budget) * 1000
     fractalRate = _rate(fractalThousand, count, budget) * 1000
     results.append(("(b) create 1,000 items in 1 transaction (items)", rawRate, fractalRate))
