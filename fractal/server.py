@@ -14,11 +14,10 @@ Each call runs in the user's store inside one transaction.  An exception the
 command does not declare rolls the transaction back and fails that call alone
 (L{CallFailed}); the connection and every other call carry on.
 
-Limits, each with a clear answer: the bytes of a box still being received
-(beyond L{ServerLimits.maxBoxBytes} the connection is dropped, as no call can
-be answered before its box is complete), the keys of one box
-(L{InvalidRequest}) and the calls outstanding on one connection
-(L{Overloaded}).
+Limits, each with a clear answer: the bytes of one box (beyond
+L{ServerLimits.maxBoxBytes} the rest of the box is skipped, not held, and the
+call answered L{InvalidRequest}), the keys of one box (L{InvalidRequest}) and
+the calls outstanding on one connection (L{Overloaded}).
 """
 
 from __future__ import annotations
@@ -81,8 +80,8 @@ class ServerLimits:
     What one connection may ask of a node.
 
     @ivar maxBoxBytes: the most bytes of one box (keys, values and their
-        length prefixes) buffered before it is complete.  A bigger box drops
-        its connection.
+        length prefixes).  The rest of a bigger box is skipped as it arrives,
+        and the call is answered L{InvalidRequest}.
     @ivar maxKeysPerBox: the most keys in one box, C{_command} and C{_ask}
         included; a call with more is answered L{InvalidRequest}.
     @ivar maxOutstanding: the most calls of one connection running at once;
@@ -318,33 +317,33 @@ class NodeProtocol(BinaryBoxProtocol):
         self.forwarding = forwarding
         self.outstanding = 0
         self._boxBytes = 0
-        self._dropping = False
+        self._oversized = False
 
     # -- framing limit ----------------------------------------------------
 
     def proto_value(self, string: bytes) -> str:
         """
-        Count the bytes of the box being received, pair by pair; drop the
-        connection when a box grows beyond L{ServerLimits.maxBoxBytes}.  (The
-        one string still being framed is bounded by AMP's 16-bit lengths.)
+        Count the bytes of the box being received, pair by pair.  Once a box
+        grows beyond L{ServerLimits.maxBoxBytes}, keep only its C{_ask} and
+        C{_command} and skip the rest of it, so it can be answered
+        L{InvalidRequest} without holding its bytes.  (The one string still
+        being framed is bounded by AMP's 16-bit lengths.)
         """
-        if self._dropping:
-            return "key"
-        assert self._currentKey is not None
-        self._boxBytes += len(string) + len(self._currentKey) + 4
-        if self._boxBytes > self.server.limits.maxBoxBytes:
-            self._dropping = True
-            self._currentBox = AmpBox()
-            self.log.warn(
-                "Dropping connection from {peer}: a box grew beyond {limit} bytes",
-                peer=self.transport.getPeer() if self.transport else None,
-                limit=self.server.limits.maxBoxBytes,
-            )
-            if self.transport is not None:
-                self.transport.loseConnection()
-            return "key"
-        state: str = BinaryBoxProtocol.proto_value(self, string)
-        return state
+        key = self._currentKey
+        assert key is not None and self._currentBox is not None
+        if not self._oversized:
+            self._boxBytes += len(string) + len(key) + 4
+            if self._boxBytes <= self.server.limits.maxBoxBytes:
+                state: str = BinaryBoxProtocol.proto_value(self, string)
+                return state
+            self._oversized = True
+            box = self._currentBox
+            self._currentBox = AmpBox({k: box[k] for k in (ASK, COMMAND) if k in box})
+        if key == ASK or key == COMMAND:
+            self._currentBox[key] = string
+        self._currentKey = None
+        self.MAX_LENGTH = self._MAX_KEY_LENGTH
+        return "key"
 
     # -- IBoxReceiver -------------------------------------------------------
 
@@ -366,11 +365,21 @@ class NodeProtocol(BinaryBoxProtocol):
         Route and run one call.
         """
         self._boxBytes = 0
-        if self._dropping:
-            return
         server = self.server
         ask = box.get(ASK)
         name = box.get(COMMAND)
+        if self._oversized:
+            self._oversized = False
+            self.log.warn(
+                "Refusing a box of more than {limit} bytes from {peer}",
+                limit=server.limits.maxBoxBytes,
+                peer=self.transport.getPeer() if self.transport else None,
+            )
+            self._refuse(
+                ask,
+                InvalidRequest(f"the box is larger than {server.limits.maxBoxBytes} bytes"),
+            )
+            return
         if name is None:
             # Not a call: an answer to something a node never asks.
             self.log.warn("Ignoring a box that is not a call: keys {keys}", keys=sorted(box))
@@ -452,7 +461,7 @@ class NodeProtocol(BinaryBoxProtocol):
         self.outstanding -= 1
         # Send before accounting: the last call of a drain lets the node
         # close its connections.
-        if ask is not None and self.transport is not None and not self._dropping:
+        if ask is not None and self.transport is not None:
             self.sendBox(box)
         self.server._callDone(ERROR_CODE in box)
 
@@ -579,7 +588,7 @@ class NodeProtocol(BinaryBoxProtocol):
         Answer a call that is not run with an error box.
         """
         self.server.callsFailed += 1
-        if ERROR in box and self.transport is not None and not self._dropping:
+        if ERROR in box and self.transport is not None:
             self.sendBox(box)
 
     def _frameworkErrorBox(

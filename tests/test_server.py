@@ -452,24 +452,43 @@ class ServerTests(SynchronousTestCase):
 
     def test_boxTooBig(self) -> None:
         """
-        A box growing beyond C{maxBoxBytes} before it is complete drops its
-        connection, and is logged; other connections carry on.
+        A box growing beyond C{maxBoxBytes} is not held: the rest of it is
+        skipped as it arrives, the call is answered L{InvalidRequest}, the
+        refusal is logged, and the connection carries on.
+        """
+        self.server.limits = ServerLimits(maxBoxBytes=10000)
+        client, proto, pump = self.connect()
+        d = callRemote(client, AddNote, user="alice", body="x" * 20000)
+        pump.flush()
+        self.assertIn("larger than 10000 bytes", str(self.failureResultOf(d, InvalidRequest).value))
+        self.assertIsNone(proto._currentBox)
+        after = callRemote(client, AddNote, user="alice", body="x" * 5000)
+        pump.flush()
+        self.successResultOf(after)
+
+    def test_boxTooBigHeldBytes(self) -> None:
+        """
+        While an oversized box is still arriving, the node keeps no more than
+        the limit (plus the one string being framed) of it, whatever the
+        order of its keys.
         """
         self.server.limits = ServerLimits(maxBoxBytes=10000)
         proto = self.server.buildProtocol(None)
         transport = StringTransport()
         proto.makeConnection(transport)
         value = b"v" * 4000
-        partial = b"".join(
-            len(k).to_bytes(2, "big") + k + len(value).to_bytes(2, "big") + value
-            for k in [b"a", b"b", b"c"]
-        )
-        proto.dataReceived(partial[:8100])
-        self.assertFalse(transport.disconnecting)
-        proto.dataReceived(partial[8100:])
-        self.assertTrue(transport.disconnecting)
+        pairs = [(b"A%d" % i, value) for i in range(50)]
+        pairs += [(b"_ask", b"5"), (b"_command", b"AddNote"), (b"user", b"alice")]
+        for k, v in pairs:
+            proto.dataReceived(len(k).to_bytes(2, "big") + k + len(v).to_bytes(2, "big") + v)
+            self.assertLessEqual(sum(map(len, proto._currentBox.values())), 10000)
         self.assertEqual(transport.value(), b"")
-        self.assertEqual(self.call(AddNote, user="alice", body="x" * 5000)["noteID"] > 0, True)
+        proto.dataReceived(b"\x00\x00")
+        [answer] = amp.parseString(transport.value())
+        self.assertEqual(answer[b"_error"], b"5")
+        self.assertEqual(answer[b"_error_code"], b"INVALID_REQUEST")
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.rawCall(amp.AmpBox(_command=b"CountNotes", _ask=b"6", user=b"alice"), proto)[b"notes"], b"0")
 
     def test_boxBytesCountedPerBox(self) -> None:
         """
@@ -526,6 +545,7 @@ class ServerTests(SynchronousTestCase):
         Ten times as many users as open stores are all served, their data
         kept, while never more than C{maxOpenStores} stores are open.
         """
+        self.pool.maxOpenStores = 2
         client, _, pump = self.connect()
         users = [f"user{i}" for i in range(10 * self.pool.maxOpenStores)]
         for round in range(2):
