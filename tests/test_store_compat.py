@@ -13,7 +13,19 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import Interface, implementer
 
-from fractal.store import Item, Store, Time, integer, reference, registerUpgrader, text, textlist, timestamp
+from fractal.store import (
+    AND,
+    Item,
+    Store,
+    Time,
+    compoundIndex,
+    integer,
+    reference,
+    registerUpgrader,
+    text,
+    textlist,
+    timestamp,
+)
 from fractal.store.item import _PowerupConnector
 
 # Axiom's schema, as its store module creates it (twisted/axiom _schema.py).
@@ -347,3 +359,49 @@ class UnknownTypeTests(SynchronousTestCase):
         self.assertEqual(s.getItemByID(2).body, "still here")
         self.assertTrue(any(e.get("typeName") == "test_compat_gone" for e in events))
         s.close()
+
+
+class Paired(Item):
+    """
+    Has a compound index.
+    """
+
+    typeName = "test_compat_paired"
+    first = text()
+    second = integer()
+    compoundIndex(first, second)
+
+
+class CompoundIndexTests(SynchronousTestCase):
+    """
+    compoundIndex.
+    """
+
+    def test_named(self) -> None:
+        """
+        A compound index is named after its columns, in order, and queries
+        use it.
+        """
+        s = Store()
+        Paired(store=s, first="a", second=1)
+        names = {r[0] for r in s.querySQL("SELECT name FROM sqlite_master WHERE type='index'")}
+        self.assertIn("axiomidx_test_compat_paired_v1_first_second", names)
+        plan = s.query(Paired, AND(Paired.first == "a", Paired.second == 1)).explain()
+        self.assertIn("axiomidx_test_compat_paired_v1_first_second", plan)
+
+
+class RawSQLTests(SynchronousTestCase):
+    """
+    querySQL and executeSQL.
+    """
+
+    def test_rawSQL(self) -> None:
+        """
+        executeSQL writes in a transaction and returns the rowid; querySQL
+        reads rows.
+        """
+        s = Store()
+        s.executeSQL("CREATE TABLE extra (x INTEGER)")
+        rowid = s.executeSQL("INSERT INTO extra (x) VALUES (?)", [5])
+        self.assertEqual(rowid, 1)
+        self.assertEqual(s.querySQL("SELECT x FROM extra"), [(5,)])

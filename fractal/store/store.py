@@ -1263,6 +1263,34 @@ class Store(Empowered):
             cur.execute(cls._fInsertSQL, (storeID, *values))
 
     # ------------------------------------------------------------------
+    # Raw SQL (Axiom's escape hatches)
+
+    def querySQL(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
+        """
+        Run a C{SELECT} (or another reading statement) and return its rows.
+        """
+        self._checkOpen()
+        rows: list[Any] = self._cursor.execute(sql, tuple(args)).fetchall()
+        return rows
+
+    def executeSQL(self, sql: str, args: Iterable[Any] = ()) -> int | None:
+        """
+        Run a writing statement in a transaction (the current one, if any)
+        and return the last inserted rowid.  Item objects are not told about
+        what it changes.
+        """
+        return self.transact(self._executeSQL, sql, tuple(args))
+
+    def _executeSQL(self, sql: str, args: tuple[Any, ...]) -> int | None:
+        if self._rejecting:
+            raise ChangeRejected("executeSQL in a commit hook")
+        self._cursor.execute(sql, args)
+        result: int | None = self._cursor.lastrowid
+        return result
+
+    createSQL = executeSQL
+
+    # ------------------------------------------------------------------
     # Powerups
 
     def _powerupTarget(self) -> tuple[Store | None, int | None]:
