@@ -404,3 +404,54 @@ class NotificationTests(SynchronousTestCase):
         self.assertTrue(n1.released, "n1 did not start handing off to the joining node")
         n1.stop()
         self.assertEqual(list(reactor.readers), [])
+
+
+class LocalCopyTests(SynchronousTestCase):
+    """
+    What a node may ship and serve of the slots it gains and loses.
+    """
+
+    def setUp(self) -> None:
+        self.database = makeDatabase(self)
+
+    def test_epochForKey(self) -> None:
+        """
+        L{PostgresTopology.epochForKey} gives the node's epoch for keys of
+        its own slots and refuses, with L{StaleEpoch}, keys of slots another
+        node owns, so a stale local copy is never shipped at someone else's
+        epoch.
+        """
+        n1 = _Node(self, self.database, "n1")
+        self.assertRaises(NotRegistered, n1.topology.epochForKey, "alice")
+        n1.start()
+        self.assertEqual(n1.topology.epochForKey("alice"), 1)
+        n2 = _Node(self, self.database, "n2")
+        n2.start()
+        _advance(LEASE, n1, n2)
+        rows = _rows(self.database)
+        for i in range(40):
+            key = f"user{i}"
+            node, epoch, _ = rows[slotOfStore(storeNameForKey(key), SLOTS)]
+            mine, other = (n1, n2) if node == "n1" else (n2, n1)
+            self.assertEqual(mine.topology.epochForKey(key), epoch)
+            error = self.assertRaises(StaleEpoch, other.topology.epochForKey, key)
+            self.assertEqual(error.current, epoch)
+
+    def test_gainedServedOnlyWhenPrepared(self) -> None:
+        """
+        A gained slot is not shown as the node's own until the Deferred of
+        its C{slotsGained} hook fires (its old local copies are being set
+        aside); then it is.
+        """
+        n1, n2 = _Node(self, self.database, "n1"), _Node(self, self.database, "n2")
+        n1.start()
+        n2.start()
+        _advance(LEASE, n1, n2)
+        hold: Deferred[None] = Deferred()
+        n1.topology.slotsGained = lambda slots: hold
+        n2.topology._loop.stop()  # type: ignore[union-attr]
+        _advance(LEASE * 2, n1)
+        self.assertEqual({n for n, _, _ in _rows(self.database).values()}, {"n1"})
+        self.assertIn("n2", n1.owners())
+        hold.callback(None)
+        self.assertEqual(set(n1.owners()), {"n1"})

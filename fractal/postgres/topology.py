@@ -72,9 +72,11 @@ from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred, succee
 from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from fractal.keys import DEFAULT_SLOTS
+from fractal.durable.interfaces import StaleEpoch
+from fractal.keys import DEFAULT_SLOTS, slotForKey, storeNameForKey
 from fractal.postgres.connection import Database, NotificationListener
 from fractal.routing.interfaces import ITopology, NodeAddress, ShardMap, SlotOwner
 from fractal.routing.rendezvous import rendezvousOwners
@@ -258,6 +260,10 @@ class PostgresTopology(Service):
     @ivar heartbeat: seconds between heartbeats (and coordination rounds, and
         map polls).
     @ivar coordinated: how many rounds this node has coordinated.
+    @ivar releaseSlots: the hook called before slots are given up (see
+        L{__init__}); settable until the service starts.
+    @ivar slotsGained: the hook called with gained slots (see L{__init__});
+        settable until the service starts.
     """
 
     log = Logger()
@@ -293,8 +299,9 @@ class PostgresTopology(Service):
             it ships their final changes, and the slots move when the
             L{Deferred} it returns fires.
         @param slotsGained: called with slots this node has just gained from
-            another node, before it serves them: its local copies of their
-            stores are stale.
+            another node: its local copies of their stores are stale.  The
+            node serves those slots once the L{Deferred} it returns (if any)
+            fires, so it can set the copies aside first.
         @raise TopologyError: for a malformed node id or settings.
         """
         checkNodeId(address.node)
@@ -313,13 +320,14 @@ class PostgresTopology(Service):
         self._reactor = reactor
         self._slots = slots
         self._maxMoves = maxMoves
-        self._releaseSlots = releaseSlots
-        self._slotsGained = slotsGained
+        self.releaseSlots = releaseSlots
+        self.slotsGained = slotsGained
         self._observers: list[Callable[[ShardMap], None]] = []
         self._snapshot: _Snapshot | None = None
         self._map: ShardMap | None = None
         self._owned: frozenset[int] = frozenset()
         self._releasing: set[int] = set()
+        self._preparing: dict[int, SlotOwner | None] = {}
         self._leaseDeadline = 0.0
         self._leaseRanOut = False
         self._leaseTimer: IDelayedCall | None = None
@@ -453,12 +461,29 @@ class PostgresTopology(Service):
         owned = frozenset(r.slot for r in snapshot.slots if r.node == self.localNode)
         gained = sorted(owned - self._owned)
         self._releasing &= owned
-        if gained and self._slotsGained is not None:
-            try:
-                self._slotsGained(gained)
-            except Exception:
-                self.log.failure("Preparing gained slots failed")
+        for slot in list(self._preparing):
+            if slot not in owned:
+                del self._preparing[slot]
         self._owned = owned
+        if gained and self.slotsGained is not None:
+            # Until they are prepared, calls for them go where they went.
+            previous = self._map
+            for slot in gained:
+                before = previous.owners[slot] if previous is not None else None
+                self._preparing[slot] = (
+                    before if before is not None and before.node != self.localNode else None
+                )
+            d = maybeDeferred(self.slotsGained, gained)
+
+            def prepared(result: object) -> None:
+                if isinstance(result, Failure):
+                    self.log.failure("Preparing gained slots failed", result)
+                for slot in gained:
+                    self._preparing.pop(slot, None)
+                if self._snapshot is not None:
+                    self._publish()
+
+            d.addBoth(prepared)
         self._publish()
         self._startHandoffs()
 
@@ -475,11 +500,17 @@ class PostgresTopology(Service):
         used = set(live)
         for r in snapshot.slots:
             owner = SlotOwner(r.node, r.epoch)
-            if r.node == self.localNode and (self._leaseRanOut or r.slot in self._releasing):
+            if r.node == self.localNode and (
+                self._leaseRanOut or r.slot in self._releasing or r.slot in self._preparing
+            ):
                 # Not serving it: show where its calls should go, at the
                 # current epoch (this node's final ships still carry it).
-                if r.target is not None and not self._leaseRanOut:
+                if r.target is not None and r.slot in self._releasing and not self._leaseRanOut:
                     owner = SlotOwner(r.target, r.epoch)
+                elif self._preparing.get(r.slot) is not None:
+                    before = self._preparing[r.slot]
+                    assert before is not None
+                    owner = SlotOwner(before.node, r.epoch)
                 elif elsewhere:
                     if fallback is None:
                         fallback = rendezvousOwners(elsewhere, self._slots)
@@ -500,6 +531,24 @@ class PostgresTopology(Service):
                 observer(shardMap)
             except Exception:
                 self.log.failure("Shard map observer failed")
+
+    def epochForKey(self, key: str) -> int:
+        """
+        The epoch at which this node owns C{key}'s slot, for the durable
+        writes of its store: the shipper's C{epochForKey}.  It stays this
+        node's epoch while the node hands the slot off, so its final ships
+        are accepted, and it is never another node's epoch, so a node never
+        ships a stale local copy of a store it does not own.
+
+        @raise StaleEpoch: if this node does not own the slot.
+        @raise NotRegistered: before the node has registered.
+        """
+        if self._snapshot is None:
+            raise NotRegistered(f"node {self.localNode!r} has not registered yet")
+        row = self._snapshot.slots[slotForKey(key, self._slots)]
+        if row.node != self.localNode:
+            raise StaleEpoch(storeNameForKey(key), 0, row.epoch)
+        return row.epoch
 
     def ownedSlots(self) -> frozenset[int]:
         """
@@ -651,7 +700,7 @@ class PostgresTopology(Service):
         self.log.info(
             "Node {node} handing off {count} slots", node=self.localNode, count=len(slots)
         )
-        d: Deferred[Any] = maybeDeferred(self._releaseSlots or (lambda s: None), slots)
+        d: Deferred[Any] = maybeDeferred(self.releaseSlots or (lambda s: None), slots)
         d.addCallback(lambda _: self._locked(lambda: self._database.transact(
             lambda c: self._releaseIn(c, slots))))
         d.addCallback(self._apply)
@@ -743,7 +792,7 @@ class PostgresTopology(Service):
         if self._snapshot is not None:
             self._publish()
         now = self._clock.seconds()
-        d: Deferred[Any] = maybeDeferred(self._releaseSlots or (lambda s: None), owned)
+        d: Deferred[Any] = maybeDeferred(self.releaseSlots or (lambda s: None), owned)
         d.addCallback(lambda _: self._locked(lambda: self._database.transact(
             lambda c: self._leaveIn(c, now))))
         d.addCallback(lambda snapshot: self._apply(snapshot))
