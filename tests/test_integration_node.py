@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectionDone, ConnectionLost, ProcessDone, ProcessTerminated
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.protocols import amp
@@ -527,20 +527,24 @@ class NodeIntegrationTests(TestCase):
         await refused(lambda: client.callRemote(Explode, user="alice"), CallFailed)
         self.assertEqual((await client.callRemote(Stats, user="alice"))["total"], 0)
 
-        # A box bigger than the node buffers: that connection is dropped;
-        # the others carry on.
+        # A box bigger than the node buffers: its bytes are skipped, not
+        # held, and the call is refused; that connection and the others
+        # carry on.
         huge = await connectProtocol(
             TCP4ClientEndpoint(reactor, "127.0.0.1", node.port, timeout=5), amp.AMP()
         )
-        lost = huge.callRemoteString(
-            b"Deliver", **{f"k{n}": b"v" * 65000 for n in range(20)}
-        )
         try:
-            await lost
-        except (ConnectionDone, ConnectionLost):
-            pass
+            await huge.callRemoteString(
+                b"Deliver", **{f"k{n}": b"v" * 65000 for n in range(20)}
+            )
+        except amp.RemoteAmpError as e:
+            self.assertEqual(e.errorCode, b"INVALID_REQUEST")
         else:
-            self.fail("a 1.3 MB box was answered")
+            self.fail("a 1.3 MB box was accepted")
+        self.assertEqual(
+            (await huge.callRemote(Stats, user="alice"))["total"], 0
+        )
+        huge.transport.loseConnection()
         await stillServing()
 
         # Too many keys in one box.
