@@ -69,7 +69,6 @@ from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
 from twisted.conch.insults import insults
 from twisted.conch.interfaces import IConchUser, ISession
 from twisted.conch.manhole import ColoredManhole, ManholeInterpreter
-from twisted.conch.manhole_ssh import TerminalSessionTransport
 from twisted.conch.ssh import factory as sshFactory
 from twisted.conch.ssh import keys
 from twisted.conch.ssh.common import getNS
@@ -84,7 +83,7 @@ from twisted.conch.ssh.userauth import SSHUserAuthServer
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python import components
@@ -782,6 +781,37 @@ class _LineConsole(Protocol):
             self._finished(1 if self.interpreter.errors else 0)
 
 
+@implementer(ITransport)
+class _TerminalTransport:
+    """
+    The transport of a terminal console: writes go to the session channel,
+    and closing ends the session with exit status 0, as a shell that exits
+    normally does.
+    """
+
+    disconnecting = False
+
+    def __init__(self, proto: Any, end: Callable[[int], None]) -> None:
+        self._proto = proto
+        self._end = end
+
+    def write(self, data: bytes) -> None:
+        self._proto.write(data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self._proto.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        self.disconnecting = True
+        self._end(0)
+
+    def getPeer(self) -> Any:
+        return self._proto.getPeer()
+
+    def getHost(self) -> Any:
+        return self._proto.getHost()
+
+
 @implementer(ISession)
 class _ConsoleSession:
     """
@@ -792,11 +822,27 @@ class _ConsoleSession:
     def __init__(self, avatar: _Console) -> None:
         self.avatar = avatar
         self._size: tuple[int, int] | None = None
-        self._terminal: TerminalSessionTransport | None = None
+        self._terminal: insults.ServerProtocol | None = None
         self._lineConsole: _LineConsole | None = None
+        self._closed = False
 
     def _peer(self) -> str:
         return _peerOf(self.avatar.conn.transport.transport)
+
+    def _ender(self, proto: Any) -> Callable[[int], None]:
+        """
+        A function ending the session with an exit status, once, and not
+        after the client closed the channel.
+        """
+
+        def end(status: int) -> None:
+            if self._closed:
+                return
+            self._closed = True
+            reason = ProcessDone(None) if status == 0 else ProcessTerminated(exitCode=status)
+            proto.processEnded(Failure(reason))
+
+        return end
 
     def getPty(self, term: bytes, windowSize: tuple[int, ...], modes: object) -> None:
         rows, columns = windowSize[0], windowSize[1]
@@ -808,13 +854,12 @@ class _ConsoleSession:
             self._attachLineConsole(proto, namespace, echo=True, command=None)
             return
         width, height = self._size
-        self._terminal = TerminalSessionTransport(
-            proto,
-            insults.ServerProtocol(_ColorConsole, namespace, self.avatar.user, self._peer()),
-            self.avatar,
-            width,
-            height,
-        )
+        terminal = insults.ServerProtocol(_ColorConsole, namespace, self.avatar.user, self._peer())
+        terminal.makeConnection(_TerminalTransport(proto, self._ender(proto)))
+        proto.makeConnection(wrapProtocol(terminal))
+        console: Any = terminal.terminalProtocol
+        console.terminalSize(width, height)
+        self._terminal = terminal
 
     def execCommand(self, proto: Any, command: bytes) -> None:
         namespace = self.avatar.namespace()
@@ -823,16 +868,12 @@ class _ConsoleSession:
     def _attachLineConsole(
         self, proto: Any, namespace: dict[str, object], echo: bool, command: bytes | None
     ) -> None:
-        def finished(status: int) -> None:
-            reason = ProcessDone(None) if status == 0 else ProcessTerminated(exitCode=status)
-            proto.processEnded(Failure(reason))
-
         console = _LineConsole(
             namespace,
             self.avatar.user,
             self._peer(),
             echo,
-            finished,
+            self._ender(proto),
             terminal=self._size is not None,
         )
         self._lineConsole = console
@@ -848,15 +889,17 @@ class _ConsoleSession:
     def windowChanged(self, newWindowSize: tuple[int, ...]) -> None:
         if self._terminal is not None:
             rows, columns = newWindowSize[0], newWindowSize[1]
-            self._terminal.chainedProtocol.terminalProtocol.terminalSize(columns, rows)
+            console: Any = self._terminal.terminalProtocol
+            console.terminalSize(columns, rows)
 
     def eofReceived(self) -> None:
         if self._lineConsole is not None:
             self._lineConsole.inputEnded()
         elif self._terminal is not None:
-            self._terminal.chainedProtocol.loseConnection()
+            self._terminal.loseConnection()
 
     def closed(self) -> None:
+        self._closed = True
         self._lineConsole = None
         self._terminal = None
 

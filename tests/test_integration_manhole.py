@@ -28,6 +28,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from examples.mailbox import Deliver
 from fractal.client import connect
+from fractal.keys import slotForKey
 from tests.test_integration_node import MAILBOX, STARTUP_SECONDS, NodeProcess
 
 SSH_SECONDS = 30.0
@@ -136,7 +137,11 @@ class ManholeIntegrationTests(TestCase):
         raise AssertionError(f"the manhole did not start listening:\n{node.describe()}")
 
     async def _ssh(
-        self, stdin: bytes, *command: str, key: FilePath[str] | None = None
+        self,
+        stdin: bytes,
+        *command: str,
+        key: FilePath[str] | None = None,
+        options: tuple[str, ...] = (),
     ) -> tuple[int | None, str, str]:
         """
         Run the OpenSSH client against the Manhole, as an operator would,
@@ -165,6 +170,7 @@ class ManholeIntegrationTests(TestCase):
             "LogLevel=ERROR",
             "-o",
             "ConnectTimeout=10",
+            *options,
             "admin@127.0.0.1",
             *command,
         ]
@@ -235,6 +241,15 @@ class ManholeIntegrationTests(TestCase):
             code, out, err = await self._ssh(b"", 'store("")')
             self.assertEqual(code, 1)
             self.assertIn("InvalidUserKey", out)
+
+            # With a terminal (forced with -tt, as stdin is a pipe here): the
+            # colour REPL, its escape sequences, and CR LF line ends.
+            code, out, err = await self._ssh(
+                b'where("alice")["slot"] + 1000000\r\x04', options=("-tt",)
+            )
+            self.assertEqual(code, 0, out + err)
+            self.assertIn("\x1b[", out)
+            self.assertIn(f"{slotForKey('alice') + 1000000}\r\n", out)
 
             # The session's logins and lines are in the node's log.
             log = node.log.getContent().decode("utf-8", "replace")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -785,6 +786,7 @@ class _TerminalChannel(SSHChannel):
         super().__init__(**kw)
         self.collector = collector
         self.opened: Deferred[None] = Deferred()
+        self.exitStatus: int | None = None
 
     def channelOpen(self, data: bytes) -> None:
         pty = packRequest_pty_req(b"xterm", (24, 80, 0, 0), b"")
@@ -794,6 +796,10 @@ class _TerminalChannel(SSHChannel):
 
     def dataReceived(self, data: bytes) -> None:
         self.collector.dataReceived(data)
+
+    def request_exit_status(self, data: bytes) -> int:
+        (self.exitStatus,) = struct.unpack(">L", data)
+        return 1
 
     def closed(self) -> None:
         self.collector.connectionLost(None)
@@ -968,6 +974,7 @@ class SSHLoginTests(TestCase):
         self.assertIn(b"\x1b[", screen.output)
         plain = _ESCAPES.sub(b"", screen.output)
         self.assertIn(b"84\r\n", plain)
+        self.assertEqual(channel.exitStatus, 0)
         self.gate.callback("done")
         yield holder.ended
         lines = [event["line"] for event in self._events("line")]
