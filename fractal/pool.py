@@ -23,6 +23,7 @@ a store before closing it.
 from __future__ import annotations
 
 import errno
+import os
 import resource
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
@@ -77,6 +78,20 @@ def defaultMaxOpenStores(
         soft = 1 << 20
     reserve = max(64, soft // 4)
     return max(1, (soft - reserve) // FDS_PER_STORE)
+
+
+def _outOfDescriptors() -> bool:
+    """
+    Whether the process cannot open another file now (C{EMFILE} or
+    C{ENFILE}): SQLite reports that only as "unable to open database file",
+    so a failed open asks the system directly.
+    """
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    except OSError as e:
+        return e.errno in (errno.EMFILE, errno.ENFILE)
+    os.close(fd)
+    return False
 
 
 class UserKey(Item):
@@ -387,14 +402,14 @@ class StorePool:
         """
         try:
             store = Store(dbdir)
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE):
+            try:
+                prepared = self._checkStore(store, key)
+            except BaseException:
+                store.close()
+                raise
+        except Exception:
+            if _outOfDescriptors():
                 raise Overloaded("the node has no file descriptors left; try again shortly")
-            raise
-        try:
-            prepared = self._checkStore(store, key)
-        except BaseException:
-            store.close()
             raise
         return StoreLease(self, key, store, prepared)
 

@@ -341,6 +341,35 @@ class StorePoolTests(SynchronousTestCase):
             lease.release()
         self.acquire(pool, "one more").release()
 
+    def test_outOfDescriptors(self) -> None:
+        """
+        A pool configured beyond what the descriptor limit allows answers the
+        retryable L{Overloaded}, not an error, when the process runs out of
+        descriptors, and recovers once stores are closed.
+        """
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        inUse = len(FilePath("/proc/self/fd").listdir())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (inUse + 12, hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        pool = self.makePool(maxOpenStores=1000)
+        held = []
+        for i in range(20):
+            result: list[Any] = []
+            pool.acquire(f"user{i}").addBoth(result.append)
+            if not isinstance(result[0], StoreLease):
+                result[0].trap(Overloaded)
+                break
+            held.append(result[0])
+        else:
+            self.fail("20 stores opened under a limit of 12 more descriptors")
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertLess(len(held), 5)
+        for lease in held:
+            lease.release()
+        self.successResultOf(pool.close())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        self.acquire(self.makePool(), "user19").release()
+
     def test_badLimits(self) -> None:
         """
         A limit or timeout that is not positive is refused.
