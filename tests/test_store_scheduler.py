@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from fractal.store.attributes import Time, boolean, integer, text
-from fractal.store.errors import NoCrossStoreReferences
+from fractal.store.errors import NoCrossStoreReferences, StoreNotFound
 from fractal.store.interfaces import IScheduler
 from fractal.store.item import Item
 from fractal.store.scheduler import (
@@ -544,6 +544,23 @@ class SubSchedulerTests(SynchronousTestCase, _SiteFixture):
         self.assertFalse(self.subStoreItem.isOpen())
         user = self.subStoreItem.open()
         self.assertEqual(user.getItemByID(rid).runs, 1)
+
+    def test_substoreGone(self) -> None:
+        """
+        When the substore's directory is gone, its hook fails with
+        L{StoreNotFound}, which is logged in the parent, and no empty store
+        is made in its place.
+        """
+        r = Runnable(store=self.user)
+        self.userScheduler.schedule(r, self.later(10))
+        del r
+        self.subStoreItem.close()
+        self.subStoreItem.storepath.remove()
+        self.clock.advance(10)
+        self.assertEqual(len(self.flushLoggedErrors(StoreNotFound)), 1)
+        [log] = self.store.query(TimedEventFailureLog)
+        self.assertIsInstance(log.runnable, _SubSchedulerParentHook)
+        self.assertFalse(self.subStoreItem.storepath.exists())
 
     def test_userFailureLog(self) -> None:
         """

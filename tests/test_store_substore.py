@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import Interface, implementer
 
 from fractal.store.attributes import inmemory, integer, text
+from fractal.store.errors import StoreNotFound
 from fractal.store.interfaces import IPowerupIndirector
 from fractal.store.item import Item
 from fractal.store.store import Store
@@ -262,6 +263,27 @@ class OpenCloseTests(SynchronousTestCase):
 
     if not os.path.isdir("/proc/self/fd"):
         test_noDescriptorLeak.skip = "needs /proc/self/fd"  # type: ignore[attr-defined]
+
+    def test_missingDirectory(self) -> None:
+        """
+        Opening a substore whose directory is gone raises L{StoreNotFound}
+        instead of making a new empty store there.
+        """
+        self.ss.storepath.remove()
+        self.assertRaises(StoreNotFound, self.ss.open)
+        self.assertFalse(self.ss.storepath.exists())
+        self.assertFalse(self.ss.isOpen())
+
+    def test_journalModeInherited(self) -> None:
+        """
+        A substore inherits its parent's journal mode, including SQLite's
+        default (L{None}).
+        """
+        site = Store(self.mktemp(), journalMode=None)
+        self.addCleanup(site.close)
+        ss = SubStore.createNew(site, ["u.axiom"])
+        self.addCleanup(ss.close)
+        self.assertIsNone(ss.open().journalMode)
 
     def test_deleteCloses(self) -> None:
         """

@@ -80,7 +80,7 @@ class SubStore(Item):
             storepath = store.newFilePath(*segments)
             storepath.parent().makedirs(ignoreExistingDirectory=True)
             self = cls(store=store, storepath=storepath)
-        self.open()
+        self._open(None, create=True)
         self.close()
         return self
 
@@ -102,23 +102,32 @@ class SubStore(Item):
         @param debug: whether the substore prints its SQL; by default the
             parent's setting.
         @return: the open L{Store}.
+        @raise fractal.store.errors.StoreNotFound: the substore's directory
+            is gone; an empty store is not silently made in its place.
+        """
+        return self._open(debug, create=False)
+
+    def _open(self, debug: bool | None, create: bool) -> Store:
+        """
+        Open the substore; see L{open}.
+
+        @param create: whether a missing directory is created.
         """
         if self.substore is not None:
             return self.substore  # type: ignore[no-any-return]
         parent = self.store
         if debug is None:
-            debug = bool(getattr(parent, "debug", False))
-        kw: dict[str, Any] = dict(parent=parent, idInParent=self.storeID, debug=debug)
-        journalMode = getattr(parent, "journalMode", None)
-        if journalMode is not None:
-            kw["journalMode"] = journalMode
+            debug = parent.debug
+        kw: dict[str, Any] = dict(
+            parent=parent, idInParent=self.storeID, debug=debug, journalMode=parent.journalMode
+        )
         if self.storepath is None:
             filesdir = parent.filesdir
             if filesdir is not None:
                 kw["filesdir"] = filesdir.child("_substore_files").child(str(self.storeID))
             opened = Store(**kw)
         else:
-            opened = Store(self.storepath, **kw)
+            opened = Store(self.storepath, create=create, **kw)
         # The back-reference keeps this item (and so its in-memory
         # attribute) alive while the store is open: the weak item cache will
         # not build a second SubStore for the same row and open the same
