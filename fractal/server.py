@@ -318,6 +318,7 @@ class NodeProtocol(BinaryBoxProtocol):
         self.outstanding = 0
         self._boxBytes = 0
         self._oversized = False
+        self._lost = False
 
     # -- framing limit ----------------------------------------------------
 
@@ -358,6 +359,7 @@ class NodeProtocol(BinaryBoxProtocol):
         The connection is gone; calls still running finish, and their answers
         are dropped.
         """
+        self._lost = True
         self.server._connections.discard(self)
 
     def ampBoxReceived(self, box: AmpBox) -> None:
@@ -461,7 +463,7 @@ class NodeProtocol(BinaryBoxProtocol):
         self.outstanding -= 1
         # Send before accounting: the last call of a drain lets the node
         # close its connections.
-        if ask is not None and self.transport is not None:
+        if ask is not None and not self._lost:
             self.sendBox(box)
         self.server._callDone(ERROR_CODE in box)
 
@@ -588,7 +590,7 @@ class NodeProtocol(BinaryBoxProtocol):
         Answer a call that is not run with an error box.
         """
         self.server.callsFailed += 1
-        if ERROR in box and self.transport is not None:
+        if ERROR in box and not self._lost:
             self.sendBox(box)
 
     def _frameworkErrorBox(
