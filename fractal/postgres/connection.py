@@ -220,16 +220,23 @@ class Database:
         d: Deferred[psycopg.Connection[Any]] = self._run(connect)
         return d.addCallback(listening)
 
-    def close(self) -> None:
+    def closeIdle(self) -> None:
         """
-        Close the idle connections; connections in use are closed when given
-        back.
+        Close the idle connections; later transactions open new ones.
         """
         with self._lock:
-            self._closed = True
             idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
+
+    def close(self) -> None:
+        """
+        Close the idle connections, and connections in use when they are
+        given back.
+        """
+        with self._lock:
+            self._closed = True
+        self.closeIdle()
 
 
 @implementer(IReadDescriptor)

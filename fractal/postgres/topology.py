@@ -279,7 +279,7 @@ class PostgresTopology(Service):
         heartbeat: float | None = None,
         maxMoves: int = DEFAULT_MAX_MOVES,
         releaseSlots: Callable[[list[int]], Deferred[Any] | None] | None = None,
-        slotsGained: Callable[[list[int]], None] | None = None,
+        slotsGained: Callable[[list[int]], Deferred[Any] | None] | None = None,
     ) -> None:
         """
         @param database: the cluster's database, its schema initialised.

@@ -1,0 +1,172 @@
+"""
+Tests for L{fractal.postgres.deploy}: whole nodes (real stores on disk, real
+AMP over iosim) whose topology and durable backend are one real PostgreSQL
+database, every query run synchronously and time on each node's clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols import amp
+from twisted.python.filepath import FilePath
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from fractal.durable._threads import runSynchronously
+from fractal.durable.shipper import Shipper
+from fractal.keys import slotForKey, storeNameForKey
+from fractal.node import FractalNode
+from fractal.postgres.deploy import openCluster, servePostgres, setAsideStores
+from fractal.postgres.schema import SchemaError
+from fractal.routing.interfaces import NodeAddress
+from tests._postgres import makeDatabase, postgresDSN
+from tests.test_durable_node import Add, AddDurably, application
+
+SLOTS = 16
+LEASE = 10.0
+
+
+class _Node:
+    def __init__(self, test: SynchronousTestCase, schema: str, name: str) -> None:
+        self.reactor = MemoryReactorClock()
+        self.dataDir = FilePath(test.mktemp())
+        port = 7300 + int(name[1:])
+        self.cluster = openCluster(
+            self.reactor,
+            postgresDSN(),
+            NodeAddress(name, f"tcp:host=127.0.0.1:port={port}"),
+            schema=schema,
+            slots=SLOTS,
+            lease=LEASE,
+            runInThread=runSynchronously,
+        )
+        self.shipper = Shipper(
+            self.cluster.backend,
+            self.reactor,
+            runInThread=runSynchronously,
+            storesDirectory=self.dataDir.child("stores"),
+            epochForKey=self.cluster.topology.epochForKey,
+        )
+        self.node = FractalNode(
+            self.reactor,
+            application,
+            self.dataDir,
+            f"tcp:{port}:interface=127.0.0.1",
+            nodeId=name,
+            topology=self.cluster.topology,
+            shipper=self.shipper,
+        )
+        servePostgres(self.node, self.cluster, self.shipper, runSynchronously)
+        self.node.startService()
+        self._test = test
+        test.addCleanup(self.stop)
+
+    def stop(self) -> None:
+        if self.node.running:
+            self._test.successResultOf(self.node.stopService())
+
+    def call(self, command: type[amp.Command], **kw: Any) -> Any:
+        [(_, factory, _, _)] = self.reactor.tcpServers
+        client, _, pump = iosim.connectedServerAndClient(
+            lambda: factory.buildProtocol(None), amp.AMP, clock=self.reactor
+        )
+        d = client.callRemote(command, **kw)
+        for _ in range(5):
+            pump.flush()
+            self.reactor.advance(0)
+        return self._test.successResultOf(d)
+
+    def owner(self, key: str) -> str:
+        return self.cluster.topology.currentMap().ownerOfKey(key).node
+
+
+def _advance(seconds: float, *nodes: _Node) -> None:
+    done = 0.0
+    while done < seconds:
+        for n in nodes:
+            n.reactor.advance(1.0)
+        done += 1.0
+
+
+class PostgresNodeTests(SynchronousTestCase):
+    """
+    Nodes on PostgreSQL hand stores to each other through the database.
+    """
+
+    def test_requiresSchema(self) -> None:
+        """
+        A node refuses to start on a database whose schema was never
+        initialised, naming C{fractal db init}.
+        """
+        database = makeDatabase(self, init=False)
+        error = self.assertRaises(
+            SchemaError,
+            openCluster,
+            MemoryReactorClock(),
+            postgresDSN(),
+            NodeAddress("n1", "tcp:host=127.0.0.1:port=1"),
+            schema=database.schema,
+            runInThread=runSynchronously,
+        )
+        self.assertIn("fractal db init", str(error))
+
+    def test_handoffAndReturn(self) -> None:
+        """
+        Writes made on n1 (acknowledged locally or durably) are served by n2
+        after the slots move to it when it joins, restored from PostgreSQL;
+        when n2 stops gracefully the slots come back to n1, which sets its
+        old local copies aside and serves n2's writes, not its stale copy.
+        """
+        database = makeDatabase(self)
+        n1 = _Node(self, database.schema, "n1")
+        users = [f"user{i}" for i in range(12)]
+        for user in users:
+            self.assertEqual(n1.call(Add, user=user, amount=5), {"value": 5})
+        self.assertEqual(n1.call(AddDurably, user=users[0], amount=1), {"value": 6})
+        n2 = _Node(self, database.schema, "n2")
+        _advance(LEASE * 3, n1, n2)
+        moved = [u for u in users if n1.owner(u) == "n2"]
+        self.assertTrue(moved)
+        self.assertEqual([n2.owner(u) for u in moved], ["n2"] * len(moved))
+        for user in moved:
+            expected = 7 if user == users[0] else 6
+            self.assertEqual(n2.call(Add, user=user, amount=1), {"value": expected})
+        for user in users:
+            if user not in moved:
+                self.assertEqual(n1.call(Add, user=user, amount=0)["value"], 6 if user == users[0] else 5)
+        n2.stop()
+        n1.reactor.advance(0)
+        _advance(n1.cluster.topology.heartbeat, n1)
+        self.assertEqual({n1.owner(u) for u in users}, {"n1"})
+        stale = n1.dataDir.child("stale")
+        self.assertTrue(stale.isdir())
+        for user in moved:
+            expected = 8 if user == users[0] else 7
+            self.assertEqual(n1.call(Add, user=user, amount=1), {"value": expected})
+
+
+class SetAsideTests(SynchronousTestCase):
+    """
+    Moving stale local copies out of the way.
+    """
+
+    def test_setAside(self) -> None:
+        """
+        Only the stores of the chosen slots, and not those kept, move to the
+        stale directory.
+        """
+        stores = FilePath(self.mktemp())
+        names = {}
+        for user in [f"u{i}" for i in range(20)]:
+            name = storeNameForKey(user)
+            stores.child(name[:2]).child(name).makedirs()
+            names[name] = slotForKey(user, 4)
+        keep = next(n for n, s in names.items() if s == 1)
+        stale = FilePath(self.mktemp())
+        moved = setAsideStores(stores, stale, [1], 4, keep=[keep])
+        self.assertEqual(sorted(moved), sorted(n for n, s in names.items() if s == 1 and n != keep))
+        left = {p.basename() for prefix in stores.children() for p in prefix.children()}
+        self.assertEqual(left, {n for n, s in names.items() if s != 1} | {keep})
+        self.assertEqual(len(stale.children()), len(moved))
