@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -175,6 +177,54 @@ def _keyOwnedBy(topology: StaticTopology, node: str) -> str:
     """
     shardMap = topology.currentMap()
     return next(k for k in (f"user{i}" for i in range(1000)) if shardMap.ownerOfKey(k).node == node)
+
+
+_keys = st.sampled_from([b"_ask", b"_command", b"user", b"body", b"count", b"noteID", b"x"])
+_values = st.one_of(
+    st.sampled_from([b"1", b"AddNote", b"CountNotes", b"ReadNote", b"alice", b"", b"\xff", b"-5"]),
+    st.binary(max_size=40),
+)
+_boxes = st.dictionaries(_keys, _values, max_size=6)
+
+
+class ServerFuzzTests(SynchronousTestCase):
+    """
+    Arbitrary input never breaks a node.
+    """
+
+    @settings(max_examples=60, deadline=None)
+    @given(boxes=st.lists(_boxes, max_size=6), tail=st.binary(max_size=30))
+    def test_anyBoxesAnyBytes(self, boxes: list[dict[bytes, bytes]], tail: bytes) -> None:
+        """
+        Any sequence of boxes, followed by any bytes, gets at most one answer
+        per box, logs no error, and leaves the node serving a new connection.
+        """
+        clock = Clock()
+        pool = StorePool(clock, self.dataDir, prepare=application.installOn)
+        server = FractalServer(
+            application, pool, SingleNodeTopology("n1", "tcp:host=127.0.0.1:port=1")
+        )
+        proto = server.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        for box in boxes:
+            proto.dataReceived(amp.AmpBox(box).serialize())
+        proto.dataReceived(tail)
+        answers = amp.parseString(transport.value())
+        # The tail may itself complete one more box.
+        self.assertLessEqual(len(answers), len(boxes) + 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(server.inFlight, 0)
+        other = server.buildProtocol(None)
+        otherTransport = StringTransport()
+        other.makeConnection(otherTransport)
+        other.dataReceived(amp.AmpBox(_command=b"CountNotes", _ask=b"1", user=b"bob").serialize())
+        [answer] = amp.parseString(otherTransport.value())
+        self.assertIn(b"notes", answer)
+        self.successResultOf(pool.close())
+
+    def setUp(self) -> None:
+        self.dataDir = FilePath(self.mktemp())
 
 
 class ServerTests(SynchronousTestCase):
