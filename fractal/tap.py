@@ -247,6 +247,27 @@ class Options(usage.Options):
             None,
             "The OpenSSH authorized_keys file of the operators who may log into the Manhole.",
         ],
+        [
+            "postgres",
+            None,
+            None,
+            "A libpq connection string: the cluster runs itself on this PostgreSQL "
+            "database (membership, failover, rebalancing, and the durable copies instead "
+            "of --durable); create its tables first with 'fractal db init'.",
+        ],
+        [
+            "postgres-schema",
+            None,
+            None,
+            "The PostgreSQL schema of the cluster's tables (default: fractal).",
+        ],
+        [
+            "lease",
+            None,
+            None,
+            "With --postgres: seconds a node stays a member without a heartbeat (default: 10).",
+            _positive(float, "--lease"),
+        ],
     ]
 
     optFlags: list[list[Any]] = [
@@ -422,12 +443,72 @@ def _joinCluster(options: Options, node: Any) -> None:
         raise usage.UsageError(str(e)) from None
 
 
-def _shipper(options: Options, reactor: Any, dataDir: FilePath[str]) -> Any:
+def _postgres(options: Options, reactor: Any) -> Any:
+    """
+    The node's view of a cluster on PostgreSQL (C{--postgres}), registered,
+    or L{None}.  See L{fractal.postgres.deploy.openCluster}.
+
+    @raise usage.UsageError: if the node has no peer address, or the
+        database cannot be used.
+    """
+    if not options["postgres"]:
+        return None
+    import psycopg
+
+    from fractal.node import clientDescriptionFor
+    from fractal.postgres.deploy import openCluster
+    from fractal.postgres.schema import SchemaError
+    from fractal.routing.interfaces import NodeAddress
+    from fractal.routing.topology import TopologyError
+
+    entry = options.nodeEntry
+    client = (entry.client if entry else None) or clientDescriptionFor(options["listen"])
+    peer = entry.peer if entry else None
+    if peer is None and options["peer-listen"]:
+        peer = clientDescriptionFor(options["peer-listen"])
+    if peer is None:
+        raise usage.UsageError(
+            "--postgres needs the node's peer address: --peer-listen ENDPOINT, "
+            "or 'peer' in its [[node]] table"
+        )
+    extra: dict[str, Any] = {}
+    if options["lease"] is not None:
+        extra["lease"] = options["lease"]
+    try:
+        return openCluster(
+            reactor,
+            options["postgres"],
+            NodeAddress(options["node"], client, peer),
+            schema=options["postgres-schema"] or "fractal",
+            **extra,
+        )
+    except (SchemaError, TopologyError, ValueError) as e:
+        raise usage.UsageError(f"--postgres: {e}") from None
+    except psycopg.Error as e:
+        raise usage.UsageError(f"--postgres: cannot use the database: {e}") from None
+
+
+def _shipper(
+    options: Options, reactor: Any, dataDir: FilePath[str], cluster: Any = None
+) -> Any:
     """
     The durable shipper of the node: to the filesystem backend in
     C{--durable} (C{DATA/durable} by default), or L{None} for C{--durable
-    none}.
+    none}; to PostgreSQL, at the epochs of the node's slots, with
+    C{--postgres} (C{cluster}).
     """
+    if cluster is not None:
+        from fractal.durable._threads import reactorThreads
+        from fractal.durable.shipper import Shipper
+
+        return Shipper(
+            cluster.backend,
+            reactor,
+            runInThread=reactorThreads(reactor),
+            interval=options["ship-interval"] or 1.0,
+            storesDirectory=dataDir.child("stores"),
+            epochForKey=cluster.topology.epochForKey,
+        )
     if (options["durable"] or "").lower() == "none":
         return None
     from fractal.durable._threads import reactorThreads
@@ -463,19 +544,24 @@ def makeService(options: Options) -> IService:
     if options["idle-timeout"] is not None:
         extra["idleTimeout"] = options["idle-timeout"]
     dataDir = FilePath(os.path.abspath(options["data"]))
-    shipper = _shipper(options, reactor, dataDir)
+    cluster = _postgres(options, reactor)
+    shipper = _shipper(options, reactor, dataDir, cluster)
     node = FractalNode(
         reactor,
         options.application,
         dataDir=dataDir,
         listen=options["listen"],
         nodeId=options["node"],
-        topology=_topology(options),
+        topology=cluster.topology if cluster is not None else _topology(options),
         maxOpenStores=options["max-open-stores"],
         shipper=shipper,
         **extra,
     )
-    if shipper is not None:
+    if cluster is not None:
+        from fractal.postgres.deploy import servePostgres
+
+        servePostgres(node, cluster, shipper)
+    elif shipper is not None:
         shipper.serveNode(node)
     if options["manhole"] is not None:
         from fractal.manhole import manholeForNode
@@ -486,7 +572,7 @@ def makeService(options: Options) -> IService:
             FilePath(os.path.abspath(options["manhole-keys"])),
             allowRemote=options["manhole-allow-remote"],
         ).setServiceParent(node)  # type: ignore[no-untyped-call]
-    if len(node.topology.currentMap().nodes) > 1:
+    if cluster is not None or len(node.topology.currentMap().nodes) > 1:
         _joinCluster(options, node)
     else:
         from fractal.routing.cluster import serveShardMap

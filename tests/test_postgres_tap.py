@@ -1,0 +1,96 @@
+"""
+Tests for the C{--postgres} options of C{twistd fractal} (L{fractal.tap}),
+against a real PostgreSQL server (see L{tests._postgres}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from fractal.postgres.backend import PostgresBackend
+from fractal.postgres.topology import PostgresTopology
+from fractal.tap import Options, makeService
+from tests._postgres import makeDatabase, postgresDSN
+
+
+class PostgresTapTests(SynchronousTestCase):
+    """
+    C{--postgres DSN} runs the node on a cluster kept in PostgreSQL.
+    """
+
+    def options(self, *arguments: str) -> Options:
+        options = Options()
+        options.parseOptions(
+            ["--app", "tests.test_durable_node:application", "--data", self.mktemp(), *arguments]
+        )
+        return options
+
+    def test_postgresNode(self) -> None:
+        """
+        With C{--postgres}, the node's topology is a registered
+        L{PostgresTopology} that runs as one of its services, its shipper
+        ships to a L{PostgresBackend} at the topology's epochs, and it joins
+        the cluster's peer network.
+        """
+        database = makeDatabase(self)
+        options = self.options(
+            "--postgres", postgresDSN(),
+            "--postgres-schema", database.schema,
+            "--listen", "tcp:7411:interface=127.0.0.1",
+            "--peer-listen", "tcp:7412:interface=127.0.0.1",
+            "--lease", "4",
+        )
+        node: Any = makeService(options)
+        topology = node.topology
+        self.assertIsInstance(topology, PostgresTopology)
+        self.assertIn(topology, list(node))
+        self.assertEqual(topology.lease, 4.0)
+        self.assertIsInstance(node.shipper.backend, PostgresBackend)
+        self.assertEqual(node.shipper._epochForKey("alice"), 1)
+        self.assertEqual(set(topology.currentMap().nodes), {"n1"})
+        address = topology.currentMap().nodes["n1"]
+        self.assertEqual(address.client, "tcp:host=127.0.0.1:port=7411")
+        self.assertEqual(address.peer, "tcp:host=127.0.0.1:port=7412")
+        self.assertIsNotNone(node.getServiceNamed("cluster"))
+
+        def nodes(cursor: Any) -> list[tuple[str, str]]:
+            cursor.execute("SELECT node, state FROM nodes")
+            return [(r[0], r[1]) for r in cursor.fetchall()]
+
+        self.assertEqual(database.transactBlocking(nodes), [("n1", "live")])
+
+    def test_needsPeerAddress(self) -> None:
+        """
+        Without a peer address the node cannot be reached by its peers: a
+        usage error says how to give one.
+        """
+        database = makeDatabase(self)
+        options = self.options("--postgres", postgresDSN(), "--postgres-schema", database.schema)
+        error = self.assertRaises(usage.UsageError, makeService, options)
+        self.assertIn("--peer-listen", str(error))
+
+    def test_needsSchema(self) -> None:
+        """
+        A database without the cluster's tables is a usage error naming
+        C{fractal db init}; a database that cannot be reached is one too.
+        """
+        database = makeDatabase(self, init=False)
+        options = self.options(
+            "--postgres", postgresDSN(), "--postgres-schema", database.schema,
+            "--peer-listen", "tcp:7412:interface=127.0.0.1",
+        )
+        self.assertIn("fractal db init", str(self.assertRaises(usage.UsageError, makeService, options)))
+        options = self.options(
+            "--postgres", "host=127.0.0.1 port=1 dbname=x user=x connect_timeout=1",
+            "--peer-listen", "tcp:7412:interface=127.0.0.1",
+        )
+        self.assertIn("cannot use the database", str(self.assertRaises(usage.UsageError, makeService, options)))
+
+    def test_badLease(self) -> None:
+        """
+        A lease that is not a positive number is refused at option time.
+        """
+        self.assertRaises(usage.UsageError, self.options, "--lease", "0")
