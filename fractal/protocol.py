@@ -39,6 +39,7 @@ __all__ = [
     "FRAMEWORK_ERRORS",
     "RETRYABLE_ERRORS",
     "GetShardMap",
+    "Health",
 ]
 
 USER_ARGUMENT = b"user"
@@ -148,3 +149,23 @@ class GetShardMap(amp.Command):
     commandName = b"fractal.GetShardMap"
     arguments = []
     response = [(b"map", ShardMapArgument())]
+
+
+class Health(amp.Command):
+    """
+    I{Internal.}  Ask a node how it is: its id, the version of its shard
+    map, how many slots it owns, and which peer links are up and down.
+
+    Response: C{node}, C{mapVersion}, C{slotsOwned}, C{peersUp},
+    C{peersDown} (lists of node ids).
+    """
+
+    commandName = b"fractal.Health"
+    arguments = []
+    response = [
+        (b"node", amp.Unicode()),  # type: ignore[no-untyped-call]
+        (b"mapVersion", amp.Integer()),  # type: ignore[no-untyped-call]
+        (b"slotsOwned", amp.Integer()),  # type: ignore[no-untyped-call]
+        (b"peersUp", amp.ListOf(amp.Unicode())),  # type: ignore[no-untyped-call]
+        (b"peersDown", amp.ListOf(amp.Unicode())),  # type: ignore[no-untyped-call]
+    ]

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from examples.mailbox import Deliver, Stats, application
 from fractal.keys import storeNameForKey
-from fractal.protocol import GetShardMap, NotOwner, OwnerUnavailable
+from fractal.protocol import GetShardMap, Health, NotOwner, OwnerUnavailable
 from fractal.routing.harness import SimulatedCluster
 from fractal.routing.interfaces import ShardMap, SlotOwner
 from fractal.routing.smart import ClusterClient
@@ -157,6 +157,32 @@ class ClusterRoutingTests(SynchronousTestCase):
         self.assertEqual(maps[0], maps[1])
         self.assertEqual(maps[0], maps[2])
         self.assertEqual(maps[0], self.cluster.nodes["n1"].topology.currentMap())
+
+
+    def test_health(self) -> None:
+        """
+        L{Health} reports the node, its map, its share of the slots and which
+        peer links are up; a dead peer shows as down.
+        """
+        client = self.cluster.client("n1")
+        d = client.callRemote(Health)
+        self.cluster.flush()
+        shardMap = self.cluster.nodes["n1"].topology.currentMap()
+        self.assertEqual(
+            self.successResultOf(d),
+            {
+                "node": "n1",
+                "mapVersion": shardMap.version,
+                "slotsOwned": len(shardMap.slotsOf("n1")),
+                "peersUp": ["n2", "n3"],
+                "peersDown": [],
+            },
+        )
+        self.cluster.kill("n3")
+        d = client.callRemote(Health)
+        self.cluster.flush()
+        result = self.successResultOf(d)
+        self.assertEqual((result["peersUp"], result["peersDown"]), (["n2"], ["n3"]))
 
 
 def _holds(nodeDirectory: FilePath[str], storeName: str) -> bool:

@@ -25,8 +25,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.protocols import amp
 
 from fractal.certs import NodeCredentials, checkPeerTransport, peerServerFactory
-from fractal.protocol import GetShardMap
-from fractal.routing.interfaces import SlotOwner
+from fractal.protocol import GetShardMap, Health
+from fractal.routing.interfaces import ITopology, SlotOwner
 from fractal.routing.peers import (
     DEFAULT_CALL_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
@@ -44,6 +44,7 @@ __all__ = [
     "ClusterService",
     "joinCluster",
     "peerListenFor",
+    "serveClusterCommands",
     "serveShardMap",
 ]
 
@@ -73,10 +74,14 @@ class ClusterRouter:
         return self._links.forward(owner.node, box)
 
 
-def serveShardMap(server: FractalServer) -> None:
+def serveClusterCommands(server: FractalServer, links: PeerLinks | None = None) -> None:
     """
-    Make C{server} answer L{GetShardMap} with its topology's current map, so
-    smart clients can learn it from any node, clustered or not.
+    Make C{server} answer the internal commands of L{fractal.protocol}:
+    L{GetShardMap} with its topology's current map, so smart clients can
+    learn it from any node, clustered or not, and L{Health}.
+
+    @param links: the node's peer links, for L{Health}; L{None} for a node
+        without peers.
     """
     topology = server.topology
 
@@ -84,7 +89,34 @@ def serveShardMap(server: FractalServer) -> None:
         response: amp.AmpBox = GetShardMap.makeResponse({"map": topology.currentMap()}, None)
         return response
 
+    def health(box: amp.AmpBox) -> amp.AmpBox:
+        shardMap = topology.currentMap()
+        up: list[str] = []
+        down: list[str] = []
+        for node in sorted(shardMap.nodes):
+            link = links.link(node) if links is not None else None
+            if link is not None:
+                (up if link.connected else down).append(node)
+        response: amp.AmpBox = Health.makeResponse(
+            {
+                "node": topology.localNode,
+                "mapVersion": shardMap.version,
+                "slotsOwned": len(shardMap.slotsOf(topology.localNode)),
+                "peersUp": up,
+                "peersDown": down,
+            },
+            None,
+        )
+        return response
+
     server.internalCommands[GetShardMap.commandName] = getShardMap
+    server.internalCommands[Health.commandName] = health
+
+
+serveShardMap = serveClusterCommands
+"""
+The former name of L{serveClusterCommands}.
+"""
 
 
 def peerListenFor(peer: str) -> str:
@@ -107,6 +139,19 @@ def peerListenFor(peer: str) -> str:
             "give 'peer-listen' explicitly"
         )
     return f"{kind}:{fields['port']}:interface={fields['host']}"
+
+
+class _Members:
+    """
+    The node ids of the topology's current map, looked up afresh on each
+    test, so a node that joins later is let in.
+    """
+
+    def __init__(self, topology: ITopology) -> None:
+        self._topology = topology
+
+    def __contains__(self, nodeId: object) -> bool:
+        return nodeId in self._topology.currentMap().nodes
 
 
 class ClusterService(MultiService):
@@ -143,8 +188,7 @@ class ClusterService(MultiService):
         self.router = ClusterRouter(self.links)
         factory: Any = node.server.peerFactory()
         if credentials is not None:
-            members = set(node.topology.currentMap().nodes)
-            factory = peerServerFactory(credentials, members, factory)
+            factory = peerServerFactory(credentials, _Members(node.topology), factory)
         listener = StreamServerEndpointService(serverFromString(node.reactor, peerListen), factory)
         listener.setName("peer-listener")
         listener.setServiceParent(self)
@@ -208,5 +252,5 @@ def joinCluster(
     )
     service.setServiceParent(node)
     node.server.forward = service.router
-    serveShardMap(node.server)
+    serveClusterCommands(node.server, service.links)
     return service
