@@ -11,9 +11,11 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from fractal.app import Application
@@ -23,7 +25,12 @@ from fractal.routing.interfaces import ITopology
 from fractal.routing.topology import SingleNodeTopology
 from fractal.server import FractalServer, ServerLimits
 
-__all__ = ["FractalNode", "clientDescriptionFor"]
+__all__ = ["DEFAULT_DRAIN_TIMEOUT", "FractalNode", "clientDescriptionFor"]
+
+DEFAULT_DRAIN_TIMEOUT = 30.0
+"""
+Seconds a stopping node waits for its calls in flight.
+"""
 
 
 def clientDescriptionFor(listen: str) -> str:
@@ -67,9 +74,11 @@ class FractalNode(MultiService):
         1. stop listening, so no new connection arrives;
         2. answer new calls on open connections with
            L{fractal.protocol.NodeStopping};
-        3. wait for every call in flight to be answered (drain);
-        4. close every store, each first shipped by the shipper when there is
-           one (L{fractal.durable.interfaces.IShipper.storeClosing});
+        3. wait for every call in flight to be answered (drain), at most
+           C{drainTimeout} seconds;
+        4. close every store (after a drain timeout, also those still held by
+           a call), each first shipped by the shipper when there is one
+           (L{fractal.durable.interfaces.IShipper.storeClosing});
         5. close the client connections;
         6. stop the other child services (added by others: shipper, console,
            peers), in reverse order of addition;
@@ -86,6 +95,7 @@ class FractalNode(MultiService):
     @ivar server: the L{FractalServer} answering client connections; its
         C{forward} attribute is the seam for forwarding calls to other nodes.
     @ivar listen: the server endpoint description listened on.
+    @ivar drainTimeout: the most seconds a stop waits for calls in flight.
     """
 
     log = Logger()
@@ -102,6 +112,7 @@ class FractalNode(MultiService):
         idleTimeout: float = DEFAULT_IDLE_TIMEOUT,
         shipper: IShipper | None = None,
         limits: ServerLimits = ServerLimits(),
+        drainTimeout: float = DEFAULT_DRAIN_TIMEOUT,
     ) -> None:
         """
         @param reactor: the reactor: listening and time.
@@ -116,6 +127,8 @@ class FractalNode(MultiService):
         @param idleTimeout: seconds after which an unused store is closed.
         @param shipper: the durable shipper, or L{None}.
         @param limits: what one client connection may ask.
+        @param drainTimeout: the most seconds a stop waits for calls in
+            flight before closing their stores anyway.
         @raise ValueError: if the application acknowledges any command
             durably and there is no shipper, or if C{topology} serves another
             node than C{nodeId}.
@@ -134,6 +147,7 @@ class FractalNode(MultiService):
         self.listen = listen
         self.topology = topology
         self.shipper = shipper
+        self.drainTimeout = drainTimeout
         self.pool = StorePool(
             reactor,
             dataDir,
@@ -203,12 +217,34 @@ class FractalNode(MultiService):
             else succeed(None)
         )
         self.server.stopAccepting()
-        d.addCallback(lambda _: self.server.whenDrained())
-        d.addCallback(lambda _: self.pool.close())
+        d.addCallback(lambda _: self._drain())
+        d.addCallback(lambda drained: self.pool.close(force=not drained))
         d.addCallback(lambda _: self.server.disconnectAll())
         d.addCallback(lambda _: self._stopOthers())
         d.addCallback(lambda _: self.log.info("Node {node} stopped", node=self.nodeId))
         return d
+
+    def _drain(self) -> Deferred[bool]:
+        """
+        Wait for the calls in flight, at most L{drainTimeout} seconds.
+
+        @return: fires with C{True} once drained, C{False} on timeout.
+        """
+        d = self.server.whenDrained()
+        d.addTimeout(self.drainTimeout, self.reactor)
+
+        def timedOut(failure: Failure) -> bool:
+            failure.trap(defer.TimeoutError)
+            self.log.warn(
+                "Node {node}: {inFlight} calls still running after {timeout} s; "
+                "closing their stores anyway",
+                node=self.nodeId,
+                inFlight=self.server.inFlight,
+                timeout=self.drainTimeout,
+            )
+            return False
+
+        return d.addCallbacks(lambda _: True, timedOut)
 
     def _stopOthers(self) -> Deferred[Any]:
         """

@@ -476,8 +476,10 @@ class StorePool:
         """
         lease._busy -= 1
         lease._lastUsed = self._clock.seconds()
-        if lease.key in self._open:
-            self._open.move_to_end(lease.key)
+        if self._open.get(lease.key) is not lease:
+            # Closed already, by a forced close.
+            return
+        self._open.move_to_end(lease.key)
         if lease._busy == 0:
             if self._closed:
                 self._closeLease(lease)
@@ -563,12 +565,14 @@ class StorePool:
         if lease._busy == 0:
             self._closeLease(lease)
 
-    def close(self) -> Deferred[None]:
+    def close(self, force: bool = False) -> Deferred[None]:
         """
-        Close every store: idle ones now, held ones when released, ones being
-        opened once open; each shipped first when there is a shipper.  New
-        acquisitions fail with L{StoreUnavailable}.
+        Close every store: idle ones now, held ones when released (or now, if
+        C{force}), ones being opened once open; each shipped first when there
+        is a shipper.  New acquisitions fail with L{StoreUnavailable}.
 
+        @param force: close stores still held by calls too (a call that then
+            uses its store fails); for a stop that cannot wait any longer.
         @return: fires when every store is closed.
         """
         d: Deferred[None] = Deferred()
@@ -578,8 +582,9 @@ class StorePool:
             if self._sweepCall is not None:
                 self._sweepCall.cancel()
                 self._sweepCall = None
-            for lease in list(self._open.values()):
-                self._closeWhenIdle(lease)
+        for lease in list(self._open.values()):
+            if force or lease._busy == 0:
+                self._closeLease(lease)
         self._checkClosed()
         return d
 

@@ -248,6 +248,30 @@ class FractalNodeTests(SynchronousTestCase):
         self.assertEqual(node.stats()["connections"], 0)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_drainTimeout(self) -> None:
+        """
+        A call still running after C{drainTimeout} seconds does not hold up
+        the stop: its store is closed anyway, the stop completes, and its late
+        result is dropped without error.
+        """
+        node = self.makeNode(drainTimeout=5)
+        node.startService()
+        client, pump = self.connect(node)
+        slow = callRemote(client, Slow, user="a")
+        pump.flush()
+        stopped = node.stopService()
+        self.reactor.advance(4)
+        self.assertNoResult(stopped)
+        self.reactor.advance(1)
+        self.successResultOf(stopped)
+        self.assertEqual(node.pool.openKeys(), [])
+        pump.flush()
+        self.failureResultOf(slow)
+        NodeTestCounter.pending.pop().callback({"value": 1})
+        pump.flush()
+        self.assertEqual(node.stats()["inFlight"], 0)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_dataSurvivesRestart(self) -> None:
         """
         A node started again on the same data directory finds its users'

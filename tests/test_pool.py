@@ -370,6 +370,19 @@ class StorePoolTests(SynchronousTestCase):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         self.acquire(self.makePool(), "user19").release()
 
+    def test_forcedClose(self) -> None:
+        """
+        L{StorePool.close} with C{force} closes held stores too and fires at
+        once; releasing such a lease later is harmless.
+        """
+        pool = self.makePool()
+        held = self.acquire(pool, "a")
+        self.successResultOf(pool.close(force=True))
+        self.assertEqual(pool.openKeys(), [])
+        held.release()
+        self.assertEqual(pool.openKeys(), [])
+        self.successResultOf(pool.close())
+
     def test_badLimits(self) -> None:
         """
         A limit or timeout that is not positive is refused.
