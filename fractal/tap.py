@@ -191,6 +191,14 @@ class Options(usage.Options):
             _positive(float, "--idle-timeout"),
         ],
         [
+            "drain-timeout",
+            None,
+            None,
+            "On stop, wait at most this many seconds for calls in flight "
+            "(default: the node's, 30).",
+            _positive(float, "--drain-timeout"),
+        ],
+        [
             "durable",
             None,
             None,
@@ -543,6 +551,8 @@ def makeService(options: Options) -> IService:
     extra: dict[str, Any] = {}
     if options["idle-timeout"] is not None:
         extra["idleTimeout"] = options["idle-timeout"]
+    if options["drain-timeout"] is not None:
+        extra["drainTimeout"] = options["drain-timeout"]
     dataDir = FilePath(os.path.abspath(options["data"]))
     cluster = _postgres(options, reactor)
     shipper = _shipper(options, reactor, dataDir, cluster)

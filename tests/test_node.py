@@ -272,6 +272,30 @@ class FractalNodeTests(SynchronousTestCase):
         self.assertEqual(node.stats()["inFlight"], 0)
         self.assertEqual(self.flushLoggedErrors(), [])
 
+    def test_drainTimeoutOption(self) -> None:
+        """
+        C{twistd fractal --drain-timeout} sets the node's drain timeout.
+        """
+        from fractal.tap import Options, makeService
+
+        options = Options()
+        options.parseOptions(
+            [
+                "--app",
+                "tests.test_node:application",
+                "--data",
+                self.mktemp(),
+                "--durable",
+                "none",
+                "--drain-timeout",
+                "7",
+            ]
+        )
+        node = makeService(options)
+        assert isinstance(node, FractalNode)
+        self.assertEqual(node.drainTimeout, 7.0)
+        self.assertIs(node.application, application)
+
     def test_dataSurvivesRestart(self) -> None:
         """
         A node started again on the same data directory finds its users'
