@@ -19,7 +19,7 @@ exceptions the command lists.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, fail, succeed
@@ -30,12 +30,17 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+if TYPE_CHECKING:
+    from fractal.routing.smart import ClusterClient, connectCluster
+
 __all__ = [
     "DEFAULT_TIMEOUT",
     "CallTimeout",
     "ClientStopped",
     "FractalClient",
     "connect",
+    "ClusterClient",
+    "connectCluster",
 ]
 
 DEFAULT_TIMEOUT = 10.0
@@ -274,3 +279,16 @@ def connect(
     """
     endpoint = clientFromString(reactor, description)  # type: ignore[no-untyped-call]
     return FractalClient(reactor, endpoint, timeout=timeout, retryPolicy=retryPolicy)
+
+
+def __getattr__(name: str) -> Any:
+    """
+    The smart client, L{fractal.routing.smart.ClusterClient} and
+    L{fractal.routing.smart.connectCluster}, importable from here too (looked
+    up lazily, as that module builds on this one).
+    """
+    if name in ("ClusterClient", "connectCluster"):
+        from fractal.routing import smart
+
+        return getattr(smart, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -251,6 +251,15 @@ class SmartClientTests(SynchronousTestCase):
         self.cluster.stop()
         self.assertEqual(self.cluster.reactor.getDelayedCalls(), [])
 
+    def test_importableFromClient(self) -> None:
+        """
+        The smart client is importable from L{fractal.client} too.
+        """
+        from fractal import client
+
+        self.assertIs(client.ClusterClient, ClusterClient)
+        self.assertIn("connectCluster", client.__all__)
+
     def test_learnsMap(self) -> None:
         """
         The client fetches the shard map from its seed node.
