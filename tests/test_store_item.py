@@ -475,3 +475,23 @@ class ForeignDescriptorTests(SynchronousTestCase):
         p = Plain(store=s, name="x")
         d = Decorated(store=s, special=p)
         self.assertIs(d.special, p)
+
+
+class CacheSizeTests(SynchronousTestCase):
+    """
+    The identity map does not keep dead entries without bound.
+    """
+
+    def test_bounded(self) -> None:
+        """
+        Loading many items a page at a time, dropping each page, leaves the
+        map with a few thousand entries at most, not one per item ever
+        loaded.
+        """
+        s = Store()
+        s.batchInsert(Plain, [Plain.name], [("n%d" % i,) for i in range(20000)])
+        for page in range(20):
+            items = list(s.query(Plain, limit=1000, offset=page * 1000))
+            self.assertEqual(len(items), 1000)
+            del items
+        self.assertLessEqual(len(s._cache), 4096)

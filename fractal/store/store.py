@@ -250,8 +250,8 @@ class Store(Empowered):
         self._referrersGeneration = -1
         self._powerupSQL: dict[int, str] = {}
         # The identity map: storeID -> weak reference.  Dead references are
-        # swept when the map doubles in size (cheaper than a callback per
-        # item).
+        # swept when the map doubles in size, which costs less than a
+        # callback per item.
         self._cache: dict[int, weakref.ref[Any]] = {}
         self._sweepAt = 1024
 
@@ -317,13 +317,13 @@ class Store(Empowered):
 
     def _startup(self) -> None:
         cur = self._cursor
-        tables = {
-            row[0]
-            for row in cur.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        }
-        if "axiom_objects" not in tables:
+        master = cur.execute("SELECT type, name FROM sqlite_master").fetchall()
+        if ("table", "axiom_objects") not in master:
             self.transact(self._createBaseSchema)
-        self._loadSchema()
+            master = None
+        self._loadSchema(
+            None if master is None else {name for kind, name in master if kind == "index"}
+        )
 
     def _createBaseSchema(self) -> None:
         for sql in _BASE_SCHEMA:
@@ -392,16 +392,17 @@ class Store(Empowered):
     # ------------------------------------------------------------------
     # Schema
 
-    def _loadSchema(self) -> None:
+    def _loadSchema(self, indexes: set[str] | None = None) -> None:
         cur = self._cursor
         types = cur.execute('SELECT "oid", "typename", "module", "version" FROM "axiom_types"').fetchall()
         attrs = cur.execute(
             'SELECT "type_id", "attribute", "sqltype", "pythontype", "indexed" '
             'FROM "axiom_attributes" ORDER BY "type_id", "row_offset"'
         ).fetchall()
-        indexes = {
-            row[0] for row in cur.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
-        }
+        if indexes is None:
+            indexes = {
+                row[0] for row in cur.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+            }
         self._typeIDs = {}
         self._typeInfo = {}
         self._diskSchema = {}
@@ -815,10 +816,7 @@ class Store(Empowered):
         self._allocated = storeID
         self._touched[storeID] = (item, None)
         if not cls.__legacy__:
-            cache = self._cache
-            cache[storeID] = weakref.ref(item)
-            if len(cache) > self._sweepAt:
-                self._sweep()
+            self._remember(storeID, item)
         if cls._fHasActivate:
             item.activate()
         if cls._fHasStored:
@@ -839,15 +837,11 @@ class Store(Empowered):
     def _materialize(self, cls: Any, row: Any) -> Any:
         item = cls.__new__(cls)
         d = item.__dict__
-        d.update(zip(cls._fHidden, row[1:]))
+        d.update(zip(cls._fLoadKeys, row))
         storeID = row[0]
         d["_fstore"] = self
-        d["_fstoreID"] = storeID
         if not cls.__legacy__:
-            cache = self._cache
-            cache[storeID] = weakref.ref(item)
-            if len(cache) > self._sweepAt:
-                self._sweep()
+            self._remember(storeID, item)
         if cls._fHasActivate:
             item.activate()
         return item
@@ -856,14 +850,15 @@ class Store(Empowered):
         if cls.__legacy__ or cls._fHasActivate:
             return [self._cachedOrMaterialized(cls, row) for row in rows]
         cache = self._cache
+        get = cache.get
         ref_ = weakref.ref
         new = cls.__new__
-        keys = ("_fstoreID",) + cls._fHidden
+        keys = cls._fLoadKeys
         result: list[Any] = []
         append = result.append
         for row in rows:
             storeID = row[0]
-            ref = cache.get(storeID)
+            ref = get(storeID)
             if ref is not None:
                 item = ref()
                 if item is not None:
