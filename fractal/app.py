@@ -24,8 +24,9 @@ The node opens (or creates) the user's store, makes sure the application's
 powerups are installed in it, and calls the responder on the powerup inside one
 C{store.transact}: everything the responder does synchronously commits
 together, or, when it raises, rolls back together.  A responder may return a
-L{Deferred}; only the synchronous part runs in the transaction, so work done
-when that Deferred fires must call C{store.transact} itself.
+L{Deferred} (or be a coroutine function); only the part before it first waits
+runs in the transaction, so store work done after that must call
+C{store.transact} itself.
 """
 
 from __future__ import annotations

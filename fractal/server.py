@@ -22,7 +22,7 @@ the calls outstanding on one connection (L{Overloaded}).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Coroutine, Protocol
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -491,8 +491,12 @@ class NodeProtocol(BinaryBoxProtocol):
 
         def call() -> AmpBox | Deferred[Any]:
             result = method(**kwargs)
+            if isinstance(result, dict):
+                return serialize(result)
             if isinstance(result, Deferred):
                 return result
+            if isinstance(result, Coroutine):
+                return Deferred.fromCoroutine(result)
             return serialize(result)
 
         try:

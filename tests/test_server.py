@@ -78,6 +78,10 @@ class Later(app.UserCommand):
     response = [(b"value", amp.Integer())]
 
 
+class Awaiting(app.UserCommand):
+    response = [(b"value", amp.Integer())]
+
+
 class Durably(app.UserCommand):
     ack = "durable"
 
@@ -143,6 +147,14 @@ class ServerTestNotebook(Item):
         d: Deferred[dict[str, Any]] = Deferred()
         ServerTestNotebook.pending.append(d)
         return d
+
+    @Awaiting.responder
+    async def awaiting(self) -> dict[str, Any]:
+        self.added += 10
+        d: Deferred[int] = Deferred()
+        ServerTestNotebook.pending.append(d)  # type: ignore[arg-type]
+        value = await d
+        return {"value": value}
 
 
 class ServerTestDurable(Item):
@@ -372,6 +384,21 @@ class ServerTests(SynchronousTestCase):
         pump.flush()
         self.assertEqual(self.successResultOf(later), {"value": 5})
         self.assertEqual(self.server.inFlight, 0)
+
+    def test_coroutineResponder(self) -> None:
+        """
+        A responder may be a coroutine function: the part before its first
+        wait runs in the transaction, and the call is answered with what it
+        returns.
+        """
+        client, _, pump = self.connect()
+        d = callRemote(client, Awaiting, user="alice")
+        pump.flush()
+        self.assertNoResult(d)
+        ServerTestNotebook.pending.pop().callback(7)
+        pump.flush()
+        self.assertEqual(self.successResultOf(d), {"value": 7})
+        self.assertEqual(self.call(CountNotes, user="alice")["added"], 10)
 
     def test_deferredResponderFails(self) -> None:
         """
