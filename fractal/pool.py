@@ -118,7 +118,7 @@ class StoreLease:
         (for a node: the application's bound responders), or L{None}.
     """
 
-    __slots__ = ("key", "store", "prepared", "_pool", "_busy", "_lastUsed", "_whenIdle")
+    __slots__ = ("key", "store", "prepared", "_pool", "_busy", "_lastUsed", "_whenClosed")
 
     def __init__(self, pool: StorePool, key: str, store: Store, prepared: Any) -> None:
         self.key = key
@@ -127,7 +127,7 @@ class StoreLease:
         self._pool = pool
         self._busy = 0
         self._lastUsed = 0.0
-        self._whenIdle: list[Deferred[None]] = []
+        self._whenClosed: list[Deferred[None]] = []
 
     def release(self) -> None:
         """
@@ -318,7 +318,7 @@ class StorePool:
         if closing is not None:
             # Never two Store objects on one file: reopen once it is closed.
             waitClosed: Deferred[None] = Deferred()
-            closing._whenIdle.append(waitClosed)
+            closing._whenClosed.append(waitClosed)
             return waitClosed.addCallback(lambda _: self.acquire(key))
         if not self._makeRoom():
             if self._closing:
@@ -543,7 +543,7 @@ class StorePool:
             self.log.failure("Error closing the store of {key!r}", key=lease.key)
         del self._closing[lease.key]
         self.closedCount += 1
-        waiters, lease._whenIdle = lease._whenIdle, []
+        waiters, lease._whenClosed = lease._whenClosed, []
         for waiter in waiters:
             waiter.callback(None)
         self._roomFreed()
