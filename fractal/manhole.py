@@ -37,15 +37,16 @@ C{_}, while the node goes on serving.
 Adding a helper is one function and one decorator::
 
     @consoleHelper
-    def lag(node: FractalNode) -> Summary:
+    def unread(node: FractalNode, user: str) -> Deferred[int]:
         \"\"\"
-        Shipping lag per store.
+        How many unread messages a user has.
         \"\"\"
-        ...
+        d = node.pool.openStore(user)
+        return d.addCallback(lambda store: store.findUnique(Mailbox).unread)
 
 The function takes the node as its first argument; the console passes it, so
-the operator types C{lag()}.  Its docstring's first line is what C{help()}
-shows.
+the operator types C{unread("alice")}.  Its docstring's first line is what
+C{help()} shows.
 """
 
 from __future__ import annotations
@@ -1315,6 +1316,34 @@ def stats(node: FractalNode) -> object:
         return Summary(f"stats() of node {node.nodeId!r}", tuple(rows))
 
     return _then(node.stats(), summarize)
+
+
+@consoleHelper
+def lag(node: FractalNode, limit: int = 10) -> Summary:
+    """
+    Shipping lag: the stores furthest behind their durable copies.
+
+    @param limit: the most stores to list.
+    """
+    shipper = getattr(node, "shipper", None)
+    if shipper is None:
+        return Summary("lag()", (("shipping", "no shipper: stores are local only"),))
+    current = shipper.lag()
+    rows: list[tuple[str, object]] = [
+        ("worst seconds", round(current.seconds, 3)),
+        ("bytes pending", current.bytesPending),
+        ("stores behind", len(current.stores)),
+    ]
+    behind = sorted(current.stores, key=lambda store: -store.seconds)[:limit]
+    for store in behind:
+        fenced = ", FENCED" if store.fenced else ""
+        rows.append(
+            (
+                repr(store.key),
+                f"{store.seconds:.1f} s, {store.bytesPending} bytes, seq {store.seq}{fenced}",
+            )
+        )
+    return Summary("lag()", tuple(rows))
 
 
 @consoleHelper

@@ -506,6 +506,7 @@ class NamespaceTests(SynchronousTestCase):
             "users(limit=20)",
             "stats()",
             "shardmap()",
+            "lag(limit=10)",
             "help(obj)",
         ]:
             self.assertIn(expected, listing)
@@ -596,6 +597,8 @@ class NamespaceTests(SynchronousTestCase):
         self.assertEqual(summary["open stores"], 1)
         self.assertEqual(summary["calls served"], 0)
         self.assertIn("no shipper", summary["shipping"])
+        lag: Any = namespace["lag"]
+        self.assertIn("no shipper", lag()["shipping"])
         self.assertTrue(all(len(line) <= 80 for line in repr(summary).splitlines()))
         shares = shardmap()
         self.assertEqual(shares["slots"], 4096)
@@ -623,6 +626,11 @@ class NamespaceTests(SynchronousTestCase):
         clock.advance(3)
         summary = stats()
         self.assertEqual((summary["lag seconds"], summary["stores behind"]), (3.0, 1))
+        lag: Any = namespace["lag"]
+        behind = lag()
+        self.assertEqual((behind["worst seconds"], behind["stores behind"]), (3.0, 1))
+        self.assertTrue(str(behind["'alice'"]).startswith("3.0 s, "))
+        self.assertEqual(len(lag(0).rows), 3)
 
     def test_addHelper(self) -> None:
         """
