@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from fractal.store.attributes import integer, text
+from fractal.store.attributes import integer, reference, text
 from fractal.store.errors import ItemNotFound
 from fractal.store.item import Item
 from fractal.store.store import Store
@@ -29,6 +29,7 @@ class ModelRow(Item):
 
     label = text(caseSensitive=True)
     number = integer()
+    other = reference(doc="Another row, or None; nullified when that row is deleted.")
 
 
 _texts = st.text(
@@ -42,6 +43,7 @@ _ops = st.lists(
         st.tuples(st.just("create"), _values),
         st.tuples(st.just("update"), st.integers(min_value=0), _values),
         st.tuples(st.just("delete"), st.integers(min_value=0)),
+        st.tuples(st.just("link"), st.integers(min_value=0), st.integers(min_value=0)),
     ),
     max_size=6,
 )
@@ -55,8 +57,9 @@ class _Rollback(Exception):
 
 class StoreModel(RuleBasedStateMachine):
     """
-    A store on disk and the dict of C{storeID -> (label, number)} it should
-    hold.
+    A store on disk and the dict of C{storeID -> (label, number, other)} it
+    should hold, C{other} being the storeID of the referenced row or
+    L{None}.
     """
 
     def __init__(self) -> None:
@@ -64,34 +67,42 @@ class StoreModel(RuleBasedStateMachine):
         self.tempdir = FilePath(tempfile.mkdtemp())
         self.dbdir = self.tempdir.child("model.axiom")
         self.store = Store(self.dbdir)
-        self.model: dict[int, tuple[str, int]] = {}
+        self.model: dict[int, tuple[str, int, int | None]] = {}
         self.gone: set[int] = set()
 
     def teardown(self) -> None:
         self.store.close()
         shutil.rmtree(self.tempdir.path)
 
-    def _apply(self, model: dict[int, tuple[str, int]], gone: set[int], op: Any) -> None:
+    def _apply(self, model: dict[int, tuple[str, int, int | None]], gone: set[int], op: Any) -> None:
         """
         Apply one operation to the store and to C{model}.
         """
         if op[0] == "create":
             label, number = op[1]
             row = ModelRow(store=self.store, label=label, number=number)
-            model[row.storeID] = (label, number)
+            model[row.storeID] = (label, number, None)
             gone.discard(row.storeID)
             return
         if not model:
             return
-        storeID = sorted(model)[op[1] % len(model)]
+        ids = sorted(model)
+        storeID = ids[op[1] % len(ids)]
         row = self.store.getItemByID(storeID)
         if op[0] == "update":
             row.label, row.number = op[2]
-            model[storeID] = op[2]
+            model[storeID] = (*op[2], model[storeID][2])
+        elif op[0] == "link":
+            otherID = ids[op[2] % len(ids)]
+            row.other = self.store.getItemByID(otherID)
+            model[storeID] = (*model[storeID][:2], otherID)
         else:
             row.deleteFromStore()
             del model[storeID]
             gone.add(storeID)
+            for key, (label, number, other) in list(model.items()):
+                if other == storeID:
+                    model[key] = (label, number, None)
 
     @rule(values=_values)
     def create(self, values: tuple[str, int]) -> None:
@@ -101,6 +112,11 @@ class StoreModel(RuleBasedStateMachine):
     @rule(index=st.integers(min_value=0), values=_values)
     def update(self, index: int, values: tuple[str, int]) -> None:
         self._apply(self.model, self.gone, ("update", index, values))
+
+    @precondition(lambda self: bool(self.model))
+    @rule(index=st.integers(min_value=0), otherIndex=st.integers(min_value=0))
+    def link(self, index: int, otherIndex: int) -> None:
+        self._apply(self.model, self.gone, ("link", index, otherIndex))
 
     @precondition(lambda self: bool(self.model))
     @rule(index=st.integers(min_value=0))
@@ -137,20 +153,26 @@ class StoreModel(RuleBasedStateMachine):
         self.store.close()
         self.store = Store(self.dbdir)
 
-    def check(self, model: dict[int, tuple[str, int]]) -> None:
+    def check(self, model: dict[int, tuple[str, int, int | None]]) -> None:
         """
-        The store holds exactly C{model}.
+        The store holds exactly C{model}, and C{other == None} finds exactly
+        the rows with no reference.
         """
-        rows = {row.storeID: (row.label, row.number) for row in self.store.query(ModelRow)}
+        rows = {
+            row.storeID: (row.label, row.number, None if row.other is None else row.other.storeID)
+            for row in self.store.query(ModelRow)
+        }
         assert rows == model, (rows, model)
         assert self.store.query(ModelRow).count() == len(model)
+        unlinked = {row.storeID for row in self.store.query(ModelRow, ModelRow.other == None)}  # noqa: E711
+        assert unlinked == {k for k, v in model.items() if v[2] is None}, unlinked
 
     @invariant()
     def agrees(self) -> None:
         self.check(self.model)
         for storeID, values in self.model.items():
             row = self.store.getItemByID(storeID)
-            assert (row.label, row.number) == values
+            assert (row.label, row.number) == values[:2]
         for storeID in self.gone - set(self.model):
             try:
                 row = self.store.getItemByID(storeID)
