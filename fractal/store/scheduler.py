@@ -205,7 +205,7 @@ class _SchedulerMixin:
         ):
             try:
                 event.invokeRunnable()
-            except BaseException:
+            except Exception:
                 raise _EventFailed(event, Failure())  # type: ignore[no-untyped-call]
             return True
         return False
@@ -219,7 +219,7 @@ class _SchedulerMixin:
         self._log.failure("Timed event {event!r} failed", failure, event=event)
         try:
             self.store.transact(event.handleError, now, failure)
-        except BaseException:
+        except Exception:
             self._log.failure("Error handler for timed event {event!r} failed", event=event)
             self.store.transact(event._defaultErrorHandler, now, failure)
 
