@@ -179,6 +179,8 @@ class StaticTopologyTests(SynchronousTestCase):
         cases = [
             (nodes + self.nodes("a"), "'a' is used by more than one"),
             ([NodeAddress("../x", "tcp:host=h:port=1", "p")], "'../x' is not"),
+            ([NodeAddress("10.0.0.1", "tcp:host=h:port=1", "p")], "'10.0.0.1' is not"),
+            (nodes + [NodeAddress("A", "c", "p")], "'A' is used by more than one"),
             ([nodes[0], NodeAddress("b", "", "p")], "'b' has no 'client'"),
             ([nodes[0], NodeAddress("b", "c", None)], "'b' has no 'peer'"),
             ([], "at least one node"),

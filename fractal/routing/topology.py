@@ -22,11 +22,12 @@ __all__ = [
     "checkNodeId",
 ]
 
-NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})")
+NODE_ID_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,62}")
 """
 What a node id may look like: 1 to 63 ASCII letters, digits, C{.}, C{_} or
-C{-}, starting with a letter or digit.  Node ids name certificate files and
-appear in certificates, so they are kept this plain.
+C{-}, starting with a letter.  Node ids name certificate files and are
+checked as DNS names in certificates, so they are kept this plain (an id of
+digits and dots would read as an IP address).
 """
 
 
@@ -98,7 +99,7 @@ def checkNodeId(nodeId: object) -> str:
     if not isinstance(nodeId, str) or NODE_ID_PATTERN.fullmatch(nodeId) is None:
         raise TopologyError(
             f"node id {nodeId!r} is not 1-63 letters, digits, '.', '_' or '-' "
-            "starting with a letter or digit"
+            "starting with a letter"
         )
     return nodeId
 
@@ -134,7 +135,8 @@ class StaticTopology:
         addresses = list(nodes)
         for address in addresses:
             checkNodeId(address.node)
-            if address.node in members:
+            if address.node.lower() in {m.lower() for m in members}:
+                # Certificates compare names without case, so ids must too.
                 raise TopologyError(f"node id {address.node!r} is used by more than one node")
             if not address.client:
                 raise TopologyError(f"node {address.node!r} has no 'client' endpoint")
