@@ -306,20 +306,18 @@ def loadOrCreateHostKey(path: FilePath[str]) -> keys.Key:
         return key
     try:
         mode = os.stat(path.path).st_mode
-        if mode & 0o077:
-            raise ManholeConfigurationError(
-                f"the manhole host key {path.path!r} is accessible by other "
-                f"users (mode {mode & 0o777:04o}); run: chmod 600 {path.path}"
-            )
-        loaded: keys.Key = keys.Key.fromFile(path.path)
-        return loaded
+        if not mode & 0o077:
+            loaded: keys.Key = keys.Key.fromFile(path.path)
+            return loaded
     except (OSError, keys.BadKeyError, ValueError) as e:
-        if isinstance(e, ManholeConfigurationError):
-            raise
         raise ManholeConfigurationError(
             f"the manhole host key {path.path!r} cannot be loaded: {e}; "
             "move it away to have a new one generated"
         ) from None
+    raise ManholeConfigurationError(
+        f"the manhole host key {path.path!r} is accessible by other "
+        f"users (mode {mode & 0o777:04o}); run: chmod 600 {path.path}"
+    )
 
 
 @implementer(IAuthorizedKeysDB)
@@ -508,8 +506,8 @@ class _ConsoleInterpreter(ManholeInterpreter):
     """
     The Manhole interpreter, made safe for a shared process: input that is
     not UTF-8 is refused, C{SystemExit} closes the session instead of
-    reaching the reactor, a Deferred's result is bound to C{_} when it fires,
-    and errors are counted.
+    reaching the reactor, a Deferred's result is bound to C{_} when it fires
+    (the Deferred's own result is left as it was), and errors are counted.
     """
 
     errors = 0
@@ -547,11 +545,12 @@ class _ConsoleInterpreter(ManholeInterpreter):
         self.locals["_"] = result
         return super()._cbDisplayDeferred(result, k, obj)
 
-    def _ebDisplayDeferred(self, failure: Failure, k: int, obj: Deferred[Any]) -> None:
+    def _ebDisplayDeferred(self, failure: Failure, k: int, obj: Deferred[Any]) -> Failure:
+        # Shown, and passed on unchanged: the console only watches a
+        # Deferred, which may be shared with the node's own code.
         self.errors += 1
-        super()._ebDisplayDeferred(failure, k, obj)
-        # Shown to the operator: handled.
-        return None
+        passed: Failure = super()._ebDisplayDeferred(failure, k, obj)
+        return passed
 
 
 def _sessionNamespace(console: Any, namespace: dict[str, object]) -> dict[str, object]:

@@ -395,8 +395,8 @@ class LineConsoleTests(SynchronousTestCase):
 
     def test_failedDeferred(self) -> None:
         """
-        A Deferred that fails shows the error, counts as an error, and the
-        failure is handled (not logged as unhandled).
+        A Deferred that fails shows the error and counts as an error; the
+        console leaves the failure in the Deferred for its other users.
         """
         gate: Deferred[str] = Deferred()
         console, transport, statuses = self._console({"gate": gate}, echo=False)
@@ -405,6 +405,17 @@ class LineConsoleTests(SynchronousTestCase):
         gate.errback(RuntimeError("boom"))
         self.assertIn(b"Deferred #0 failed: 'boom'", transport.value())
         self.assertEqual(statuses, [1])
+        self.failureResultOf(gate, RuntimeError)
+
+    def test_deferredResultUnchanged(self) -> None:
+        """
+        Showing a Deferred's result does not change it.
+        """
+        gate: Deferred[str] = Deferred()
+        console, transport, statuses = self._console({"gate": gate}, echo=False)
+        console.dataReceived(b"gate\n")
+        gate.callback("value")
+        self.assertEqual(self.successResultOf(gate), "value")
 
     def test_notUtf8(self) -> None:
         """
