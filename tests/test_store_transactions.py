@@ -12,7 +12,7 @@ from twisted.logger import globalLogPublisher
 from twisted.internet.testing import EventLoggingObserver
 from twisted.trial.unittest import SynchronousTestCase
 
-from fractal.store import Item, Store, errors, inmemory, integer, text
+from fractal.store import Item, Store, errors, inmemory, integer, reference, text
 
 
 class Counter(Item):
@@ -344,3 +344,85 @@ class NestingTests(SynchronousTestCase):
 
         self.assertRaises(Boom, s.transact, change)
         self.assertEqual(s.getItemByID(storeID).value, 1)
+
+
+class Pointing(Item):
+    """
+    Refers to a Quiet, for batching tests.
+    """
+
+    target = reference()
+
+
+class BatchedInsertTests(SynchronousTestCase):
+    """
+    Within a transaction, rows of new items are written in batches; every
+    read still sees them.
+    """
+
+    def test_readsSeeBatchedItems(self) -> None:
+        """
+        Items created after the first one in a transaction are visible to
+        queries, raw SQL, references and deletes, with their latest values.
+        """
+        path = self.mktemp()
+        s = Store(path)
+
+        def work() -> list[int]:
+            items = [Quiet(store=s, value=i) for i in range(5)]
+            items[3].value = 30
+            self.assertEqual(
+                [q.value for q in s.query(Quiet, sort=Quiet.storeID.ascending)], [0, 1, 2, 30, 4]
+            )
+            more = [Quiet(store=s, value=i) for i in range(5, 8)]
+            self.assertEqual(s.querySQL("SELECT COUNT(*) FROM %s" % (Quiet._fTable,)), [(8,)])
+            pointer = Pointing(store=s, target=more[-1])
+            Pointing(store=s, target=more[0])
+            more[0].deleteFromStore()
+            self.assertEqual(s.count(Pointing, Pointing.target == None), 1)  # noqa: E711
+            self.assertIs(pointer.target, more[-1])
+            more[1].value = 60
+            return [q.storeID for q in items + more]
+
+        ids = s.transact(work)
+        self.assertEqual(len(set(ids)), len(ids))
+        s.close()
+        s = Store(path)
+        self.assertEqual(
+            sorted(q.value for q in s.query(Quiet)), [0, 1, 2, 4, 7, 30, 60]
+        )
+        s.close()
+
+    def test_rollbackDiscardsBatch(self) -> None:
+        """
+        A rollback discards batched rows too, and none of their storeIDs is
+        reused.
+        """
+        s = Store()
+        made: list[Quiet] = []
+
+        def work() -> None:
+            made.extend(Quiet(store=s, value=i) for i in range(4))
+            raise Boom()
+
+        self.assertRaises(Boom, s.transact, work)
+        self.assertEqual(s.count(Quiet), 0)
+        self.assertTrue(all(q.storeID is None for q in made))
+        self.assertGreater(Quiet(store=s).storeID, 4)
+
+    def test_batchInsertBetween(self) -> None:
+        """
+        batchInsert in the middle of a transaction with batched items keeps
+        storeIDs unique.
+        """
+        s = Store()
+
+        def work() -> None:
+            Quiet(store=s, value=1)
+            Quiet(store=s, value=2)
+            s.batchInsert(Quiet, [Quiet.value], [(3,), (4,)])
+            Quiet(store=s, value=5)
+
+        s.transact(work)
+        self.assertEqual(sorted(s.query(Quiet).getColumn("value")), [1, 2, 3, 4, 5])
+        self.assertEqual(len(set(s.query(Quiet).getColumn("storeID"))), 5)

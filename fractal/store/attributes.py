@@ -731,7 +731,9 @@ class SQLAttribute(_Comparable, property):
             touched = store._touched
             if storeID not in touched:
                 touched[storeID] = (oself, {k: d[k] for k in oself._fHidden})
-            store._cursor.execute(self._updateSQL, (dbval, storeID))
+            pendingFrom = store._pendingFrom
+            if pendingFrom is None or storeID < pendingFrom:
+                store._cursor.execute(self._updateSQL, (dbval, storeID))
             d[self.hidden] = dbval
         else:
             store._writeAttribute(oself, self, dbval)

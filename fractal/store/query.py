@@ -149,7 +149,10 @@ class _BaseQuery:
         return all(store._hasTable(c) for c in self._classes)
 
     def _run(self, sql: str, args: list[Any]) -> list[Any]:
-        rows: list[Any] = self.store._cursor.execute(sql, args).fetchall()
+        store = self.store
+        if store._pending:
+            store._flush()
+        rows: list[Any] = store._cursor.execute(sql, args).fetchall()
         return rows
 
     def explain(self) -> str:

@@ -97,6 +97,7 @@ CREATE TABLE "axiom_attributes" (
 _BASE_SCHEMA = [_CREATE_OBJECTS, _CREATE_OBJECTS_IDX, _CREATE_TYPES, _CREATE_ATTRIBUTES]
 
 _INSERT_OBJECT = 'INSERT INTO "axiom_objects" ("type_id") VALUES (?)'
+_INSERT_OBJECT_ID = 'INSERT INTO "axiom_objects" ("oid", "type_id") VALUES (?, ?)'
 _BURN_OBJECT = 'INSERT INTO "axiom_objects" ("oid", "type_id") VALUES (?, -1)'
 _TYPE_OF = 'SELECT "type_id" FROM "axiom_objects" WHERE "oid" = ?'
 _CREATE_TYPE = 'INSERT INTO "axiom_types" ("typename", "module", "version") VALUES (?, ?, ?)'
@@ -238,6 +239,12 @@ class Store(Empowered):
         self._deletingIDs: set[int] = set()
         self._tablesCreated: list[tuple[str, int]] = []
         self._allocated: int | None = None
+        # Inside a transaction, after the first insert has shown the next
+        # storeID, new items get their storeIDs here and their rows are
+        # written in batches (_flush) before any other statement runs.
+        self._nextID: int | None = None
+        self._pending: list[tuple[int, Any]] = []
+        self._pendingFrom: int | None = None
         self._upgrading: set[int] = set()
         self._commitObservers: list[Callable[[], object]] = []
         self._inMemory: dict[Any, Any] = {}
@@ -393,6 +400,8 @@ class Store(Empowered):
     # Schema
 
     def _loadSchema(self, indexes: set[str] | None = None) -> None:
+        if self._pending:
+            self._flush()
         cur = self._cursor
         types = cur.execute('SELECT "oid", "typename", "module", "version" FROM "axiom_types"').fetchall()
         attrs = cur.execute(
@@ -640,7 +649,32 @@ class Store(Empowered):
         self._txn = True
 
     def _commit(self) -> None:
+        if self._pending:
+            self._flush()
         self._cursor.execute("COMMIT")
+
+    def _flush(self) -> None:
+        """
+        Write the rows of items created (and not yet written) in this
+        transaction, with one C{executemany} per table.
+        """
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        self._pendingFrom = None
+        cur = self._cursor
+        cur.executemany(
+            _INSERT_OBJECT_ID, [(item.__dict__["_fstoreID"], typeID) for typeID, item in pending]
+        )
+        byClass: dict[Any, list[Any]] = {}
+        for _, item in pending:
+            byClass.setdefault(type(item), []).append(item)
+        for cls, items in byClass.items():
+            keys = cls._fLoadKeys
+            cur.executemany(
+                cls._fInsertSQL, [tuple(map(item.__dict__.__getitem__, keys)) for item in items]
+            )
 
     def _clearTransaction(self) -> tuple[dict[int, Any], list[Any], list[tuple[str, int]], int | None]:
         state = (self._touched, self._deletedItems, self._tablesCreated, self._allocated)
@@ -650,6 +684,9 @@ class Store(Empowered):
         self._deletingIDs = set()
         self._tablesCreated = []
         self._allocated = None
+        self._nextID = None
+        self._pending = []
+        self._pendingFrom = None
         return state
 
     def transact(self, f: Callable[..., _T], *a: Any, **kw: Any) -> _T:
@@ -784,7 +821,9 @@ class Store(Empowered):
         storeID = d["_fstoreID"]
         if storeID not in self._touched:
             self._touched[storeID] = (item, {k: d[k] for k in item._fHidden})
-        self._cursor.execute(attr._updateSQL, (dbval, storeID))
+        pendingFrom = self._pendingFrom
+        if pendingFrom is None or storeID < pendingFrom:
+            self._cursor.execute(attr._updateSQL, (dbval, storeID))
         d[attr.hidden] = dbval
 
     def _resolveLate(self, item: Any) -> None:
@@ -807,10 +846,18 @@ class Store(Empowered):
         if cls._fLate:
             self._resolveLate(item)
         d = item.__dict__
-        cur = self._cursor
-        cur.execute(_INSERT_OBJECT, (typeID,))
-        storeID = cur.lastrowid
-        cur.execute(cls._fInsertSQL, (storeID, *map(d.__getitem__, cls._fHidden)))
+        storeID = self._nextID
+        if storeID is None:
+            cur = self._cursor
+            cur.execute(_INSERT_OBJECT, (typeID,))
+            storeID = cur.lastrowid
+            assert storeID is not None
+            cur.execute(cls._fInsertSQL, (storeID, *map(d.__getitem__, cls._fHidden)))
+        else:
+            if self._pendingFrom is None:
+                self._pendingFrom = storeID
+            self._pending.append((typeID, item))
+        self._nextID = storeID + 1
         d["_fstore"] = self
         d["_fstoreID"] = storeID
         self._allocated = storeID
@@ -890,6 +937,8 @@ class Store(Empowered):
         return self._load(storeID, autoUpgrade)
 
     def _load(self, storeID: int, autoUpgrade: bool) -> Any:
+        if self._pending:
+            self._flush()
         cur = self._cursor
         row = cur.execute(_TYPE_OF, (storeID,)).fetchone()
         if row is None or row[0] == -1:
@@ -977,6 +1026,8 @@ class Store(Empowered):
         storeIDs = [s for s in storeIDs if s not in self._deletingIDs]
         if not storeIDs:
             return
+        if self._pending:
+            self._flush()
         cur = self._cursor
         disallow, cascade, nullify = self._referrersOf(cls)
         targets = set(storeIDs)
@@ -1101,6 +1152,8 @@ class Store(Empowered):
             typeID = self._createTable(newCls)
         if newCls._fLate:
             self._resolveLate(new)
+        if self._pending:
+            self._flush()
         cur = self._cursor
         cur.execute(newCls._fInsertSQL, (storeID, *map(d.__getitem__, newCls._fHidden)))
         cur.execute('UPDATE "axiom_objects" SET "type_id" = ? WHERE "oid" = ?', (typeID, storeID))
@@ -1239,6 +1292,9 @@ class Store(Empowered):
             if getattr(attr, "type", None) is not cls or not hasattr(attr, "hidden"):
                 raise ValueError("%r is not an attribute of %r" % (attr, cls))
             positions[attr.hidden] = (i, attr)
+        if self._pending:
+            self._flush()
+        self._nextID = None
         cur = self._cursor
         for row in rows:
             values = []
@@ -1265,6 +1321,8 @@ class Store(Empowered):
         Run a C{SELECT} (or another reading statement) and return its rows.
         """
         self._checkOpen()
+        if self._pending:
+            self._flush()
         rows: list[Any] = self._cursor.execute(sql, tuple(args)).fetchall()
         return rows
 
@@ -1279,6 +1337,9 @@ class Store(Empowered):
     def _executeSQL(self, sql: str, args: tuple[Any, ...]) -> int | None:
         if self._rejecting:
             raise ChangeRejected("executeSQL in a commit hook")
+        if self._pending:
+            self._flush()
+        self._nextID = None
         self._cursor.execute(sql, args)
         result: int | None = self._cursor.lastrowid
         return result
@@ -1336,6 +1397,8 @@ class Store(Empowered):
                 "SELECT [powerup] FROM %s WHERE [item] = ? AND [interface] IN (%s) "
                 "ORDER BY [priority] DESC, oid ASC" % (_PowerupConnector._fTable, _marks(len(names)))
             )
+        if self._pending:
+            self._flush()
         rows = self._cursor.execute(sql, (storeID, *names)).fetchall()
         result = []
         for (powerupID,) in rows:
@@ -1349,6 +1412,8 @@ class Store(Empowered):
     def _powerupInterfaceNames(self, storeID: int, powerupID: int) -> list[str]:
         if not self._hasTable(_PowerupConnector):
             return []
+        if self._pending:
+            self._flush()
         rows = self._cursor.execute(
             "SELECT [interface] FROM %s WHERE [item] = ? AND [powerup] = ? ORDER BY oid"
             % (_PowerupConnector._fTable,),
