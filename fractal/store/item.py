@@ -426,18 +426,24 @@ class Item(Empowered):
             d["_fstore"] = None
             d["_fstoreID"] = None
         store = kw.pop("store", None)
-        setters = cls._fSetters
-        for name, value in kw.items():
-            setter = setters.get(name)
-            if setter is not None:
-                setter._set(self, value)
-            elif name == "storeID":
-                raise AttributeError("storeID is assigned by the store and cannot be passed")
-            else:
-                setattr(self, name, value)
-        for attr in cls._fRequired:
-            if d[attr.hidden] is None:
-                raise TypeError("attribute [%s] must not be None" % (attr,))
+        if kw:
+            setters = cls._fSetters
+            unstored = d["_fstore"] is None
+            for name, value in kw.items():
+                setter = setters.get(name)
+                if setter is None:
+                    if name == "storeID":
+                        raise AttributeError("storeID is assigned by the store and cannot be passed")
+                    setattr(self, name, value)
+                elif unstored and value is not None:
+                    # The common case, inlined: check and keep the value.
+                    d[setter.hidden] = setter.infilter(value, self, None)
+                else:
+                    setter._set(self, value)
+        if cls._fRequired:
+            for attr in cls._fRequired:
+                if d[attr.hidden] is None:
+                    raise TypeError("attribute [%s] must not be None" % (attr,))
         if store is not None:
             if d["_fstore"] is None and getattr(type(store), "_fKind", None) == "store":
                 store._insertItem(self)
