@@ -106,13 +106,13 @@ def _closeStoresOf(pool: Any, slots: set[int], slotCount: int) -> Deferred[Any]:
     for key, lease in list(pool._open.items()):
         if slotForKey(key, slotCount) in slots and lease._busy == 0:
             d: Deferred[None] = Deferred()
-            lease._whenIdle.append(d)
+            lease._whenClosed.append(d)
             pool._closeLease(lease)
             waits.append(d)
     for key, lease in list(pool._closing.items()):
         if slotForKey(key, slotCount) in slots:
             d = Deferred()
-            lease._whenIdle.append(d)
+            lease._whenClosed.append(d)
             waits.append(d)
     return DeferredList(waits, consumeErrors=True) if waits else succeed(None)
 

@@ -709,7 +709,7 @@ class PostgresTopology(Service):
             # Serve the slots again; the next round tries once more.
             self._releasing.difference_update(slots)
             self._publish()
-            self.log.warn("Handoff failed: {error}", error=failure.getErrorMessage())
+            self.log.failure("Handoff of {count} slots failed", failure, count=len(slots))
 
         d.addErrback(failed)
 
@@ -723,6 +723,14 @@ class PostgresTopology(Service):
         )
         if cursor.fetchall():
             _bump(cursor, self._database.channel)
+        # Start the next handoffs now rather than at the next round, so the
+        # limit is on handoffs under way, not on handoffs per round.
+        cursor.execute(
+            "SELECT pg_try_advisory_xact_lock(%s)", (self._database.advisoryKey("coordinator"),)
+        )
+        row = cursor.fetchone()
+        if row is not None and row[0]:
+            _coordinate(cursor, self._clock.seconds(), self._maxMoves, self._database.channel)
         return _snapshot(cursor)
 
     # IService
