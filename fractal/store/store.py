@@ -760,6 +760,9 @@ class Store(Empowered):
                     raise
             except Exception:
                 self.log.failure("Could not retire storeID {storeID}", storeID=allocated)
+            else:
+                if self._commitObservers:
+                    self._notifyObservers()
 
     def _afterCommit(self) -> None:
         touched, deleted, _, _ = self._clearTransaction()
@@ -788,8 +791,10 @@ class Store(Empowered):
     def addCommitObserver(self, observer: Callable[[], object]) -> Callable[[], None]:
         """
         Call C{observer()} after every successful commit of this store (each
-        L{transact} and each write made outside one).  Its exceptions are
-        logged, never raised into the committing code.
+        L{transact} and each write made outside one, and the small commit
+        that retires the storeIDs of a rolled-back transaction that created
+        items).  Its exceptions are logged, never raised into the committing
+        code.
 
         @return: a callable that removes the observer.
         """
