@@ -256,6 +256,11 @@ class Result:
     The figures of one measured phase.
     """
 
+    cpu: float | None = None
+    """
+    The server's CPU time per call, in microseconds, when known.
+    """
+
     def __init__(self, latencies: list[float], seconds: float) -> None:
         self.calls = len(latencies)
         self.seconds = seconds
@@ -263,6 +268,18 @@ class Result:
         self.rate = self.calls / seconds if seconds else 0.0
         self.p50 = _percentile(ordered, 50) * 1000
         self.p99 = _percentile(ordered, 99) * 1000
+
+
+def cpuSeconds(pid: int) -> float | None:
+    """
+    The CPU time (user and system, all threads) process C{pid} has used.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _percentile(ordered: list[float], p: float) -> float:
@@ -310,12 +327,12 @@ async def drive(
 
 
 async def measure(
-    reactor: Any, port: int, command: type[amp.Command], seconds: float, maxCalls: int
+    reactor: Any, server: Child, command: type[amp.Command], seconds: float, maxCalls: int
 ) -> dict[int, Result]:
     """
     Warm up, then measure at each concurrency, over one connection.
     """
-    connection = await connectAMP(reactor, port)
+    connection = await connectAMP(reactor, server.port)
 
     def call(n: int) -> Awaitable[object]:
         result: Awaitable[object] = connection.callRemote(
@@ -328,17 +345,28 @@ async def measure(
         return result
 
     results = {}
+    # Warm up: every user called once (so the fractal node has created and
+    # opened every store; creating one is measured apart, as cold opens).
+    await drive(reactor, call, 10, 30, USERS)
     await drive(reactor, call, 10, min(0.5, seconds / 4), 2000)
     for outstanding in CONCURRENCY:
-        results[outstanding] = await drive(reactor, call, outstanding, seconds, maxCalls)
+        before = cpuSeconds(server.process.pid)
+        result = await drive(reactor, call, outstanding, seconds, maxCalls)
+        after = cpuSeconds(server.process.pid)
+        if before is not None and after is not None and result.calls:
+            result.cpu = (after - before) / result.calls * 1e6
+        results[outstanding] = result
     connection.transport.loseConnection()
     return results
 
 
-async def coldOpen(reactor: Any, data: str, log: str, users: int) -> tuple[Result, Result]:
+async def coldOpen(
+    reactor: Any, data: str, log: str, users: int
+) -> tuple[Result, Result, Result]:
     """
-    Create C{users} stores, restart the node so none is open, call each user
-    once (cold), then once more (warm).
+    Create C{users} stores (timing the first hundred, one at a time), restart
+    the node so none is open, call each user once (cold), then once more
+    (warm).
     """
     from examples.mailbox import Deliver, Stats
 
@@ -353,7 +381,13 @@ async def coldOpen(reactor: Any, data: str, log: str, users: int) -> tuple[Resul
             )
             return result
 
-        await drive(reactor, create, 20, 60, users)
+        first = min(100, users)
+        created = await drive(reactor, create, 1, 60, first)
+
+        async def createRest(n: int) -> object:
+            return await create(first + n)
+
+        await drive(reactor, createRest, 20, 60, users - first)
     finally:
         node.stop()
     node = fractalNode(data, log)
@@ -368,7 +402,7 @@ async def coldOpen(reactor: Any, data: str, log: str, users: int) -> tuple[Resul
         cold = await drive(reactor, stats, 1, 60, users)
         warm = await drive(reactor, stats, 1, 60, users)
         connection.transport.loseConnection()
-        return cold, warm
+        return created, cold, warm
     finally:
         node.stop()
 
@@ -501,15 +535,20 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
             )
             try:
                 await server.ready(reactor)
-                rows[key] = await measure(reactor, server.port, BenchDeliver, seconds, maxCalls)
+                rows[key] = await measure(reactor, server, BenchDeliver, seconds, maxCalls)
             finally:
                 server.stop()
-        node = fractalNode(os.path.join(workdir, "node-data"), os.path.join(workdir, "node.log"))
-        try:
-            await node.ready(reactor)
-            rows["3"] = await measure(reactor, node.port, Deliver, seconds, maxCalls)
-        finally:
-            node.stop()
+        for key, extra in [("3", ()), ("3n", ("--durable", "none"))]:
+            node = fractalNode(
+                os.path.join(workdir, f"node-data-{key}"),
+                os.path.join(workdir, f"node-{key}.log"),
+                *extra,
+            )
+            try:
+                await node.ready(reactor)
+                rows[key] = await measure(reactor, node, Deliver, seconds, maxCalls)
+            finally:
+                node.stop()
         dsn, source, stopPostgres = postgresDSN(workdir)
         try:
             if dsn is None:
@@ -519,13 +558,13 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
                 server = baselineServer("postgres", dsn, os.path.join(workdir, "postgres.log"))
                 try:
                     await server.ready(reactor)
-                    rows["4"] = await measure(reactor, server.port, BenchDeliver, seconds, maxCalls)
+                    rows["4"] = await measure(reactor, server, BenchDeliver, seconds, maxCalls)
                 finally:
                     server.stop()
                     dropPostgres(dsn)
         finally:
             stopPostgres()
-        cold, warm = await coldOpen(
+        created, cold, warm = await coldOpen(
             reactor, os.path.join(workdir, "cold-data"), os.path.join(workdir, "cold.log"), coldUsers
         )
     finally:
@@ -537,6 +576,7 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
         "1": "(1) bare AMP echo",
         "2": "(2) AMP + SQLite insert (WAL, NORMAL)",
         "3": "(3) fractal node, mailbox Deliver",
+        "3n": "    the same, --durable none",
         "4": "(4) AMP + adbapi + PostgreSQL",
     }
     print()
@@ -547,25 +587,30 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
     if isinstance(rows.get("4"), dict):
         print(f"PostgreSQL: {source}")
     print()
-    print(f"{'server':40} {'outst.':>6} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'calls':>7}")
+    print(
+        f"{'server':40} {'outst.':>6} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'calls':>7} {'cpu us':>7}"
+    )
     for key, name in names.items():
         row = rows.get(key)
         if not isinstance(row, dict):
             print(f"{name:40} {row}")
             continue
         for outstanding, result in row.items():
+            cpu = "" if result.cpu is None else f"{result.cpu:.0f}"
             print(
                 f"{name:40} {outstanding:>6} {result.rate:>9.0f} {result.p50:>8.2f} "
-                f"{result.p99:>8.2f} {result.calls:>7}"
+                f"{result.p99:>8.2f} {result.calls:>7} {cpu:>7}"
             )
-    print(
-        f"{'cold open (Stats, node restarted)':40} {1:>6} {cold.rate:>9.0f} "
-        f"{cold.p50:>8.2f} {cold.p99:>8.2f} {cold.calls:>7}"
-    )
-    print(
-        f"{'same users again, warm':40} {1:>6} {warm.rate:>9.0f} "
-        f"{warm.p50:>8.2f} {warm.p99:>8.2f} {warm.calls:>7}"
-    )
+    for label, result in [
+        ("new user: Deliver creates the store", created),
+        ("cold open: Stats after a restart", cold),
+        ("the same users again, warm", warm),
+    ]:
+        print(
+            f"{label:40} {1:>6} {result.rate:>9.0f} "
+            f"{result.p50:>8.2f} {result.p99:>8.2f} {result.calls:>7}"
+        )
 
     def get(key: str, outstanding: int, attribute: str) -> float | None:
         row = rows.get(key)

@@ -18,7 +18,7 @@ from epsilon.extime import Time
 from twisted.protocols import amp
 
 from fractal.app import Application, UserCommand
-from fractal.store import Item, boolean, integer, text, timestamp
+from fractal.store import Item, boolean, text, timestamp
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -126,7 +126,7 @@ class Message(Item):
     subject = text(allowNone=False)
     body = text(allowNone=False)
     received = timestamp(allowNone=False)
-    read = boolean(default=False, allowNone=False)
+    read = boolean(default=False, allowNone=False, indexed=True)
 
 
 def _checkHeader(name: str, value: str) -> None:
@@ -138,14 +138,12 @@ def _checkHeader(name: str, value: str) -> None:
 class Mailbox(Item):
     """
     The mailbox powerup, one in every user's store: it answers the mailbox
-    commands and keeps the counts.
+    commands.  It keeps no counters: the messages are counted when asked, so
+    delivering writes only the new message.
     """
 
     typeName = "examples_mailbox_mailbox"
     schemaVersion = 1
-
-    total = integer(default=0, allowNone=False)
-    unread = integer(default=0, allowNone=False)
 
     @Deliver.responder
     def deliver(self, sender: str, subject: str, body: str) -> dict[str, Any]:
@@ -154,8 +152,6 @@ class Mailbox(Item):
         message = Message(
             store=self.store, sender=sender, subject=subject, body=body, received=Time()
         )
-        self.total += 1
-        self.unread += 1
         return {"messageID": message.storeID}
 
     @Inbox.responder
@@ -187,14 +183,15 @@ class Mailbox(Item):
         message = self.store.getItemByID(messageID, default=None)
         if not isinstance(message, Message):
             raise NoSuchMessage(f"no message {messageID}")
-        if not message.read:
-            message.read = True
-            self.unread -= 1
+        message.read = True
         return {}
 
     @Stats.responder
     def stats(self) -> dict[str, Any]:
-        return {"total": self.total, "unread": self.unread}
+        return {
+            "total": self.store.count(Message),
+            "unread": self.store.count(Message, Message.read == False),  # noqa: E712
+        }
 
 
 application = Application(
