@@ -31,6 +31,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IHandshakeListener,
+    INegotiated,
     IProtocol,
     IReactorTime,
     IStreamClientEndpoint,
@@ -128,13 +130,36 @@ class _PeerClientReceiver:
 
     def startReceivingBoxes(self, boxSender: amp.IBoxSender) -> None:
         self.sender = boxSender
-        self._link._connected(self)
+        if not INegotiated.providedBy(getattr(boxSender, "transport", None)):
+            self._link._connected(self)
+        # Over TLS, the link is up only once the handshake, with the check of
+        # the peer's node id, has succeeded: see handshakeCompleted.
+
+    def handshakeCompleted(self) -> None:
+        transport = getattr(self.sender, "transport", None)
+        if transport is not None and not transport.disconnecting:
+            self._link._connected(self)
 
     def ampBoxReceived(self, box: amp.AmpBox) -> None:
         self._link._answerReceived(box)
 
     def stopReceivingBoxes(self, reason: Failure) -> None:
         self._link._disconnected(self, reason)
+
+
+@implementer(IHandshakeListener)
+class _PeerClientProtocol(amp.BinaryBoxProtocol):
+    """
+    The framing of one connection to a peer, telling its receiver when a TLS
+    handshake has finished.
+    """
+
+    def __init__(self, link: PeerLink) -> None:
+        self._peerReceiver = _PeerClientReceiver(link)
+        amp.BinaryBoxProtocol.__init__(self, self._peerReceiver)
+
+    def handshakeCompleted(self) -> None:
+        self._peerReceiver.handshakeCompleted()
 
 
 class _ObservedEndpoint:
@@ -195,12 +220,13 @@ class PeerLink:
         self._receiver: _PeerClientReceiver | None = None
         self._down: str | None = None
         self._everConnected = False
+        self._lastError: str | None = None
         self._nextTag = 0
         self._waiting: dict[bytes, tuple[bytes, Deferred[amp.AmpBox], IDelayedCall]] = {}
         self._queued: list[tuple[amp.AmpBox, Deferred[amp.AmpBox], IDelayedCall]] = []
         self.service = ClientService(
             _ObservedEndpoint(endpoint, self),  # type: ignore[arg-type]
-            Factory.forProtocol(lambda: amp.BinaryBoxProtocol(_PeerClientReceiver(self))),
+            Factory.forProtocol(lambda: _PeerClientProtocol(self)),
             retryPolicy=retryPolicy or DEFAULT_RETRY_POLICY,
             clock=clock,
         )
@@ -259,9 +285,10 @@ class PeerLink:
         self, entry: tuple[amp.AmpBox, Deferred[amp.AmpBox], IDelayedCall]
     ) -> None:
         self._queued.remove(entry)
-        entry[1].errback(
-            self._unavailable(f"not connected within {self._connectTimeout:g} s")
-        )
+        why = f"not connected within {self._connectTimeout:g} s"
+        if self._lastError is not None:
+            why += f" (last attempt: {self._lastError})"
+        entry[1].errback(self._unavailable(why))
 
     def _callTimedOut(self, tag: bytes) -> None:
         _, d, _ = self._waiting.pop(tag)
@@ -278,6 +305,7 @@ class PeerLink:
             self._send(box, d)
 
     def _attemptFailed(self, reason: Failure) -> None:
+        self._lastError = reason.getErrorMessage()
         if not self._everConnected:
             # Peers start in any order: until a link has been up once, a
             # refused attempt means "not started yet", and calls wait (for
@@ -291,6 +319,11 @@ class PeerLink:
 
     def _disconnected(self, receiver: _PeerClientReceiver, reason: Failure) -> None:
         if receiver is not self._receiver:
+            self._lastError = reason.getErrorMessage()
+            if self._everConnected and self._receiver is None:
+                # A new connection failed before it was up (for example, its
+                # TLS handshake): say why to the calls that come next.
+                self._down = f"cannot connect: {reason.getErrorMessage()}"
             return
         self.log.info("peer link to {node} is down: {why}", node=self.node,
                       why=reason.getErrorMessage())
