@@ -395,6 +395,31 @@ class ShipperTests(SynchronousTestCase):
         self.assertIn("'not yet shipped'", "\n".join(again.restored("alice")))
 
 
+class ResumeNeverShippedTests(SynchronousTestCase):
+    """
+    A store created and changed by a node that died before shipping it at
+    all is still found and shipped by the next one.
+    """
+
+    def test_found(self) -> None:
+        """
+        Opening a new store names its key in its state file at once, so a
+        shipper started later with the stores directory ships it.
+        """
+        h = _Harness(self, interval=60.0)
+        h.shipper.startService()
+        store = h.open("new user")
+        write(store, 1, "before any ship")
+        store.close()
+        self.assertEqual(h.records("new user"), [])
+
+        again = _Harness(self, backend=h.backend, root=h.root, storesDirectory=h.root)
+        again.shipper.startService()
+        self.addCleanup(again.shipper.stopService)
+        again.clock.advance(60)
+        self.assertIn("'before any ship'", "\n".join(again.restored("new user")))
+
+
 class RestoreTests(SynchronousTestCase):
     """
     Restoring a store from its chain.

@@ -330,6 +330,20 @@ class Shipper(Service):
             # Unknown whether it changed since it was last shipped (by an
             # earlier run of this node): look, once.
             state.markDirty(self._clock.seconds())
+            if not dbdir.child(STATE_FILE).exists():
+                # A new store: name its key next to it at once (a small
+                # write, once per store), so that if this process dies before
+                # the first ship, the next start finds the store and ships it.
+                try:
+                    _writeState(
+                        dbdir,
+                        self._stateRecord(key, RecordInfo(state.name, 0, 0, 0, 0, b""),
+                                          0, 0, 0, 0, 0.0),
+                        (),
+                    )
+                except OSError:
+                    self.log.failure("Cannot write the shipping state of {store}",
+                                     store=state.name)
         store.addCommitObserver(lambda: self._committed(state))
 
     def _committed(self, state: _StoreState) -> None:
