@@ -42,7 +42,9 @@ Adding a helper is one function and one decorator::
         How many unread messages a user has.
         \"\"\"
         d = node.pool.openStore(user)
-        return d.addCallback(lambda store: store.findUnique(Mailbox).unread)
+        return d.addCallback(
+            lambda store: store.query(Message, Message.read == False).count()
+        )
 
 The function takes the node as its first argument; the console passes it, so
 the operator types C{unread("alice")}.  Its docstring's first line is what
