@@ -103,7 +103,13 @@ class ShardMapArgument(amp.Argument):
         amp.Argument.__init__(self, optional)  # type: ignore[no-untyped-call]
 
     def toString(self, inObject: ShardMap) -> bytes:
+        """
+        Encode a map; see L{encodeShardMap}.
+        """
         return encodeShardMap(inObject)
 
     def fromString(self, inString: bytes) -> ShardMap:
+        """
+        Decode a map; see L{decodeShardMap}.
+        """
         return decodeShardMap(inString)
