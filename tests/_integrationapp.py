@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from examples.mailbox import Deliver, Inbox, Mailbox, MarkRead, Stats
 from fractal.app import Application, UserCommand
 from fractal.store import Item, integer
-
-from examples.mailbox import Deliver, Inbox, Mailbox, MarkRead, Stats
 
 __all__ = ["Explode", "Fragile", "application"]
 

@@ -26,10 +26,6 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
-from fractal.client import FractalClient, connect
-from fractal.keys import InvalidUserKey, storeNameForKey
-from fractal.protocol import CallFailed, Overloaded
-
 from examples.mailbox import (
     MAX_HEADER_BYTES,
     Deliver,
@@ -39,6 +35,9 @@ from examples.mailbox import (
     NoSuchMessage,
     Stats,
 )
+from fractal.client import FractalClient, connect
+from fractal.keys import InvalidUserKey, storeNameForKey
+from fractal.protocol import CallFailed, Overloaded
 
 ROOT = FilePath(__file__).parent().parent()
 MAILBOX = "examples.mailbox:application"

@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import sys
 
-import twisted.plugins
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
+import twisted.plugins
 from fractal.config import (
     ConfigError,
     FractalConfig,
