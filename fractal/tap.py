@@ -374,7 +374,11 @@ def _checkManhole(options: Options) -> None:
 
     @raise usage.UsageError: saying what to change.
     """
-    from fractal.manhole import ManholeConfigurationError, checkEndpoint, checkKeysFile
+    from fractal._manholeconfig import (
+        ManholeConfigurationError,
+        checkEndpoint,
+        checkKeysFile,
+    )
 
     if options["manhole"] is None:
         if options["manhole-keys"] is not None:

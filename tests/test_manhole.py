@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 import struct
+import subprocess
+import sys
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -737,6 +739,26 @@ class TapOptionsTests(SynchronousTestCase):
             self.mktemp(),
         )
         self.assertIn("cannot be read", str(error))
+
+    def test_noReactorWhileParsing(self) -> None:
+        """
+        Checking the Manhole options does not import the global reactor, so
+        C{twistd}'s choice of reactor is still free.
+        """
+        keysFile = _authorizedKeysFile(self, _newKey()).path
+        script = (
+            "import sys\n"
+            "from fractal.tap import Options\n"
+            f"Options().parseOptions(['--app', 'examples.mailbox:application', '--data', {self.mktemp()!r},"
+            f" '--manhole', 'tcp:2222:interface=127.0.0.1', '--manhole-keys', {keysFile!r}])\n"
+            "print('twisted.internet.reactor' in sys.modules)\n"
+        )
+        root = FilePath(__file__).parent().parent().path
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, timeout=60, env=env, cwd=root
+        )
+        self.assertEqual((result.returncode, result.stdout), (0, b"False\n"), result.stderr)
 
     def test_configFile(self) -> None:
         """
