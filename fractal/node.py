@@ -193,6 +193,7 @@ class FractalNode(MultiService):
             "storesClosed": pool.closedCount,
             "connections": server.connections,
             "inFlight": server.inFlight,
+            "stopping": server.stopping,
             "callsServed": server.callsServed,
             "callsFailed": server.callsFailed,
             "responderErrors": server.responderErrors,

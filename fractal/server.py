@@ -214,6 +214,13 @@ class FractalServer:
         """
         return len(self._connections)
 
+    @property
+    def stopping(self) -> bool:
+        """
+        Whether new calls are refused because the node is stopping.
+        """
+        return self._stopping
+
     def stopAccepting(self) -> None:
         """
         From now on, answer new calls with L{NodeStopping}; calls already

@@ -230,7 +230,9 @@ class FractalNodeTests(SynchronousTestCase):
         self.successResultOf(bumped)
         self.assertNoResult(slow)
 
+        self.assertFalse(node.stats()["stopping"])
         stopped = node.stopService()
+        self.assertTrue(node.stats()["stopping"])
         self.assertFalse(node._listener.running)
         refused = callRemote(client, Bump, user="c")
         pump.flush()
