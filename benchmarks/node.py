@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_benchmarks -*-
+# -*- test-case-name: tests.test_benchmarks_node -*-
 """
 One fractal node against its floor and against the standard stack.
 
@@ -32,6 +32,7 @@ run).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import signal
@@ -285,7 +286,8 @@ def cpuSeconds(pid: int) -> float | None:
 def _percentile(ordered: list[float], p: float) -> float:
     if not ordered:
         return float("nan")
-    index = min(len(ordered) - 1, max(0, int(round(p / 100 * len(ordered) + 0.5)) - 1))
+    # Nearest rank: the smallest value with at least p% of values at or below it.
+    index = min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))
     return ordered[index]
 
 
