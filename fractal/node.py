@@ -251,9 +251,15 @@ class FractalNode(MultiService):
         """
         Stop every child service but the listener, in reverse order.
         """
-        stops = [
-            maybeDeferred(service.stopService)
-            for service in reversed(list(self))
-            if service is not self._listener and service.running
-        ]
-        return DeferredList(stops, consumeErrors=True)
+        stops = []
+        for service in reversed(list(self)):
+            if service is self._listener or not service.running:
+                continue
+            stops.append(maybeDeferred(service.stopService).addErrback(self._stopFailed, service))
+        return DeferredList(stops)
+
+    def _stopFailed(self, failure: Failure, service: Any) -> None:
+        """
+        Log a child service that failed to stop; the node stops anyway.
+        """
+        self.log.failure("Service {service!r} failed to stop", failure, service=service)
