@@ -8,17 +8,22 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from examples.mailbox import Deliver, Stats, application
+from fractal.app import Application, UserCommand
 from fractal.keys import storeNameForKey
 from fractal.protocol import GetShardMap, Health, NotOwner, OwnerUnavailable
 from fractal.routing.harness import SimulatedCluster
 from fractal.routing.interfaces import ShardMap, SlotOwner
 from fractal.routing.smart import ClusterClient
+from fractal.server import ServerLimits
+from fractal.store import Item, integer
 
 
 def deliver(client: Any, user: str, subject: str = "hi") -> Any:
@@ -230,6 +235,69 @@ class HarnessTests(SynchronousTestCase):
         cluster.advance(0.5)
         self.assertIn("messageID", self.successResultOf(d))
         cluster.restore("n1", "n2")
+        cluster.stop()
+        self.assertEqual(cluster.reactor.getDelayedCalls(), [])
+
+
+_slowClock: list[IReactorTime] = []
+
+
+class Slow(UserCommand):
+    """
+    Answer one second later (on the harness's clock).
+    """
+
+    arguments: list[Any] = []
+    response = [(b"done", amp.Integer())]
+
+
+class Slowpoke(Item):
+    """
+    A powerup whose responder returns a Deferred, so its calls stay
+    outstanding for a while.
+    """
+
+    typeName = "tests_routing_slowpoke"
+    schemaVersion = 1
+
+    calls = integer(default=0, allowNone=False)
+
+    @Slow.responder
+    def slow(self) -> Deferred[dict[str, int]]:
+        self.calls += 1
+        return deferLater(_slowClock[0], 1.0, lambda: {"done": 1})
+
+
+slowApplication = Application("slow", powerups=[Slowpoke], commands=[Slow])
+
+
+class PeerLimitTests(SynchronousTestCase):
+    """
+    One peer link carries the forwarded calls of many clients.
+    """
+
+    def test_linkStaysWithinPeerLimit(self) -> None:
+        """
+        More forwarded calls than one connection may have outstanding on the
+        owner all succeed: the link holds the excess instead of having it
+        refused as C{Overloaded}.
+        """
+        cluster = SimulatedCluster(
+            slowApplication,
+            FilePath(self.mktemp()),
+            nodes=2,
+            slots=16,
+            limits=ServerLimits(maxOutstanding=4),
+        )
+        _slowClock[:] = [cluster.reactor]
+        cluster.start()
+        users = [u for u in (f"u{i}" for i in range(200)) if cluster.ownerOf(u) == "n2"][:12]
+        clients = [cluster.client("n1") for _ in range(3)]
+        calls = [clients[i % 3].callRemote(Slow, user=user) for i, user in enumerate(users)]
+        cluster.flush()
+        cluster.advance(3.0)
+        for d in calls:
+            self.assertEqual(self.successResultOf(d), {"done": 1})
         cluster.stop()
         self.assertEqual(cluster.reactor.getDelayedCalls(), [])
 

@@ -126,6 +126,39 @@ class PeerLinkTests(SynchronousTestCase):
             [f"T{i}".encode() for i in range(20)],
         )
 
+    def test_boundedInFlight(self) -> None:
+        """
+        At most C{maxInFlight} calls are in flight on a link; the others
+        wait, in order, and go as answers come back.
+        """
+        link = PeerLink(
+            self.clock,
+            "n2",
+            self.network.endpoint("n1", "n2/peer"),
+            callTimeout=5,
+            maxInFlight=2,
+            retryPolicy=lambda attempt: 1.0,
+        )
+        link.service.startService()
+        self.network.flush()
+        self.network.hold("n2")
+        ds = [link.forward(callBox(b"1", text=f"t{i}")) for i in range(5)]
+        self.network.restore("n2")
+        self.assertEqual(
+            [self.successResultOf(d)[b"text"] for d in ds], [b"T0", b"T1", b"T2", b"T3", b"T4"]
+        )
+        self.assertEqual(len(self.seen), 5)
+        self.network.hold("n2")
+        ds = [link.forward(callBox(b"1")) for i in range(3)]
+        self.network.advance(5)
+        for d in ds:
+            self.failureResultOf(d, OwnerUnavailable)
+        self.network.restore("n2")
+        link.stop()
+        link.service.stopService()
+        self.network.flush()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_noAnswerWanted(self) -> None:
         """
         A box with no C{_ask} is sent and nothing is waited for.

@@ -30,6 +30,7 @@ from fractal.routing.interfaces import ITopology, SlotOwner
 from fractal.routing.peers import (
     DEFAULT_CALL_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_IN_FLIGHT,
     EndpointFactory,
     PeerLinks,
     peerEndpointFactory,
@@ -183,6 +184,9 @@ class ClusterService(MultiService):
             callTimeout=callTimeout,
             connectTimeout=connectTimeout,
             retryPolicy=retryPolicy,
+            # Peers run with the same limits: stay within what one
+            # connection may have outstanding there.
+            maxInFlight=min(DEFAULT_MAX_IN_FLIGHT, node.server.limits.maxOutstanding),
         )
         self.links.setServiceParent(self)
         self.router = ClusterRouter(self.links)

@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULT_CALL_TIMEOUT",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_RETRY_POLICY",
+    "DEFAULT_MAX_IN_FLIGHT",
     "PeerLink",
     "PeerLinks",
     "EndpointFactory",
@@ -81,6 +82,16 @@ Seconds before each reconnection attempt to a peer: from 0.1 growing to 1
 second, plus up to 0.2 seconds of jitter.  Attempts are cheap (a refused
 connection on a dead node), and a short wait means a restarted peer is used
 again quickly.
+"""
+
+DEFAULT_MAX_IN_FLIGHT = 200
+"""
+The most forwarded calls one peer link has in flight at once; more wait, in
+order, for room (within the call timeout).  One link carries the calls of all
+of a node's clients for that peer, and the peer bounds the calls outstanding
+on each connection (L{fractal.server.ServerLimits.maxOutstanding}, 256 by
+default): this keeps the link under that bound rather than have its calls
+refused as C{Overloaded}.
 """
 
 EndpointFactory = Callable[[NodeAddress], IStreamClientEndpoint]
@@ -203,6 +214,7 @@ class PeerLink:
         callTimeout: float = DEFAULT_CALL_TIMEOUT,
         connectTimeout: float = DEFAULT_CONNECT_TIMEOUT,
         retryPolicy: Callable[[int], float] | None = None,
+        maxInFlight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         """
         @param clock: the clock for timeouts and reconnection delays.
@@ -212,8 +224,13 @@ class PeerLink:
         @param connectTimeout: see L{DEFAULT_CONNECT_TIMEOUT}.
         @param retryPolicy: seconds to wait before each reconnection
             attempt, by the number of failed attempts so far.
+        @param maxInFlight: see L{DEFAULT_MAX_IN_FLIGHT}.
         """
+        if maxInFlight < 1:
+            raise ValueError(f"maxInFlight must be positive, not {maxInFlight!r}")
         self.node = node
+        self._maxInFlight = maxInFlight
+        self._backlog: list[tuple[amp.AmpBox, Deferred[amp.AmpBox], IDelayedCall]] = []
         self._clock = clock
         self._callTimeout = callTimeout
         self._connectTimeout = connectTimeout
@@ -265,16 +282,53 @@ class PeerLink:
             self._queued.append(entry)
             return d  # type: ignore[return-value]
         d = Deferred()
-        self._send(box, d)
+        self._submit(box, d)
         return d  # type: ignore[return-value]
 
-    def _send(self, box: amp.AmpBox, d: Deferred[amp.AmpBox]) -> None:
+    def _submit(self, box: amp.AmpBox, d: Deferred[amp.AmpBox]) -> None:
+        """
+        Send a call now, or hold it until fewer calls are in flight.
+        """
+        if len(self._waiting) < self._maxInFlight:
+            self._send(box, d)
+            return
+        entry: tuple[amp.AmpBox, Deferred[amp.AmpBox], IDelayedCall]
+        timeout = self._clock.callLater(self._callTimeout, lambda: self._backlogTimedOut(entry))
+        entry = (box, d, timeout)
+        self._backlog.append(entry)
+
+    def _backlogTimedOut(
+        self, entry: tuple[amp.AmpBox, Deferred[amp.AmpBox], IDelayedCall]
+    ) -> None:
+        self._backlog.remove(entry)
+        entry[1].errback(
+            self._unavailable(f"no answer within {self._callTimeout:g} s (calls queued)")
+        )
+
+    def _drain(self) -> None:
+        """
+        Send held calls while there is room in flight.
+        """
+        while self._backlog and self._receiver is not None:
+            if len(self._waiting) >= self._maxInFlight:
+                return
+            box, d, timeout = self._backlog.pop(0)
+            # The call keeps the deadline it got when it was made.
+            remaining = max(0.0, timeout.getTime() - self._clock.seconds())
+            timeout.cancel()
+            self._send(box, d, remaining)
+
+    def _send(
+        self, box: amp.AmpBox, d: Deferred[amp.AmpBox], timeLimit: float | None = None
+    ) -> None:
         assert self._receiver is not None and self._receiver.sender is not None
         self._nextTag += 1
         tag = b"%x" % (self._nextTag,)
         relayed = amp.AmpBox(box)
         relayed[_ASK] = tag
-        timeout = self._clock.callLater(self._callTimeout, self._callTimedOut, tag)
+        timeout = self._clock.callLater(
+            self._callTimeout if timeLimit is None else timeLimit, self._callTimedOut, tag
+        )
         self._waiting[tag] = (box[_ASK], d, timeout)
         self._receiver.sender.sendBox(relayed)
 
@@ -293,6 +347,7 @@ class PeerLink:
     def _callTimedOut(self, tag: bytes) -> None:
         _, d, _ = self._waiting.pop(tag)
         d.errback(self._unavailable(f"no answer within {self._callTimeout:g} s"))
+        self._drain()
 
     def _connected(self, receiver: _PeerClientReceiver) -> None:
         self.log.info("peer link to {node} is up", node=self.node)
@@ -302,7 +357,7 @@ class PeerLink:
         queued, self._queued = self._queued, []
         for box, d, timeout in queued:
             timeout.cancel()
-            self._send(box, d)
+            self._submit(box, d)
 
     def _attemptFailed(self, reason: Failure) -> None:
         self._lastError = reason.getErrorMessage()
@@ -330,7 +385,8 @@ class PeerLink:
         self._receiver = None
         self._down = "connection lost"
         waiting, self._waiting = self._waiting, {}
-        for _, d, timeout in waiting.values():
+        backlog, self._backlog = self._backlog, []
+        for _, d, timeout in list(waiting.values()) + backlog:
             timeout.cancel()
             d.errback(self._unavailable("connection lost before it answered"))
 
@@ -349,6 +405,7 @@ class PeerLink:
         answer = amp.AmpBox(box)
         answer[key] = originalTag
         d.callback(answer)
+        self._drain()
 
     def stop(self) -> None:
         """
@@ -356,8 +413,9 @@ class PeerLink:
         """
         self._down = "the node is stopping"
         queued, self._queued = self._queued, []
+        backlog, self._backlog = self._backlog, []
         waiting, self._waiting = self._waiting, {}
-        for _, d, timeout in queued + list(waiting.values()):
+        for _, d, timeout in queued + backlog + list(waiting.values()):
             timeout.cancel()
             d.errback(self._unavailable(self._down))
 
@@ -393,6 +451,7 @@ class PeerLinks(MultiService):
         callTimeout: float = DEFAULT_CALL_TIMEOUT,
         connectTimeout: float = DEFAULT_CONNECT_TIMEOUT,
         retryPolicy: Callable[[int], float] | None = None,
+        maxInFlight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         """
         @param clock: the clock for timeouts and reconnection delays.
@@ -402,8 +461,10 @@ class PeerLinks(MultiService):
         @param callTimeout: see L{DEFAULT_CALL_TIMEOUT}.
         @param connectTimeout: see L{DEFAULT_CONNECT_TIMEOUT}.
         @param retryPolicy: see L{PeerLink.__init__}.
+        @param maxInFlight: see L{DEFAULT_MAX_IN_FLIGHT}.
         """
         MultiService.__init__(self)
+        self._maxInFlight = maxInFlight
         self._clock = clock
         self._topology = topology
         self._endpointFor = endpointFor
@@ -433,6 +494,7 @@ class PeerLinks(MultiService):
                     self._callTimeout,
                     self._connectTimeout,
                     self._retryPolicy,
+                    self._maxInFlight,
                 )
                 service = _LinkService(link)
                 self._links[node] = service
