@@ -9,8 +9,8 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.protocols import amp
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
