@@ -60,6 +60,24 @@ class _SSHProtocol(ProcessProtocol):
         self.stdout = b""
         self.stderr = b""
         self.ended: Deferred[int | None] = Deferred()
+        self._waits: list[tuple[bytes, Deferred[None]]] = []
+
+    def waitFor(self, marker: bytes) -> Deferred[None]:
+        """
+        Fire once C{marker} has appeared on standard output.
+        """
+        d: Deferred[None] = Deferred()
+        self._waits.append((marker, d))
+        self._check()
+        return d
+
+    def _check(self) -> None:
+        waits, self._waits = self._waits, []
+        for marker, d in waits:
+            if marker in self.stdout:
+                d.callback(None)
+            else:
+                self._waits.append((marker, d))
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -68,6 +86,7 @@ class _SSHProtocol(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         self.stdout += data
+        self._check()
 
     def errReceived(self, data: bytes) -> None:
         self.stderr += data
@@ -149,6 +168,21 @@ class ManholeIntegrationTests(TestCase):
 
         @return: its exit status, standard output and standard error.
         """
+        protocol = self._spawnSSH(stdin, *command, key=key, options=options)
+        code = await protocol.ended
+        return code, protocol.stdout.decode("utf-8"), protocol.stderr.decode("utf-8")
+
+    def _spawnSSH(
+        self,
+        stdin: bytes,
+        *command: str,
+        key: FilePath[str] | None = None,
+        options: tuple[str, ...] = (),
+    ) -> _SSHProtocol:
+        """
+        Start the OpenSSH client against the Manhole, feeding it C{stdin};
+        it is killed after L{SSH_SECONDS}.
+        """
         reactor = _reactor()
         argv = [
             "ssh",
@@ -186,10 +220,14 @@ class ManholeIntegrationTests(TestCase):
                 pass
 
         timer = reactor.callLater(SSH_SECONDS, kill)
-        code = await protocol.ended
-        if timer.active():
-            timer.cancel()
-        return code, protocol.stdout.decode("utf-8"), protocol.stderr.decode("utf-8")
+
+        def ended(code: int | None) -> int | None:
+            if timer.active():
+                timer.cancel()
+            return code
+
+        protocol.ended.addBoth(ended)
+        return protocol
 
     def test_readDeliveredMessage(self) -> Deferred[None]:
         """
@@ -255,6 +293,38 @@ class ManholeIntegrationTests(TestCase):
             log = node.log.getContent().decode("utf-8", "replace")
             self.assertIn("manhole login: admin from 127.0.0.1", log)
             self.assertIn('entered: where("alice")', log)
+
+        return Deferred.fromCoroutine(run())
+
+    def test_waitingSessionDoesNotHoldNode(self) -> Deferred[None]:
+        """
+        While an operator's session waits on a Deferred, the node goes on
+        serving its users; the session shows the result when it fires (here
+        fired from a second session) and runs its next line.
+        """
+
+        async def run() -> None:
+            node = await self._startNode()
+            waiting = self._spawnSSH(
+                b"from twisted.internet import defer\n"
+                b"node.gate = defer.Deferred()\n"
+                b"node.gate\n"
+                b"'next line ran after ' + _\n"
+            )
+            await waiting.waitFor(b"<Deferred #0>")
+            client = connect(_reactor(), f"tcp:host=127.0.0.1:port={node.port}", timeout=10)
+            self.addCleanup(client.disconnect)
+            await client.whenConnected()
+            answer = await client.callRemote(
+                Deliver, user="carol", sender="dave@example.com", subject="Hi", body="Still up?"
+            )
+            self.assertIn("messageID", answer)
+            self.assertNotIn(b"called back", waiting.stdout)
+            code, out, err = await self._ssh(b"", "node.gate.callback('opened')")
+            self.assertEqual(code, 0, out + err)
+            self.assertEqual(await waiting.ended, 0)
+            self.assertIn(b"Deferred #0 called back: 'opened'\n", waiting.stdout)
+            self.assertIn(b"'next line ran after opened'\n", waiting.stdout)
 
         return Deferred.fromCoroutine(run())
 
