@@ -557,6 +557,10 @@ class NodeIntegrationTests(TestCase):
 
         self.assertEqual(self.filesOutside(node), [])
         self.assertFalse(node.base.parent().child("etc").exists())
+        # No key became a path, even inside the data directory.
+        for path in node.data.walk():
+            self.assertNotIn("passwd", path.path[len(node.data.path) :])
+            self.assertNotIn("bystander", path.path[len(node.data.path) :])
 
 
 async def _inBatches(
