@@ -374,6 +374,22 @@ class SmartClientTests(SynchronousTestCase):
         self.cluster.flush()
         self.assertEqual(self.successResultOf(stats)["total"], 1)
 
+    def test_seedDown(self) -> None:
+        """
+        Given several seed nodes, the client learns the map from the first
+        that answers, and serves every user whose owner is alive.
+        """
+        self.cluster.kill("n1")
+        client = self.cluster.client(["n1", "n2"], smart=True)
+        assert isinstance(client, ClusterClient)
+        self.assertEqual(client.shardMap, self.cluster.nodes["n2"].topology.currentMap())
+        users = [u for u in self.users if self.cluster.ownerOf(u) != "n1"]
+        calls = [deliver(client, u) for u in users]
+        self.cluster.flush()
+        for d in calls:
+            self.assertIn("messageID", self.successResultOf(d))
+        self.cluster.restore("n1")
+
     def test_fallsBackToAnyNode(self) -> None:
         """
         When the client cannot reach a user's owner, the call goes, after

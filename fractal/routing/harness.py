@@ -36,7 +36,7 @@ from fractal.routing.cluster import ClusterService, joinCluster
 from fractal.routing.interfaces import NodeAddress
 from fractal.routing.peers import EndpointFactory
 from fractal.routing.simulation import SimulatedNetwork
-from fractal.routing.smart import ClusterClient
+from fractal.routing.smart import AnyOfEndpoints, ClusterClient
 from fractal.routing.topology import StaticTopology
 
 if TYPE_CHECKING:
@@ -243,18 +243,28 @@ class SimulatedCluster:
         return next(iter(self.nodes.values())).topology.currentMap().ownerOfKey(user).node
 
     def client(
-        self, node: str | None = None, smart: bool = False, timeout: float = 10.0
+        self,
+        node: str | Sequence[str] | None = None,
+        smart: bool = False,
+        timeout: float = 10.0,
     ) -> FractalClient:
         """
         A client on the network's C{"client"} host.
 
         @param node: the node the client connects to (the seed of a smart
-            client); the first node by default.
+            client), or several to try in turn; the first node by default.
         @param smart: make a L{ClusterClient} that calls owners directly.
         @param timeout: the client's per-call timeout.
         """
-        nodeId = node if node is not None else next(iter(self.nodes))
-        endpoint = self.network.endpoint(CLIENT_HOST, self.addresses[nodeId].client)
+        if node is None:
+            nodes = [next(iter(self.nodes))]
+        elif isinstance(node, str):
+            nodes = [node]
+        else:
+            nodes = list(node)
+        endpoint: IStreamClientEndpoint = AnyOfEndpoints(
+            [self.network.endpoint(CLIENT_HOST, self.addresses[n].client) for n in nodes]
+        )
         client: FractalClient
         if smart:
             client = ClusterClient(

@@ -20,21 +20,27 @@ any connected node instead, which forwards it (one hop).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from fractal.client import DEFAULT_TIMEOUT, FractalClient, RetryPolicy
 from fractal.keys import InvalidUserKey
 from fractal.protocol import GetShardMap, NotOwner
 from fractal.routing.interfaces import ShardMap
 
-__all__ = ["ClusterClient", "connectCluster", "DEFAULT_FALLBACK_AFTER"]
+__all__ = ["ClusterClient", "AnyOfEndpoints", "connectCluster", "DEFAULT_FALLBACK_AFTER"]
 
 DEFAULT_FALLBACK_AFTER = 1.0
 """
@@ -203,9 +209,53 @@ class ClusterClient(FractalClient):
         return gatherResults(stops).addCallback(lambda _: None)
 
 
+@implementer(IStreamClientEndpoint)
+class AnyOfEndpoints:
+    """
+    A client endpoint that connects to the first of several endpoints that
+    accepts, starting with the one that worked last: the seed of a
+    L{ClusterClient} given several nodes.
+    """
+
+    def __init__(self, endpoints: Sequence[IStreamClientEndpoint]) -> None:
+        """
+        @param endpoints: the endpoints to try, in order.
+        @raise ValueError: if there are none.
+        """
+        if not endpoints:
+            raise ValueError("AnyOfEndpoints needs at least one endpoint")
+        self._endpoints = list(endpoints)
+        self._first = 0
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        """
+        Try each endpoint in turn until one connects.
+
+        @return: the first connection, or the last endpoint's failure.
+        """
+        count = len(self._endpoints)
+
+        def attempt(index: int) -> Deferred[IProtocol]:
+            position = (self._first + index) % count
+            d: Deferred[IProtocol] = self._endpoints[position].connect(factory)
+
+            def connected(protocol: IProtocol) -> IProtocol:
+                self._first = position
+                return protocol
+
+            def failed(reason: Failure) -> Deferred[IProtocol] | Failure:
+                if index + 1 < count:
+                    return attempt(index + 1)
+                return reason
+
+            return d.addCallbacks(connected, failed)
+
+        return attempt(0)
+
+
 def connectCluster(
     reactor: Any,
-    description: str,
+    description: str | Sequence[str],
     timeout: float = DEFAULT_TIMEOUT,
     retryPolicy: RetryPolicy | None = None,
     fallbackAfter: float = DEFAULT_FALLBACK_AFTER,
@@ -214,14 +264,18 @@ def connectCluster(
     Connect to a cluster through any of its nodes.
 
     @param reactor: the reactor.
-    @param description: a client endpoint description of any node.
+    @param description: a client endpoint description of any node, or of
+        several (the first that accepts is used, so the client starts even
+        when some of them are down).
     @param timeout: the default per-call timeout, in seconds.
     @param retryPolicy: see L{FractalClient.__init__}.
     @param fallbackAfter: see L{DEFAULT_FALLBACK_AFTER}.
     @return: a client, already fetching the shard map.
     """
-    endpoint = clientFromString(reactor, description)
+    descriptions = [description] if isinstance(description, str) else list(description)
+    endpoint: IStreamClientEndpoint = AnyOfEndpoints(
+        [clientFromString(reactor, each) for each in descriptions]
+    )
     return ClusterClient(
         reactor, endpoint, timeout=timeout, retryPolicy=retryPolicy, fallbackAfter=fallbackAfter
     )
-
