@@ -395,6 +395,56 @@ class ShipperTests(SynchronousTestCase):
         self.assertIn("'not yet shipped'", "\n".join(again.restored("alice")))
 
 
+class DamagedLocalStateTests(SynchronousTestCase):
+    """
+    Damaged or missing local files never stop shipping for good.
+    """
+
+    def test_damagedStateFile(self) -> None:
+        """
+        A state file that is not one the shipper wrote (garbage, or fields
+        of the wrong type) is ignored: the next record is a snapshot, and
+        restore stays exact.
+        """
+        for content in [b"garbage", b'{"version": 1, "key": 5}\n', b'{"version": 1}\nxyz']:
+            h = _Harness(self)
+            h.shipper.startService()
+            store = h.open("alice")
+            write(store, 1, "one")
+            h.clock.advance(1)
+            self.successResultOf(h.shipper.storeClosing("alice", store))
+            store.close()
+            h.dbdir("alice").child(STATE_FILE).setContent(content)
+            store = h.open("alice")
+            write(store, 2, "two")
+            h.clock.advance(1)
+            self.assertEqual([r.baseSeq for r in h.records("alice")], [0])
+            self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
+            self.successResultOf(h.shipper.stopService())
+
+    def test_deletedClosedStoreForgotten(self) -> None:
+        """
+        A closed, unshipped store whose files are deleted is forgotten with a
+        warning, and its durable waiters fail, rather than being retried
+        forever.
+        """
+        h = _Harness(self)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open("alice")
+        write(store, 1, "one")
+        h.backend.available = False
+        self.successResultOf(h.shipper.storeClosing("alice", store))
+        store.close()
+        d = h.shipper.whenDurable("alice")
+        h.dbdir("alice").remove()
+        h.backend.available = True
+        h.clock.advance(31)
+        self.failureResultOf(d, FileNotFoundError)
+        self.assertEqual(h.shipper.lag().stores, ())
+        self.assertEqual(h.shipper._states, {})
+
+
 class ResumeNeverShippedTests(SynchronousTestCase):
     """
     A store created and changed by a node that died before shipping it at

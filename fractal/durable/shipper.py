@@ -158,19 +158,42 @@ class _StoreState:
         self.generation += 1
 
 
+_STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "key": str,
+    "seq": int,
+    "head": str,
+    "epoch": int,
+    "pageSize": int,
+    "chainLength": int,
+    "chainBytes": int,
+    "snapshotBytes": int,
+    "takenAt": (int, float),
+}
+
+
 def _readState(dbdir: FilePath[str]) -> dict[str, Any] | None:
+    """
+    The state file of the store at C{dbdir}, or L{None} if it is missing or
+    not one this version wrote (a damaged one is ignored: it costs a
+    snapshot, nothing else).
+    """
     try:
         content = dbdir.child(STATE_FILE).getContent()
         line, _, rest = content.partition(b"\n")
-        state: dict[str, Any] = json.loads(line)
-        if state.get("version") != _STATE_VERSION or len(rest) % _DIGEST_SIZE:
-            return None
-        state["digests"] = tuple(
-            rest[i : i + _DIGEST_SIZE] for i in range(0, len(rest), _DIGEST_SIZE)
-        )
-        return state
+        state = json.loads(line)
     except (OSError, ValueError):
         return None
+    if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+        return None
+    for name, kind in _STATE_FIELDS.items():
+        if not isinstance(state.get(name), kind) or isinstance(state.get(name), bool):
+            return None
+    if len(rest) % _DIGEST_SIZE:
+        return None
+    state["digests"] = tuple(
+        rest[i : i + _DIGEST_SIZE] for i in range(0, len(rest), _DIGEST_SIZE)
+    )
+    return state
 
 
 def _writeState(dbdir: FilePath[str], state: dict[str, Any], digests: tuple[bytes, ...]) -> None:
@@ -742,8 +765,16 @@ class Shipper(Service):
             # Someone else's idea of the chain, or a stale state file: start
             # again from the backend's newest record, with a snapshot.
             state.loaded = False
-        if isinstance(error, FileNotFoundError):
-            self.log.warn("{error}", error=str(error))
+        if isinstance(error, FileNotFoundError) and not state.opens:
+            # A closed store whose files are gone: there is nothing left to
+            # ship, and nothing to keep.
+            self.log.warn("{error}; forgetting it", error=str(error))
+            waiters, state.waiters = state.waiters, []
+            for _, d in waiters:
+                d.errback(error)
+            if self._states.get(state.key) is state:
+                del self._states[state.key]
+            return
         state.failures += 1
         state.retryAt = self._clock.seconds() + min(
             _MAX_BACKOFF, self.interval * 2 ** (state.failures - 1)
