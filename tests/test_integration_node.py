@@ -201,7 +201,9 @@ class NodeProcess:
                 timer.cancel()
         if protocol.exitCode == 0:
             return True
-        return protocol.signal == signal.SIGTERM and "Node n1 stopped" in self.describe()
+        return protocol.signal == signal.SIGTERM and bool(
+            re.search(r"Node \S+ stopped", self.describe())
+        )
 
     def kill(self) -> None:
         if self.protocol is not None and self.protocol.running:
@@ -334,9 +336,9 @@ class NodeIntegrationTests(TestCase):
 
     def test_maxOpenStores(self) -> Deferred[None]:
         """
-        With C{--max-open-stores 10}, calls for 100 users (10 times as many)
-        all succeed, and the node never holds more than 10 stores' files
-        open.
+        With a store limit of 10 (from a configuration file), calls for 100
+        users (10 times as many) all succeed, and the node never holds more
+        than 10 stores' files open.
         """
         return _deferred(self._maxOpenStores())
 
@@ -345,7 +347,14 @@ class NodeIntegrationTests(TestCase):
             raise SkipTest("needs /proc/<pid>/fd to see the node's open files")
         limit = 10
         users = [f"crowd{n}" for n in range(limit * 10)]
-        node = self.node(MAILBOX, "--max-open-stores", str(limit))
+        base = FilePath(self.mktemp())
+        base.makedirs()
+        config = base.child("node.toml")
+        config.setContent(
+            f'app = "{MAILBOX}"\nmax-open-stores = 1000\n'
+            f'[[node]]\nid = "solo"\nmax-open-stores = {limit}\n'.encode()
+        )
+        node = self.node(MAILBOX, "--config", config.path, base=base)
         await node.start()
         client = await self.client(node)
         expected = {storeNameForKey(user) for user in users}
@@ -380,6 +389,7 @@ class NodeIntegrationTests(TestCase):
                 await client.callRemote(Stats, user=user), {"total": 2, "unread": 2}, user
             )
             sample()
+        self.assertIn("Node solo stopping", node.describe() if await node.stop() else "")
         for files in samples:
             self.assertLessEqual(len(_storesIn(files)), limit, "\n".join(files))
         # The sampling saw stores open: it was looking at the right files.
