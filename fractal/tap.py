@@ -302,14 +302,23 @@ class Options(usage.Options):
         return coercions
 
     def _chooseNode(self, config: FractalConfig) -> str | None:
+        """
+        The id of the C{[[node]]} table this process runs as, or L{None} when
+        the file has no such tables (a C{--node} given then is just the id).
+
+        @raise ConfigError: if C{--node} names no table of a file that has
+            some, or the file has several and C{--node} is missing.
+        """
         nodeId: str | None = self["node"]
         if nodeId is not None:
+            if not config.nodes:
+                return None
             config.node(nodeId)
             return nodeId
         if len(config.nodes) == 1:
             return config.nodes[0].id
         if config.nodes:
-            raise usage.UsageError(
+            raise ConfigError(
                 f"{config.source} describes {len(config.nodes)} nodes; choose one with "
                 f"--node ({', '.join(entry.id for entry in config.nodes)})"
             )

@@ -408,6 +408,16 @@ class OptionsTests(SynchronousTestCase):
         error = self.assertRaises(usage.UsageError, self.parse, "--config", path, "--node", "q")
         self.assertIn("no [[node]] with id 'q'", str(error))
 
+    def test_nodeWithoutTables(self) -> None:
+        """
+        With a file that has no C{[[node]]} tables, C{--node} just names the
+        node.
+        """
+        path = self.configFile(f'app = "{APP}"\ndata = "/srv/d"\n')
+        options = self.parse("--config", path, "--node", "edge7")
+        self.assertEqual((options["node"], options["data"]), ("edge7", "/srv/d"))
+        self.assertIsNone(options.nodeEntry)
+
     def test_badFile(self) -> None:
         """
         A bad configuration file is a usage error naming the file and key.
