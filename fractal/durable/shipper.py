@@ -225,7 +225,7 @@ class Shipper(Service):
         storesDirectory: FilePath[str] | None = None,
         maxChain: int = 64,
         concurrency: int = 64,
-        buildConcurrency: int = 4,
+        buildConcurrency: int = 2,
         lagWarning: float = 10.0,
         saveInterval: float = 10.0,
     ) -> None:
@@ -246,8 +246,10 @@ class Shipper(Service):
         @param concurrency: how many stores are shipped at the same time
             (their records waiting for the backend together, so a backend
             can commit them as a group).
-        @param buildConcurrency: how many store images are read and diffed at
-            the same time; this bounds the memory images take.
+        @param buildConcurrency: how many worker threads read and diff store
+            images at the same time, each working through a group of stores
+            one after the other (so many small stores cost one thread
+            hand-off, not one each); this bounds the memory images take.
         @param lagWarning: log a warning when the oldest unshipped commit is
             older than this many seconds.
         @param saveInterval: the least seconds between writes of a store's
@@ -263,7 +265,9 @@ class Shipper(Service):
         self._storesDirectory = storesDirectory
         self._maxChain = maxChain
         self._semaphore = DeferredSemaphore(concurrency)
-        self._building = DeferredSemaphore(buildConcurrency)
+        self._buildConcurrency = buildConcurrency
+        self._buildsRunning = 0
+        self._buildQueue: list[tuple[_StoreState, int, Deferred[_Built | None]]] = []
         self._lagWarning = lagWarning
         self._saveInterval = saveInterval
         self._states: dict[str, _StoreState] = {}
@@ -542,7 +546,7 @@ class Shipper(Service):
             if not state.loaded:
                 await self._load(state)
             epoch = self._epochForKey(state.key)
-            built = await self._building.run(self._run, lambda: self._build(state, epoch))
+            built = await self._buildSoon(state, epoch)
             if built is None:
                 self._shipped(state, generation)
                 return
@@ -574,6 +578,52 @@ class Shipper(Service):
             lambda f: self.log.failure("Unexpected error shipping {store}", f, store=state.name)
         ).addBoth(finish)
         return done
+
+    def _buildSoon(self, state: _StoreState, epoch: int) -> Deferred[_Built | None]:
+        """
+        Build C{state}'s next record in a worker thread, together with the
+        other stores waiting for a worker.
+        """
+        d: Deferred[_Built | None] = Deferred()
+        self._buildQueue.append((state, epoch, d))
+        self._nextBuilds()
+        return d
+
+    def _nextBuilds(self) -> None:
+        while self._buildQueue and self._buildsRunning < self._buildConcurrency:
+            group, self._buildQueue = self._buildQueue[:64], self._buildQueue[64:]
+            self._buildsRunning += 1
+            dispatching = [True]
+
+            def work(
+                group: list[tuple[_StoreState, int, Any]] = group,
+            ) -> list[tuple[bool, Any]]:
+                results: list[tuple[bool, Any]] = []
+                for state, epoch, _ in group:
+                    try:
+                        results.append((True, self._build(state, epoch)))
+                    except BaseException:
+                        results.append((False, Failure()))  # type: ignore[no-untyped-call]
+                return results
+
+            def done(results: list[tuple[bool, Any]], group: Any = group) -> None:
+                for (_, _, d), (ok, value) in zip(group, results):
+                    if ok:
+                        d.callback(value)
+                    else:
+                        d.errback(value)
+
+            def failed(failure: Failure, group: Any = group) -> None:
+                for _, _, d in group:
+                    d.errback(failure)
+
+            def finished(_: object, dispatching: list[bool] = dispatching) -> None:
+                self._buildsRunning -= 1
+                if not dispatching[0]:
+                    self._nextBuilds()
+
+            self._run(work).addCallbacks(done, failed).addBoth(finished)
+            dispatching[0] = False
 
     def _build(self, state: _StoreState, epoch: int) -> _Built | None:
         """
