@@ -530,6 +530,7 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
     workdir = tempfile.mkdtemp(prefix="fractal-bench-")
     rows: dict[str, dict[int, Result] | str] = {}
     began = time.monotonic()
+    loadBefore = os.getloadavg()[0]
     try:
         for key, kind in [("1", "echo"), ("2", "sqlite")]:
             server = baselineServer(
@@ -585,6 +586,10 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
     print(
         f"txfractal node benchmark: loopback, {os.cpu_count()} CPUs, Python "
         f"{sys.version.split()[0]}; each row up to {seconds:g} s or {maxCalls} calls"
+    )
+    print(
+        f"load average {loadBefore:.1f} before, {os.getloadavg()[0]:.1f} after: other "
+        "work on the machine shows as noise, most in p99"
     )
     if isinstance(rows.get("4"), dict):
         print(f"PostgreSQL: {source}")
