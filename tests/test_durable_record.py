@@ -118,11 +118,20 @@ class RecordFormatTests(SynchronousTestCase):
 
     def test_header(self) -> None:
         """
-        A record starts with its magic and version, and names its store.
+        A record starts with its magic and version, names its store, and
+        carries when its image was taken.
         """
         record, _ = recordFor(makeImage(1), None, 1, 0)
         self.assertEqual(record[:6], b"FXDR\x01\x01")
         self.assertIn(bytes.fromhex(STORE), record[:200])
+        image = makeImage(1)
+        size = pageSizeOf(image)
+        pages, digests = diffImage(image, size, None)
+        delta = Delta(
+            store=STORE, epoch=3, seq=1, baseSeq=0, pageSize=size, pageCount=len(digests),
+            pages=pages, imageDigest=imageDigest(digests, size), takenAt=1234567890.25,
+        )
+        self.assertEqual(decodeRecord(encodeRecord(delta)), delta)
 
     def test_wrongVersion(self) -> None:
         """
@@ -199,6 +208,6 @@ class DamagedRecordTests(SynchronousTestCase):
         A body rewritten with a recomputed length but the old checksum is
         refused.
         """
-        headerSize = struct.calcsize(">4sBBHQQQIII32s32sI")
+        headerSize = struct.calcsize(">4sBBHQQQIII32s32sdI")
         damaged = self.record[:headerSize] + b"\x00" * (len(self.record) - headerSize)
         self.assertRaises(CorruptRecord, decodeRecord, damaged)

@@ -88,6 +88,7 @@ class ToolTests(SynchronousTestCase):
         self.assertEqual(status, 0, self.stderr.getvalue())
         self.assertEqual(to.child("db.sqlite").getContent(), image)
         self.assertIn("at record 4", self.stdout.getvalue())
+        self.assertIn("image taken 1970-01-01 00:00:00 UTC", self.stdout.getvalue())
 
     def test_restoreUnknownUser(self) -> None:
         """

@@ -18,6 +18,8 @@ big-endian::
     changed     4 bytes   the number of pages carried
     store      32 bytes   the store's name (L{fractal.keys.storeNameForKey}) as raw bytes
     image      32 bytes   the digest of the whole image after this record
+    takenAt     8 bytes   when the image was taken: seconds since the Unix
+                          epoch, an IEEE 754 double
     bodyLength  4 bytes   the length of the compressed body
     body                  zlib of: C{changed} 4-byte page numbers (1-based,
                           strictly ascending), then the C{changed} pages
@@ -58,7 +60,7 @@ The version of the record format this module writes; it reads only this one.
 """
 
 _MAGIC = b"FXDR"
-_HEADER = struct.Struct(">4sBBHQQQIII32s32sI")
+_HEADER = struct.Struct(">4sBBHQQQIII32s32sdI")
 _CHECKSUM_LENGTH = 32
 _KIND_DELTA = 0
 _KIND_SNAPSHOT = 1
@@ -85,6 +87,8 @@ class Delta:
     @ivar pages: the changed pages, as (1-based page number, page bytes), in
         ascending page order.  A snapshot carries every page.
     @ivar imageDigest: L{imageDigest} of the image after this record.
+    @ivar takenAt: when the writer took the image, in seconds since the Unix
+        epoch: how old a restore from this record is.
     """
 
     store: str
@@ -95,6 +99,7 @@ class Delta:
     pageCount: int
     pages: tuple[tuple[int, bytes], ...] = field(converter=_pagesTuple)
     imageDigest: bytes
+    takenAt: float = 0.0
 
     @property
     def isSnapshot(self) -> bool:
@@ -198,6 +203,7 @@ def encodeRecord(delta: Delta) -> bytes:
         len(numbers),
         bytes.fromhex(delta.store),
         delta.imageDigest,
+        delta.takenAt,
         len(body),
     )
     return header + body + hashlib.sha256(header + body).digest()
@@ -225,6 +231,7 @@ def decodeRecord(data: bytes) -> Delta:
         changed,
         store,
         digest,
+        takenAt,
         bodyLength,
     ) = _HEADER.unpack_from(data)
     if magic != _MAGIC:
@@ -271,6 +278,7 @@ def decodeRecord(data: bytes) -> Delta:
         pageCount=pageCount,
         pages=pages,
         imageDigest=digest,
+        takenAt=takenAt,
     )
 
 

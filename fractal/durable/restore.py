@@ -48,6 +48,8 @@ class RebuiltImage:
     @ivar chainLength: the number of records applied after the snapshot.
     @ivar chainBytes: the total size of those records.
     @ivar snapshotBytes: the size of the snapshot.
+    @ivar takenAt: when the writer took the image of the newest record, in
+        seconds since the Unix epoch.
     """
 
     image: bytes
@@ -57,6 +59,7 @@ class RebuiltImage:
     chainLength: int
     chainBytes: int
     snapshotBytes: int
+    takenAt: float
 
 
 def chainToRestore(store: str, records: Sequence[RecordInfo]) -> list[RecordInfo]:
@@ -98,6 +101,7 @@ def rebuildImage(store: str, chain: Sequence[RecordInfo], datas: Sequence[bytes]
     image = bytearray()
     digests: list[bytes] = []
     pageSize = 0
+    takenAt = 0.0
     for info, data in zip(chain, datas, strict=True):
         if len(data) != info.size or hashlib.sha256(data).digest() != info.digest:
             raise BrokenChain(f"store {store}: record {info.seq} does not match its stored digest")
@@ -114,6 +118,7 @@ def rebuildImage(store: str, chain: Sequence[RecordInfo], datas: Sequence[bytes]
         except CorruptRecord as e:
             raise BrokenChain(f"store {store}: corrupt link: {e}") from None
         pageSize = delta.pageSize
+        takenAt = delta.takenAt
     result = bytes(image)
     problem = quickCheck(result)
     if problem is not None:
@@ -126,6 +131,7 @@ def rebuildImage(store: str, chain: Sequence[RecordInfo], datas: Sequence[bytes]
         chainLength=len(chain) - 1,
         chainBytes=sum(info.size for info in chain[1:]),
         snapshotBytes=chain[0].size,
+        takenAt=takenAt,
     )
 
 

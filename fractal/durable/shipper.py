@@ -446,10 +446,13 @@ class Shipper(Service):
             state.savedSeq = rebuilt.head.seq
             state.takenAt = record["takenAt"]
             self.log.info(
-                "Restored store {store} to record {seq} ({size} bytes)",
+                "Restored store {store} to record {seq} ({size} bytes), an image taken "
+                "{age:.1f}s ago: commits after it were not shipped",
                 store=name,
                 seq=rebuilt.head.seq,
                 size=len(rebuilt.image),
+                takenAt=rebuilt.takenAt,
+                age=max(0.0, time.time() - rebuilt.takenAt),
             )
             return True
 
@@ -699,6 +702,7 @@ class Shipper(Service):
                 pageCount=len(digests),
                 pages=pages,
                 imageDigest=imageDigest(digests, pageSize),
+                takenAt=takenAt,
             )
         )
         info = RecordInfo(

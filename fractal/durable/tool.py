@@ -11,6 +11,7 @@ C{--durable}.  They run in the calling thread, without a reactor.
 from __future__ import annotations
 
 import getopt
+from datetime import datetime, timezone
 import sys
 from typing import Any, Sequence, TextIO, TypeVar
 
@@ -51,6 +52,13 @@ def _result(d: Deferred[T]) -> T:
         results[0].raiseException()
     value: T = results[0]
     return value
+
+
+def _when(takenAt: float) -> str:
+    """
+    A record's image time, in UTC, for people.
+    """
+    return datetime.fromtimestamp(takenAt, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 class _BackendOptions(usage.Options):
@@ -146,7 +154,7 @@ class RestoreOptions(_BackendOptions):
         print(
             f"restored user {self['user']!r} (store {self['store']}) at record "
             f"{rebuilt.head.seq}, epoch {rebuilt.head.epoch}, {len(rebuilt.image)} bytes, "
-            f"to {destination.child('db.sqlite').path}",
+            f"image taken {_when(rebuilt.takenAt)}, to {destination.child('db.sqlite').path}",
             file=self.out,
         )
         return 0
@@ -182,7 +190,8 @@ class VerifyOptions(_BackendOptions):
                 continue
             print(
                 f"ok     {store}: record {rebuilt.head.seq}, epoch {rebuilt.head.epoch}, "
-                f"{rebuilt.chainLength} deltas after the snapshot, {len(rebuilt.image)} bytes",
+                f"{rebuilt.chainLength} deltas after the snapshot, {len(rebuilt.image)} bytes, "
+                f"image taken {_when(rebuilt.takenAt)}",
                 file=self.out,
             )
         print(f"{len(stores)} stores, {broken} broken", file=self.out)
