@@ -13,7 +13,18 @@ import os
 
 from twisted.python.filepath import FilePath
 
-__all__ = ["ManholeConfigurationError", "checkEndpoint", "checkKeysFile"]
+__all__ = [
+    "HOST_KEY_NAME",
+    "ManholeConfigurationError",
+    "checkEndpoint",
+    "checkKeysFile",
+    "checkHostKeyFile",
+]
+
+HOST_KEY_NAME = "manhole_host_key"
+"""
+The name of the host key file in a node's data directory.
+"""
 
 
 class ManholeConfigurationError(ValueError):
@@ -143,3 +154,26 @@ def checkKeysFile(path: FilePath[str]) -> None:
             f"Run: chmod go-w {path.path}"
         )
 
+
+
+def checkHostKeyFile(path: FilePath[str]) -> None:
+    """
+    Refuse an existing host key file that other users may read or write (a
+    missing one is fine: it is generated at start).
+
+    @param path: the private host key file.
+    @raise ManholeConfigurationError: saying how to fix it.
+    """
+    try:
+        mode = os.stat(path.path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ManholeConfigurationError(
+            f"the manhole host key {path.path!r} cannot be read: {e.strerror}"
+        ) from None
+    if mode & 0o077:
+        raise ManholeConfigurationError(
+            f"the manhole host key {path.path!r} is accessible by other "
+            f"users (mode {mode & 0o777:04o}); run: chmod 600 {path.path}"
+        )

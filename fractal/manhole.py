@@ -93,7 +93,13 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
-from fractal._manholeconfig import ManholeConfigurationError, checkEndpoint, checkKeysFile
+from fractal._manholeconfig import (
+    HOST_KEY_NAME,
+    ManholeConfigurationError,
+    checkEndpoint,
+    checkHostKeyFile,
+    checkKeysFile,
+)
 from fractal.keys import slotForKey, validateKey
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -107,6 +113,7 @@ __all__ = [
     "UserList",
     "checkEndpoint",
     "checkKeysFile",
+    "checkHostKeyFile",
     "manholeForNode",
     "HOST_KEY_NAME",
     "loadOrCreateHostKey",
@@ -125,10 +132,6 @@ COLUMNS = 80
 The width helper output is laid out for.
 """
 
-HOST_KEY_NAME = "manhole_host_key"
-"""
-The name of the host key file in a node's data directory.
-"""
 
 
 
@@ -180,20 +183,15 @@ def loadOrCreateHostKey(path: FilePath[str]) -> keys.Key:
             path=path.path,
         )
         return key
+    checkHostKeyFile(path)
     try:
-        mode = os.stat(path.path).st_mode
-        if not mode & 0o077:
-            loaded: keys.Key = keys.Key.fromFile(path.path)
-            return loaded
+        loaded: keys.Key = keys.Key.fromFile(path.path)
     except (OSError, keys.BadKeyError, ValueError) as e:
         raise ManholeConfigurationError(
             f"the manhole host key {path.path!r} cannot be loaded: {e}; "
             "move it away to have a new one generated"
         ) from None
-    raise ManholeConfigurationError(
-        f"the manhole host key {path.path!r} is accessible by other "
-        f"users (mode {mode & 0o777:04o}); run: chmod 600 {path.path}"
-    )
+    return loaded
 
 
 @implementer(IAuthorizedKeysDB)

@@ -378,14 +378,17 @@ class Options(usage.Options):
 def _checkManhole(options: Options) -> None:
     """
     Check the Manhole options: C{--manhole-keys} goes with C{--manhole}, the
-    endpoint is loopback unless C{--manhole-allow-remote}, and the keys file
-    exists and only its owner may write it.
+    endpoint is loopback unless C{--manhole-allow-remote}, the keys file
+    exists and only its owner may write it, and a host key already in the
+    data directory is private to its owner.
 
     @raise usage.UsageError: saying what to change.
     """
     from fractal._manholeconfig import (
+        HOST_KEY_NAME,
         ManholeConfigurationError,
         checkEndpoint,
+        checkHostKeyFile,
         checkKeysFile,
     )
 
@@ -401,6 +404,7 @@ def _checkManhole(options: Options) -> None:
     try:
         checkEndpoint(options["manhole"], options["manhole-allow-remote"])
         checkKeysFile(FilePath(os.path.abspath(options["manhole-keys"])))
+        checkHostKeyFile(FilePath(os.path.abspath(options["data"])).child(HOST_KEY_NAME))
     except ManholeConfigurationError as e:
         raise usage.UsageError(str(e)) from None
 

@@ -740,6 +740,24 @@ class TapOptionsTests(SynchronousTestCase):
         )
         self.assertIn("cannot be read", str(error))
 
+    def test_looseHostKeyRefused(self) -> None:
+        """
+        A host key in the data directory that other users can read is a
+        usage error before the node starts.
+        """
+        keysFile = _authorizedKeysFile(self, _newKey()).path
+        data = FilePath(self.mktemp())
+        loadOrCreateHostKey(data.child("manhole_host_key"))
+        os.chmod(data.child("manhole_host_key").path, 0o640)
+        options = Options()
+        error = self.assertRaises(
+            UsageError,
+            options.parseOptions,
+            ["--app", NOTES, "--data", data.path, "--manhole", "tcp:2222:interface=127.0.0.1",
+             "--manhole-keys", keysFile],
+        )
+        self.assertIn("chmod 600", str(error))
+
     def test_noReactorWhileParsing(self) -> None:
         """
         Checking the Manhole options does not import the global reactor, so
