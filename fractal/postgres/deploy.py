@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from twisted.python.filepath import FilePath
 
 from fractal.durable._threads import RunInThread, reactorThreads
@@ -33,7 +35,7 @@ from fractal.postgres.schema import requireSchema
 from fractal.postgres.topology import DEFAULT_LEASE, PostgresTopology
 from fractal.routing.interfaces import NodeAddress
 
-__all__ = ["PostgresCluster", "openCluster", "servePostgres", "setAsideStores"]
+__all__ = ["POSTGRES_THREADS", "PostgresCluster", "openCluster", "servePostgres", "setAsideStores"]
 
 _log = Logger(namespace="fractal.postgres.deploy")
 
@@ -72,8 +74,10 @@ def openCluster(
     @param schema: the PostgreSQL schema of the cluster.
     @param slots: the cluster's slot count.
     @param lease: seconds a membership lasts without a heartbeat.
-    @param runInThread: runs the transactions; the reactor's thread pool by
-        default.
+    @param runInThread: runs the transactions; by default a thread pool of
+        their own (L{POSTGRES_THREADS} threads), started and stopped with the
+        reactor, so that heartbeats never wait behind the node's other
+        blocking work in the reactor's pool.
     @raise fractal.postgres.schema.SchemaError: if the schema is missing or
         of another version.
     @raise psycopg.Error: if the database cannot be reached.
@@ -81,7 +85,7 @@ def openCluster(
         fit the cluster.
     """
     database = Database(
-        dsn, schema, runInThread if runInThread is not None else reactorThreads(reactor)
+        dsn, schema, runInThread if runInThread is not None else _ownThreads(reactor)
     )
     requireSchema(database)
     topology = PostgresTopology(
@@ -92,6 +96,27 @@ def openCluster(
     # forks) are not reused.
     database.closeIdle()
     return PostgresCluster(database, topology, PostgresBackend(database))
+
+
+POSTGRES_THREADS = 4
+"""
+The size of the thread pool of a node's PostgreSQL transactions.
+"""
+
+
+def _ownThreads(reactor: Any) -> RunInThread:
+    """
+    A runner on a thread pool of its own, started when C{reactor} runs and
+    stopped when it shuts down (after the node's services have stopped).
+    """
+    pool = ThreadPool(1, POSTGRES_THREADS, "fractal-postgres")
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+
+    def run(f: Callable[[], Any]) -> Deferred[Any]:
+        return deferToThreadPool(reactor, pool, f)
+
+    return run
 
 
 def _closeStoresOf(pool: Any, slots: set[int], slotCount: int) -> Deferred[Any]:
@@ -188,10 +213,19 @@ def servePostgres(
     stale = node.dataDir.child("stale")
 
     def release(slots: list[int]) -> Deferred[Any]:
-        d = _closeStoresOf(pool, set(slots), slotCount)
-        if shipper is not None:
-            d.addCallback(lambda _: shipper.flush())
-        return d
+        chosen = set(slots)
+        # Idle stores are closed, and each is shipped before it closes;
+        # stores still held by a call are shipped as they are now.
+        d = _closeStoresOf(pool, chosen, slotCount)
+        if shipper is None:
+            return d
+        held = [k for k in pool.openKeys() if slotForKey(k, slotCount) in chosen]
+        done = DeferredList([d] + [shipper.whenDurable(k) for k in held], consumeErrors=True)
+        if not node.running:
+            # The node is stopping: its pool is closed; ship whatever its
+            # closing stores left unshipped before the slots move.
+            done.addCallback(lambda _: shipper.flush())
+        return done
 
     def gained(slots: list[int]) -> Deferred[Any]:
         chosen = set(slots)

@@ -63,6 +63,7 @@ node can set aside its old local copies and restore from durable storage.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import psycopg
@@ -143,7 +144,6 @@ class _Registered:
 
 @frozen
 class _Ticked:
-    leaseLost: bool
     coordinated: bool
     snapshot: _Snapshot | None
 
@@ -184,7 +184,7 @@ def _coordinate(cursor: Cursor, now: float, maxMoves: int, channel: str) -> dict
         if changed:
             _bump(cursor, channel)
         return moved
-    desired = rendezvousOwners(live, slots)
+    desired = _desired(tuple(live), slots)
     liveSet = set(live)
     cursor.execute("SELECT slot, node, epoch, target FROM slot_owners ORDER BY slot")
     rows = {r[0]: _Row(r[0], r[1], int(r[2]), r[3]) for r in cursor.fetchall()}
@@ -229,6 +229,26 @@ def _coordinate(cursor: Cursor, now: float, maxMoves: int, channel: str) -> dict
     if changed or moved or retarget:
         _bump(cursor, channel)
     return moved
+
+
+def _snapshotIfNewer(cursor: Cursor, known: int) -> _Snapshot | None:
+    """
+    The cluster's state if its map version is not C{known}, else L{None}.
+    """
+    cursor.execute("SELECT map_version FROM cluster WHERE id = 1")
+    row = cursor.fetchone()
+    if row is not None and int(row[0]) == known:
+        return None
+    return _snapshot(cursor)
+
+
+@functools.lru_cache(maxsize=8)
+def _desired(live: tuple[str, ...], slots: int) -> tuple[str, ...]:
+    """
+    L{rendezvousOwners}, remembered for the last few member sets: the
+    coordinator asks for the same one at every round.
+    """
+    return rendezvousOwners(live, slots)
 
 
 def _snapshot(cursor: Cursor) -> _Snapshot:
@@ -335,7 +355,8 @@ class PostgresTopology(Service):
         self._loop: LoopingCall | None = None
         self._listener: NotificationListener | None = None
         self._listening: Deferred[Any] | None = None
-        self._ticking = False
+        self._beating = False
+        self._rounding = False
         self._refreshAgain = False
         self._refreshing = False
 
@@ -584,14 +605,15 @@ class PostgresTopology(Service):
     def _locked(self, f: Callable[[], Deferred[Any]]) -> Deferred[Any]:
         return self._lock.run(f)
 
-    def _tickIn(self, cursor: Cursor, now: float, known: int) -> _Ticked:
+    def _heartbeatIn(self, cursor: Cursor, now: float) -> bool:
         cursor.execute(
             "UPDATE nodes SET lease_expires = %s WHERE node = %s AND incarnation = %s "
             "AND state = 'live' AND lease_expires >= %s RETURNING node",
             (now + self.lease, self.localNode, self.incarnation, now),
         )
-        if cursor.fetchone() is None:
-            return _Ticked(True, False, None)
+        return cursor.fetchone() is not None
+
+    def _roundIn(self, cursor: Cursor, now: float, known: int) -> _Ticked:
         cursor.execute(
             "SELECT pg_try_advisory_xact_lock(%s)",
             (self._database.advisoryKey("coordinator"),),
@@ -600,31 +622,30 @@ class PostgresTopology(Service):
         coordinated = bool(row and row[0])
         if coordinated:
             _coordinate(cursor, now, self._maxMoves, self._database.channel)
-        cursor.execute("SELECT map_version FROM cluster WHERE id = 1")
-        row = cursor.fetchone()
-        version = int(row[0]) if row else 0
-        return _Ticked(False, coordinated, _snapshot(cursor) if version != known else None)
+        return _Ticked(coordinated, _snapshotIfNewer(cursor, known))
 
     def tick(self) -> Deferred[None]:
         """
         One round: heartbeat (or register again if the membership was lost),
-        coordinate if no other node is coordinating, and reload the map if it
-        changed.
+        then coordinate if no other node is coordinating, and reload the map
+        if it changed.
+
+        The heartbeat is a short transaction of its own, outside the lock
+        that orders this node's other work on the map, and a heartbeat is
+        sent every interval even while the previous round still waits for
+        that lock, so nothing else this node does can delay it.
 
         @return: fires when the round is over; never fails (a database that
             cannot be reached is logged, and the lease runs out).
         """
-        if self._ticking:
+        if self._beating:
             return succeed(None)
-        self._ticking = True
+        self._beating = True
         now = self._clock.seconds()
 
-        def run() -> Deferred[Any]:
-            known = self._snapshot.version if self._snapshot is not None else -1
-            return self._database.transact(lambda c: self._tickIn(c, now, known))
-
-        def ticked(result: _Ticked) -> Deferred[Any] | None:
-            if result.leaseLost:
+        def beaten(alive: bool) -> Deferred[Any] | None:
+            self._beating = False
+            if not alive:
                 self.log.warn(
                     "Node {node} lost its membership (incarnation {incarnation}); "
                     "registering again",
@@ -634,26 +655,38 @@ class PostgresTopology(Service):
                 return self.register()
             self._leaseDeadline = now + self.lease * _LOCAL_MARGIN
             self._scheduleLeaseTimer()
-            if result.coordinated:
-                self.coordinated += 1
             if self._leaseRanOut:
                 self._leaseRanOut = False
-                if result.snapshot is None and self._snapshot is not None:
+                if self._snapshot is not None:
                     self._publish()
+            if self._rounding:
+                return None
+            self._rounding = True
+            return self._locked(run).addCallback(ticked).addBoth(rounded)
+
+        def run() -> Deferred[Any]:
+            return self._database.transact(
+                lambda c: self._roundIn(c, self._clock.seconds(), self._knownVersion())
+            )
+
+        def ticked(result: _Ticked) -> None:
+            if result.coordinated:
+                self.coordinated += 1
             if result.snapshot is not None:
                 self._apply(result.snapshot)
             else:
                 self._startHandoffs()
-            return None
 
-        def done(result: object) -> None:
-            self._ticking = False
+        def rounded(result: object) -> object:
+            self._rounding = False
+            return result
 
-        d = self._locked(run).addCallback(ticked)
-        d.addErrback(
-            lambda f: self.log.warn("Cluster round failed: {error}", error=f.getErrorMessage())
-        )
-        return d.addBoth(done)
+        def failed(failure: Any) -> None:
+            self._beating = False
+            self.log.warn("Cluster round failed: {error}", error=failure.getErrorMessage())
+
+        d = self._database.transact(lambda c: self._heartbeatIn(c, now)).addCallback(beaten)
+        return d.addErrback(failed)
 
     def refresh(self) -> Deferred[None]:
         """
@@ -667,7 +700,12 @@ class PostgresTopology(Service):
         self._refreshing = True
 
         def run() -> Deferred[Any]:
-            return self._database.transact(_snapshot)
+            known = self._knownVersion()
+            return self._database.transact(lambda c: _snapshotIfNewer(c, known))
+
+        def loaded(snapshot: _Snapshot | None) -> None:
+            if snapshot is not None:
+                self._apply(snapshot)
 
         def done(_: object) -> Deferred[None] | None:
             self._refreshing = False
@@ -676,11 +714,14 @@ class PostgresTopology(Service):
                 return self.refresh()
             return None
 
-        d = self._locked(run).addCallback(self._apply)
+        d = self._locked(run).addCallback(loaded)
         d.addErrback(
             lambda f: self.log.warn("Reloading the map failed: {error}", error=f.getErrorMessage())
         )
         return d.addBoth(done)
+
+    def _knownVersion(self) -> int:
+        return self._snapshot.version if self._snapshot is not None else -1
 
     # handoff
 

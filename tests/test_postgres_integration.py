@@ -1,0 +1,310 @@
+"""
+Integration tests of a cluster that runs itself on PostgreSQL: real
+C{twistd -n fractal --postgres} node processes on loopback, a real database
+(see L{tests._postgres}), real AMP clients under an C{ack="durable"} load.
+
+Every write a client saw acknowledged is counted per user; the counter the
+cluster holds for that user must never be below it.  A call that fails
+(forwarded to a dead owner, refused while a slot moves) is retried, on
+another node, until a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any, Coroutine, TypeVar
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import TestCase
+
+from fractal.client import FractalClient, connect
+from fractal.keys import DEFAULT_SLOTS
+from fractal.routing.rendezvous import rendezvousOwners
+from tests._postgres import makeDatabase, postgresDSN
+from tests.test_durable_node import Add, AddDurably
+from tests.test_integration_node import NodeProcess, _freePort
+
+T = TypeVar("T")
+
+APP = "tests.test_durable_node:application"
+LEASE = 3.0
+USERS = 60
+RETRY_SECONDS = 30.0
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def _deferred(coroutine: Coroutine[Any, Any, T]) -> Deferred[T]:
+    return Deferred.fromCoroutine(coroutine)
+
+
+async def _sleep(seconds: float) -> None:
+    await deferLater(_reactor(), seconds, lambda: None)
+
+
+class _Load:
+    """
+    Clients of the live nodes, and what each user was acknowledged.
+    """
+
+    def __init__(self, test: TestCase) -> None:
+        self.test = test
+        self.clients: dict[str, FractalClient] = {}
+        self.acked: dict[str, int] = {}
+        self.retried = 0
+        self.calls = 0
+        self.turn = 0
+
+    async def add(self, name: str, node: NodeProcess) -> None:
+        client = connect(
+            _reactor(), f"tcp:host=127.0.0.1:port={node.port}", timeout=3.0,
+            retryPolicy=lambda n: 0.1,
+        )
+        self.test.addCleanup(client.disconnect)
+        await client.whenConnected(timeout=10)
+        self.clients[name] = client
+
+    def drop(self, name: str) -> None:
+        self.clients.pop(name, None)
+
+    async def call(self, command: Any, user: str, amount: int) -> int:
+        """
+        Call until it succeeds (on the next node after each failure), up to
+        L{RETRY_SECONDS}.
+        """
+        deadline = time.monotonic() + RETRY_SECONDS
+        attempt = 0
+        while True:
+            names = sorted(self.clients)
+            self.turn += 1
+            client = self.clients[names[(self.turn + attempt) % len(names)]]
+            try:
+                result = await client.callRemote(command, user=user, amount=amount)
+            except Exception as e:
+                attempt += 1
+                self.retried += 1
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{user}: no success in {RETRY_SECONDS}s: {e!r}")
+                await _sleep(0.05)
+                continue
+            self.calls += 1
+            if command is AddDurably:
+                self.acked[user] = self.acked.get(user, 0) + amount
+            value: int = result["value"]
+            return value
+
+    async def writeAll(self, users: list[str], parallel: int = 10) -> None:
+        for start in range(0, len(users), parallel):
+            await gatherResults(
+                [_deferred(self.call(AddDurably, u, 1)) for u in users[start : start + parallel]]
+            )
+
+    async def checkAll(self, users: list[str]) -> None:
+        """
+        Every user's counter holds at least what was acknowledged, and reads
+        the same through every node.
+        """
+        for user in users:
+            values = set()
+            for name in sorted(self.clients):
+                result = await self._readVia(name, user)
+                values.add(result)
+            self.test.assertEqual(len(values), 1, f"{user} reads differently: {values}")
+            [value] = values
+            self.test.assertGreaterEqual(value, self.acked.get(user, 0), f"{user} lost writes")
+
+    async def _readVia(self, name: str, user: str) -> int:
+        deadline = time.monotonic() + RETRY_SECONDS
+        while True:
+            try:
+                result = await self.clients[name].callRemote(Add, user=user, amount=0)
+                value: int = result["value"]
+                return value
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await _sleep(0.05)
+
+
+class PostgresClusterIntegrationTests(TestCase):
+    """
+    Three (then four) node processes sharing one PostgreSQL database.
+    """
+
+    timeout = 240
+
+    def setUp(self) -> None:
+        self.database = makeDatabase(self)
+        self.nodes: dict[str, NodeProcess] = {}
+        self.load = _Load(self)
+        self.users = [f"user{i}@example.com" for i in range(USERS)]
+
+    async def startNode(self, name: str) -> NodeProcess:
+        process = NodeProcess(
+            FilePath(self.mktemp()),
+            APP,
+            "--node", name,
+            "--postgres", postgresDSN(),
+            "--postgres-schema", self.database.schema,
+            "--peer-listen", f"tcp:{_freePort()}:interface=127.0.0.1",
+            "--lease", str(LEASE),
+            "--ship-interval", "0.2",
+        )
+
+        def cleanup() -> Deferred[Any]:
+            if process.protocol is not None and process.protocol.running:
+                os.kill(process.pid, signal.SIGCONT)
+            return _deferred(process.stop())
+
+        self.addCleanup(cleanup)
+        await process.start()
+        self.nodes[name] = process
+        await self.load.add(name, process)
+        return process
+
+    def owners(self) -> tuple[dict[str, int], int]:
+        """
+        How many slots each node owns, and how many handoffs are under way.
+        """
+
+        def read(cursor: Any) -> tuple[dict[str, int], int]:
+            cursor.execute("SELECT node, count(*) FROM slot_owners GROUP BY node")
+            counts = {row[0]: int(row[1]) for row in cursor.fetchall()}
+            cursor.execute("SELECT count(*) FROM slot_owners WHERE target IS NOT NULL")
+            row = cursor.fetchone()
+            return counts, int(row[0])
+
+        result: tuple[dict[str, int], int] = self.database.transactBlocking(read)
+        return result
+
+    async def settled(self, members: set[str], seconds: float = 60.0) -> float:
+        """
+        Wait until the slots are spread over exactly C{members} as rendezvous
+        hashing says, with no handoff under way.
+
+        @return: the seconds waited.
+        """
+        desired = list(rendezvousOwners(members, DEFAULT_SLOTS))
+
+        def read(cursor: Any) -> tuple[list[str], int]:
+            cursor.execute("SELECT node FROM slot_owners ORDER BY slot")
+            nodes = [row[0] for row in cursor.fetchall()]
+            cursor.execute("SELECT count(*) FROM slot_owners WHERE target IS NOT NULL")
+            return nodes, int(cursor.fetchone()[0])
+
+        started = time.monotonic()
+        while True:
+            nodes, moving = self.database.transactBlocking(read)
+            if nodes == desired and moving == 0:
+                return time.monotonic() - started
+            if time.monotonic() - started > seconds:
+                counts, _ = self.owners()
+                raise AssertionError(f"not settled on {members}: {counts}, {moving} moving")
+            await _sleep(0.1)
+
+    def incarnation(self, name: str) -> int:
+        def read(cursor: Any) -> int:
+            cursor.execute("SELECT incarnation FROM nodes WHERE node = %s", (name,))
+            return int(cursor.fetchone()[0])
+
+        result: int = self.database.transactBlocking(read)
+        return result
+
+    def test_killAndPause(self) -> Deferred[None]:
+        """
+        (a) SIGKILL one of three nodes under load: its users are served by
+        the others once its lease has run out and every acknowledged write
+        is present.  (b) SIGSTOP another past its lease, then SIGCONT: it
+        comes back as a new incarnation, serves nothing stale, and no
+        acknowledged write is lost.
+        """
+        return _deferred(self._killAndPause())
+
+    async def _killAndPause(self) -> None:
+        for name in ["n1", "n2", "n3"]:
+            await self.startNode(name)
+        await self.settled({"n1", "n2", "n3"})
+        await self.load.writeAll(self.users)
+        await self.load.checkAll(self.users)
+
+        # (a) SIGKILL n3.
+        self.nodes["n3"].kill()
+        self.load.drop("n3")
+        killedAt = time.monotonic()
+        await self.load.writeAll(self.users)
+        recovered = time.monotonic() - killedAt
+        await self.settled({"n1", "n2"})
+        await self.load.checkAll(self.users)
+        self.assertLess(recovered, LEASE + RETRY_SECONDS)
+
+        # (b) SIGSTOP n2 past its lease, writing through n1 meanwhile.
+        n2 = self.nodes["n2"]
+        os.kill(n2.pid, signal.SIGSTOP)
+        self.load.drop("n2")
+        try:
+            await self.load.writeAll(self.users)
+            await self.settled({"n1"})
+        finally:
+            os.kill(n2.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while self.incarnation("n2") < 2:
+            self.assertLess(time.monotonic(), deadline, "n2 never registered again")
+            await _sleep(0.1)
+        await self.load.add("n2", n2)
+        await self.settled({"n1", "n2"})
+        await self.load.writeAll(self.users)
+        await self.load.checkAll(self.users)
+
+    def test_joinAndLeave(self) -> Deferred[None]:
+        """
+        (c) A fourth node joining under load takes its share of the slots;
+        clients see at most retries and nothing is lost.  (d) A node stopped
+        gracefully hands its slots off and exits cleanly; nothing is lost.
+        """
+        return _deferred(self._joinAndLeave())
+
+    async def _joinAndLeave(self) -> None:
+        for name in ["n1", "n2", "n3"]:
+            await self.startNode(name)
+        await self.settled({"n1", "n2", "n3"})
+        await self.load.writeAll(self.users)
+
+        running = True
+
+        async def keepWriting() -> None:
+            while running:
+                await self.load.writeAll(self.users)
+
+        # (c) n4 joins under load.
+        writer = _deferred(keepWriting())
+        await self.startNode("n4")
+        seconds = await self.settled({"n1", "n2", "n3", "n4"})
+        running = False
+        await writer
+        await self.load.checkAll(self.users)
+        counts, _ = self.owners()
+        self.assertGreater(counts["n4"], DEFAULT_SLOTS // 8)
+        print(f"\n(c) rebalanced onto n4 in {seconds:.1f}s; {self.load.calls} calls, "
+              f"{self.load.retried} retries")
+
+        # (d) n2 stops gracefully under load.
+        running = True
+        writer = _deferred(keepWriting())
+        n2 = self.nodes["n2"]
+        self.load.drop("n2")
+        await _deferred(n2.stop())
+        assert n2.protocol is not None
+        self.assertIn("Node n2 stopped", n2.describe())
+        await self.settled({"n1", "n3", "n4"}, seconds=10)
+        running = False
+        await writer
+        await self.load.checkAll(self.users)
+        self.assertNotIn("Traceback", n2.describe())
