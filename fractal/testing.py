@@ -14,7 +14,7 @@ from fractal.durable._conformance import DurableBackendTestsMixin, recordInfo
 from fractal.durable._memory import BackendUnavailable, MemoryDurableBackend
 from fractal.routing.harness import SimulatedCluster
 from fractal.routing.simulation import SimulatedNetwork
-from fractal.routing.topology import StaticTopology
+from fractal.routing.topology import ManualTopology, StaticTopology, reassign
 from fractal.store._fixtures import writeAxiomStore
 
 __all__: list[str] = [

@@ -22,6 +22,7 @@ from fractal.protocol import GetShardMap, Health, NotOwner, OwnerUnavailable
 from fractal.routing.harness import SimulatedCluster
 from fractal.routing.interfaces import ShardMap, SlotOwner
 from fractal.routing.smart import ClusterClient
+from fractal.routing.topology import reassign
 from fractal.server import ServerLimits
 from fractal.store import Item, integer
 
@@ -237,6 +238,89 @@ class HarnessTests(SynchronousTestCase):
         cluster.restore("n1", "n2")
         cluster.stop()
         self.assertEqual(cluster.reactor.getDelayedCalls(), [])
+
+
+class MapChangeTests(SynchronousTestCase):
+    """
+    Routing follows the shard map as it changes, and a node with a stale map
+    is corrected rather than obeyed.
+    """
+
+    def setUp(self) -> None:
+        self.directory = FilePath(self.mktemp())
+        self.cluster = SimulatedCluster(
+            application, self.directory, nodes=3, slots=64, manual=True
+        )
+        self.cluster.start()
+        self.addCleanup(self.stopCluster)
+        self.user = next(
+            u for u in (f"user{i}" for i in range(200)) if self.cluster.ownerOf(u) == "n2"
+        )
+        current = self.cluster.nodes["n1"].topology.currentMap()
+        self.moved = reassign(current, [self.cluster.slotOf(self.user)], "n3")
+
+    def stopCluster(self) -> None:
+        self.cluster.stop()
+        self.assertEqual(self.cluster.reactor.getDelayedCalls(), [])
+
+    def test_callsFollowTheNewOwner(self) -> None:
+        """
+        Once every node has the new map, calls for a moved user run on its
+        new owner, whichever node they are sent to.
+        """
+        self.cluster.setMap(self.moved)
+        for node in ["n1", "n2", "n3"]:
+            d = deliver(self.cluster.client(node), self.user)
+            self.cluster.flush()
+            self.assertIn("messageID", self.successResultOf(d))
+        name = storeNameForKey(self.user)
+        self.assertTrue(_holds(self.directory.child("n3"), name))
+        self.assertFalse(_holds(self.directory.child("n2"), name))
+        d = self.cluster.client("n2").callRemote(Stats, user=self.user)
+        self.cluster.flush()
+        self.assertEqual(self.successResultOf(d)["total"], 3)
+
+    def test_staleForwarderCorrected(self) -> None:
+        """
+        A node still on the old map forwards to the old owner, which knows
+        better and answers L{NotOwner} naming the new owner: the call runs
+        nowhere and is not forwarded a second time.
+        """
+        self.cluster.setMap(self.moved, nodes=["n2", "n3"])
+        d = deliver(self.cluster.client("n1"), self.user)
+        self.cluster.flush()
+        failure = self.failureResultOf(d, NotOwner)
+        self.assertEqual(failure.value.args[0], "n3")
+        for node in ["n1", "n2", "n3"]:
+            self.assertFalse(_holds(self.directory.child(node), storeNameForKey(self.user)))
+
+    def test_smartClientOnStaleMap(self) -> None:
+        """
+        A smart client whose map is older than the nodes' still gets its
+        call answered, by the new owner.
+        """
+        client = self.cluster.client("n1", smart=True)
+        self.cluster.setMap(self.moved)
+        assert isinstance(client, ClusterClient)
+        self.assertEqual(client.shardMap.version, self.moved.version - 1)  # type: ignore[union-attr]
+        d = deliver(client, self.user)
+        self.cluster.flush()
+        self.assertIn("messageID", self.successResultOf(d))
+        self.assertTrue(_holds(self.directory.child("n3"), storeNameForKey(self.user)))
+
+    def test_smartClientRefreshesOnNotOwner(self) -> None:
+        """
+        A smart client told L{NotOwner} (here by a node that forwards
+        nothing) fetches the new map and sends the call to the new owner.
+        """
+        client = self.cluster.client("n1", smart=True)
+        self.cluster.setMap(self.moved)
+        self.cluster.nodes["n2"].server.forward = None
+        d = deliver(client, self.user)
+        self.cluster.flush()
+        self.assertIn("messageID", self.successResultOf(d))
+        assert isinstance(client, ClusterClient)
+        self.assertEqual(client.shardMap, self.moved)
 
 
 _slowClock: list[IReactorTime] = []

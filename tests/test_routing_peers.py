@@ -10,10 +10,10 @@ from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
 from fractal.protocol import OwnerUnavailable
-from fractal.routing.interfaces import NodeAddress
+from fractal.routing.interfaces import NodeAddress, ShardMap
 from fractal.routing.peers import PeerLink, PeerLinks
 from fractal.routing.simulation import SimulatedNetwork
-from fractal.routing.topology import StaticTopology
+from fractal.routing.topology import ManualTopology, StaticTopology, reassign
 
 
 class Refused(Exception):
@@ -348,3 +348,65 @@ class PeerLinksTests(SynchronousTestCase):
         self.failureResultOf(d, OwnerUnavailable)
         self.links.startService()
         self.network.restore("n2")
+
+
+class PeerLinksMapChangeTests(SynchronousTestCase):
+    """
+    L{PeerLinks} follows a changing topology: links to new members, none to
+    departed ones.
+    """
+
+    def setUp(self) -> None:
+        self.network = SimulatedNetwork()
+        self.addresses = {
+            n: NodeAddress(n, f"{n}/client", f"{n}/peer") for n in ["n1", "n2", "n3", "n4"]
+        }
+        self.topology = ManualTopology.fromNodes(
+            "n1", [self.addresses[n] for n in ["n1", "n2", "n3"]], slots=16
+        )
+        for node in ["n2", "n3", "n4"]:
+            self.network.listen(
+                node, f"{node}/peer", Factory.forProtocol(lambda node=node: _EchoServer(node, []))
+            )
+        self.links = PeerLinks(
+            self.network.clock,
+            self.topology,
+            lambda address: self.network.endpoint("n1", str(address.peer)),
+            retryPolicy=lambda attempt: 1.0,
+        )
+        self.links.startService()
+        self.network.flush()
+
+    def tearDown(self) -> None:
+        self.links.stopService()
+        self.network.flush()
+        self.assertEqual(self.network.clock.getDelayedCalls(), [])
+
+    def test_newMember(self) -> None:
+        """
+        A node that joins the map gets a link, which connects at once.
+        """
+        self.assertIsNone(self.links.link("n4"))
+        current = self.topology.currentMap()
+        self.topology.setMap(reassign(current, [0, 1], "n4", self.addresses["n4"]))
+        self.network.flush()
+        self.assertTrue(self.links.link("n4").connected)  # type: ignore[union-attr]
+        d = self.links.forward("n4", callBox(b"1"))
+        self.network.flush()
+        self.assertEqual(self.successResultOf(d)[b"node"], b"n4")
+
+    def test_departedMember(self) -> None:
+        """
+        A node that leaves the map loses its link: calls waiting on it fail
+        with L{OwnerUnavailable}, and later calls find no link.
+        """
+        self.network.hold("n3")
+        waiting = self.links.forward("n3", callBox(b"1"))
+        current = self.topology.currentMap()
+        moved = reassign(current, current.slotsOf("n3"), "n2")
+        nodes = {n: a for n, a in moved.nodes.items() if n != "n3"}
+        self.topology.setMap(ShardMap(moved.owners, nodes, moved.version + 1))
+        self.failureResultOf(waiting, OwnerUnavailable)
+        self.assertIsNone(self.links.link("n3"))
+        self.failureResultOf(self.links.forward("n3", callBox(b"2")), OwnerUnavailable)
+        self.network.restore("n3")

@@ -11,7 +11,13 @@ from zope.interface.verify import verifyObject
 from fractal.keys import InvalidUserKey, slotForKey
 from fractal.routing.interfaces import ITopology, NodeAddress, ShardMap, SlotOwner
 from fractal.routing.rendezvous import rendezvousOwners
-from fractal.routing.topology import SingleNodeTopology, StaticTopology, TopologyError
+from fractal.routing.topology import (
+    ManualTopology,
+    SingleNodeTopology,
+    StaticTopology,
+    TopologyError,
+    reassign,
+)
 
 
 class ShardMapTests(SynchronousTestCase):
@@ -206,3 +212,70 @@ class StaticTopologyTests(SynchronousTestCase):
         calls: list[ShardMap] = []
         StaticTopology("a", self.nodes("a", "b")).watch(calls.append)()
         self.assertEqual(calls, [])
+
+
+class ManualTopologyTests(SynchronousTestCase):
+    """
+    Tests for L{ManualTopology} and L{reassign}.
+    """
+
+    def setUp(self) -> None:
+        self.nodes = [
+            NodeAddress(n, f"{n}/client", f"{n}/peer") for n in ["n1", "n2", "n3"]
+        ]
+        self.topology = ManualTopology.fromNodes("n1", self.nodes, slots=16)
+
+    def test_interface(self) -> None:
+        """
+        L{ManualTopology} provides L{ITopology} and starts from the static
+        assignment.
+        """
+        self.assertTrue(verifyObject(ITopology, self.topology))
+        self.assertEqual(
+            self.topology.currentMap(),
+            StaticTopology("n1", self.nodes, slots=16).currentMap(),
+        )
+
+    def test_setMapTellsWatchers(self) -> None:
+        """
+        A new map becomes current and every watcher hears of it until it
+        stops watching.
+        """
+        seen: list[ShardMap] = []
+        stop = self.topology.watch(seen.append)
+        newer = reassign(self.topology.currentMap(), [0, 1], "n3")
+        self.topology.setMap(newer)
+        self.assertEqual(self.topology.currentMap(), newer)
+        self.assertEqual(seen, [newer])
+        stop()
+        self.topology.setMap(reassign(newer, [2], "n2"))
+        self.assertEqual(seen, [newer])
+
+    def test_setMapRefusesOlder(self) -> None:
+        """
+        A map that is not newer, or has another slot count, is refused.
+        """
+        current = self.topology.currentMap()
+        self.assertRaises(TopologyError, self.topology.setMap, current)
+        other = StaticTopology("n1", self.nodes, slots=8).currentMap()
+        self.assertRaises(
+            TopologyError,
+            self.topology.setMap,
+            ShardMap(other.owners, other.nodes, version=current.version + 1),
+        )
+
+    def test_reassign(self) -> None:
+        """
+        L{reassign} moves slots at the next epoch, keeps the others, bumps
+        the version, and can bring in a new node's address.
+        """
+        current = self.topology.currentMap()
+        slot = next(s for s in range(16) if current.ownerOf(s).node != "n4")
+        moved = reassign(current, [slot], "n4", NodeAddress("n4", "n4/client", "n4/peer"))
+        self.assertEqual(moved.version, current.version + 1)
+        self.assertEqual(moved.ownerOf(slot), SlotOwner("n4", current.ownerOf(slot).epoch + 1))
+        for other in range(16):
+            if other != slot:
+                self.assertEqual(moved.ownerOf(other), current.ownerOf(other))
+        self.assertRaises(TopologyError, reassign, current, [0], "n9")
+        self.assertRaises(TopologyError, reassign, current, [16], "n1")

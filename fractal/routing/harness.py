@@ -31,13 +31,13 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.filepath import FilePath
 
 from fractal.client import FractalClient
-from fractal.keys import DEFAULT_SLOTS
+from fractal.keys import DEFAULT_SLOTS, slotForKey
 from fractal.routing.cluster import ClusterService, joinCluster
-from fractal.routing.interfaces import NodeAddress
+from fractal.routing.interfaces import ITopology, NodeAddress, ShardMap
 from fractal.routing.peers import EndpointFactory
 from fractal.routing.simulation import SimulatedNetwork
 from fractal.routing.smart import AnyOfEndpoints, ClusterClient
-from fractal.routing.topology import StaticTopology
+from fractal.routing.topology import ManualTopology, StaticTopology
 
 if TYPE_CHECKING:
     from fractal.app import Application
@@ -76,6 +76,7 @@ class SimulatedCluster:
         callTimeout: float = 5.0,
         connectTimeout: float = 2.0,
         retryDelay: float = 1.0,
+        manual: bool = False,
         **nodeArguments: Any,
     ) -> None:
         """
@@ -89,6 +90,9 @@ class SimulatedCluster:
             L{fractal.routing.peers.DEFAULT_CONNECT_TIMEOUT}.
         @param retryDelay: seconds between reconnection attempts, for peer
             links and clients alike (fixed, so tests can count on it).
+        @param manual: give each node a L{ManualTopology}, so the test can
+            change the map with L{setMap}; by default each node has the
+            L{StaticTopology} of the cluster.
         @param nodeArguments: more keyword arguments for each
             L{fractal.node.FractalNode}.
         """
@@ -109,7 +113,11 @@ class SimulatedCluster:
         self.nodes: dict[str, FractalNode] = {}
         self.clusters: dict[str, ClusterService] = {}
         for index, nodeId in enumerate(ids):
-            topology = StaticTopology(nodeId, self.addresses.values(), slots)
+            topology: ITopology
+            if manual:
+                topology = ManualTopology.fromNodes(nodeId, self.addresses.values(), slots)
+            else:
+                topology = StaticTopology(nodeId, self.addresses.values(), slots)
             node = _FractalNode(
                 self.reactor,
                 application,
@@ -193,6 +201,20 @@ class SimulatedCluster:
         if not all(d.called for d in stopping):
             raise AssertionError("the nodes did not stop")
 
+    def setMap(self, shardMap: ShardMap, nodes: Iterable[str] | None = None) -> None:
+        """
+        Make C{shardMap} the current map of the nodes (all by default; name
+        some to leave the others with a stale map), then move the network.
+
+        @raise TypeError: if the cluster was not made with C{manual=True}.
+        """
+        for nodeId in self.nodes if nodes is None else nodes:
+            topology = self.nodes[nodeId].topology
+            if not isinstance(topology, ManualTopology):
+                raise TypeError("setMap needs a SimulatedCluster(..., manual=True)")
+            topology.setMap(shardMap)
+        self.flush()
+
     def kill(self, nodeId: str) -> None:
         """
         Make C{nodeId} vanish as if its machine died: every link to it is
@@ -241,6 +263,12 @@ class SimulatedCluster:
         The id of the node that owns C{user}.
         """
         return next(iter(self.nodes.values())).topology.currentMap().ownerOfKey(user).node
+
+    def slotOf(self, user: str) -> int:
+        """
+        The slot C{user} hashes to.
+        """
+        return slotForKey(user, next(iter(self.nodes.values())).topology.currentMap().slots)
 
     def client(
         self,

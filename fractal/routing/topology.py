@@ -17,6 +17,8 @@ from fractal.routing.rendezvous import rendezvousOwners
 __all__ = [
     "SingleNodeTopology",
     "StaticTopology",
+    "ManualTopology",
+    "reassign",
     "TopologyError",
     "NODE_ID_PATTERN",
     "checkNodeId",
@@ -184,3 +186,97 @@ class StaticTopology:
     def watch(self, observer: Callable[[ShardMap], None]) -> Callable[[], None]:
         # A static map never changes.
         return lambda: None
+
+
+@implementer(ITopology)
+class ManualTopology:
+    """
+    A topology whose map is set by hand: it starts from a given map (or from
+    the static assignment of a member list) and changes whenever
+    L{ManualTopology.setMap} is called, telling its watchers.
+
+    It serves tests of map changes (in L{fractal.testing.SimulatedCluster})
+    and operators who drive ownership from outside.
+
+    @ivar localNode: the id of the node this object serves.
+    """
+
+    def __init__(self, localNode: str, initial: ShardMap) -> None:
+        """
+        @param localNode: the id of the node this object serves.
+        @param initial: the first map.
+        """
+        self.localNode = localNode
+        self._map = initial
+        self._observers: list[Callable[[ShardMap], None]] = []
+
+    @classmethod
+    def fromNodes(
+        cls, localNode: str, nodes: Iterable[NodeAddress], slots: int = DEFAULT_SLOTS
+    ) -> ManualTopology:
+        """
+        Start from the map L{StaticTopology} would give C{nodes}.
+        """
+        return cls(localNode, StaticTopology(localNode, nodes, slots).currentMap())
+
+    def currentMap(self) -> ShardMap:
+        return self._map
+
+    def setMap(self, shardMap: ShardMap) -> None:
+        """
+        Make C{shardMap} the current map and tell every watcher.
+
+        @raise TopologyError: if its version is not newer than the current
+            map's, or its slot count differs.
+        """
+        if shardMap.version <= self._map.version:
+            raise TopologyError(
+                f"map version {shardMap.version} is not newer than {self._map.version}"
+            )
+        if shardMap.slots != self._map.slots:
+            raise TopologyError(
+                f"a map of {shardMap.slots} slots cannot follow one of {self._map.slots}"
+            )
+        self._map = shardMap
+        for observer in list(self._observers):
+            observer(shardMap)
+
+    def watch(self, observer: Callable[[ShardMap], None]) -> Callable[[], None]:
+        self._observers.append(observer)
+
+        def stop() -> None:
+            if observer in self._observers:
+                self._observers.remove(observer)
+
+        return stop
+
+
+def reassign(
+    shardMap: ShardMap,
+    slots: Iterable[int],
+    node: str,
+    address: NodeAddress | None = None,
+) -> ShardMap:
+    """
+    The map that follows C{shardMap} when C{slots} move to C{node}: each
+    moved slot's epoch grows by one, and the map's version by one.
+
+    @param shardMap: the current map.
+    @param slots: the slots that move.
+    @param node: their new owner.
+    @param address: C{node}'s address, if it is not in C{shardMap} yet.
+    @raise TopologyError: if C{node} has no address, or a slot is out of
+        range.
+    """
+    nodes = dict(shardMap.nodes)
+    if address is not None:
+        nodes[address.node] = address
+    if node not in nodes:
+        raise TopologyError(f"node {node!r} has no address in the map")
+    owners = list(shardMap.owners)
+    for slot in slots:
+        if not 0 <= slot < len(owners):
+            raise TopologyError(f"slot {slot} is not in range({len(owners)})")
+        if owners[slot].node != node:
+            owners[slot] = SlotOwner(node, owners[slot].epoch + 1)
+    return ShardMap(owners=tuple(owners), nodes=nodes, version=shardMap.version + 1)
