@@ -25,5 +25,7 @@ __all__: list[str] = [
     "SimulatedCluster",
     "SimulatedNetwork",
     "StaticTopology",
+    "ManualTopology",
+    "reassign",
     "writeAxiomStore",
 ]
