@@ -1,6 +1,7 @@
 """
-Peer links over real mutual TLS on loopback (L{fractal.routing.peers} with
-L{fractal.certs}): the link is up only once both sides know who the other is.
+Peer links over real loopback sockets (L{fractal.routing.peers}): with
+mutual TLS (L{fractal.certs}) the link is up only once both sides know who
+the other is; with plain TCP as soon as it connects.
 """
 
 from __future__ import annotations
@@ -102,3 +103,37 @@ class PeerLinkTLSTests(TestCase):
         self.assertFalse(link.connected)
         self.assertEqual(self.seen, [])
         yield deferLater(_globalReactor, 0, lambda: None)
+
+
+class PeerLinkPlainTCPTests(TestCase):
+    """
+    L{PeerLink} over plain TCP on loopback.
+    """
+
+    @defer.inlineCallbacks
+    def test_forwardOverTCP(self) -> Any:
+        """
+        Without TLS, the link is up as soon as TCP connects, and forwards.
+        """
+        seen: list[amp.AmpBox] = []
+        port = yield TCP4ServerEndpoint(_globalReactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(lambda: _EchoServer("n2", seen))
+        )
+        self.addCleanup(port.stopListening)
+        endpointFor = peerEndpointFactory(_globalReactor)
+        link = PeerLink(
+            _globalReactor,
+            "n2",
+            endpointFor(NodeAddress("n2", "unused", f"tcp:host=127.0.0.1:port={port.getHost().port}")),
+            retryPolicy=lambda attempt: 0.2,
+        )
+        link.service.startService()
+
+        def stop() -> Any:
+            link.stop()
+            return link.service.stopService()
+
+        self.addCleanup(stop)
+        answer = yield link.forward(callBox(b"9"))
+        self.assertEqual(answer[b"_answer"], b"9")
+        self.assertTrue(link.connected)

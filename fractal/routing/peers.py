@@ -16,8 +16,9 @@ A call for a peer whose link was up and is now down (its connection was
 lost, and reconnecting fails) fails at once with
 L{fractal.protocol.OwnerUnavailable}; a call on a link that has not been up
 yet (peers start in any order) waits at most C{connectTimeout} for it; a
-call the peer does not answer within C{callTimeout} fails the same way.  Nothing here waits without a
-bound, and one slow or dead peer holds up only the calls for its own users.
+call the peer does not answer within C{callTimeout} fails the same way.
+Nothing here waits without a bound, and one slow or dead peer holds up only
+the calls for its own users.
 """
 
 from __future__ import annotations
