@@ -336,3 +336,40 @@ class DamagedTests(SynchronousTestCase):
         self.assertRaises(errors.CannotOpenStore, Store, path)
         self.assertRaises(errors.CannotOpenStore, Store, path)
         self.assertEqual(path.child("db.sqlite").getContent(), garbage)
+
+
+class DescriptorTests(SynchronousTestCase):
+    """
+    Running out of file descriptors is reported as such.
+    """
+
+    def test_outOfDescriptors(self) -> None:
+        """
+        When the process has no descriptors left, opening or creating a store
+        raises StoreOutOfDescriptors (an OSError with errno EMFILE, and a
+        CannotOpenStore), not SQLite's vague "unable to open database file";
+        once stores are closed, opening works again.
+        """
+        import errno
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        inUse = len(FilePath("/proc/self/fd").listdir())
+        base = FilePath(self.mktemp())
+        base.makedirs()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (inUse + 10, hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        opened = []
+        try:
+            for i in range(20):
+                opened.append(Store(base.child(str(i))))
+        except errors.StoreOutOfDescriptors as e:
+            self.assertEqual(e.errno, errno.EMFILE)
+            self.assertIsInstance(e, errors.CannotOpenStore)
+            self.assertIsInstance(e, OSError)
+        else:
+            self.fail("20 stores opened with 10 descriptors to spare")
+        for s in opened:
+            s.close()
+        again = Store(base.child("again"))
+        again.close()

@@ -30,6 +30,7 @@ __all__ = [
     "StoreClosed",
     "StoreLocked",
     "StoreNotFound",
+    "StoreOutOfDescriptors",
     "TransactionInProgress",
     "UnknownItemType",
     "UnsatisfiedRequirement",
@@ -54,6 +55,16 @@ class StoreAlreadyOpen(CannotOpenStore):
     A L{fractal.store.Store} object for this database file is already open in
     this process.  Only one store object per file is allowed, because two
     connections to one file in one thread can deadlock each other.
+    """
+
+
+class StoreOutOfDescriptors(OSError, CannotOpenStore):
+    """
+    The store could not be opened because the process has no file
+    descriptors left (C{errno} is C{EMFILE} or C{ENFILE}).  SQLite reports
+    this only as "unable to open database file"; the store checks the system
+    before it releases what it had opened, so the cause is not lost.
+    Retrying after other files are closed can succeed.
     """
 
 

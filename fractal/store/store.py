@@ -10,6 +10,7 @@ database as they are made, inside an explicit C{BEGIN IMMEDIATE} transaction
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sqlite3
@@ -37,6 +38,7 @@ from fractal.store.errors import (
     StoreClosed,
     StoreLocked,
     StoreNotFound,
+    StoreOutOfDescriptors,
     TransactionInProgress,
     UnknownItemType,
     UpgraderRecursion,
@@ -135,6 +137,31 @@ def _isLockError(e: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _descriptorsExhausted() -> int | None:
+    """
+    The errno (C{EMFILE} or C{ENFILE}) if this process cannot open another
+    file right now, else C{None}.
+    """
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            return e.errno
+        return None
+    os.close(fd)
+    return None
+
+
+def _checkDescriptors(e: BaseException, where: str) -> None:
+    """
+    Raise L{StoreOutOfDescriptors} if C{e} happened because the process ran
+    out of file descriptors.
+    """
+    code = _descriptorsExhausted()
+    if code is not None:
+        raise StoreOutOfDescriptors(code, "no file descriptors left to open %s" % (where,)) from e
+
+
 def _asFilePath(value: Any) -> FilePath[str] | None:
     if value is None:
         return None
@@ -161,12 +188,21 @@ def _createStoreDirectory(dbdir: FilePath[str]) -> None:
         try:
             for sql in _BASE_SCHEMA:
                 conn.execute(sql)
+        except sqlite3.Error as e:
+            # Check before closing frees the descriptor it holds.
+            _checkDescriptors(e, dbdir.path)
+            raise
         finally:
             conn.close()
         temp.moveTo(dbdir)
     except BaseException:
-        if temp.exists():
-            temp.remove()
+        try:
+            if temp.exists():
+                temp.remove()
+        except OSError:
+            # Best effort (it fails, for one, when no descriptor is left):
+            # a leftover temporary sibling is never mistaken for a store.
+            pass
         raise
 
 
@@ -266,7 +302,11 @@ class Store(Empowered):
             if not dbdirPath.exists():
                 if not create:
                     raise StoreNotFound("No store at %s" % (dbdirPath.path,))
-                _createStoreDirectory(dbdirPath)
+                try:
+                    _createStoreDirectory(dbdirPath)
+                except sqlite3.Error as e:
+                    _checkDescriptors(e, dbdirPath.path)
+                    raise CannotOpenStore("Cannot create a store at %s: %s" % (dbdirPath.path, e)) from e
             elif not dbdirPath.isdir():
                 raise CannotOpenStore("%s is not a directory" % (dbdirPath.path,))
             for name in ("files", "temp", "run"):
@@ -293,7 +333,10 @@ class Store(Empowered):
             self._connect(dbpath)
             self._startup()
         except sqlite3.DatabaseError as e:
-            self._abandon()
+            try:
+                _checkDescriptors(e, dbpath)
+            finally:
+                self._abandon()
             raise CannotOpenStore("Cannot open the store at %s: %s" % (dbpath, e)) from e
         except BaseException:
             self._abandon()
