@@ -17,8 +17,10 @@ and reports throughput and p50/p99 latency for:
 Targets: (3) p50 at most 2.0x (2) p50 (the cost of one hop); (2) throughput
 per node at least 0.9x (1).  All nodes run with C{--durable none}, so the
 figures are about routing, not shipping.  On a machine with fewer cores than
-processes (three nodes and a client), the per-node figure is bounded by CPU
-sharing, which the report shows beside the core count.
+processes (three nodes and a client), the per-node throughput is bounded by
+CPU sharing, so the report also gives each row's node CPU time per call (from
+C{/proc}), and compares calls per node CPU-second: what a node does per call
+when it has a core to itself.
 
 Every phase is bounded in calls and in seconds.  Run:
 C{python3 benchmarks/cluster.py} (C{--quick} for a shorter run).
@@ -112,11 +114,28 @@ def startSingle(workdir: str) -> Child:
     return Child(argv, port, os.path.join(workdir, "single.log"))
 
 
-async def measure(
-    reactor: Any, client: Any, seconds: float, maxCalls: int
-) -> dict[int, Result]:
+def cpuSeconds(children: list[Child]) -> float:
     """
-    Warm up (every user's store created), then measure at each concurrency.
+    The CPU time (user and system) the children have used so far.
+    """
+    total = 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    for child in children:
+        try:
+            with open(f"/proc/{child.process.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+async def measure(
+    reactor: Any, client: Any, seconds: float, maxCalls: int, servers: list[Child]
+) -> dict[int, tuple[Result, float]]:
+    """
+    Warm up (every user's store created), then measure at each concurrency,
+    with the servers' CPU time per call.
     """
     from examples.mailbox import Deliver
 
@@ -134,7 +153,10 @@ async def measure(
     await drive(reactor, call, 10, min(0.5, seconds / 4), 2000)
     results = {}
     for outstanding in CONCURRENCY:
-        results[outstanding] = await drive(reactor, call, outstanding, seconds, maxCalls)
+        before = cpuSeconds(servers)
+        result = await drive(reactor, call, outstanding, seconds, maxCalls)
+        used = cpuSeconds(servers) - before
+        results[outstanding] = (result, used / result.calls if result.calls else float("nan"))
     return results
 
 
@@ -165,7 +187,7 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
     seconds = 1.5 if options.quick else 3.0
     maxCalls = 6000 if options.quick else 30000
     workdir = tempfile.mkdtemp(prefix="fractal-cluster-bench-")
-    rows: dict[str, dict[int, Result]] = {}
+    rows: dict[str, dict[int, tuple[Result, float]]] = {}
     began = time.monotonic()
     try:
         single = startSingle(workdir)
@@ -173,7 +195,7 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
             await single.ready(reactor)
             client = connect(reactor, f"tcp:host=127.0.0.1:port={single.port}")
             await linked(reactor, client)
-            rows["1"] = await measure(reactor, client, seconds, maxCalls)
+            rows["1"] = await measure(reactor, client, seconds, maxCalls, [single])
             await client.disconnect()
         finally:
             single.stop()
@@ -186,8 +208,9 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
             await linked(reactor, plain)
             smart = connectCluster(reactor, seed)
             await linked(reactor, smart)
-            rows["2"] = await measure(reactor, smart, seconds, maxCalls)
-            rows["3"] = await measure(reactor, plain, seconds, maxCalls)
+            children = list(nodes.values())
+            rows["2"] = await measure(reactor, smart, seconds, maxCalls, children)
+            rows["3"] = await measure(reactor, plain, seconds, maxCalls, children)
             await smart.disconnect()
             await plain.disconnect()
         finally:
@@ -210,17 +233,24 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
         f"each row up to {seconds:g} s or {maxCalls} calls"
     )
     print()
-    print(f"{'setup':40} {'outst.':>6} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'calls':>7}")
+    print(
+        f"{'setup':40} {'outst.':>6} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'calls':>7} {'node CPU ms/call':>17}"
+    )
     for key, name in names.items():
-        for outstanding, result in rows[key].items():
+        for outstanding, (result, cpu) in rows[key].items():
             print(
                 f"{name:40} {outstanding:>6} {result.rate:>9.0f} {result.p50:>8.2f} "
-                f"{result.p99:>8.2f} {result.calls:>7}"
+                f"{result.p99:>8.2f} {result.calls:>7} {cpu * 1000:>17.3f}"
             )
 
     def get(key: str, outstanding: int, attribute: str) -> float:
-        value: float = getattr(rows[key][outstanding], attribute)
+        value: float = getattr(rows[key][outstanding][0], attribute)
         return value
+
+    def cpuRatio(outstanding: int) -> float | None:
+        # Calls per node CPU-second, smart cluster over single node.
+        return ratio(rows["1"][outstanding][1], rows["2"][outstanding][1])
 
     def perNode(outstanding: int) -> float | None:
         return ratio(get("2", outstanding, "rate") / len(NODES), get("1", outstanding, "rate"))
@@ -230,13 +260,15 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
         ("(3)/(2) p50 at 50", ratio(get("3", 50, "p50"), get("2", 50, "p50")), 2.0, False),
         ("(2) per node / (1), rate at 1", perNode(1), 0.9, True),
         ("(2) per node / (1), rate at 50", perNode(50), 0.9, True),
+        ("(2)/(1) calls per node CPU-s at 1", cpuRatio(1), 0.9, True),
+        ("(2)/(1) calls per node CPU-s at 50", cpuRatio(50), 0.9, True),
     ]
     print()
-    print(f"{'target':32} {'measured':>9} {'target':>8}  verdict")
+    print(f"{'target':36} {'measured':>9} {'target':>8}  verdict")
     for label, value, target, atLeast in checks:
         shown = "n/a" if value is None else f"{value:.2f}"
         bound = ("≥ " if atLeast else "≤ ") + f"{target:g}"
-        print(f"{label:32} {shown:>9} {bound:>8}  {verdict(value, target, atLeast)}")
+        print(f"{label:36} {shown:>9} {bound:>8}  {verdict(value, target, atLeast)}")
     print(
         f"(for scale: (2) total / (1) at 50 = "
         f"{get('2', 50, 'rate') / get('1', 50, 'rate'):.2f}; "
