@@ -237,8 +237,11 @@ class Application:
         installing the missing ones in one transaction, and return the bound
         responder for each command.
 
-        A powerup class that declares C{powerupInterfaces} is also powered up
-        on the store for them, so C{store.powerupsFor} finds it.
+        A missing powerup is installed as Axiom's C{installOn} does
+        (L{fractal.store.dependency.installOn}): its C{dependsOn} requirements
+        are installed too, the store is powered up with it for the interfaces
+        its class declares (so C{store.powerupsFor} finds it), and its
+        C{installed()} hook runs.
 
         @param store: a user store.
         @return: for each command name, the responder method bound to the
@@ -246,6 +249,7 @@ class Application:
         """
         found = {powerup: store.findFirst(powerup) for powerup in self.powerups}
         if None in found.values():
+            from fractal.store.dependency import installOn
 
             def install() -> None:
                 for powerup, instance in found.items():
@@ -253,8 +257,7 @@ class Application:
                         instance = found[powerup] = store.findFirst(powerup)
                     if instance is None:
                         instance = found[powerup] = powerup(store=store)
-                        if getattr(powerup, "powerupInterfaces", ()):
-                            store.powerUp(instance)
+                        installOn(instance, store)
 
             store.transact(install)
         return {

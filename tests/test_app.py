@@ -14,6 +14,7 @@ from zope.interface import Interface
 from fractal import app
 from fractal.protocol import FRAMEWORK_ERRORS, NotOwner
 from fractal.store import Item, Store, integer, text
+from fractal.store.dependency import dependsOn
 
 
 class NoSuchMessage(Exception):
@@ -71,6 +72,23 @@ class AppTestSyncer(Item):
     @Sync.responder
     def sync(self) -> dict[str, Any]:
         return {}
+
+
+class AppTestSettings(Item):
+    typeName = "test_app_settings"
+    installedCount = integer(default=0)
+
+    def installed(self) -> None:
+        self.installedCount += 1
+
+
+class AppTestNeedy(Item):
+    typeName = "test_app_needy"
+    settings = dependsOn(AppTestSettings)
+
+    @Count.responder
+    def count(self) -> dict[str, Any]:
+        return {"count": self.settings.installedCount}
 
 
 class AppTestRival(Item):
@@ -303,6 +321,24 @@ class ApplicationTests(SynchronousTestCase):
         app.Application("mail", powerups=[AppTestMailbox, AppTestSyncer]).installOn(store)
         self.assertEqual(store.findUnique(AppTestMailbox), mailbox)
         self.assertEqual(store.query(AppTestSyncer).count(), 1)
+
+    def test_installLikeAxiom(self) -> None:
+        """
+        A missing powerup is installed as Axiom's C{installOn} does: its
+        C{installed()} hook runs once, and its C{dependsOn} requirements are
+        installed with it and reused when they are powerups of the
+        application too.
+        """
+        store = Store()
+        application = app.Application("needy", powerups=[AppTestNeedy, AppTestSettings])
+        bound = application.installOn(store)
+        self.assertEqual(store.query(AppTestSettings).count(), 1)
+        settings = store.findUnique(AppTestSettings)
+        self.assertEqual(settings.installedCount, 1)
+        self.assertIs(store.findUnique(AppTestNeedy).settings, settings)
+        self.assertEqual(store.transact(bound[b"Count"]), {"count": 1})
+        application.installOn(store)
+        self.assertEqual(settings.installedCount, 1)
 
     def test_installPowersUpDeclaredInterfaces(self) -> None:
         """
