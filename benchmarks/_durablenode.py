@@ -33,9 +33,7 @@ async def run(reactor: Any, quick: bool) -> None:
             child = nodebench.fractalNode(data, os.path.join(workdir, f"{label}.log"), *extra)
             try:
                 await child.ready(reactor)
-                rows[label] = await nodebench.measure(
-                    reactor, child.port, Deliver, seconds, maxCalls
-                )
+                rows[label] = await nodebench.measure(reactor, child, Deliver, seconds, maxCalls)
             finally:
                 child.stop()
     finally:

@@ -223,7 +223,7 @@ class Shipper(Service):
         interval: float = 1.0,
         epochForKey: Callable[[str], int] | None = None,
         storesDirectory: FilePath[str] | None = None,
-        maxChain: int = 64,
+        maxChain: int = 1024,
         concurrency: int = 64,
         buildConcurrency: int = 2,
         lagWarning: float = 10.0,
