@@ -126,7 +126,7 @@ class Message(Item):
     subject = text(allowNone=False)
     body = text(allowNone=False)
     received = timestamp(allowNone=False)
-    read = boolean(default=False, allowNone=False, indexed=True)
+    read = boolean(default=False, allowNone=False)
 
 
 def _checkHeader(name: str, value: str) -> None:
