@@ -143,12 +143,18 @@ class FilesystemBackend:
     def _defer(self, f: Callable[[], T]) -> Deferred[T]:
         return self._run(f)
 
-    def _locked(self, store: str, f: Callable[[FilePath[str]], T]) -> T:
+    def _locked(self, store: str, f: Callable[[FilePath[str]], T], sync: bool = True) -> T:
+        """
+        Call C{f} with C{store}'s directory, created if missing (durably at
+        once if C{sync}, else at the batch's file system sync), under its
+        exclusive lock.
+        """
         directory = self._dir(store)
         if not directory.isdir():
             directory.makedirs(ignoreExistingDirectory=True)
-            _fsyncDirectory(directory.parent())
-            _fsyncDirectory(self.root)
+            if sync:
+                _fsyncDirectory(directory.parent())
+                _fsyncDirectory(self.root)
         with open(directory.child("lock").path, "a+b") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
@@ -262,7 +268,7 @@ class FilesystemBackend:
                 def appendOne(directory: FilePath[str]) -> None:
                     self._appendOne(directory, info, data, not grouped)
 
-                self._locked(info.store, appendOne)
+                self._locked(info.store, appendOne, not grouped)
             except Exception as e:
                 return e
             return None
