@@ -45,7 +45,7 @@ def _lazyOptions(qualifiedName: str) -> Callable[[], usage.Options]:
     """
 
     def build() -> usage.Options:
-        options: usage.Options = namedAny(qualifiedName)()
+        options: usage.Options = namedAny(qualifiedName)()  # type: ignore[no-untyped-call]
         return options
 
     return build
@@ -82,9 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default.
     @return: the exit status.
     """
-    options = FractalOptions()
+    options = FractalOptions()  # type: ignore[no-untyped-call]
     try:
-        options.parseOptions(list(sys.argv[1:] if argv is None else argv))
+        options.parseOptions(list(sys.argv[1:] if argv is None else argv))  # type: ignore[no-untyped-call]
     except usage.UsageError as e:
         print(f"{options}\nfractal: {e}", file=sys.stderr)
         return 2
