@@ -186,8 +186,10 @@ def _createStoreDirectory(dbdir: FilePath[str]) -> None:
             temp.child(name).makedirs()
         conn = sqlite3.connect(temp.child("db.sqlite").path, isolation_level=None)
         try:
+            conn.execute("BEGIN")
             for sql in _BASE_SCHEMA:
                 conn.execute(sql)
+            conn.execute("COMMIT")
         except sqlite3.Error as e:
             # Check before closing frees the descriptor it holds.
             _checkDescriptors(e, dbdir.path)
