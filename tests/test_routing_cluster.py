@@ -21,7 +21,7 @@ from fractal.keys import storeNameForKey
 from fractal.protocol import GetShardMap, Health, NotOwner, OwnerUnavailable
 from fractal.routing.harness import SimulatedCluster
 from fractal.routing.interfaces import ShardMap, SlotOwner
-from fractal.routing.smart import ClusterClient
+from fractal.routing.smart import DEFAULT_REFRESH_INTERVAL, ClusterClient
 from fractal.routing.topology import reassign
 from fractal.server import ServerLimits
 from fractal.store import Item, integer
@@ -307,6 +307,18 @@ class MapChangeTests(SynchronousTestCase):
         self.cluster.flush()
         self.assertIn("messageID", self.successResultOf(d))
         self.assertTrue(_holds(self.directory.child("n3"), storeNameForKey(self.user)))
+
+    def test_smartClientRefreshesPeriodically(self) -> None:
+        """
+        A smart client fetches the map again every C{refreshInterval}
+        seconds, so it learns of a move even when its calls still succeed.
+        """
+        client = self.cluster.client("n1", smart=True)
+        assert isinstance(client, ClusterClient)
+        self.cluster.setMap(self.moved)
+        self.assertNotEqual(client.shardMap, self.moved)
+        self.cluster.advance(DEFAULT_REFRESH_INTERVAL)
+        self.assertEqual(client.shardMap, self.moved)
 
     def test_smartClientRefreshesOnNotOwner(self) -> None:
         """

@@ -30,6 +30,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -40,12 +41,24 @@ from fractal.keys import InvalidUserKey
 from fractal.protocol import GetShardMap, NotOwner
 from fractal.routing.interfaces import ShardMap
 
-__all__ = ["ClusterClient", "AnyOfEndpoints", "connectCluster", "DEFAULT_FALLBACK_AFTER"]
+__all__ = [
+    "ClusterClient",
+    "AnyOfEndpoints",
+    "connectCluster",
+    "DEFAULT_FALLBACK_AFTER",
+    "DEFAULT_REFRESH_INTERVAL",
+]
 
 DEFAULT_FALLBACK_AFTER = 1.0
 """
 Seconds a call waits for a connection to its owner before it is sent to
 another node to forward.
+"""
+
+DEFAULT_REFRESH_INTERVAL = 30.0
+"""
+Seconds between fetches of the shard map, so a client whose calls are all
+forwarded (a moved slot is still served, one hop away) learns of the move.
 """
 
 
@@ -68,6 +81,7 @@ class ClusterClient(FractalClient):
         retryPolicy: RetryPolicy | None = None,
         endpointFor: Callable[[str], IStreamClientEndpoint] | None = None,
         fallbackAfter: float = DEFAULT_FALLBACK_AFTER,
+        refreshInterval: float | None = DEFAULT_REFRESH_INTERVAL,
     ) -> None:
         """
         Connect to the seed node at C{endpoint} and ask it for the map.
@@ -80,6 +94,8 @@ class ClusterClient(FractalClient):
         @param endpointFor: makes the endpoint for a node's C{client}
             description; by default C{clientFromString(clock, description)}.
         @param fallbackAfter: see L{DEFAULT_FALLBACK_AFTER}.
+        @param refreshInterval: see L{DEFAULT_REFRESH_INTERVAL}; L{None}
+            fetches the map only at the start and after L{NotOwner}.
         """
         FractalClient.__init__(self, clock, endpoint, timeout, retryPolicy)
         self.shardMap: ShardMap | None = None
@@ -91,6 +107,11 @@ class ClusterClient(FractalClient):
         self._owners: dict[str, FractalClient] = {}
         self._mapWaiters: list[Deferred[ShardMap | None]] = []
         self.refreshMap()
+        self._refresher: LoopingCall | None = None
+        if refreshInterval is not None:
+            self._refresher = LoopingCall(self.refreshMap)
+            self._refresher.clock = clock
+            self._refresher.start(refreshInterval, now=False)
 
     def refreshMap(self) -> Deferred[ShardMap | None]:
         """
@@ -203,6 +224,8 @@ class ClusterClient(FractalClient):
         """
         Close every connection and stop reconnecting.
         """
+        if self._refresher is not None and self._refresher.running:
+            self._refresher.stop()
         stops: list[Deferred[Any]] = [client.disconnect() for client in self._owners.values()]
         self._owners.clear()
         stops.append(FractalClient.disconnect(self))
@@ -259,6 +282,7 @@ def connectCluster(
     timeout: float = DEFAULT_TIMEOUT,
     retryPolicy: RetryPolicy | None = None,
     fallbackAfter: float = DEFAULT_FALLBACK_AFTER,
+    refreshInterval: float | None = DEFAULT_REFRESH_INTERVAL,
 ) -> ClusterClient:
     """
     Connect to a cluster through any of its nodes.
@@ -270,6 +294,7 @@ def connectCluster(
     @param timeout: the default per-call timeout, in seconds.
     @param retryPolicy: see L{FractalClient.__init__}.
     @param fallbackAfter: see L{DEFAULT_FALLBACK_AFTER}.
+    @param refreshInterval: see L{DEFAULT_REFRESH_INTERVAL}.
     @return: a client, already fetching the shard map.
     """
     descriptions = [description] if isinstance(description, str) else list(description)
@@ -277,5 +302,10 @@ def connectCluster(
         [clientFromString(reactor, each) for each in descriptions]
     )
     return ClusterClient(
-        reactor, endpoint, timeout=timeout, retryPolicy=retryPolicy, fallbackAfter=fallbackAfter
+        reactor,
+        endpoint,
+        timeout=timeout,
+        retryPolicy=retryPolicy,
+        fallbackAfter=fallbackAfter,
+        refreshInterval=refreshInterval,
     )
