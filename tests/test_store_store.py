@@ -373,3 +373,25 @@ class DescriptorTests(SynchronousTestCase):
             s.close()
         again = Store(base.child("again"))
         again.close()
+
+
+class DroppedStoreTests(SynchronousTestCase):
+    """
+    A store dropped without close() does not block reopening.
+    """
+
+    def test_droppedInCycle(self) -> None:
+        """
+        A store that is unreachable but kept in a reference cycle is
+        collected when the same path is opened again, instead of the open
+        failing with StoreAlreadyOpen.
+        """
+        path = self.mktemp()
+        s = Store(path)
+        Note(store=s, title="kept")
+        cycle = [s]
+        s.addCommitObserver(lambda: cycle)
+        del s, cycle
+        again = Store(path)
+        self.assertEqual([n.title for n in again.query(Note)], ["kept"])
+        again.close()

@@ -11,6 +11,7 @@ database as they are made, inside an explicit C{BEGIN IMMEDIATE} transaction
 from __future__ import annotations
 
 import errno
+import gc
 import importlib
 import os
 import sqlite3
@@ -320,6 +321,10 @@ class Store(Empowered):
             dbpath = dbdirPath.child("db.sqlite").path
             key = os.path.realpath(dbpath)
             existing = _openStores.get(key)
+            if existing is not None and existing() is not None:
+                # An unreachable store in a reference cycle may still be
+                # waiting for the garbage collector: give it the chance.
+                gc.collect()
             if existing is not None and existing() is not None:
                 raise StoreAlreadyOpen(
                     "%s is already open in this process (%r); use that Store object"
