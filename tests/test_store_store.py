@@ -375,6 +375,14 @@ class DescriptorTests(SynchronousTestCase):
         again.close()
 
 
+def _holdInCycle(store: Store) -> None:
+    """
+    Make C{store} part of a reference cycle (through a commit observer).
+    """
+    holder = [store]
+    store.addCommitObserver(lambda: holder)
+
+
 class DroppedStoreTests(SynchronousTestCase):
     """
     A store dropped without close() does not block reopening.
@@ -389,9 +397,8 @@ class DroppedStoreTests(SynchronousTestCase):
         path = self.mktemp()
         s = Store(path)
         Note(store=s, title="kept")
-        cycle = [s]
-        s.addCommitObserver(lambda: cycle)
-        del s, cycle
+        _holdInCycle(s)
+        del s
         again = Store(path)
         self.assertEqual([n.title for n in again.query(Note)], ["kept"])
         again.close()
