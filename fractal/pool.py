@@ -421,14 +421,21 @@ class StorePool:
         """
         found = store.findFirst(UserKey)
         if found is None:
-            store.transact(lambda: store.findFirst(UserKey) or UserKey(store=store, key=key))
-        elif found.key != key:
+            # A new store: its key and its preparation commit together.
+            return store.transact(self._initStore, store, key)
+        if found.key != key:
             raise StoreUnavailable(
                 "the store at this user's path belongs to another key; refusing to serve it"
             )
-        if self._prepare is not None:
-            return self._prepare(store)
-        return None
+        return self._prepare(store) if self._prepare is not None else None
+
+    def _initStore(self, store: Store, key: str) -> Any:
+        """
+        Record C{key} in a new store and prepare it; runs in a transaction.
+        """
+        if store.findFirst(UserKey) is None:
+            UserKey(store=store, key=key)
+        return self._prepare(store) if self._prepare is not None else None
 
     def _opened(self, key: str, lease: StoreLease) -> None:
         """
