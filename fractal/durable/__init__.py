@@ -8,7 +8,12 @@ storage as a chain of delta records, and restoring a store from its chain.
       every storage backend implements.
     - L{fractal.durable.record}: the record format.
     - L{fractal.durable.filesystem}: the default backend, a directory.
-    - L{fractal.durable.shipper}: the shipper and restore.
+    - L{fractal.durable.shipper}: the shipper.
+    - L{fractal.durable.restore}: rebuilding a store from its chain, verified.
+    - L{fractal.durable.tool}: C{fractal restore} and C{fractal verify}.
+
+The in-memory backend and the conformance tests every backend runs are public
+in L{fractal.testing} (C{MemoryDurableBackend}, C{DurableBackendTestsMixin}).
 """
 
 __all__: list[str] = []
