@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_durable_benchmark -*-
 """
 Durable shipping: bytes per update, ship and restore throughput.
 

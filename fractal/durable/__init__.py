@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_durable_shipper -*-
 """
 Durable persistence: shipping each user store's changed pages to durable
 storage as a chain of delta records, and restoring a store from its chain.
