@@ -71,12 +71,15 @@ def axiomStore(
     types: Sequence[tuple[str, str, int, Sequence[AttributeSpec]]],
     objects: Sequence[tuple[int | None, int, Sequence[object]]],
     withIndexes: bool = True,
+    implicitRowid: bool = False,
 ) -> None:
     """
     Write an Axiom store directory with raw SQL.
 
     @param types: C{(typeName, module, version, [(attribute, sqltype,
         pythontype, indexed), ...])}, attributes in column (sorted) order.
+    @param implicitRowid: lay item tables out as Axiom did before 0.8.0,
+        without an explicit C{oid} column.
     @param objects: C{(typeIndex or None for a deleted item, storeID-order
         placeholder, row values)}: one C{axiom_objects} row each, in order;
         C{typeIndex} indexes C{types}.
@@ -90,7 +93,9 @@ def axiomStore(
     typeIDs = []
     for typeName, module, version, attrs in types:
         table = "item_%s_v%d" % (typeName, version)
-        columns = ["oid INTEGER PRIMARY KEY"] + ["\n[%s] %s" % (a[0], a[1]) for a in attrs]
+        columns = ([] if implicitRowid else ["oid INTEGER PRIMARY KEY"]) + [
+            "\n[%s] %s" % (a[0], a[1]) for a in attrs
+        ]
         conn.execute("CREATE TABLE main.%s (%s)" % (table, ", ".join(columns)))
         cur = conn.execute(
             'INSERT INTO "main"."axiom_types" ("typename", "module", "version") VALUES (?, ?, ?)',
@@ -405,3 +410,28 @@ class RawSQLTests(SynchronousTestCase):
         rowid = s.executeSQL("INSERT INTO extra (x) VALUES (?)", [5])
         self.assertEqual(rowid, 1)
         self.assertEqual(s.querySQL("SELECT x FROM extra"), [(5,)])
+
+
+class OldLayoutTests(SynchronousTestCase):
+    """
+    Item tables from before Axiom 0.8.0 (an implicit rowid, no oid column).
+    """
+
+    def test_implicitRowid(self) -> None:
+        """
+        Items load, change, and new ones are added, in a table with only an
+        implicit rowid.
+        """
+        path = FilePath(self.mktemp())
+        axiomStore(
+            path, [NOTE_TYPE], [(None, 1, []), (0, 2, ["old", 3, None, "\x02", None])], implicitRowid=True
+        )
+        s = Store(path)
+        note = s.getItemByID(2)
+        self.assertEqual(note.body, "old")
+        note.count = 4
+        new = CompatNote(store=s, body="new")
+        s.close()
+        s = Store(path)
+        self.assertEqual(sorted((n.storeID, n.body, n.count) for n in s.query(CompatNote)), [(2, "old", 4), (new.storeID, "new", None)])
+        s.close()
