@@ -24,7 +24,9 @@ C{host=127.0.0.1 port=5432 dbname=test user=postgres} if it answers, else a
 throwaway server made with C{initdb}/C{pg_ctl} if they exist; otherwise row 4
 is reported as skipped.
 
-Every phase is bounded in calls and in seconds; the whole run takes well under
+All servers run at once and the rows take turns, a short phase each per
+round, so that other work on the machine weighs on every row alike.  Every
+phase is bounded in calls and in seconds; the whole run takes well under
 three minutes.  Run: C{python3 benchmarks/node.py} (C{--quick} for a shorter
 run).
 """
@@ -262,13 +264,31 @@ class Result:
     The server's CPU time per call, in microseconds, when known.
     """
 
-    def __init__(self, latencies: list[float], seconds: float) -> None:
+    def __init__(
+        self, latencies: list[float], seconds: float, cpuTotal: float | None = None
+    ) -> None:
+        self.latencies = latencies
         self.calls = len(latencies)
         self.seconds = seconds
+        self.cpuTotal = cpuTotal
         ordered = sorted(latencies)
         self.rate = self.calls / seconds if seconds else 0.0
         self.p50 = _percentile(ordered, 50) * 1000
         self.p99 = _percentile(ordered, 99) * 1000
+        if cpuTotal is not None and self.calls:
+            self.cpu = cpuTotal / self.calls * 1e6
+
+    @classmethod
+    def merge(cls, results: list[Result]) -> Result:
+        """
+        One result for several phases of the same kind.
+        """
+        cpus = [r.cpuTotal for r in results]
+        return cls(
+            [latency for r in results for latency in r.latencies],
+            sum(r.seconds for r in results),
+            None if None in cpus else sum(c for c in cpus if c is not None),
+        )
 
 
 def cpuSeconds(pid: int) -> float | None:
@@ -328,17 +348,26 @@ async def drive(
     return Result(latencies, clock() - started)
 
 
-async def measure(
-    reactor: Any, server: Child, command: type[amp.Command], seconds: float, maxCalls: int
-) -> dict[int, Result]:
+class Target:
     """
-    Warm up, then measure at each concurrency, over one connection.
+    One server under load: its process, the command it answers and a client
+    connection to it.
     """
-    connection = await connectAMP(reactor, server.port)
 
-    def call(n: int) -> Awaitable[object]:
-        result: Awaitable[object] = connection.callRemote(
-            command,
+    def __init__(self, server: Child, command: type[amp.Command]) -> None:
+        self.server = server
+        self.command = command
+        self.connection: amp.AMP | None = None
+        self.results: dict[int, list[Result]] = {n: [] for n in CONCURRENCY}
+
+    async def connect(self, reactor: Any) -> None:
+        await self.server.ready(reactor)
+        self.connection = await connectAMP(reactor, self.server.port)
+
+    def call(self, n: int) -> Awaitable[object]:
+        assert self.connection is not None
+        result: Awaitable[object] = self.connection.callRemote(
+            self.command,
             user=f"user{n % USERS}@example.com",
             sender="bob@example.com",
             subject=SUBJECT,
@@ -346,20 +375,29 @@ async def measure(
         )
         return result
 
-    results = {}
-    # Warm up: every user called once (so the fractal node has created and
-    # opened every store; creating one is measured apart, as cold opens).
-    await drive(reactor, call, 10, 30, USERS)
-    await drive(reactor, call, 10, min(0.5, seconds / 4), 2000)
-    for outstanding in CONCURRENCY:
-        before = cpuSeconds(server.process.pid)
-        result = await drive(reactor, call, outstanding, seconds, maxCalls)
-        after = cpuSeconds(server.process.pid)
-        if before is not None and after is not None and result.calls:
-            result.cpu = (after - before) / result.calls * 1e6
-        results[outstanding] = result
-    connection.transport.loseConnection()
-    return results
+    async def warm(self, reactor: Any) -> None:
+        """
+        Call every user once (so a fractal node has created and opened every
+        store; creating one is measured apart), then a little more.
+        """
+        await drive(reactor, self.call, 10, 30, USERS)
+        await drive(reactor, self.call, 10, 0.3, 1000)
+
+    async def phase(self, reactor: Any, outstanding: int, seconds: float, maxCalls: int) -> None:
+        before = cpuSeconds(self.server.process.pid)
+        result = await drive(reactor, self.call, outstanding, seconds, maxCalls)
+        after = cpuSeconds(self.server.process.pid)
+        if before is not None and after is not None:
+            result = Result(result.latencies, result.seconds, after - before)
+        self.results[outstanding].append(result)
+
+    def merged(self) -> dict[int, Result]:
+        return {n: Result.merge(results) for n, results in self.results.items()}
+
+    def close(self) -> None:
+        if self.connection is not None and self.connection.transport is not None:
+            self.connection.transport.loseConnection()
+        self.server.stop()
 
 
 async def coldOpen(
@@ -524,49 +562,70 @@ def verdict(value: float | None, target: float, atLeast: bool) -> str:
 async def run(reactor: Any, options: argparse.Namespace) -> None:
     from examples.mailbox import Deliver
 
-    seconds = 1.5 if options.quick else 3.0
-    maxCalls = 6000 if options.quick else 30000
+    rounds = 2 if options.quick else 4
+    seconds = 0.5 if options.quick else 0.8
+    maxCalls = 4000 if options.quick else 12000
     coldUsers = 100 if options.quick else COLD_USERS
     workdir = tempfile.mkdtemp(prefix="fractal-bench-")
     rows: dict[str, dict[int, Result] | str] = {}
     began = time.monotonic()
     loadBefore = os.getloadavg()[0]
+    targets: dict[str, Target] = {}
+    dsn, source, stopPostgres = postgresDSN(workdir)
     try:
-        for key, kind in [("1", "echo"), ("2", "sqlite")]:
-            server = baselineServer(
-                kind, os.path.join(workdir, "baseline.sqlite"), os.path.join(workdir, kind + ".log")
-            )
-            try:
-                await server.ready(reactor)
-                rows[key] = await measure(reactor, server, BenchDeliver, seconds, maxCalls)
-            finally:
-                server.stop()
+        targets["1"] = Target(
+            baselineServer("echo", "-", os.path.join(workdir, "echo.log")), BenchDeliver
+        )
+        targets["2"] = Target(
+            baselineServer(
+                "sqlite",
+                os.path.join(workdir, "baseline.sqlite"),
+                os.path.join(workdir, "sqlite.log"),
+            ),
+            BenchDeliver,
+        )
         for key, extra in [("3", ()), ("3n", ("--durable", "none"))]:
-            node = fractalNode(
-                os.path.join(workdir, f"node-data-{key}"),
-                os.path.join(workdir, f"node-{key}.log"),
-                *extra,
+            targets[key] = Target(
+                fractalNode(
+                    os.path.join(workdir, f"node-data-{key}"),
+                    os.path.join(workdir, f"node-{key}.log"),
+                    *extra,
+                ),
+                Deliver,
             )
+        if dsn is None:
+            rows["4"] = f"skipped: {source}"
+        else:
+            preparePostgres(dsn)
+            targets["4"] = Target(
+                baselineServer("postgres", dsn, os.path.join(workdir, "postgres.log")), BenchDeliver
+            )
+        for target in targets.values():
+            await target.connect(reactor)
+        for target in targets.values():
+            await target.warm(reactor)
+        # Rows take turns, a short phase each per round, so that whatever
+        # else runs on the machine weighs on every row alike.
+        for round in range(rounds):
+            for key, target in targets.items():
+                for outstanding in CONCURRENCY:
+                    await target.phase(reactor, outstanding, seconds, maxCalls)
+                if target.command is Deliver:
+                    # Let the node's ship cycle for this phase's writes run
+                    # now rather than during the next row's phase.
+                    await task.deferLater(reactor, 1.2, lambda: None)
+        for key, target in targets.items():
+            rows[key] = target.merged()
+    finally:
+        for target in targets.values():
+            target.close()
+        if dsn is not None:
             try:
-                await node.ready(reactor)
-                rows[key] = await measure(reactor, node, Deliver, seconds, maxCalls)
-            finally:
-                node.stop()
-        dsn, source, stopPostgres = postgresDSN(workdir)
-        try:
-            if dsn is None:
-                rows["4"] = f"skipped: {source}"
-            else:
-                preparePostgres(dsn)
-                server = baselineServer("postgres", dsn, os.path.join(workdir, "postgres.log"))
-                try:
-                    await server.ready(reactor)
-                    rows["4"] = await measure(reactor, server, BenchDeliver, seconds, maxCalls)
-                finally:
-                    server.stop()
-                    dropPostgres(dsn)
-        finally:
-            stopPostgres()
+                dropPostgres(dsn)
+            except Exception:
+                pass
+        stopPostgres()
+    try:
         created, cold, warm = await coldOpen(
             reactor, os.path.join(workdir, "cold-data"), os.path.join(workdir, "cold.log"), coldUsers
         )
@@ -585,7 +644,8 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
     print()
     print(
         f"txfractal node benchmark: loopback, {os.cpu_count()} CPUs, Python "
-        f"{sys.version.split()[0]}; each row up to {seconds:g} s or {maxCalls} calls"
+        f"{sys.version.split()[0]}; rows take turns, {rounds} rounds of {seconds:g} s "
+        "per row and concurrency"
     )
     print(
         f"load average {loadBefore:.1f} before, {os.getloadavg()[0]:.1f} after: other "
