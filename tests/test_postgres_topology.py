@@ -169,6 +169,27 @@ class MembershipTests(SynchronousTestCase):
         self.assertGreater(n1.topology.coordinated, 0)
 
 
+    def test_heartbeatNotBlockedByRound(self) -> None:
+        """
+        While the node's other work on the map holds its lock (a slow round,
+        a handoff), heartbeats still go out every interval, so the node keeps
+        its lease and keeps serving.
+        """
+        n1 = self.node("n1")
+        n1.start()
+        locked = n1.topology._lock.acquire()
+        self.successResultOf(locked)
+        _advance(LEASE * 3, n1, step=n1.topology.heartbeat)
+
+        def lease(cursor: Any) -> float:
+            cursor.execute("SELECT lease_expires FROM nodes WHERE node = 'n1'")
+            return float(cursor.fetchone()[0])
+
+        self.assertGreater(self.database.transactBlocking(lease), n1.clock.seconds())
+        self.assertEqual(set(n1.owners()), {"n1"})
+        n1.topology._lock.release()
+
+
 class FailoverTests(SynchronousTestCase):
     """
     Lease expiry, failover, returning nodes, coordination.

@@ -45,7 +45,8 @@ class PostgresCluster:
     """
     A node's view of a cluster that runs on PostgreSQL.
 
-    @ivar database: the connection layer on the cluster's DSN.
+    @ivar database: the topology's connection layer on the cluster's DSN
+        (the backend has its own, C{backend.database}).
     @ivar topology: the node's L{PostgresTopology}, registered.
     @ivar backend: the L{PostgresBackend} for the node's shipper.
     """
@@ -74,18 +75,26 @@ def openCluster(
     @param schema: the PostgreSQL schema of the cluster.
     @param slots: the cluster's slot count.
     @param lease: seconds a membership lasts without a heartbeat.
-    @param runInThread: runs the transactions; by default a thread pool of
-        their own (L{POSTGRES_THREADS} threads), started and stopped with the
-        reactor, so that heartbeats never wait behind the node's other
-        blocking work in the reactor's pool.
+    @param runInThread: runs the transactions; by default two thread pools
+        of their own, started and stopped with the reactor: two threads for
+        the topology (so a heartbeat always finds one free) and
+        L{POSTGRES_THREADS} for the durable records, so that heartbeats never
+        wait behind durable writes or the node's other blocking work.
     @raise fractal.postgres.schema.SchemaError: if the schema is missing or
         of another version.
     @raise psycopg.Error: if the database cannot be reached.
     @raise fractal.routing.topology.TopologyError: for a node that does not
         fit the cluster.
     """
+    # Membership and the durable records each get their own connections and
+    # threads: a heartbeat never waits behind a burst of durable writes.
     database = Database(
-        dsn, schema, runInThread if runInThread is not None else _ownThreads(reactor)
+        dsn, schema, runInThread if runInThread is not None else _ownThreads(reactor, 2)
+    )
+    records = Database(
+        dsn,
+        schema,
+        runInThread if runInThread is not None else _ownThreads(reactor, POSTGRES_THREADS),
     )
     requireSchema(database)
     topology = PostgresTopology(
@@ -95,21 +104,21 @@ def openCluster(
     # Connections opened before the reactor runs (and perhaps before twistd
     # forks) are not reused.
     database.closeIdle()
-    return PostgresCluster(database, topology, PostgresBackend(database))
+    return PostgresCluster(database, topology, PostgresBackend(records))
 
 
 POSTGRES_THREADS = 4
 """
-The size of the thread pool of a node's PostgreSQL transactions.
+The size of the thread pool of a node's durable writes to PostgreSQL.
 """
 
 
-def _ownThreads(reactor: Any) -> RunInThread:
+def _ownThreads(reactor: Any, size: int) -> RunInThread:
     """
     A runner on a thread pool of its own, started when C{reactor} runs and
     stopped when it shuts down (after the node's services have stopped).
     """
-    pool = ThreadPool(1, POSTGRES_THREADS, "fractal-postgres")
+    pool = ThreadPool(1, size, "fractal-postgres")
     reactor.callWhenRunning(pool.start)
     reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
 

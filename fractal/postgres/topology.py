@@ -688,6 +688,9 @@ class PostgresTopology(Service):
         d = self._database.transact(lambda c: self._heartbeatIn(c, now)).addCallback(beaten)
         return d.addErrback(failed)
 
+    def _beat(self) -> None:
+        self.tick()
+
     def refresh(self) -> Deferred[None]:
         """
         Reload the map now (on a notification).
@@ -785,7 +788,9 @@ class PostgresTopology(Service):
         if self._map is None:
             raise NotRegistered(f"node {self.localNode!r} must register before it starts")
         Service.startService(self)  # type: ignore[no-untyped-call]
-        self._loop = LoopingCall(self.tick)
+        # The loop does not wait for a round to finish: the next heartbeat
+        # is due on time however long the round waits for the map lock.
+        self._loop = LoopingCall(self._beat)
         self._loop.clock = self._clock
         self._loop.start(self.heartbeat, now=False)
         if self._reactor is not None:
