@@ -327,6 +327,12 @@ class ClusterIntegrationTests(TestCase):
                 await self.assertFailure(quick.callRemote(Stats, user=user), OwnerUnavailable)
             stats = await gatherResults([quick.callRemote(Stats, user=u) for u in alive])
             self.assertEqual(stats, [{"total": 1, "unread": 1}] * len(alive))
+            # The smart client, unable to reach n3, hands its calls to a live
+            # node, which answers OwnerUnavailable; the others are served.
+            for user in dead[:3]:
+                await self.assertFailure(smart.callRemote(Stats, user=user), OwnerUnavailable)
+            stats = await gatherResults([smart.callRemote(Stats, user=u) for u in alive])
+            self.assertEqual(stats, [{"total": 1, "unread": 1}] * len(alive))
 
         return ensureDeferred(run())
 
