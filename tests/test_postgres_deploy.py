@@ -22,7 +22,7 @@ from fractal.postgres.deploy import openCluster, servePostgres, setAsideStores
 from fractal.postgres.schema import SchemaError
 from fractal.routing.interfaces import NodeAddress
 from tests._postgres import makeDatabase, postgresDSN
-from tests.test_durable_node import Add, AddDurably, application
+from tests.test_durable_node import Add, AddDurably, DurableNodeCounter, application
 
 SLOTS = 16
 LEASE = 10.0
@@ -145,6 +145,42 @@ class PostgresNodeTests(SynchronousTestCase):
         for user in moved:
             expected = 8 if user == users[0] else 7
             self.assertEqual(n1.call(Add, user=user, amount=1), {"value": expected})
+
+
+    def test_staleOpenStoreNeverShipped(self) -> None:
+        """
+        A store left open on n1 after its slot moved to n2 (a call held it
+        during the handoff, and committed after the final ship) is stale:
+        when the slot comes back, it is closed without being shipped over
+        n2's newer records, and n1 serves n2's writes.
+        """
+        database = makeDatabase(self)
+        n1 = _Node(self, database.schema, "n1")
+        users = [f"user{i}" for i in range(12)]
+        for user in users:
+            n1.call(Add, user=user, amount=5)
+        leases = [n1.node.pool.tryAcquire(user) for user in users]
+        n2 = _Node(self, database.schema, "n2")
+        _advance(LEASE * 3, n1, n2)
+        moved = [u for u in users if n1.owner(u) == "n2"]
+        for user, lease in zip(users, leases):
+            assert lease is not None
+            if user in moved:
+                # A late commit on the old owner, after its final ship.
+                counter = lease.store.findFirst(DurableNodeCounter)
+                lease.store.transact(lambda: setattr(counter, "value", 999))
+            lease.release()
+        self.assertTrue(moved)
+        self.assertTrue(set(moved) <= set(n1.node.pool.openKeys()))
+        for user in moved:
+            self.assertEqual(n2.call(Add, user=user, amount=100), {"value": 105})
+        n2.stop()
+        n1.reactor.advance(0)
+        _advance(n1.cluster.topology.heartbeat, n1)
+        self.assertEqual({n1.owner(u) for u in users}, {"n1"})
+        for user in moved:
+            self.assertEqual(n1.call(Add, user=user, amount=1), {"value": 106})
+        self.flushLoggedErrors()
 
 
 class SetAsideTests(SynchronousTestCase):

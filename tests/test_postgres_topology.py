@@ -460,9 +460,9 @@ class LocalCopyTests(SynchronousTestCase):
 
     def test_gainedServedOnlyWhenPrepared(self) -> None:
         """
-        A gained slot is not shown as the node's own until the Deferred of
-        its C{slotsGained} hook fires (its old local copies are being set
-        aside); then it is.
+        A gained slot is not shown as the node's own, and nothing of it is
+        shipped, until the Deferred of its C{slotsGained} hook fires (its old
+        local copies are being set aside); then it is.
         """
         n1, n2 = _Node(self, self.database, "n1"), _Node(self, self.database, "n2")
         n1.start()
@@ -472,7 +472,13 @@ class LocalCopyTests(SynchronousTestCase):
         n1.topology.slotsGained = lambda slots: hold
         n2.topology._loop.stop()  # type: ignore[union-attr]
         _advance(LEASE * 2, n1)
-        self.assertEqual({n for n, _, _ in _rows(self.database).values()}, {"n1"})
+        rows = _rows(self.database)
+        self.assertEqual({n for n, _, _ in rows.values()}, {"n1"})
         self.assertIn("n2", n1.owners())
+        slot = n1.owners().index("n2")
+        key = next(f"u{i}" for i in range(10000) if slotOfStore(storeNameForKey(f"u{i}"), SLOTS) == slot)
+        error = self.assertRaises(StaleEpoch, n1.topology.epochForKey, key)
+        self.assertEqual(error.current, rows[slot][1] - 1)
         hold.callback(None)
         self.assertEqual(set(n1.owners()), {"n1"})
+        self.assertEqual(n1.topology.epochForKey(key), rows[slot][1])

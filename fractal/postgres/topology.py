@@ -561,7 +561,8 @@ class PostgresTopology(Service):
         are accepted, and it is never another node's epoch, so a node never
         ships a stale local copy of a store it does not own.
 
-        @raise StaleEpoch: if this node does not own the slot.
+        @raise StaleEpoch: if this node does not own the slot, or has just
+            gained it and not yet set aside its old local copies.
         @raise NotRegistered: before the node has registered.
         """
         if self._snapshot is None:
@@ -569,6 +570,12 @@ class PostgresTopology(Service):
         row = self._snapshot.slots[slotForKey(key, self._slots)]
         if row.node != self.localNode:
             raise StaleEpoch(storeNameForKey(key), 0, row.epoch)
+        if row.slot in self._preparing:
+            # Gained, and the old local copy not yet set aside: whatever is
+            # open now is stale and must not be shipped at the new epoch
+            # (closing it would).  Reported as fenced by the epoch before,
+            # so the store ships again once reopened from its chain.
+            raise StaleEpoch(storeNameForKey(key), 0, row.epoch - 1)
         return row.epoch
 
     def ownedSlots(self) -> frozenset[int]:
