@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from fractal.routing.rendezvous import rendezvousOwners, slotWeight
@@ -85,3 +87,30 @@ class RendezvousOwnersTests(SynchronousTestCase):
         self.assertRaises(ValueError, rendezvousOwners, [], 4)
         self.assertRaises(ValueError, rendezvousOwners, ["a", "a"], 4)
         self.assertRaises(ValueError, rendezvousOwners, ["a"], 0)
+
+
+class RendezvousPropertyTests(SynchronousTestCase):
+    """
+    Properties of L{rendezvousOwners} over arbitrary member sets.
+    """
+
+    @settings(max_examples=30, deadline=None)
+    @given(
+        members=st.sets(st.from_regex(r"[a-z][a-z0-9]{0,6}", fullmatch=True), min_size=1, max_size=6),
+        newcomer=st.from_regex(r"[A-Z][a-z0-9]{0,6}", fullmatch=True),
+    )
+    def test_onlyTheNewcomerGains(self, members: set[str], newcomer: str) -> None:
+        """
+        Whatever the members, adding one node moves slots only to it, and
+        removing one member moves only that member's slots.
+        """
+        before = rendezvousOwners(members, 256)
+        after = rendezvousOwners(members | {newcomer}, 256)
+        for slot in range(256):
+            self.assertIn(after[slot], {before[slot], newcomer})
+        gone = min(members)
+        if len(members) > 1:
+            fewer = rendezvousOwners(members - {gone}, 256)
+            for slot in range(256):
+                if before[slot] != gone:
+                    self.assertEqual(fewer[slot], before[slot])
