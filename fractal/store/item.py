@@ -356,6 +356,7 @@ class Item(Empowered):
         cls._fAttrs = tuple(a for _, a in schema)
         cls._fHidden = tuple(a.hidden for a in cls._fAttrs)
         cls._fLoadKeys = ("_fstoreID",) + cls._fHidden  # type: ignore[attr-defined]
+        cls._fKey = (cls.typeName, cls.schemaVersion)  # type: ignore[attr-defined]
         cls._fTable = table
         cls.storeID = _StoreIDColumn(cls, table)
         cls._fSetters = {name: attr for name, attr in schema}

@@ -895,7 +895,7 @@ class Store(Empowered):
             self.transact(self._insertItem, item)
             return
         cls = type(item)
-        typeID = self._typeIDs.get((cls.typeName, cls.schemaVersion))
+        typeID = self._typeIDs.get(cls._fKey)
         if typeID is None:
             typeID = self._createTable(cls)
         if cls._fLate:
@@ -918,7 +918,10 @@ class Store(Empowered):
         self._allocated = storeID
         self._touched[storeID] = (item, None)
         if not cls.__legacy__:
-            self._remember(storeID, item)
+            cache = self._cache
+            cache[storeID] = weakref.ref(item)
+            if len(cache) > self._sweepAt:
+                self._sweep()
         if cls._fHasActivate:
             item.activate()
         if cls._fHasStored:
