@@ -426,3 +426,59 @@ class BatchedInsertTests(SynchronousTestCase):
         s.transact(work)
         self.assertEqual(sorted(s.query(Quiet).getColumn("value")), [1, 2, 3, 4, 5])
         self.assertEqual(len(set(s.query(Quiet).getColumn("storeID"))), 5)
+
+
+class Grumpy(Item):
+    """
+    Overrides the hooks without calling up, and writes in deleted().
+    """
+
+    value = integer(default=0)
+    writeOnDelete = inmemory()
+
+    def activate(self) -> None:
+        self.writeOnDelete = False
+
+    def committed(self) -> None:
+        pass
+
+    def deleted(self) -> None:
+        if self.writeOnDelete:
+            Quiet(store=self.store)
+
+
+class HookOverrideTests(SynchronousTestCase):
+    """
+    Hooks overridden without calling up.
+    """
+
+    def test_deletesAndRollbacksStillWork(self) -> None:
+        """
+        committed() overridden without calling up breaks neither rollbacks
+        nor deletes (Axiom's bookkeeping lived in it).
+        """
+        s = Store()
+        g = Grumpy(store=s, value=1)
+
+        def fail() -> None:
+            g.value = 2
+            raise Boom()
+
+        self.assertRaises(Boom, s.transact, fail)
+        self.assertEqual(g.value, 1)
+        g.deleteFromStore()
+        self.assertIsNone(g.store)
+        self.assertEqual(s.count(Grumpy), 0)
+
+    def test_writeInDeletedRejected(self) -> None:
+        """
+        Writing from deleted() raises ChangeRejected; the delete itself is
+        committed and the item is detached.
+        """
+        s = Store()
+        g = Grumpy(store=s)
+        g.writeOnDelete = True
+        self.assertRaises(errors.ChangeRejected, g.deleteFromStore)
+        self.assertIsNone(g.store)
+        self.assertEqual(s.count(Grumpy), 0)
+        self.assertEqual(s.count(Quiet), 0)
