@@ -171,29 +171,45 @@ class FilesystemBackend:
             return 0
 
     @staticmethod
-    def _list(store: str, directory: FilePath[str]) -> list[RecordInfo]:
-        result = []
+    def _parse(store: str, name: str) -> RecordInfo | None:
+        match = _RECORD_NAME.match(name)
+        if match is None:
+            return None
+        seq, baseSeq, epoch, size, digest = match.groups()
+        return RecordInfo(
+            store=store,
+            epoch=int(epoch),
+            seq=int(seq),
+            baseSeq=int(baseSeq),
+            size=int(size),
+            digest=bytes.fromhex(digest),
+        )
+
+    @classmethod
+    def _list(cls, store: str, directory: FilePath[str]) -> list[RecordInfo]:
         try:
             names = os.listdir(directory.path)
         except FileNotFoundError:
             return []
-        for name in names:
-            match = _RECORD_NAME.match(name)
-            if match is None:
-                continue
-            seq, baseSeq, epoch, size, digest = match.groups()
-            result.append(
-                RecordInfo(
-                    store=store,
-                    epoch=int(epoch),
-                    seq=int(seq),
-                    baseSeq=int(baseSeq),
-                    size=int(size),
-                    digest=bytes.fromhex(digest),
-                )
-            )
+        result = [info for info in (cls._parse(store, name) for name in names) if info]
         result.sort(key=lambda info: info.seq)
         return result
+
+    @classmethod
+    def _newest(cls, store: str, directory: FilePath[str]) -> RecordInfo | None:
+        """
+        The newest record, found without parsing every name: record names
+        start with their zero-padded sequence number, so they sort by it.
+        """
+        try:
+            names = os.listdir(directory.path)
+        except FileNotFoundError:
+            return None
+        for name in sorted((n for n in names if n.endswith(".rec")), reverse=True):
+            info = cls._parse(store, name)
+            if info is not None:
+                return info
+        return None
 
     @staticmethod
     def _fileName(info: RecordInfo) -> str:
@@ -291,12 +307,12 @@ class FilesystemBackend:
         current = self._epoch(directory)
         if info.epoch < current:
             raise StaleEpoch(info.store, info.epoch, current)
-        records = self._list(info.store, directory)
-        if records:
-            if info.seq != records[-1].seq + 1:
+        newest = self._newest(info.store, directory)
+        if newest is not None:
+            if info.seq != newest.seq + 1:
                 raise SequenceConflict(
                     f"store {info.store}: record {info.seq} does not follow "
-                    f"the newest stored record {records[-1].seq}"
+                    f"the newest stored record {newest.seq}"
                 )
         elif not info.isSnapshot:
             raise SequenceConflict(f"store {info.store}: the first record must be a snapshot")
@@ -316,8 +332,7 @@ class FilesystemBackend:
 
     def head(self, store: str) -> Deferred[RecordInfo | None]:
         def head() -> RecordInfo | None:
-            records = self._list(store, self._dir(store))
-            return records[-1] if records else None
+            return self._newest(store, self._dir(store))
 
         return self._defer(head)
 
@@ -327,9 +342,16 @@ class FilesystemBackend:
     def read(self, store: str, seq: int) -> Deferred[bytes]:
         def read() -> bytes:
             directory = self._dir(store)
-            for info in self._list(store, directory):
-                if info.seq == seq:
-                    return directory.child(self._fileName(info)).getContent()
+            prefix = f"{seq:016d}-"
+            try:
+                names = os.listdir(directory.path)
+            except FileNotFoundError:
+                names = []
+            for name in names:
+                if name.startswith(prefix):
+                    info = self._parse(store, name)
+                    if info is not None and info.seq == seq:
+                        return directory.child(name).getContent()
             raise NoSuchRecord(f"store {store} has no record {seq}")
 
         return self._defer(read)
