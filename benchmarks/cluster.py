@@ -22,8 +22,11 @@ CPU sharing, so the report also gives each row's node CPU time per call (from
 C{/proc}), and compares calls per node CPU-second: what a node does per call
 when it has a core to itself.
 
-Every phase is bounded in calls and in seconds.  Run:
-C{python3 benchmarks/cluster.py} (C{--quick} for a shorter run).
+All four nodes run throughout, and the rows take turns over several rounds
+(C{--rounds}, 3 by default), each row reporting its median round, so that
+load from elsewhere on the machine falls on every row alike.  Every phase is
+bounded in calls and in seconds.  Run: C{python3 benchmarks/cluster.py}
+(C{--quick} for one short round).
 """
 
 from __future__ import annotations
@@ -180,46 +183,62 @@ async def linked(reactor: Any, client: Any, deadline: float = 30.0) -> None:
             await task.deferLater(reactor, 0.1, lambda: None)
 
 
+def _median(runs: list[tuple[Result, float]]) -> tuple[Result, float]:
+    """
+    The run with the median throughput.
+    """
+    return sorted(runs, key=lambda run: run[0].rate)[len(runs) // 2]
+
+
 async def run(reactor: Any, options: argparse.Namespace) -> None:
     from fractal.client import connect
     from fractal.routing.smart import connectCluster
 
     seconds = 1.5 if options.quick else 3.0
     maxCalls = 6000 if options.quick else 30000
+    rounds = 1 if options.quick else options.rounds
     workdir = tempfile.mkdtemp(prefix="fractal-cluster-bench-")
-    rows: dict[str, dict[int, tuple[Result, float]]] = {}
+    runs: dict[str, dict[int, list[tuple[Result, float]]]] = {
+        key: {n: [] for n in CONCURRENCY} for key in ("1", "2", "3")
+    }
     began = time.monotonic()
+    children: list[Child] = []
+    clients: list[Any] = []
     try:
+        # All four nodes run for the whole benchmark, and the rounds take
+        # turns, so that load from elsewhere on the machine falls on every
+        # row alike; each row reports its median round.
         single = startSingle(workdir)
-        try:
-            await single.ready(reactor)
-            client = connect(reactor, f"tcp:host=127.0.0.1:port={single.port}")
-            await linked(reactor, client)
-            rows["1"] = await measure(reactor, client, seconds, maxCalls, [single])
-            await client.disconnect()
-        finally:
-            single.stop()
         nodes = startCluster(workdir)
-        try:
-            for child in nodes.values():
-                await child.ready(reactor)
-            seed = f"tcp:host=127.0.0.1:port={nodes['n1'].port}"
-            plain = connect(reactor, seed)
-            await linked(reactor, plain)
-            smart = connectCluster(reactor, seed)
-            await linked(reactor, smart)
-            children = list(nodes.values())
-            rows["2"] = await measure(reactor, smart, seconds, maxCalls, children)
-            rows["3"] = await measure(reactor, plain, seconds, maxCalls, children)
-            await smart.disconnect()
-            await plain.disconnect()
-        finally:
-            for child in nodes.values():
-                child.stop()
+        children = [single, *nodes.values()]
+        for child in children:
+            await child.ready(reactor)
+        direct = connect(reactor, f"tcp:host=127.0.0.1:port={single.port}")
+        seed = f"tcp:host=127.0.0.1:port={nodes['n1'].port}"
+        plain = connect(reactor, seed)
+        smart = connectCluster(reactor, seed)
+        clients = [direct, plain, smart]
+        for client in clients:
+            await linked(reactor, client)
+        setups = [
+            ("1", direct, [single]),
+            ("2", smart, list(nodes.values())),
+            ("3", plain, list(nodes.values())),
+        ]
+        for _ in range(rounds):
+            for key, client, servers in setups:
+                measured = await measure(reactor, client, seconds, maxCalls, servers)
+                for outstanding, figures in measured.items():
+                    runs[key][outstanding].append(figures)
     finally:
+        for client in clients:
+            await client.disconnect()
+        for child in children:
+            child.stop()
         if not options.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - began
+    rows = {key: {n: _median(each) for n, each in byLevel.items()} for key, byLevel in runs.items()}
 
     names = {
         "1": "(1) single node, plain client",
@@ -230,7 +249,7 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
     print(
         f"txfractal cluster benchmark: loopback, {os.cpu_count()} CPUs, Python "
         f"{sys.version.split()[0]}; mailbox Deliver, {USERS} users; "
-        f"each row up to {seconds:g} s or {maxCalls} calls"
+        f"each row the median of {rounds} rounds of up to {seconds:g} s or {maxCalls} calls"
     )
     print()
     print(
@@ -284,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="shorter phases")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of every row (the median is reported)"
+    )
     options = parser.parse_args(argv)
     task.react(lambda reactor: defer.ensureDeferred(run(reactor, options)))
 
