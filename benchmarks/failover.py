@@ -333,7 +333,7 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
         )
         await cluster.settled(reactor, {"n1", "n2"}, 60)
 
-        movedPauses, stayedPauses, took = await rebalance(reactor, cluster, users, 60)
+        movedPauses, stayedPauses, took = await rebalance(reactor, cluster, users, 180)
         print(f"rebalancing: a node joins 2 under load; settled in {took:.1f}s")
         print(
             f"  longest pause, {len(movedPauses):3d} moved users:  p50 {_ms(movedPauses, 50)}"
