@@ -546,7 +546,7 @@ def _shipper(
         else dataDir.child("durable")
     )
     return Shipper(
-        FilesystemBackend(durable, reactorThreads(reactor)),
+        FilesystemBackend(durable, reactorThreads(reactor), clock=reactor),
         reactor,
         runInThread=reactorThreads(reactor),
         interval=options["ship-interval"] or 1.0,

@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -135,3 +136,21 @@ class FilesystemGroupCommitTests(SynchronousTestCase):
         threads.runOne()
         for d in records:
             self.assertEqual(len(self.successResultOf(d)), 1)
+
+    def test_gatherTurn(self) -> None:
+        """
+        With a clock, appends made in the same reactor turn wait for the end
+        of the turn and go as one batch.
+        """
+        threads = _ManualThreads()
+        clock = Clock()
+        backend = FilesystemBackend(FilePath(self.mktemp()), threads, clock=clock)
+        names = [storeNameForKey(f"user{i}") for i in range(3)]
+        appends = [backend.append(recordInfo(name, 1, 1, 0, b"a"), b"a") for name in names]
+        self.assertEqual(threads.queue, [])
+        clock.advance(0)
+        self.assertEqual(len(threads.queue), 1)
+        threads.runOne()
+        for d in appends:
+            self.successResultOf(d)
+        self.assertEqual(clock.getDelayedCalls(), [])

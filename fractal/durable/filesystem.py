@@ -27,6 +27,7 @@ import re
 from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
@@ -121,7 +122,11 @@ class FilesystemBackend:
     """
 
     def __init__(
-        self, root: FilePath[str], runInThread: RunInThread | None = None, maxBatches: int = 1,
+        self,
+        root: FilePath[str],
+        runInThread: RunInThread | None = None,
+        maxBatches: int = 1,
+        clock: IReactorTime | None = None,
     ) -> None:
         """
         @param root: the directory; created when first written.
@@ -129,12 +134,18 @@ class FilesystemBackend:
             thread pool by default.
         @param maxBatches: how many batches of appends are written at the
             same time, each in its own thread.
+        @param clock: when given, a batch starts at the end of the reactor
+            turn in which its first append arrived, so that appends made in
+            the same turn (a group of ships finishing together) share it;
+            without one, a batch starts at once.
         """
         self.root = root
         self._run = runInThread if runInThread is not None else reactorThreads()
         self._pending: list[tuple[RecordInfo, bytes, Deferred[None]]] = []
         self._batching = 0
         self._maxBatches = maxBatches
+        self._clock = clock
+        self._gathering: IDelayedCall | None = None
 
     def _dir(self, store: str) -> FilePath[str]:
         checkStoreName(store)
@@ -229,8 +240,15 @@ class FilesystemBackend:
         """
         d: Deferred[None] = Deferred()
         self._pending.append((info, data, d))
-        self._nextBatch()
+        if self._clock is None:
+            self._nextBatch()
+        elif self._gathering is None:
+            self._gathering = self._clock.callLater(0, self._gathered)
         return d
+
+    def _gathered(self) -> None:
+        self._gathering = None
+        self._nextBatch()
 
     def _nextBatch(self) -> None:
         """

@@ -594,7 +594,7 @@ class Shipper(Service):
 
     def _nextBuilds(self) -> None:
         while self._buildQueue and self._buildsRunning < self._buildConcurrency:
-            group, self._buildQueue = self._buildQueue[:64], self._buildQueue[64:]
+            group, self._buildQueue = self._buildQueue[:16], self._buildQueue[16:]
             self._buildsRunning += 1
             dispatching = [True]
 
