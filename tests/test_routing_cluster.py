@@ -320,6 +320,28 @@ class MapChangeTests(SynchronousTestCase):
         self.cluster.advance(DEFAULT_REFRESH_INTERVAL)
         self.assertEqual(client.shardMap, self.moved)
 
+    def test_smartClientDropsDepartedNodes(self) -> None:
+        """
+        When a node leaves the map, the smart client moves its calls to the
+        new owners and stops connecting to it.
+        """
+        client = self.cluster.client("n1", smart=True)
+        assert isinstance(client, ClusterClient)
+        n3user = next(u for u in (f"user{i}" for i in range(200)) if self.cluster.ownerOf(u) == "n3")
+        d = deliver(client, n3user)
+        self.cluster.flush()
+        self.successResultOf(d)
+        self.assertIn("n3", client._owners)
+        current = self.cluster.nodes["n1"].topology.currentMap()
+        moved = reassign(current, current.slotsOf("n3"), "n2")
+        nodes = {n: a for n, a in moved.nodes.items() if n != "n3"}
+        self.cluster.setMap(ShardMap(moved.owners, nodes, moved.version))
+        self.cluster.advance(DEFAULT_REFRESH_INTERVAL)
+        self.assertNotIn("n3", client._owners)
+        d = client.callRemote(Stats, user=n3user)
+        self.cluster.flush()
+        self.assertEqual(self.successResultOf(d)["total"], 0)
+
     def test_smartClientRefreshesOnNotOwner(self) -> None:
         """
         A smart client told L{NotOwner} (here by a node that forwards

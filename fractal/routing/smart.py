@@ -130,6 +130,9 @@ class ClusterClient(FractalClient):
             shardMap: ShardMap = result["map"]
             if self.shardMap is None or shardMap.version >= self.shardMap.version:
                 self.shardMap = shardMap
+                for node in [n for n in self._owners if n not in shardMap.nodes]:
+                    # A node that left the cluster: stop connecting to it.
+                    self._owners.pop(node).disconnect()
             return shardMap
 
         def failed(reason: Failure) -> None:
