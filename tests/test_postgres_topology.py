@@ -398,6 +398,38 @@ class RebalanceTests(SynchronousTestCase):
         self.assertEqual(_rows(self.database)[slot], ("n2", 2, None))
 
 
+    def test_handoffTargetGone(self) -> None:
+        """
+        If the target of a handoff dies while the old owner ships, the
+        coordinator takes the handoff back (or points it elsewhere) and the
+        old owner, once its release finds the slot not moved, serves again
+        every slot the database says is its own with no handoff asked.
+        """
+        hold: Deferred[None] = Deferred()
+        n1 = _Node(self, self.database, "n1", maxMoves=1)
+        n1.holdRelease = hold
+        n1.start()
+        n3 = _Node(self, self.database, "n3", maxMoves=1)
+        n2 = _Node(self, self.database, "n2", maxMoves=1)
+        n2.start()
+        n1.clock.advance(n1.topology.heartbeat)
+        [[slot]] = n1.released
+        self.assertEqual(n1.owners()[slot], "n2")
+        n3.start()
+        n2.topology._loop.stop()  # type: ignore[union-attr]
+        n1.holdRelease = None
+        _advance(LEASE * 2, n1, n3)
+        self.assertNotEqual(_rows(self.database)[slot][2], "n2")
+        hold.callback(None)
+        _advance(LEASE, n1, n3)
+        rows = _rows(self.database)
+        owners = n1.owners()
+        for s, (node, _, target) in rows.items():
+            if node == "n1" and target is None:
+                self.assertEqual(owners[s], "n1", f"slot {s} not served by its owner")
+        self.assertNotEqual(rows[slot][0], "n2")
+
+
 class NotificationTests(SynchronousTestCase):
     """
     Map changes reach the other nodes by LISTEN/NOTIFY.

@@ -469,15 +469,17 @@ class PostgresTopology(Service):
 
     # the map
 
-    def _apply(self, snapshot: _Snapshot, force: bool = False) -> None:
+    def _apply(self, snapshot: _Snapshot, force: bool = False) -> bool:
         """
         Take a snapshot read from the database as the new state, if newer.
+
+        @return: whether it was taken (and the map published).
         """
         if not force and self._snapshot is not None and snapshot.version <= self._snapshot.version:
-            return
+            return False
         if len(snapshot.slots) != self._slots:
             self.log.warn("The cluster's slot table is incomplete; keeping the old map")
-            return
+            return False
         self._snapshot = snapshot
         owned = frozenset(r.slot for r in snapshot.slots if r.node == self.localNode)
         gained = sorted(owned - self._owned)
@@ -507,6 +509,7 @@ class PostgresTopology(Service):
             d.addBoth(prepared)
         self._publish()
         self._startHandoffs()
+        return True
 
     def _publish(self) -> None:
         snapshot = self._snapshot
@@ -754,7 +757,15 @@ class PostgresTopology(Service):
         d: Deferred[Any] = maybeDeferred(self.releaseSlots or (lambda s: None), slots)
         d.addCallback(lambda _: self._locked(lambda: self._database.transact(
             lambda c: self._releaseIn(c, slots))))
-        d.addCallback(self._apply)
+
+        def released(snapshot: _Snapshot) -> None:
+            # Slots the coordinator took back meanwhile (their target left)
+            # were not moved: serve them again; the moved ones are not ours.
+            self._releasing.difference_update(slots)
+            if not self._apply(snapshot):
+                self._publish()
+
+        d.addCallback(released)
 
         def failed(failure: Any) -> None:
             # Serve the slots again; the next round tries once more.
