@@ -125,7 +125,7 @@ class FilesystemBackend:
         self,
         root: FilePath[str],
         runInThread: RunInThread | None = None,
-        maxBatches: int = 1,
+        maxBatches: int = 2,
         clock: IReactorTime | None = None,
     ) -> None:
         """
