@@ -22,7 +22,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from fractal.client import FractalClient, connect
-from fractal.keys import DEFAULT_SLOTS
+from fractal.keys import DEFAULT_SLOTS, slotForKey
 from fractal.routing.rendezvous import rendezvousOwners
 from tests._postgres import makeDatabase, postgresDSN
 from tests.test_durable_node import Add, AddDurably
@@ -210,6 +210,14 @@ class PostgresClusterIntegrationTests(TestCase):
                 raise AssertionError(f"not settled on {members}: {counts}, {moving} moving")
             await _sleep(0.1)
 
+    def slotOwners(self) -> list[str]:
+        def read(cursor: Any) -> list[str]:
+            cursor.execute("SELECT node FROM slot_owners ORDER BY slot")
+            return [row[0] for row in cursor.fetchall()]
+
+        result: list[str] = self.database.transactBlocking(read)
+        return result
+
     def incarnation(self, name: str) -> int:
         def read(cursor: Any) -> int:
             cursor.execute("SELECT incarnation FROM nodes WHERE node = %s", (name,))
@@ -249,13 +257,40 @@ class PostgresClusterIntegrationTests(TestCase):
 
         # (b) SIGSTOP n2 past its lease, writing through n1 meanwhile.
         n2 = self.nodes["n2"]
+        owners = self.slotOwners()
+        probes = [u for u in self.users if owners[slotForKey(u, DEFAULT_SLOTS)] == "n2"][:5]
+        self.assertTrue(probes)
+        late = connect(
+            _reactor(), f"tcp:host=127.0.0.1:port={n2.port}", timeout=60.0,
+            retryPolicy=lambda n: 0.1,
+        )
+        self.addCleanup(late.disconnect)
+        await late.whenConnected(timeout=10)
         os.kill(n2.pid, signal.SIGSTOP)
         self.load.drop("n2")
         try:
             await self.load.writeAll(self.users)
             await self.settled({"n1"})
+            # Calls that reach n2 while it is stopped: it reads them only
+            # when it wakes, with its old local copies still on disk.
+            before = {u: await self.load._readVia("n1", u) for u in probes}
+            lateCalls = [
+                late.callRemote(AddDurably, user=u, amount=1).addErrback(lambda f: f)
+                for u in probes
+            ]
         finally:
             os.kill(n2.pid, signal.SIGCONT)
+        outcomes = await gatherResults(lateCalls)
+        served = sum(1 for r in outcomes if isinstance(r, dict))
+        print(f"\n(b) {len(probes)} calls sent to n2 while stopped: {served} served by the "
+              f"new owner, {len(probes) - served} refused")
+        for user, result in zip(probes, outcomes):
+            if isinstance(result, dict):
+                # Served from the current copy (forwarded to the new owner),
+                # never from n2's stale one, which holds less than the value
+                # read through n1 just before.
+                self.assertGreater(result["value"], before[user])
+                self.load.acked[user] += 1
         deadline = time.monotonic() + 30
         while self.incarnation("n2") < 2:
             self.assertLess(time.monotonic(), deadline, "n2 never registered again")
