@@ -308,6 +308,7 @@ class ShipperTests(SynchronousTestCase):
         self.successResultOf(h.shipper.storeClosing("alice", store))
         self.assertIn("'final'", "\n".join(h.restored("alice")))
         self.assertEqual(h.shipper._states, {})
+        self.assertEqual(h.shipper._dirty, {})
 
     def test_closingWhileDown(self) -> None:
         """
@@ -329,6 +330,7 @@ class ShipperTests(SynchronousTestCase):
         self.assertEqual(h.shipper.lag().stores, ())
         self.assertIn("'kept'", "\n".join(h.restored("alice")))
         self.assertEqual(h.shipper._states, {})
+        self.assertEqual(h.shipper._dirty, {})
 
     def test_stopShipsEverything(self) -> None:
         """
@@ -443,6 +445,7 @@ class DamagedLocalStateTests(SynchronousTestCase):
         self.failureResultOf(d, FileNotFoundError)
         self.assertEqual(h.shipper.lag().stores, ())
         self.assertEqual(h.shipper._states, {})
+        self.assertEqual(h.shipper._dirty, {})
 
 
 class ResumeNeverShippedTests(SynchronousTestCase):

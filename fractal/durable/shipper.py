@@ -271,6 +271,7 @@ class Shipper(Service):
         self._lagWarning = lagWarning
         self._saveInterval = saveInterval
         self._states: dict[str, _StoreState] = {}
+        self._dirty: dict[str, _StoreState] = {}
         self._fencedObservers: list[Callable[[str, StaleEpoch], None]] = []
         self._loop: LoopingCall | None = None
         self._immediate: IDelayedCall | None = None
@@ -356,7 +357,7 @@ class Shipper(Service):
         if not state.loaded:
             # Unknown whether it changed since it was last shipped (by an
             # earlier run of this node): look, once.
-            state.markDirty(self._clock.seconds())
+            self._markDirty(state)
             if not dbdir.child(STATE_FILE).exists():
                 # A new store: name its key next to it at once (a small
                 # write, once per store), so that if this process dies before
@@ -374,8 +375,16 @@ class Shipper(Service):
         store.addCommitObserver(lambda: self._committed(state))
 
     def _committed(self, state: _StoreState) -> None:
-        state.markDirty(self._clock.seconds())
         self._states.setdefault(state.key, state)
+        self._markDirty(state)
+
+    def _markDirty(self, state: _StoreState) -> None:
+        """
+        Note a commit (or a possible change) of C{state}'s store; the dirty
+        stores are kept apart so a cycle looks only at them.
+        """
+        state.markDirty(self._clock.seconds())
+        self._dirty[state.key] = state
 
     def storeClosing(self, key: str, store: Any) -> Deferred[None]:
         state = self._states.get(key)
@@ -399,6 +408,8 @@ class Shipper(Service):
         if not state.dirty and not state.opens and not state.waiters:
             if self._states.get(state.key) is state:
                 del self._states[state.key]
+            if self._dirty.get(state.key) is state:
+                del self._dirty[state.key]
 
     def _shipAfterCurrent(self, state: _StoreState) -> Deferred[None]:
         """
@@ -468,7 +479,7 @@ class Shipper(Service):
                 seq=state.seq,
                 fenced=state.fenced is not None,
             )
-            for state in self._states.values()
+            for state in self._dirty.values()
             if state.dirty
         )
         return ShippingLag(
@@ -519,7 +530,7 @@ class Shipper(Service):
         most one at a time, and its end starts the next when somebody waits.
         """
         now = self._clock.seconds()
-        for state in list(self._states.values()):
+        for state in list(self._dirty.values()):
             if (
                 state.dirty
                 and state.fenced is None
@@ -789,6 +800,8 @@ class Shipper(Service):
         state.retryAt = 0.0
         if not state.dirty:
             state.dirtySince = None
+            if self._dirty.get(state.key) is state:
+                del self._dirty[state.key]
         ready = [d for (g, d) in state.waiters if g <= generation]
         state.waiters = [(g, d) for (g, d) in state.waiters if g > generation]
         for d in ready:
@@ -828,6 +841,8 @@ class Shipper(Service):
                 d.errback(error)
             if self._states.get(state.key) is state:
                 del self._states[state.key]
+            if self._dirty.get(state.key) is state:
+                del self._dirty[state.key]
             return
         state.failures += 1
         state.retryAt = self._clock.seconds() + min(
@@ -893,10 +908,9 @@ class Shipper(Service):
                     yield saved["key"], dbdir
 
     def _resume(self, found: list[tuple[str, FilePath[str]]]) -> None:
-        now = self._clock.seconds()
         for key, dbdir in found:
             if key not in self._states:
                 state = self._states[key] = _StoreState(key, dbdir)
-                state.markDirty(now)
+                self._markDirty(state)
         if found:
             self.log.info("Resuming shipping of {count} stores", count=len(found))
