@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.python import usage
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from fractal.postgres.backend import PostgresBackend
@@ -61,6 +62,35 @@ class PostgresTapTests(SynchronousTestCase):
             return [(r[0], r[1]) for r in cursor.fetchall()]
 
         self.assertEqual(database.transactBlocking(nodes), [("n1", "live")])
+
+    def test_configFile(self) -> None:
+        """
+        C{postgres}, C{postgres-schema} and C{lease} can be written in the
+        configuration file, and the node's C{[[node]]} table gives its
+        addresses.
+        """
+        database = makeDatabase(self)
+        config = FilePath(self.mktemp())
+        config.setContent(
+            (
+                f'app = "tests.test_durable_node:application"\n'
+                f'postgres = "{postgresDSN()}"\n'
+                f'postgres-schema = "{database.schema}"\n'
+                f"lease = 6.5\n"
+                f"[[node]]\n"
+                f'id = "a1"\n'
+                f'listen = "tcp:7421:interface=127.0.0.1"\n'
+                f'peer = "tcp:host=127.0.0.1:port=7422"\n'
+            ).encode()
+        )
+        options = Options()
+        options.parseOptions(["--config", config.path, "--data", self.mktemp()])
+        node: Any = makeService(options)
+        self.assertIsInstance(node.topology, PostgresTopology)
+        self.assertEqual(node.topology.lease, 6.5)
+        self.assertEqual(
+            node.topology.currentMap().nodes["a1"].peer, "tcp:host=127.0.0.1:port=7422"
+        )
 
     def test_needsPeerAddress(self) -> None:
         """
