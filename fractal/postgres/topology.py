@@ -12,7 +12,9 @@ and its heartbeats fail from then on, so a node that was paused (SIGSTOP)
 past its lease learns that it lost its membership and registers again as a
 new incarnation.  A node also stops serving its slots on its own once its
 lease may have run out (a little before, to allow for the time a heartbeat
-takes), without waiting to hear it from the database.
+takes), without waiting to hear it from the database.  Heartbeats are short
+transactions of their own, sent on time whatever else the node is doing with
+the database (see L{PostgresTopology.tick}).
 
 Ownership
 =========
