@@ -148,9 +148,18 @@ class NodeProcess:
 
     async def start(self) -> None:
         """
-        Spawn the node and wait, within L{STARTUP_SECONDS}, until it accepts
-        connections.
+        Spawn the node and wait, within L{STARTUP_SECONDS}, until it listens
+        on its port.  The port was free when chosen; if another process took
+        it meanwhile, try again with another.
         """
+        for attempt in range(3):
+            if await self._start():
+                return
+            if "Address already in use" not in self.describe():
+                break
+        raise AssertionError(f"the node did not start listening:\n{self.describe()}")
+
+    async def _start(self) -> bool:
         reactor = _reactor()
         self.port = _freePort()
         argv = _twistdCommand() + [
@@ -172,14 +181,22 @@ class NodeProcess:
         )
         self.protocol = _NodeProcessProtocol()
         reactor.spawnProcess(self.protocol, argv[0], argv, env=env, path=self.work.path)
+        listening = f"starting on {self.port}"
         deadline = reactor.seconds() + STARTUP_SECONDS
         while reactor.seconds() < deadline and self.protocol.running:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                await deferLater(reactor, 0.05, lambda: None)
-        raise AssertionError(f"the node did not start listening:\n{self.describe()}")
+            # The log line tells that it is this node, not a stranger that
+            # took the port, which accepts the connection.
+            if listening in self.describe():
+                try:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                        return True
+                except OSError:
+                    pass
+            await deferLater(reactor, 0.05, lambda: None)
+        if self.protocol.running:
+            self.kill()
+            await self.protocol.ended
+        return False
 
     async def stop(self) -> bool:
         """
