@@ -61,6 +61,8 @@ class _Node:
         servePostgres(self.node, self.cluster, self.shipper, runSynchronously)
         self.node.startService()
         self._test = test
+        test.addCleanup(self.cluster.database.close)
+        test.addCleanup(self.cluster.backend.database.close)
         test.addCleanup(self.stop)
 
     def stop(self) -> None:

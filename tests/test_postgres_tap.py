@@ -22,6 +22,16 @@ class PostgresTapTests(SynchronousTestCase):
     C{--postgres DSN} runs the node on a cluster kept in PostgreSQL.
     """
 
+    def service(self, options: Options) -> Any:
+        """
+        L{makeService}, with the node's database connections closed when
+        the test ends.
+        """
+        node: Any = makeService(options)
+        self.addCleanup(node.shipper.backend.database.close)
+        self.addCleanup(node.topology._database.close)
+        return node
+
     def options(self, *arguments: str) -> Options:
         options = Options()
         options.parseOptions(
@@ -44,7 +54,7 @@ class PostgresTapTests(SynchronousTestCase):
             "--peer-listen", "tcp:7412:interface=127.0.0.1",
             "--lease", "4",
         )
-        node: Any = makeService(options)
+        node = self.service(options)
         topology = node.topology
         self.assertIsInstance(topology, PostgresTopology)
         self.assertIn(topology, list(node))
@@ -85,7 +95,7 @@ class PostgresTapTests(SynchronousTestCase):
         )
         options = Options()
         options.parseOptions(["--config", config.path, "--data", self.mktemp()])
-        node: Any = makeService(options)
+        node = self.service(options)
         self.assertIsInstance(node.topology, PostgresTopology)
         self.assertEqual(node.topology.lease, 6.5)
         self.assertEqual(
