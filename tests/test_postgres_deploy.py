@@ -185,6 +185,39 @@ class PostgresNodeTests(SynchronousTestCase):
         self.flushLoggedErrors()
 
 
+    def test_heldStaleStoreWaitedFor(self) -> None:
+        """
+        A stale store still held by a call when its slot comes back keeps
+        the slot from being served until the call lets go; then it is closed
+        and set aside, and the user is served from the current chain.
+        """
+        database = makeDatabase(self)
+        n1 = _Node(self, database.schema, "n1")
+        users = [f"user{i}" for i in range(12)]
+        for user in users:
+            n1.call(Add, user=user, amount=5)
+        leases = {user: n1.node.pool.tryAcquire(user) for user in users}
+        n2 = _Node(self, database.schema, "n2")
+        _advance(LEASE * 3, n1, n2)
+        moved = [u for u in users if n1.owner(u) == "n2"]
+        self.assertTrue(moved)
+        for user, lease in leases.items():
+            if user not in moved:
+                lease.release()  # type: ignore[union-attr]
+        for user in moved:
+            self.assertEqual(n2.call(Add, user=user, amount=100), {"value": 105})
+        n2.stop()
+        _advance(n1.cluster.topology.heartbeat, n1)
+        self.assertEqual([n1.owner(u) for u in moved], ["n2"] * len(moved))
+        for user in moved:
+            leases[user].release()  # type: ignore[union-attr]
+        n1.reactor.advance(0.1)
+        self.assertEqual({n1.owner(u) for u in users}, {"n1"})
+        for user in moved:
+            self.assertEqual(n1.call(Add, user=user, amount=1), {"value": 106})
+        self.flushLoggedErrors()
+
+
 class SetAsideTests(SynchronousTestCase):
     """
     Moving stale local copies out of the way.

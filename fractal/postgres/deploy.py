@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -126,6 +127,12 @@ def _ownThreads(reactor: Any, size: int) -> RunInThread:
         return deferToThreadPool(reactor, pool, f)
 
     return run
+
+
+_STALE_POLL = 0.1
+"""
+Seconds between looks for the release of stale stores held by calls.
+"""
 
 
 def _closeStoresOf(pool: Any, slots: set[int], slotCount: int) -> Deferred[Any]:
@@ -238,7 +245,19 @@ def servePostgres(
 
     def gained(slots: list[int]) -> Deferred[Any]:
         chosen = set(slots)
-        d = _closeStoresOf(pool, chosen, slotCount)
+
+        def closeStale() -> Deferred[Any]:
+            # A stale store held by a call (one that began when this node
+            # owned the slot before) closes once the call is done; the
+            # slots are not served until then.
+            def again(_: object) -> Deferred[Any] | None:
+                if any(slotForKey(k, slotCount) in chosen for k in pool.openKeys()):
+                    return deferLater(node.reactor, _STALE_POLL, closeStale)
+                return None
+
+            return _closeStoresOf(pool, chosen, slotCount).addCallback(again)
+
+        d = closeStale()
 
         def setAside(_: object) -> Deferred[Any]:
             from fractal.keys import storeNameForKey
