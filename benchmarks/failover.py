@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_postgres_integration -*-
 """
 Failover and rebalancing of a cluster that runs on PostgreSQL.
 
