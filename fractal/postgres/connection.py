@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_postgres_connection -*-
+# -*- test-case-name: tests.test_postgres_schema -*-
 """
 The one connection layer to PostgreSQL, on one DSN.
 
