@@ -458,6 +458,23 @@ class NotificationTests(SynchronousTestCase):
         n1.stop()
         self.assertEqual(list(reactor.readers), [])
 
+    def test_listenAgain(self) -> None:
+        """
+        When the notification connection is lost, the next heartbeat listens
+        again on a new one.
+        """
+        database = makeDatabase(self)
+        reactor = MemoryReactorClock()
+        n1 = _Node(self, database, "n1", reactor=reactor)
+        n1.start()
+        [listener] = list(reactor.readers)
+        listener.stop()
+        self.assertEqual(list(reactor.readers), [])
+        n1.clock.advance(n1.topology.heartbeat)
+        [again] = list(reactor.readers)
+        self.assertIsNot(again, listener)
+        self.assertFalse(again.lost)
+
 
 class LocalCopyTests(SynchronousTestCase):
     """

@@ -671,6 +671,11 @@ class PostgresTopology(Service):
                 self._leaseRanOut = False
                 if self._snapshot is not None:
                     self._publish()
+            if self._listener is not None and self._listener.lost and self.running:
+                # The notification connection failed (a database restart):
+                # listen again; until then the rounds poll.
+                self._listener = None
+                self._listen()
             if self._rounding:
                 return None
             self._rounding = True
