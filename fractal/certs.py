@@ -481,7 +481,7 @@ class CertsOptions(usage.Options):
     certificate for each node named.
     """
 
-    synopsis = "Usage: fractal certs [--dir DIR] NODE_ID [NODE_ID ...]"
+    synopsis = "[--dir DIR] NODE_ID [NODE_ID ...]"
     longdesc = (
         "Create the cluster CA (ca.crt, ca.key) in DIR if it is not there, then a "
         "certificate and key (<id>.crt, <id>.key) for each node id.  Private keys "

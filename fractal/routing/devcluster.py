@@ -106,7 +106,7 @@ class DevClusterOptions(usage.Options):
     (and optionally run) its nodes' commands.
     """
 
-    synopsis = "Usage: fractal dev-cluster [-n N] [--dir DIR] [--app M:A] [--tls] [--run]"
+    synopsis = "[-n N] [--dir DIR] [--app M:A] [--tls] [--run]"
     optParameters = [
         ["nodes", "n", 3, "How many nodes.", int],
         ["dir", "d", "fractal-devcluster", "Where the config, data, logs and certs go."],
