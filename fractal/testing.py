@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from fractal.durable._conformance import DurableBackendTestsMixin, recordInfo
 from fractal.durable._memory import BackendUnavailable, MemoryDurableBackend
+from fractal.routing._conformance import TopologyTestsMixin
 from fractal.routing.harness import SimulatedCluster
 from fractal.routing.simulation import SimulatedNetwork
 from fractal.routing.topology import ManualTopology, StaticTopology, reassign
@@ -27,5 +28,6 @@ __all__: list[str] = [
     "StaticTopology",
     "ManualTopology",
     "reassign",
+    "TopologyTestsMixin",
     "writeAxiomStore",
 ]

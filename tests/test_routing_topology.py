@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from fractal.keys import InvalidUserKey, slotForKey
+from fractal.routing._conformance import TopologyTestsMixin
 from fractal.routing.interfaces import ITopology, NodeAddress, ShardMap, SlotOwner
 from fractal.routing.rendezvous import rendezvousOwners
 from fractal.routing.topology import (
@@ -279,3 +280,35 @@ class ManualTopologyTests(SynchronousTestCase):
                 self.assertEqual(moved.ownerOf(other), current.ownerOf(other))
         self.assertRaises(TopologyError, reassign, current, [0], "n9")
         self.assertRaises(TopologyError, reassign, current, [16], "n1")
+
+
+class SingleNodeTopologyConformanceTests(TopologyTestsMixin, SynchronousTestCase):
+    """
+    L{SingleNodeTopology} meets the L{ITopology} contract.
+    """
+
+    def makeTopology(self) -> ITopology:
+        return SingleNodeTopology("solo", "tcp:host=127.0.0.1:port=7100", slots=32)
+
+
+class StaticTopologyConformanceTests(TopologyTestsMixin, SynchronousTestCase):
+    """
+    L{StaticTopology} meets the L{ITopology} contract.
+    """
+
+    def makeTopology(self) -> ITopology:
+        nodes = [NodeAddress(n, f"{n}/client", f"{n}/peer") for n in ["n1", "n2", "n3"]]
+        return StaticTopology("n2", nodes, slots=32)
+
+
+class ManualTopologyConformanceTests(TopologyTestsMixin, SynchronousTestCase):
+    """
+    L{ManualTopology} meets the L{ITopology} contract, before and after a
+    change.
+    """
+
+    def makeTopology(self) -> ITopology:
+        nodes = [NodeAddress(n, f"{n}/client", f"{n}/peer") for n in ["n1", "n2"]]
+        topology = ManualTopology.fromNodes("n1", nodes, slots=32)
+        topology.setMap(reassign(topology.currentMap(), [0, 1, 2], "n1"))
+        return topology
