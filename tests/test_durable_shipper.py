@@ -332,6 +332,40 @@ class ShipperTests(SynchronousTestCase):
         self.assertEqual(h.shipper._states, {})
         self.assertEqual(h.shipper._dirty, {})
 
+    def test_queuedShipOfClosedStoreSkipped(self) -> None:
+        """
+        A store queued for an interval ship (behind other stores) and then
+        closed, which ships it, is not read again when its queued turn
+        comes: the shipper never reads a store the pool has closed and
+        forgotten (its files may even be gone).
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        h = _Harness(self, concurrency=1)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        alice = h.open("alice")
+        bob = openStore(h.dbdir("bob"))
+        h.shipper.storeOpened("bob", bob)
+        write(alice, 1, "first")
+        write(bob, 1, "first")
+        h.backend.holdAppends = True
+        h.clock.advance(1)
+        # One store's ship waits for the backend; the other's is queued.
+        h.backend.holdAppends = False
+        write(alice, 2, "again")
+        write(bob, 2, "again")
+        self.successResultOf(h.shipper.storeClosing("bob", bob))
+        bob.close()
+        h.dbdir("bob").remove()
+        h.backend.releaseAppends()
+        h.clock.advance(0)
+        self.assertEqual(
+            [e["log_format"] for e in events if e.get("log_level") is not None
+             and e["log_level"].name in ("warn", "error", "critical")],
+            [],
+        )
+        self.assertIn("'again'", "\n".join(h.restored("bob")))
+
     def test_stopShipsEverything(self) -> None:
         """
         Stopping the service ships every dirty store.

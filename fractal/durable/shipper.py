@@ -543,6 +543,10 @@ class Shipper(Service):
 
     def _shipQueued(self, state: _StoreState) -> Deferred[None]:
         state.queued = False
+        if not state.dirty or self._states.get(state.key) is not state:
+            # Shipped meanwhile (its closing ships it), and maybe closed and
+            # forgotten: never read a store the pool no longer holds.
+            return succeed(None)
         return self._shipStore(state)
 
     def _shipStore(self, state: _StoreState) -> Deferred[None]:
