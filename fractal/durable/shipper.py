@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from fractal.durable._images import ImageReader
 from fractal.durable._threads import RunInThread, reactorThreads
 from fractal.durable.interfaces import (
     IDurableBackend,
@@ -277,6 +278,7 @@ class Shipper(Service):
         self._immediate: IDelayedCall | None = None
         self._lastLagLog = -1e9
         self._lagging = False
+        self._images = ImageReader()
 
     def serveNode(self, node: Any) -> None:
         """
@@ -339,7 +341,10 @@ class Shipper(Service):
         def save(_: object) -> Deferred[Any]:
             return DeferredList([self._saveState(state) for state in list(self._states.values())])
 
-        return self.flush().addCallback(save).addCallback(report)
+        def close(_: object) -> None:
+            self._images.close()
+
+        return self.flush().addCallback(save).addCallback(report).addCallback(close)
 
     # IShipper
 
@@ -393,6 +398,8 @@ class Shipper(Service):
 
         def closed(_: object) -> None:
             state.opens = max(0, state.opens - 1)
+            if not state.opens:
+                self._images.discard(state.dbdir.child("db.sqlite"))
             self._forgetIfDone(state)
 
         state.retryAt = 0.0
@@ -651,7 +658,7 @@ class Shipper(Service):
         @raise FileNotFoundError: if the store's database is gone.
         """
         takenAt = time.time()
-        image = readImage(state.dbdir.child("db.sqlite"))
+        image = self._images.read(state.dbdir.child("db.sqlite"))
         if image is None:
             raise FileNotFoundError(f"store {state.name} has no database file to ship")
         pageSize = pageSizeOf(image)
