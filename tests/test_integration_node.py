@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -110,6 +111,34 @@ def _storesIn(files: list[str]) -> set[str]:
         if len(parts) > 3 and parts[1] == "stores" and HEX64.fullmatch(parts[3]):
             names.add(parts[3])
     return names
+
+
+def _waitStopped(pid: int, seconds: float = 10.0) -> None:
+    """
+    Wait until every thread of process C{pid}, sent C{SIGSTOP}, is stopped
+    (a thread finishes the system call it is in first).
+
+    @raise AssertionError: if some thread is still running after C{seconds}.
+    """
+    deadline = time.monotonic() + seconds
+    taskDir = f"/proc/{pid}/task"
+    while True:
+        running = []
+        for tid in os.listdir(taskDir):
+            try:
+                with open(os.path.join(taskDir, tid, "stat")) as f:
+                    stat = f.read()
+            except OSError:
+                continue  # the thread has exited
+            # The state follows the command name, which is in parentheses.
+            state = stat[stat.rindex(")") + 2]
+            if state not in "TtZX":
+                running.append(tid)
+        if not running:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"threads {running} of process {pid} did not stop")
+        time.sleep(0.001)
 
 
 class NodeProcess:
@@ -228,17 +257,31 @@ class NodeProcess:
 
     def openFiles(self) -> list[str]:
         """
-        The files in the data directory the node holds open now.
+        The files in the data directory the node holds open now: one true
+        snapshot of its descriptor table, taken with every thread of the node
+        stopped.
+
+        Listing C{/proc/<pid>/fd} of a running process is not atomic: while
+        the links are read one by one, the node may close a store and open
+        another on the same descriptor numbers, so one listing can show the
+        old store's last files beside the new one's first, a state the node
+        was never in.  Stopping the node (C{SIGSTOP}) for the listing, and
+        waiting until each of its threads is seen stopped, rules that out.
         """
-        paths = []
-        fdDir = f"/proc/{self.pid}/fd"
-        for fd in os.listdir(fdDir):
-            try:
-                target = os.readlink(os.path.join(fdDir, fd))
-            except OSError:
-                continue
-            if target.startswith(self.data.path + os.sep):
-                paths.append(target[len(self.data.path) :])
+        os.kill(self.pid, signal.SIGSTOP)
+        try:
+            _waitStopped(self.pid)
+            paths = []
+            fdDir = f"/proc/{self.pid}/fd"
+            for fd in os.listdir(fdDir):
+                try:
+                    target = os.readlink(os.path.join(fdDir, fd))
+                except OSError:
+                    continue
+                if target.startswith(self.data.path + os.sep):
+                    paths.append(target[len(self.data.path) :])
+        finally:
+            os.kill(self.pid, signal.SIGCONT)
         return sorted(paths)
 
     def openStores(self) -> set[str]:
