@@ -7,6 +7,7 @@ acknowledged write once its users are restored onto a fresh data directory.
 from __future__ import annotations
 
 import os
+import re
 import signal
 from typing import Any
 
@@ -22,6 +23,10 @@ from tests.test_integration_node import NodeProcess
 DURABLE_MAILBOX = "tests._durableapp:application"
 USERS = 50
 WORKERS = 10
+RESUME_SECONDS = 90.0
+"""
+The most seconds a restarted node may take to ship the stores it resumed.
+"""
 MAX_CALLS = USERS * 40
 """
 At most 40 messages per user, so one C{Inbox} call (limit 50) lists them all.
@@ -39,7 +44,7 @@ class SigkillTests(TestCase):
     A node killed outright.
     """
 
-    timeout = 120
+    timeout = 300
 
     def node(self, *extra: str) -> NodeProcess:
         process = NodeProcess(FilePath(self.mktemp()), DURABLE_MAILBOX, *extra)
@@ -115,12 +120,24 @@ class SigkillTests(TestCase):
         again = NodeProcess(base, "examples.mailbox:application", "--ship-interval", "0.2")
         self.addCleanup(lambda: Deferred.fromCoroutine(again.stop()))
         await again.start()
-        # Resuming is found by a scan at start-up and shipped within a few
-        # intervals; allow a generous, bounded time.
-        await _sleep(_reactor(), 3.0)
+        # The stores to resume are found by a scan at start-up, and the node
+        # logs when it has shipped them all; wait for that (however loaded
+        # the machine), within a generous bound.
+        reactor = _reactor()
+        deadline = reactor.seconds() + RESUME_SECONDS
+        while True:
+            done = re.search(r"Shipped (\d+) of the (\d+) stores resumed", again.describe())
+            if done is not None or reactor.seconds() > deadline:
+                break
+            await _sleep(reactor, 0.1)
         os.kill(again.pid, signal.SIGKILL)
         await again.protocol.ended  # type: ignore[union-attr]
         self.assertIn("Resuming shipping of", again.describe())
+        self.assertIsNotNone(
+            done, f"resumed stores not shipped in {RESUME_SECONDS}s:\n{again.describe()}"
+        )
+        assert done is not None
+        self.assertEqual(done.group(1), done.group(2), again.describe())
 
         fresh = self.node("--durable", again.data.child("durable").path)
         await fresh.start()

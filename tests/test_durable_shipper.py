@@ -412,8 +412,9 @@ class ShipperTests(SynchronousTestCase):
         """
         Stores changed after their last ship by a node that then died are
         found when a new shipper starts with the stores directory, and
-        shipped without being opened.
+        shipped without being opened; the shipper logs when they all are.
         """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         h = _Harness(self)
         h.shipper.startService()
         store = h.open("alice")
@@ -427,8 +428,11 @@ class ShipperTests(SynchronousTestCase):
         again.shipper.startService()
         self.addCleanup(again.shipper.stopService)
         self.assertEqual([s.key for s in again.shipper.lag().stores], ["alice"])
+        self.assertEqual([e for e in events if "stores resumed" in e.get("log_format", "")], [])
         again.clock.advance(1)
         self.assertIn("'not yet shipped'", "\n".join(again.restored("alice")))
+        [done] = [e for e in events if "stores resumed" in e.get("log_format", "")]
+        self.assertEqual((done["shipped"], done["count"]), (1, 1))
 
 
 class DamagedLocalStateTests(SynchronousTestCase):

@@ -925,3 +925,14 @@ class Shipper(Service):
                 self._markDirty(state)
         if found:
             self.log.info("Resuming shipping of {count} stores", count=len(found))
+
+            def shipped(results: list[tuple[bool, None]]) -> None:
+                self.log.info(
+                    "Shipped {shipped} of the {count} stores resumed",
+                    shipped=sum(1 for ok, _ in results if ok),
+                    count=len(results),
+                )
+
+            DeferredList(
+                [self.whenDurable(key) for key, _ in found], consumeErrors=True
+            ).addCallback(shipped)
