@@ -89,6 +89,16 @@ class ImageReaderTests(SynchronousTestCase):
         self.reader.read(database)
         self.assertIs(self.reader._idle[database.path].connection, first)
 
+    def test_notKept(self) -> None:
+        """
+        A database read with C{keep=False} (a store that is not open) has its
+        connection closed after the read.
+        """
+        database = self.root.child("a").child("db.sqlite")
+        makeDatabase(database, 1)
+        self.assertEqual(self.reader.read(database, keep=False), readImage(database))
+        self.assertEqual(dict(self.reader._idle), {})
+
     def test_bounded(self) -> None:
         """
         At most C{maxOpen} connections are kept, the least recently used

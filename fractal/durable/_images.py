@@ -14,6 +14,7 @@ store set aside and restored in its place gets a new connection).
 from __future__ import annotations
 
 import os
+import resource
 import sqlite3
 import threading
 from collections import OrderedDict
@@ -22,7 +23,20 @@ from urllib.parse import quote
 from attrs import frozen
 from twisted.python.filepath import FilePath
 
-__all__ = ["ImageReader"]
+__all__ = ["ImageReader", "defaultMaxOpen"]
+
+
+def defaultMaxOpen() -> int:
+    """
+    How many idle read connections to keep by default: a thirty-second of
+    the soft C{RLIMIT_NOFILE} (each holds three descriptors: the database,
+    its write-ahead log and its shared memory), between 8 and 128, well
+    inside the quarter of the descriptors the pool leaves to others.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        soft = 1 << 20
+    return max(8, min(128, soft // 32))
 
 
 @frozen
@@ -50,23 +64,26 @@ class ImageReader:
     @ivar maxOpen: the most connections kept open between reads.
     """
 
-    def __init__(self, maxOpen: int = 32) -> None:
+    def __init__(self, maxOpen: int | None = None) -> None:
         """
         @param maxOpen: the most idle connections kept open, the least
-            recently used closed first; 0 closes each after its read.
+            recently used closed first; 0 closes each after its read;
+            L{defaultMaxOpen} if L{None}.
         """
-        self.maxOpen = maxOpen
+        self.maxOpen = defaultMaxOpen() if maxOpen is None else maxOpen
         self._lock = threading.Lock()
         self._idle: OrderedDict[str, _Open] = OrderedDict()
         self._busy: set[str] = set()
         self._discarded: set[str] = set()
 
-    def read(self, database: FilePath[str]) -> bytes | None:
+    def read(self, database: FilePath[str], keep: bool = True) -> bytes | None:
         """
         A consistent image of C{database}, read inside one read transaction,
         so that commits by the store's own connection meanwhile are either
         wholly in it or not at all.  Blocking.
 
+        @param keep: whether to keep the connection for the next read; not
+            for a store that is not open (its files must not stay open).
         @return: the image, or L{None} if the database file does not exist.
         """
         path = database.path
@@ -78,7 +95,10 @@ class ImageReader:
         with self._lock:
             entry = self._idle.pop(path, None)
             self._busy.add(path)
-            self._discarded.discard(path)
+            if keep:
+                self._discarded.discard(path)
+            else:
+                self._discarded.add(path)
         try:
             if entry is not None and (entry.device, entry.inode) != (
                 status.st_dev,

@@ -658,7 +658,7 @@ class Shipper(Service):
         @raise FileNotFoundError: if the store's database is gone.
         """
         takenAt = time.time()
-        image = self._images.read(state.dbdir.child("db.sqlite"))
+        image = self._images.read(state.dbdir.child("db.sqlite"), keep=state.opens > 0)
         if image is None:
             raise FileNotFoundError(f"store {state.name} has no database file to ship")
         pageSize = pageSizeOf(image)
