@@ -43,7 +43,7 @@ from fractal.protocol import CallFailed, Overloaded
 ROOT = FilePath(__file__).parent().parent()
 MAILBOX = "examples.mailbox:application"
 FRAGILE = "tests._integrationapp:application"
-STARTUP_SECONDS = 30.0
+STARTUP_SECONDS = 60.0
 STOP_SECONDS = 20.0
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
