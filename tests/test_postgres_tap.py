@@ -30,7 +30,18 @@ class PostgresTapTests(SynchronousTestCase):
         node: Any = makeService(options)
         self.addCleanup(node.shipper.backend.database.close)
         self.addCleanup(node.topology._database.close)
+        self.addCleanup(self._cancelLeaseTimer, node.topology)
         return node
+
+    @staticmethod
+    def _cancelLeaseTimer(topology: Any) -> None:
+        """
+        Registering arms the lease timer on the global reactor; a node that is
+        built but never started must not leave it for the next test.
+        """
+        timer = topology._leaseTimer
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def options(self, *arguments: str) -> Options:
         options = Options()
