@@ -212,7 +212,8 @@ class StorePool:
         @raise fractal.keys.InvalidUserKey: if C{key} is not valid.
         """
         name = storeNameForKey(key)
-        return self.storesDir.child(name[:2]).child(name)
+        # The name is 64 hex digits, so it is safe to join as it is.
+        return self.storesDir.preauthChild(name[:2] + "/" + name)
 
     def openKeys(self) -> list[str]:
         """

@@ -312,13 +312,16 @@ class Store(Empowered):
                     raise CannotOpenStore("Cannot create a store at %s: %s" % (dbdirPath.path, e)) from e
             elif not dbdirPath.isdir():
                 raise CannotOpenStore("%s is not a directory" % (dbdirPath.path,))
+            # Plain string paths here: FilePath.child normalises each path
+            # again, and opening a store is on a call's critical path.
+            base = dbdirPath.path
             for name in ("files", "temp", "run"):
-                child = dbdirPath.child(name)
-                if not child.isdir():
-                    child.makedirs(ignoreExistingDirectory=True)
-            self.filesdir: FilePath[str] | None = dbdirPath.child("files")
-            self._tempdir: FilePath[str] | None = dbdirPath.child("temp")
-            dbpath = dbdirPath.child("db.sqlite").path
+                child = os.path.join(base, name)
+                if not os.path.isdir(child):
+                    FilePath(child).makedirs(ignoreExistingDirectory=True)
+            self.filesdir: FilePath[str] | None = dbdirPath.preauthChild("files")
+            self._tempdir: FilePath[str] | None = dbdirPath.preauthChild("temp")
+            dbpath = os.path.join(base, "db.sqlite")
             key = os.path.realpath(dbpath)
             existing = _openStores.get(key)
             if existing is not None and existing() is not None:
@@ -526,7 +529,7 @@ class Store(Empowered):
 
     def _checkSchema(self, cls: type[Item], disk: list[tuple[str, str, str, bool]]) -> None:
         onDisk = [(name, sqltype) for name, sqltype, _, _ in disk]
-        inMemory = [(name, attr.sqltype) for name, attr in cls._fSchema]
+        inMemory = _columnsOf(cls)
         if onDisk != inMemory:
             raise RuntimeError(
                 "Schema mismatch on %s version %d without a schemaVersion bump:\n"
@@ -1550,7 +1553,32 @@ class _RawAttribute(_attributes.SQLAttribute):
         return pyval
 
 
+_indexCache: weakref.WeakKeyDictionary[type, list[tuple[str, str]]] = weakref.WeakKeyDictionary()
+_schemaCache: weakref.WeakKeyDictionary[type, list[tuple[str, str]]] = weakref.WeakKeyDictionary()
+
+
 def _indexesFor(cls: type[Item]) -> list[tuple[str, str]]:
+    """
+    The names and C{CREATE INDEX} statements of C{cls}'s indexes, computed
+    once per class (a class's schema never changes).
+    """
+    found = _indexCache.get(cls)
+    if found is None:
+        found = _indexCache[cls] = _computeIndexes(cls)
+    return found
+
+
+def _columnsOf(cls: type[Item]) -> list[tuple[str, str]]:
+    """
+    The names and SQL types of C{cls}'s columns, computed once per class.
+    """
+    found = _schemaCache.get(cls)
+    if found is None:
+        found = _schemaCache[cls] = [(name, attr.sqltype) for name, attr in cls._fSchema]
+    return found
+
+
+def _computeIndexes(cls: type[Item]) -> list[tuple[str, str]]:
     specs: list[tuple[Any, ...]] = []
     for _, attr in cls._fSchema:
         if attr.indexed:
