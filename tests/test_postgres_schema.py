@@ -181,6 +181,40 @@ class DatabaseTests(SynchronousTestCase):
             (1,),
         )
 
+    def test_pausedTransactionEnded(self) -> None:
+        """
+        With C{idleTransactionTimeout}, a session that waits inside a
+        transaction longer than that (its process paused) is ended by the
+        server: its row lock, which another session waits for, is released
+        and its uncommitted write discarded.
+        """
+        database = makeDatabase(self)
+        paused = Database(
+            postgresDSN(), database.schema, runSynchronously, idleTransactionTimeout=0.5
+        )
+        self.addCleanup(paused.close)
+        database.transactBlocking(
+            lambda c: c.execute(
+                "INSERT INTO store_fences (store, epoch) VALUES (%s, 1)", ("a" * 64,)
+            )
+        )
+        held = paused.connect()
+        self.addCleanup(held.close)
+        held.execute("BEGIN")
+        held.execute("UPDATE store_fences SET epoch = 7 WHERE store = %s", ("a" * 64,))
+        waiter = database.connect()
+        self.addCleanup(waiter.close)
+        # Without the timeout this would wait out the lock timeout and fail.
+        waiter.execute("SET lock_timeout = '60s'")
+        row = waiter.execute(
+            "SELECT epoch FROM store_fences WHERE store = %s FOR UPDATE", ("a" * 64,)
+        ).fetchone()
+        self.assertEqual(row, (1,))
+        self.assertRaises(
+            psycopg.errors.IdleInTransactionSessionTimeout, held.execute, "SELECT 1"
+        )
+        self.assertTrue(held.closed)
+
     def test_unreachable(self) -> None:
         """
         A server that cannot be reached fails the L{Deferred} with

@@ -87,6 +87,7 @@ class Database:
         runInThread: RunInThread | None = None,
         maxIdle: int = 4,
         connectTimeout: float = 5.0,
+        idleTransactionTimeout: float | None = None,
     ) -> None:
         """
         @param dsn: a libpq connection string, for example
@@ -96,6 +97,12 @@ class Database:
             reactor's thread pool by default.
         @param maxIdle: the most idle connections kept for reuse.
         @param connectTimeout: seconds a new connection may take.
+        @param idleTransactionTimeout: when given, the server ends a session
+            of this layer that waits this many seconds inside a transaction
+            (C{idle_in_transaction_session_timeout}), so that a client process
+            paused or hung mid-transaction (SIGSTOP, a frozen VM) does not
+            keep its row locks, and with them the rest of the cluster,
+            waiting for it; L{None} for the server's setting.
         @raise ValueError: for a malformed schema name.
         """
         self.dsn = dsn
@@ -103,6 +110,7 @@ class Database:
         self._run = runInThread if runInThread is not None else reactorThreads()
         self._maxIdle = maxIdle
         self._connectTimeout = connectTimeout
+        self._idleTransactionTimeout = idleTransactionTimeout
         self._idle: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -134,6 +142,12 @@ class Database:
             connection.execute(
                 sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema))
             )
+            if self._idleTransactionTimeout is not None:
+                connection.execute(
+                    sql.SQL("SET idle_in_transaction_session_timeout = {}").format(
+                        sql.Literal(max(1, int(self._idleTransactionTimeout * 1000)))
+                    )
+                )
         except BaseException:
             connection.close()
             raise
@@ -171,7 +185,11 @@ class Database:
             with connection.transaction():
                 with connection.cursor() as cursor:
                     result = f(cursor)
-        except (psycopg.OperationalError, psycopg.InterfaceError):
+        except (
+            psycopg.OperationalError,
+            psycopg.InterfaceError,
+            psycopg.errors.IdleInTransactionSessionTimeout,
+        ):
             connection.close()
             raise
         except BaseException:

@@ -89,13 +89,20 @@ def openCluster(
     """
     # Membership and the durable records each get their own connections and
     # threads: a heartbeat never waits behind a burst of durable writes.
+    # A transaction left idle longer than a lease is a node not running (its
+    # membership runs out meanwhile): the server ends it, so that its locks
+    # never hold up the failover of its slots.
     database = Database(
-        dsn, schema, runInThread if runInThread is not None else _ownThreads(reactor, 2)
+        dsn,
+        schema,
+        runInThread if runInThread is not None else _ownThreads(reactor, 2),
+        idleTransactionTimeout=lease,
     )
     records = Database(
         dsn,
         schema,
         runInThread if runInThread is not None else _ownThreads(reactor, POSTGRES_THREADS),
+        idleTransactionTimeout=lease,
     )
     requireSchema(database)
     topology = PostgresTopology(
