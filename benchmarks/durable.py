@@ -142,6 +142,8 @@ def bytesPerUpdate(setup: _Setup, megabytes: float, updates: int) -> dict[str, A
         else:
             sizes.append(newest.size)
         shipped += newest.size
+    # As the pool does: the shipper lets go of the store before it closes.
+    _result(setup.shipper.storeClosing(key, store))
     store.close()
     fileSize = store.dbdir.child("db.sqlite").getsize()  # type: ignore[union-attr]
     return {

@@ -57,6 +57,61 @@ def recordFor(image: bytes, previous: list[bytes] | None, seq: int, baseSeq: int
     return encodeRecord(delta), digests
 
 
+class DiffImageTests(SynchronousTestCase):
+    """
+    L{diffImage} given the previous image finds the same pages and digests
+    as by hashing every page.
+    """
+
+    @settings(max_examples=30, deadline=None)
+    @given(
+        st.integers(0, 40),
+        st.lists(st.tuples(st.integers(1, 60), st.text(max_size=300)), max_size=8),
+        st.booleans(),
+    )
+    def test_previousImageSameResult(
+        self, rows: int, changes: list[tuple[int, str]], vacuum: bool
+    ) -> None:
+        """
+        After any updates, inserts and (maybe) a vacuum that shrinks the
+        image, comparing with the previous image gives exactly the changed
+        pages and digests that hashing every page gives.
+        """
+        connection = sqlite3.connect(":memory:")
+        connection.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        connection.executemany(
+            "INSERT INTO t (v) VALUES (?)", [(f"row {i}" * 10,) for i in range(rows)]
+        )
+        connection.commit()
+        before = connection.serialize()
+        size = pageSizeOf(before)
+        _, previous = diffImage(before, size, None)
+        for row, value in changes:
+            connection.execute("INSERT OR REPLACE INTO t (id, v) VALUES (?, ?)", (row, value))
+        if vacuum:
+            connection.execute("DELETE FROM t WHERE id > 5")
+            connection.commit()
+            connection.execute("VACUUM")
+        connection.commit()
+        after = connection.serialize()
+        connection.close()
+        self.assertEqual(
+            diffImage(after, size, previous, before), diffImage(after, size, previous)
+        )
+
+    def test_mismatchedPreviousImageIgnored(self) -> None:
+        """
+        A previous image that does not match the previous digests in length
+        is not used: every page is hashed.
+        """
+        image = makeImage(30)
+        size = pageSizeOf(image)
+        _, previous = diffImage(image, size, None)
+        self.assertEqual(
+            diffImage(image, size, previous, image[:-size]), diffImage(image, size, previous)
+        )
+
+
 class RecordFormatTests(SynchronousTestCase):
     """
     Encoding, decoding and applying records.

@@ -278,6 +278,39 @@ class ShipperTests(SynchronousTestCase):
         self.assertEqual(len(h.backend.appended), count)
         self.flushLoggedErrors()
 
+    def test_keptImagesBounded(self) -> None:
+        """
+        The last shipped images kept for diffing never weigh more than
+        C{maxImageBytes}, each at most a 64th of it; a store whose image is
+        not kept is diffed by hashing, and its deltas restore exactly all the
+        same.
+        """
+        h = _Harness(self, maxImageBytes=64 * 40000)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        stores = {key: h.open(key) for key in ("small", "big")}
+        write(stores["small"], 1, "s")
+        write(stores["big"], 1, "b" * 60000)
+        for round in range(3):
+            for key, store in stores.items():
+                write(store, 2, f"{key} {round}")
+                d = h.shipper.whenDurable(key)
+                h.clock.advance(0)
+                self.successResultOf(d)
+                self.assertLessEqual(h.shipper._imageBytes, 64 * 40000)
+        states = h.shipper._states
+        self.assertIsNotNone(states["small"].image)
+        self.assertIsNone(states["big"].image)
+        self.assertEqual(
+            h.shipper._imageBytes, sum(len(s.image or b"") for s in states.values())
+        )
+        for key in stores:
+            self.assertFalse(h.records(key)[-1].isSnapshot)
+            self.assertEqual(h.restored(key), dump(h.dbdir(key).child("db.sqlite")))
+        for key, store in stores.items():
+            self.successResultOf(h.shipper.storeClosing(key, store))
+        self.assertEqual(h.shipper._imageBytes, 0)
+
     def test_compaction(self) -> None:
         """
         A chain longer than C{maxChain} is compacted: the next record is a

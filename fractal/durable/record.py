@@ -150,7 +150,10 @@ def imageDigest(digests: Sequence[bytes], pageSize: int) -> bytes:
 
 
 def diffImage(
-    image: bytes, pageSize: int, previous: Sequence[bytes] | None
+    image: bytes,
+    pageSize: int,
+    previous: Sequence[bytes] | None,
+    previousImage: bytes | None = None,
 ) -> tuple[list[tuple[int, bytes]], list[bytes]]:
     """
     The pages of C{image} that differ from the image whose page digests are
@@ -158,10 +161,28 @@ def diffImage(
 
     @param previous: the page digests of the last shipped image, or L{None} to
         take every page (a snapshot).
+    @param previousImage: that image itself, if known: then a page equal to
+        its page is not hashed again (its digest is the previous one), which
+        costs a comparison instead of a hash per unchanged page.
     @return: the changed pages as (1-based page number, bytes), and the page
         digests of C{image}.
     """
-    digests = pageDigests(image, pageSize)
+    if previous is not None and previousImage is not None and len(previousImage) == len(
+        previous
+    ) * pageSize:
+        digests = []
+        view = memoryview(image)
+        for offset in range(0, len(image), pageSize):
+            index = offset // pageSize
+            end = offset + pageSize
+            if index < len(previous) and image[offset:end] == previousImage[offset:end]:
+                digests.append(previous[index])
+            else:
+                digests.append(
+                    hashlib.blake2b(view[offset:end], digest_size=16).digest()
+                )
+    else:
+        digests = pageDigests(image, pageSize)
     changed = []
     for index, digest in enumerate(digests):
         if previous is None or index >= len(previous) or previous[index] != digest:

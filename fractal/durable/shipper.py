@@ -113,6 +113,7 @@ class _Built:
     digests: tuple[bytes, ...]
     pageSize: int
     takenAt: float
+    image: bytes
 
 
 class _StoreState:
@@ -148,6 +149,8 @@ class _StoreState:
         self.takenAt = 0.0
         self.shipping: Deferred[None] | None = None
         self.waiters: list[tuple[int, Deferred[None]]] = []
+        self.image: bytes | None = None
+        self.imageSeq = -1
 
     @property
     def dirty(self) -> bool:
@@ -229,6 +232,7 @@ class Shipper(Service):
         buildConcurrency: int = 2,
         lagWarning: float = 10.0,
         saveInterval: float = 10.0,
+        maxImageBytes: int = 64 * 1024 * 1024,
     ) -> None:
         """
         @param backend: the durable backend.
@@ -257,6 +261,12 @@ class Shipper(Service):
             state file while it is open (it is always written when the store
             closes and when the service stops); a state file that is behind
             costs a snapshot after a crash, nothing else.
+        @param maxImageBytes: the most bytes of last-shipped images kept in
+            memory, so that the next delta of their stores compares pages
+            instead of hashing them all; only images of at most a 64th of
+            this are kept (so the images of ships in progress weigh at most
+            as much again), and a store whose image is not kept is diffed by
+            hashing every page.
         """
         self.backend = backend
         self.interval = interval
@@ -279,6 +289,8 @@ class Shipper(Service):
         self._lastLagLog = -1e9
         self._lagging = False
         self._images = ImageReader()
+        self._maxImageBytes = maxImageBytes
+        self._imageBytes = 0
 
     def serveNode(self, node: Any) -> None:
         """
@@ -413,6 +425,7 @@ class Shipper(Service):
         memory stays bounded by the open and unshipped stores.
         """
         if not state.dirty and not state.opens and not state.waiters:
+            self._keepImage(state, -1, None)
             if self._states.get(state.key) is state:
                 del self._states[state.key]
             if self._dirty.get(state.key) is state:
@@ -580,6 +593,7 @@ class Shipper(Service):
             self._adopt(state, built.info, built.digests, built.pageSize, *(
                 (0, 0, built.info.size) if built.info.isSnapshot else
                 (state.chainLength + 1, state.chainBytes + built.info.size, state.snapshotBytes)))
+            self._keepImage(state, built.info.seq, built.image)
             self._shipped(state, generation)
             if built.info.isSnapshot and built.info.seq > 1:
                 self.backend.prune(state.name, built.info.seq).addErrback(
@@ -665,15 +679,32 @@ class Shipper(Service):
         base = state.digests if state.pageSize == pageSize else None
         if state.seq == 0 or state.chainLength >= self._maxChain:
             base = None
-        pages, digests = diffImage(image, pageSize, base)
+        previousImage = state.image if state.imageSeq == state.seq else None
+        pages, digests = diffImage(image, pageSize, base, previousImage)
         if base is not None and not pages and len(digests) == len(base):
             return None
-        built = self._encode(state, epoch, pageSize, pages, digests, base is None, takenAt)
+        # Carried to be kept for the next diff only if small enough.
+        kept = image if len(image) <= self._maxImageBytes // 64 else b""
+        built = self._encode(state, epoch, pageSize, pages, digests, base is None, takenAt, kept)
         if base is not None and state.chainBytes + built.info.size > max(state.snapshotBytes, 65536):
             # The deltas since the snapshot now outweigh it: compact.
             pages, digests = diffImage(image, pageSize, None)
-            built = self._encode(state, epoch, pageSize, pages, digests, True, takenAt)
+            built = self._encode(state, epoch, pageSize, pages, digests, True, takenAt, kept)
         return built
+
+    def _keepImage(self, state: _StoreState, seq: int, image: bytes | None) -> None:
+        """
+        Keep C{image}, the image of C{state}'s record C{seq}, for diffing its
+        next one, if it fits in C{maxImageBytes} with the others kept; or
+        forget C{state}'s image, if C{image} is L{None}.  On the reactor
+        thread, between ships of the store.
+        """
+        if state.image is not None:
+            self._imageBytes -= len(state.image)
+        state.image, state.imageSeq = None, -1
+        if image and self._imageBytes + len(image) <= self._maxImageBytes:
+            state.image, state.imageSeq = image, seq
+            self._imageBytes += len(image)
 
     def _saveState(self, state: _StoreState) -> Deferred[None]:
         """
@@ -712,6 +743,7 @@ class Shipper(Service):
         digests: list[bytes],
         snapshot: bool,
         takenAt: float,
+        image: bytes,
     ) -> _Built:
         seq = state.seq + 1
         data = encodeRecord(
@@ -735,7 +767,14 @@ class Shipper(Service):
             size=len(data),
             digest=hashlib.sha256(data).digest(),
         )
-        return _Built(info=info, data=data, digests=tuple(digests), pageSize=pageSize, takenAt=takenAt)
+        return _Built(
+            info=info,
+            data=data,
+            digests=tuple(digests),
+            pageSize=pageSize,
+            takenAt=takenAt,
+            image=image,
+        )
 
     async def _load(self, state: _StoreState) -> None:
         """
@@ -773,6 +812,8 @@ class Shipper(Service):
         chainBytes: int,
         snapshotBytes: int,
     ) -> None:
+        if state.imageSeq != head.seq:
+            self._keepImage(state, -1, None)
         state.loaded = True
         state.seq = head.seq
         state.headDigest = head.digest
@@ -850,6 +891,7 @@ class Shipper(Service):
             waiters, state.waiters = state.waiters, []
             for _, d in waiters:
                 d.errback(error)
+            self._keepImage(state, -1, None)
             if self._states.get(state.key) is state:
                 del self._states[state.key]
             if self._dirty.get(state.key) is state:
