@@ -428,6 +428,88 @@ class BatchedInsertTests(SynchronousTestCase):
         self.assertEqual(len(set(s.query(Quiet).getColumn("storeID"))), 5)
 
 
+class ChangedItemTests(SynchronousTestCase):
+    """
+    Within a transaction, the changed attributes of an existing item are
+    written with one C{UPDATE} per item, before any statement that could see
+    them and at commit.
+    """
+
+    def test_oneUpdatePerItem(self) -> None:
+        """
+        Several assignments to the attributes of two items in one transaction
+        are written with one C{UPDATE} for each item, holding the last values.
+        """
+        path = self.mktemp()
+        s = Store(path)
+        a = Counter(store=s, value=1, name="a")
+        b = Counter(store=s, value=2, name="b")
+        statements: list[str] = []
+        assert s._conn is not None
+        s._conn.set_trace_callback(statements.append)
+
+        def work() -> None:
+            a.value = 10
+            a.name = "aa"
+            a.value = 11
+            b.value = 20
+
+        s.transact(work)
+        s._conn.set_trace_callback(None)
+        updates = [sql for sql in statements if sql.startswith("UPDATE")]
+        self.assertEqual(len(updates), 2, statements)
+        s.close()
+        s = Store(path)
+        self.assertEqual(
+            [(c.name, c.value) for c in s.query(Counter, sort=Counter.storeID.ascending)],
+            [("aa", 11), ("b", 20)],
+        )
+        s.close()
+
+    def test_readsSeeChanges(self) -> None:
+        """
+        Queries, counts and raw SQL run later in the same transaction see the
+        changed values.
+        """
+        s = Store()
+        c = Counter(store=s, value=1, name="x")
+
+        def work() -> None:
+            c.value = 5
+            self.assertEqual(s.count(Counter, Counter.value == 5), 1)
+            c.name = "y"
+            self.assertEqual(
+                s.querySQL("SELECT %s FROM %s" % (Counter.name.columnName, Counter._fTable)),
+                [("y",)],
+            )
+            c.value = 6
+            self.assertEqual(list(s.query(Counter).getColumn("value")), [6])
+
+        s.transact(work)
+        self.assertEqual(s.findUnique(Counter).value, 6)
+
+    def test_rollbackWritesNothing(self) -> None:
+        """
+        A rolled-back transaction restores the attributes and leaves the
+        database as it was.
+        """
+        path = self.mktemp()
+        s = Store(path)
+        c = Counter(store=s, value=1, name="x")
+
+        def work() -> None:
+            c.value = 2
+            c.name = "y"
+            raise Boom()
+
+        self.assertRaises(Boom, s.transact, work)
+        self.assertEqual((c.value, c.name), (1, "x"))
+        s.close()
+        s = Store(path)
+        self.assertEqual([(c.value, c.name) for c in s.query(Counter)], [(1, "x")])
+        s.close()
+
+
 class Grumpy(Item):
     """
     Overrides the hooks without calling up, and writes in deleted().

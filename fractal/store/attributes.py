@@ -733,7 +733,14 @@ class SQLAttribute(_Comparable, property):
                 touched[storeID] = (oself, {k: d[k] for k in oself._fHidden})
             pendingFrom = store._pendingFrom
             if pendingFrom is None or storeID < pendingFrom:
-                store._cursor.execute(self._updateSQL, (dbval, storeID))
+                # The store writes the item's changes with one UPDATE
+                # before its next statement (see Store._flush).
+                changed = store._dirty.get(storeID)
+                if changed is None:
+                    store._dirty[storeID] = (oself, {self.hidden: self})
+                    store._unflushed = True
+                else:
+                    changed[1][self.hidden] = self
             d[self.hidden] = dbval
         else:
             store._writeAttribute(oself, self, dbval)

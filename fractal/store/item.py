@@ -546,9 +546,14 @@ class Item(Empowered):
 
     def checkpoint(self) -> None:
         """
-        Axiom compatibility: changes are written as they are made, so there
-        is nothing to do.
+        Write the changes made in this transaction to the database now.
+        They are written anyway before the store's next statement and at
+        commit (each changed item with one C{UPDATE}), so this is needed
+        only by code that reads the database file some other way.
         """
+        store = self.__dict__.get("_fstore")
+        if store is not None and getattr(store, "_unflushed", False):
+            store._flush()
 
     def touch(self) -> None:
         """

@@ -150,7 +150,7 @@ class _BaseQuery:
 
     def _run(self, sql: str, args: list[Any]) -> list[Any]:
         store = self.store
-        if store._pending:
+        if store._unflushed:
             store._flush()
         rows: list[Any] = store._cursor.execute(sql, args).fetchall()
         return rows

@@ -4,8 +4,11 @@ L{Store}: one SQLite database of items, laid out exactly as Axiom lays it
 out, so Axiom data opens here and the other way round.
 
 A store is one C{sqlite3} connection used from one thread.  Writes go to the
-database as they are made, inside an explicit C{BEGIN IMMEDIATE} transaction
-(L{Store.transact}), or, outside one, each in its own short transaction.
+database inside an explicit C{BEGIN IMMEDIATE} transaction (L{Store.transact}),
+or, outside one, each in its own short transaction.  Within a transaction, the
+rows of new items and the changed attributes of existing ones (one C{UPDATE}
+per item, as Axiom does) are written before the next statement that reads or
+writes rows, and at commit.
 """
 
 from __future__ import annotations
@@ -112,6 +115,12 @@ _JOURNAL_MODES = frozenset(["DELETE", "TRUNCATE", "PERSIST", "MEMORY", "WAL", "O
 _CHUNK = 500
 
 _openStores: dict[str, weakref.ref[Store]] = {}
+
+_updateSQLCache: dict[tuple[type, tuple[str, ...]], str] = {}
+"""
+The C{UPDATE} statement writing several changed attributes of an item, by
+item class and the attributes' hidden names.
+"""
 
 
 class _ClosedCursor:
@@ -284,6 +293,13 @@ class Store(Empowered):
         self._nextID: int | None = None
         self._pending: list[tuple[int, Any]] = []
         self._pendingFrom: int | None = None
+        # Items whose attributes changed in this transaction, with the
+        # changed attributes (by hidden name): each is written with one
+        # UPDATE by _flush, as Axiom does, not one UPDATE per assignment.
+        self._dirty: dict[int, tuple[Any, dict[str, Any]]] = {}
+        # Whether _pending or _dirty holds anything: checked before every
+        # statement that reads or writes rows.
+        self._unflushed = False
         self._upgrading: set[int] = set()
         self._commitObservers: list[Callable[[], object]] = []
         self._inMemory: dict[Any, Any] = {}
@@ -453,7 +469,7 @@ class Store(Empowered):
     # Schema
 
     def _loadSchema(self, indexes: set[str] | None = None) -> None:
-        if self._pending:
+        if self._unflushed:
             self._flush()
         cur = self._cursor
         types = cur.execute('SELECT "oid", "typename", "module", "version" FROM "axiom_types"').fetchall()
@@ -702,20 +718,53 @@ class Store(Empowered):
         self._txn = True
 
     def _commit(self) -> None:
-        if self._pending:
+        if self._unflushed:
             self._flush()
         self._cursor.execute("COMMIT")
 
     def _flush(self) -> None:
         """
         Write the rows of items created (and not yet written) in this
-        transaction, with one C{executemany} per table.
+        transaction, with one C{executemany} per table, then the changed
+        attributes of other items, with one C{UPDATE} per item.
         """
+        self._unflushed = False
         pending = self._pending
-        if not pending:
-            return
-        self._pending = []
-        self._pendingFrom = None
+        if pending:
+            self._pending = []
+            self._pendingFrom = None
+            self._insertPending(pending)
+        dirty = self._dirty
+        if dirty:
+            self._dirty = {}
+            self._updateDirty(dirty)
+
+    def _updateDirty(self, dirty: dict[int, tuple[Any, dict[str, Any]]]) -> None:
+        """
+        Write the changed attributes of each item in C{dirty}.
+        """
+        cur = self._cursor
+        sqlCache = _updateSQLCache
+        for storeID, (item, attrs) in dirty.items():
+            d = item.__dict__
+            if len(attrs) == 1:
+                for hidden, attr in attrs.items():
+                    cur.execute(attr._updateSQL, (d[hidden], storeID))
+                continue
+            key = (type(item), tuple(attrs))
+            sql = sqlCache.get(key)
+            if sql is None:
+                sql = sqlCache[key] = "UPDATE %s SET %s WHERE oid = ?" % (
+                    type(item)._fTable,
+                    ", ".join("%s = ?" % (attr.columnName,) for attr in attrs.values()),
+                )
+            cur.execute(sql, (*map(d.__getitem__, attrs), storeID))
+
+    def _insertPending(self, pending: list[tuple[int, Any]]) -> None:
+        """
+        Write the rows of the items created in this transaction and not yet
+        written.
+        """
         cur = self._cursor
         cur.executemany(
             _INSERT_OBJECT_ID, [(item.__dict__["_fstoreID"], typeID) for typeID, item in pending]
@@ -740,6 +789,8 @@ class Store(Empowered):
         self._nextID = None
         self._pending = []
         self._pendingFrom = None
+        self._dirty = {}
+        self._unflushed = False
         return state
 
     def transact(self, f: Callable[..., _T], *a: Any, **kw: Any) -> _T:
@@ -881,7 +932,13 @@ class Store(Empowered):
             self._touched[storeID] = (item, {k: d[k] for k in item._fHidden})
         pendingFrom = self._pendingFrom
         if pendingFrom is None or storeID < pendingFrom:
-            self._cursor.execute(attr._updateSQL, (dbval, storeID))
+            # Written by _flush, with the item's other changes.
+            changed = self._dirty.get(storeID)
+            if changed is None:
+                self._dirty[storeID] = (item, {attr.hidden: attr})
+                self._unflushed = True
+            else:
+                changed[1][attr.hidden] = attr
         d[attr.hidden] = dbval
 
     def _resolveLate(self, item: Any) -> None:
@@ -915,6 +972,7 @@ class Store(Empowered):
             if self._pendingFrom is None:
                 self._pendingFrom = storeID
             self._pending.append((typeID, item))
+            self._unflushed = True
         self._nextID = storeID + 1
         d["_fstore"] = self
         d["_fstoreID"] = storeID
@@ -998,7 +1056,7 @@ class Store(Empowered):
         return self._load(storeID, autoUpgrade)
 
     def _load(self, storeID: int, autoUpgrade: bool) -> Any:
-        if self._pending:
+        if self._unflushed:
             self._flush()
         cur = self._cursor
         row = cur.execute(_TYPE_OF, (storeID,)).fetchone()
@@ -1087,7 +1145,7 @@ class Store(Empowered):
         storeIDs = [s for s in storeIDs if s not in self._deletingIDs]
         if not storeIDs:
             return
-        if self._pending:
+        if self._unflushed:
             self._flush()
         cur = self._cursor
         disallow, cascade, nullify = self._referrersOf(cls)
@@ -1213,7 +1271,7 @@ class Store(Empowered):
             typeID = self._createTable(newCls)
         if newCls._fLate:
             self._resolveLate(new)
-        if self._pending:
+        if self._unflushed:
             self._flush()
         cur = self._cursor
         cur.execute(newCls._fInsertSQL, (storeID, *map(d.__getitem__, newCls._fHidden)))
@@ -1353,7 +1411,7 @@ class Store(Empowered):
             if getattr(attr, "type", None) is not cls or not hasattr(attr, "hidden"):
                 raise ValueError("%r is not an attribute of %r" % (attr, cls))
             positions[attr.hidden] = (i, attr)
-        if self._pending:
+        if self._unflushed:
             self._flush()
         self._nextID = None
         cur = self._cursor
@@ -1382,7 +1440,7 @@ class Store(Empowered):
         Run a C{SELECT} (or another reading statement) and return its rows.
         """
         self._checkOpen()
-        if self._pending:
+        if self._unflushed:
             self._flush()
         rows: list[Any] = self._cursor.execute(sql, tuple(args)).fetchall()
         return rows
@@ -1398,7 +1456,7 @@ class Store(Empowered):
     def _executeSQL(self, sql: str, args: tuple[Any, ...]) -> int | None:
         if self._rejecting:
             raise ChangeRejected("executeSQL in a commit hook")
-        if self._pending:
+        if self._unflushed:
             self._flush()
         self._nextID = None
         self._cursor.execute(sql, args)
@@ -1458,7 +1516,7 @@ class Store(Empowered):
                 "SELECT [powerup] FROM %s WHERE [item] = ? AND [interface] IN (%s) "
                 "ORDER BY [priority] DESC, oid ASC" % (_PowerupConnector._fTable, _marks(len(names)))
             )
-        if self._pending:
+        if self._unflushed:
             self._flush()
         rows = self._cursor.execute(sql, (storeID, *names)).fetchall()
         result = []
@@ -1473,7 +1531,7 @@ class Store(Empowered):
     def _powerupInterfaceNames(self, storeID: int, powerupID: int) -> list[str]:
         if not self._hasTable(_PowerupConnector):
             return []
-        if self._pending:
+        if self._unflushed:
             self._flush()
         rows = self._cursor.execute(
             "SELECT [interface] FROM %s WHERE [item] = ? AND [powerup] = ? ORDER BY oid"
