@@ -327,7 +327,68 @@ class NodeProtocol(BinaryBoxProtocol):
         self._oversized = False
         self._lost = False
 
-    # -- framing limit ----------------------------------------------------
+    # -- framing ------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Parse the complete boxes at the start of C{data} in one loop, then
+        hand anything else (a partial box, a box over a limit, a key too
+        long) to AMP's own parser, which does exactly what it would have done
+        with all of C{data}: the loop only saves AMP's per-string state
+        machine on the common path.
+        """
+        if (
+            self.state != "init"
+            or self._unprocessed
+            or self.innerProtocol is not None
+            or self._justStartedTLS
+        ):
+            BinaryBoxProtocol.dataReceived(self, data)
+            return
+        offset = self._receiveBoxes(data)
+        if offset < len(data):
+            BinaryBoxProtocol.dataReceived(self, data[offset:])
+
+    def _receiveBoxes(self, data: bytes) -> int:
+        """
+        Deliver each complete box at the start of C{data} that is within the
+        limits (keys of at most 255 bytes, L{ServerLimits.maxBoxBytes}).
+
+        @return: the offset of the first byte not consumed: the start of the
+            first box that is incomplete or over a limit.
+        """
+        end = len(data)
+        limit = self.server.limits.maxBoxBytes
+        maxKey = self._MAX_KEY_LENGTH
+        receiver = self.boxReceiver
+        offset = 0
+        while not self.paused:
+            box = AmpBox()
+            position = offset
+            size = 0
+            while True:
+                if position + 2 > end:
+                    return offset
+                keyLength = (data[position] << 8) | data[position + 1]
+                position += 2
+                if not keyLength:
+                    break
+                if keyLength > maxKey:
+                    return offset
+                valueAt = position + keyLength
+                if valueAt + 2 > end:
+                    return offset
+                valueEnd = valueAt + 2 + ((data[valueAt] << 8) | data[valueAt + 1])
+                if valueEnd > end:
+                    return offset
+                size += valueEnd - position + 2
+                if size > limit:
+                    return offset
+                box[data[position:valueAt]] = data[valueAt + 2 : valueEnd]
+                position = valueEnd
+            offset = position
+            receiver.ampBoxReceived(box)
+        return offset
 
     def proto_value(self, string: bytes) -> str:
         """

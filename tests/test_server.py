@@ -235,6 +235,45 @@ class ServerFuzzTests(SynchronousTestCase):
         self.assertIn(b"notes", answer)
         self.successResultOf(pool.close())
 
+    @settings(max_examples=40, deadline=None)
+    @given(
+        boxes=st.lists(_boxes, max_size=6),
+        cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=8),
+        maxBoxBytes=st.sampled_from([40, 1 << 20]),
+    )
+    def test_anyFraming(
+        self, boxes: list[dict[bytes, bytes]], cuts: list[int], maxBoxBytes: int
+    ) -> None:
+        """
+        The answers to a stream of boxes do not depend on how the stream is
+        cut into reads: all at once, at any points, or a byte at a time (which
+        leaves every box to AMP's own parser), boxes over the size limit
+        included.
+        """
+        calls = [dict(box, _ask=b"%d" % i) for i, box in enumerate(boxes)]
+        stream = b"".join(amp.AmpBox(box).serialize() for box in calls)
+        points = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+        answers = []
+        byteByByte = [stream[i : i + 1] for i in range(len(stream))]
+        for reads in [[stream], [stream[a:b] for a, b in zip(points, points[1:])], byteByByte]:
+            pool = StorePool(Clock(), FilePath(self.mktemp()), prepare=application.installOn)
+            server = FractalServer(
+                application,
+                pool,
+                SingleNodeTopology("n1", "tcp:host=127.0.0.1:port=1"),
+                limits=ServerLimits(maxBoxBytes=maxBoxBytes),
+            )
+            proto = server.buildProtocol(None)
+            transport = StringTransport()
+            proto.makeConnection(transport)
+            for data in reads:
+                proto.dataReceived(data)
+            answers.append(transport.value())
+            self.successResultOf(pool.close())
+        self.assertEqual(answers[0], answers[2])
+        self.assertEqual(answers[1], answers[2])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def setUp(self) -> None:
         self.dataDir = FilePath(self.mktemp())
 
