@@ -107,16 +107,17 @@ class ImageReader:
                 _close(entry)
                 entry = None
             if entry is None:
-                entry = _Open(
-                    sqlite3.connect(
-                        f"file:{quote(path)}?mode=ro",
-                        uri=True,
-                        timeout=30,
-                        check_same_thread=False,
-                    ),
-                    status.st_dev,
-                    status.st_ino,
+                connection = sqlite3.connect(
+                    f"file:{quote(path)}?mode=ro",
+                    uri=True,
+                    timeout=30,
+                    check_same_thread=False,
                 )
+                # A small page cache: a write by the store discards it
+                # anyway, and this bounds what kept connections hold (64
+                # KiB each) whatever the store's size.
+                connection.execute("PRAGMA cache_size=-64")
+                entry = _Open(connection, status.st_dev, status.st_ino)
             connection = entry.connection
             try:
                 connection.execute("BEGIN")
