@@ -48,6 +48,7 @@ from fractal.store.errors import (
     UpgraderRecursion,
 )
 from fractal.store.interfaces import IAtomicFile, IBeneficiary, IScheduler
+from fractal.store.query import ItemQuery, MultipleItemQuery
 from fractal.store.item import (
     Empowered,
     Item,
@@ -1308,8 +1309,6 @@ class Store(Empowered):
         classes) matching C{comparison}.  Values in the comparison are
         checked and converted now; each iteration runs the SQL again.
         """
-        from fractal.store.query import ItemQuery, MultipleItemQuery
-
         if isinstance(tableClass, tuple):
             return MultipleItemQuery(self, tableClass, comparison, limit, offset, sort)
         return ItemQuery(self, tableClass, comparison, limit, offset, sort)
