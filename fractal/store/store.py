@@ -117,10 +117,11 @@ _CHUNK = 500
 
 _openStores: dict[str, weakref.ref[Store]] = {}
 
-_updateSQLCache: dict[tuple[type, tuple[str, ...]], str] = {}
+_updateSQLCache: dict[tuple[str, tuple[str, ...]], str] = {}
 """
 The C{UPDATE} statement writing several changed attributes of an item, by
-item class and the attributes' hidden names.
+table and column names (not by class: a legacy class is made anew for each
+store that needs it).
 """
 
 
@@ -752,12 +753,13 @@ class Store(Empowered):
                 for hidden, attr in attrs.items():
                     cur.execute(attr._updateSQL, (d[hidden], storeID))
                 continue
-            key = (type(item), tuple(attrs))
+            columns = tuple(attr.columnName for attr in attrs.values())
+            key = (type(item)._fTable, columns)
             sql = sqlCache.get(key)
             if sql is None:
                 sql = sqlCache[key] = "UPDATE %s SET %s WHERE oid = ?" % (
-                    type(item)._fTable,
-                    ", ".join("%s = ?" % (attr.columnName,) for attr in attrs.values()),
+                    key[0],
+                    ", ".join("%s = ?" % (column,) for column in columns),
                 )
             cur.execute(sql, (*map(d.__getitem__, attrs), storeID))
 
