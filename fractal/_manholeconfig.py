@@ -42,10 +42,12 @@ class ManholeConfigurationError(ValueError):
 
 def _splitDescription(description: str) -> tuple[list[str], dict[str, str]]:
     """
-    Split a server endpoint description into its positional and keyword
-    arguments, following the grammar of L{serverFromString} (C{:} separates
-    arguments, C{=} separates a keyword from its value, C{\\} escapes either).
-    The first positional argument is the endpoint type.
+    Split a server or client endpoint description into its positional and
+    keyword arguments, following the grammar of L{serverFromString} and
+    L{clientFromString} (C{:} separates arguments, C{=} separates a keyword
+    from its value, C{\\} escapes either).  The first positional argument
+    is the endpoint type.  L{fractal.certs} reads peer descriptions with it
+    too.
     """
     args: list[str] = []
     kwargs: dict[str, str] = {}

@@ -47,6 +47,7 @@ from twisted.python import usage
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from fractal._manholeconfig import _splitDescription
 from fractal.routing.topology import TopologyError, checkNodeId
 
 __all__ = [
@@ -383,37 +384,6 @@ def clientTLSCreator(
         nodeId, trustRoot=authority
     )
     return creator
-
-
-def _splitDescription(description: str) -> tuple[list[str], dict[str, str]]:
-    """
-    Split an endpoint description into positional and keyword parts,
-    honouring backslash escapes.
-    """
-    parts: list[str] = []
-    current: list[str] = []
-    escaped = False
-    for char in description:
-        if escaped:
-            current.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    args: list[str] = []
-    kwargs: dict[str, str] = {}
-    for part in parts:
-        name, sep, value = part.partition("=")
-        if sep:
-            kwargs[name] = value
-        else:
-            args.append(part)
-    return args, kwargs
 
 
 def endpointHost(description: str, server: bool) -> str | None:
