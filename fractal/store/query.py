@@ -10,7 +10,7 @@ table does not exist yet returns nothing and creates nothing.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Self
 
 from zope.interface import implementer
 
@@ -169,8 +169,54 @@ class _BaseQuery:
         raise NotImplementedError()
 
 
+class _ItemsQuery(_BaseQuery):
+    """
+    What item and multiple-item queries share: results that are items (or
+    tuples of them), counted by a subquery, optionally C{DISTINCT}.
+
+    @ivar tableClass: the class (or classes) of the results.
+    """
+
+    tableClass: Any
+    _distinct: bool
+
+    def count(self) -> int:
+        """
+        The number of results (items, or tuples of items), honouring
+        C{limit} and C{offset}.
+        """
+        if not self._tablesExist():
+            return 0
+        sql, args = self._selectSQL()
+        return int(self._run("SELECT COUNT(*) FROM (%s)" % (sql,), args)[0][0])
+
+    def _copy(self, limit: Any, sort: Any, distinct: bool) -> Self:
+        """
+        A query of this one's class and conditions, with C{limit}, C{sort}
+        and C{distinct} as given.
+        """
+        make: Callable[..., Self] = type(self)
+        return make(self.store, self.tableClass, self.comparison, limit, self.offset, sort, distinct)
+
+    def distinct(self) -> Self:
+        """
+        This query without duplicate results (joins can repeat items).
+        """
+        return self._copy(self.limit, self.sort, True)
+
+    def cloneQuery(self, limit: Any = _UNSET, sort: Any = _UNSET) -> Self:
+        """
+        A copy of this query, with a new C{limit} or C{sort} if given.
+        """
+        return self._copy(
+            self.limit if limit is _UNSET else limit,
+            self.sort if sort is _UNSET else sort,
+            self._distinct,
+        )
+
+
 @implementer(IQuery)
-class ItemQuery(_BaseQuery):
+class ItemQuery(_ItemsQuery):
     """
     A query for items of one class.  It has no C{len()} and is always true,
     even when empty: use L{count} or C{store.findFirst}.
@@ -201,37 +247,6 @@ class ItemQuery(_BaseQuery):
             return iter(())
         sql, args = self._selectSQL()
         return iter(self.store._loadRows(self._resultClass, self._run(sql, args)))
-
-    def count(self) -> int:
-        """
-        The number of results, honouring C{limit} and C{offset}.
-        """
-        if not self._tablesExist():
-            return 0
-        sql, args = self._selectSQL()
-        return int(self._run("SELECT COUNT(*) FROM (%s)" % (sql,), args)[0][0])
-
-    def distinct(self) -> ItemQuery:
-        """
-        This query without duplicate results (joins can repeat items).
-        """
-        return ItemQuery(
-            self.store, self.tableClass, self.comparison, self.limit, self.offset, self.sort, True
-        )
-
-    def cloneQuery(self, limit: Any = _UNSET, sort: Any = _UNSET) -> ItemQuery:
-        """
-        A copy of this query, with a new C{limit} or C{sort} if given.
-        """
-        return ItemQuery(
-            self.store,
-            self.tableClass,
-            self.comparison,
-            self.limit if limit is _UNSET else limit,
-            self.offset,
-            self.sort if sort is _UNSET else sort,
-            self._distinct,
-        )
 
     def getColumn(self, attributeName: str, raw: bool = False) -> AttributeQuery:
         """
@@ -320,7 +335,7 @@ class ItemQuery(_BaseQuery):
 
 
 @implementer(IQuery)
-class MultipleItemQuery(_BaseQuery):
+class MultipleItemQuery(_ItemsQuery):
     """
     A query yielding tuples of items, one per class in C{tableClass}.
     """
@@ -355,37 +370,6 @@ class MultipleItemQuery(_BaseQuery):
             parts.append(self.store._loadRows(cls, [row[start : start + width] for row in rows]))
             start += width
         return iter(list(zip(*parts)))
-
-    def count(self) -> int:
-        """
-        The number of result tuples, honouring C{limit} and C{offset}.
-        """
-        if not self._tablesExist():
-            return 0
-        sql, args = self._selectSQL()
-        return int(self._run("SELECT COUNT(*) FROM (%s)" % (sql,), args)[0][0])
-
-    def distinct(self) -> MultipleItemQuery:
-        """
-        This query without duplicate tuples.
-        """
-        return MultipleItemQuery(
-            self.store, self.tableClass, self.comparison, self.limit, self.offset, self.sort, True
-        )
-
-    def cloneQuery(self, limit: Any = _UNSET, sort: Any = _UNSET) -> MultipleItemQuery:
-        """
-        A copy of this query, with a new C{limit} or C{sort} if given.
-        """
-        return MultipleItemQuery(
-            self.store,
-            self.tableClass,
-            self.comparison,
-            self.limit if limit is _UNSET else limit,
-            self.offset,
-            self.sort if sort is _UNSET else sort,
-            self._distinct,
-        )
 
 
 @implementer(IQuery)
