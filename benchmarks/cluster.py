@@ -53,8 +53,10 @@ from node import (  # noqa: E402  (benchmarks/node.py, beside this file)
     Child,
     Result,
     drive,
+    fractalNode,
     freePort,
     ratio,
+    twistdCommand,
     verdict,
 )
 
@@ -63,13 +65,6 @@ __all__ = ["main"]
 CONCURRENCY = (1, 50)
 USERS = 300
 NODES = ("n1", "n2", "n3")
-
-
-def _twistd() -> list[str]:
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.access(script, os.X_OK):
-        return [sys.executable, script]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 def startCluster(workdir: str) -> dict[str, Child]:
@@ -91,7 +86,7 @@ def startCluster(workdir: str) -> dict[str, Child]:
         f.write("\n".join(lines) + "\n")
     children = {}
     for node, (client, _) in ports.items():
-        argv = _twistd() + ["-n", "--pidfile=", "fractal", "--config", config, "--node", node]
+        argv = twistdCommand() + ["-n", "--pidfile=", "fractal", "--config", config, "--node", node]
         children[node] = Child(argv, client, os.path.join(workdir, f"{node}.log"))
     return children
 
@@ -100,21 +95,9 @@ def startSingle(workdir: str) -> Child:
     """
     Start the reference single node.
     """
-    port = freePort()
-    argv = _twistd() + [
-        "-n",
-        "--pidfile=",
-        "fractal",
-        "--app",
-        "examples.mailbox:application",
-        "--data",
-        os.path.join(workdir, "single"),
-        "--listen",
-        f"tcp:{port}:interface=127.0.0.1",
-        "--durable",
-        "none",
-    ]
-    return Child(argv, port, os.path.join(workdir, "single.log"))
+    return fractalNode(
+        os.path.join(workdir, "single"), os.path.join(workdir, "single.log"), "--durable", "none"
+    )
 
 
 def cpuSeconds(children: list[Child]) -> float:

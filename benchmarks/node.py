@@ -228,14 +228,25 @@ def baselineServer(kind: str, argument: str, log: str) -> Child:
     return Child(argv, port, log)
 
 
-def fractalNode(data: str, log: str, *extra: str) -> Child:
-    port = freePort()
+def twistdCommand() -> list[str]:
+    """
+    The command that runs C{twistd} under this interpreter: the C{twistd}
+    script beside it if there is one, else Twisted's entry point via C{-c}.
+    """
     script = os.path.join(os.path.dirname(sys.executable), "twistd")
     if os.access(script, os.X_OK):
-        twistd = [sys.executable, script]
-    else:
-        twistd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-    argv = twistd + [
+        return [sys.executable, script]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def fractalNode(data: str, log: str, *extra: str) -> Child:
+    """
+    Start a reference mailbox node on a free loopback port, with its data
+    under C{data}, its output in C{log} and C{extra} arguments after the
+    rest.
+    """
+    port = freePort()
+    argv = twistdCommand() + [
         "-n",
         "--pidfile=",
         "fractal",
