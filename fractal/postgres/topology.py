@@ -83,7 +83,7 @@ from fractal.keys import DEFAULT_SLOTS, slotForKey, storeNameForKey
 from fractal.postgres.connection import Database, NotificationListener
 from fractal.routing.interfaces import ITopology, NodeAddress, ShardMap, SlotOwner
 from fractal.routing.rendezvous import rendezvousOwners
-from fractal.routing.topology import TopologyError, checkNodeId
+from fractal.routing.topology import TopologyError, _watchWith, checkNodeId
 
 __all__ = [
     "DEFAULT_LEASE",
@@ -379,13 +379,7 @@ class PostgresTopology(Service):
         return self._map
 
     def watch(self, observer: Callable[[ShardMap], None]) -> Callable[[], None]:
-        self._observers.append(observer)
-
-        def stop() -> None:
-            if observer in self._observers:
-                self._observers.remove(observer)
-
-        return stop
+        return _watchWith(self._observers, observer)
 
     # registration
 

@@ -188,6 +188,25 @@ class StaticTopology:
         return lambda: None
 
 
+def _watchWith(
+    observers: list[Callable[[ShardMap], None]], observer: Callable[[ShardMap], None]
+) -> Callable[[], None]:
+    """
+    Add C{observer} to the C{observers} of a topology that changes, for its
+    L{ITopology.watch}.
+
+    @return: the call that removes C{observer} again (harmless after the
+        first time).
+    """
+    observers.append(observer)
+
+    def stop() -> None:
+        if observer in observers:
+            observers.remove(observer)
+
+    return stop
+
+
 @implementer(ITopology)
 class ManualTopology:
     """
@@ -242,13 +261,7 @@ class ManualTopology:
             observer(shardMap)
 
     def watch(self, observer: Callable[[ShardMap], None]) -> Callable[[], None]:
-        self._observers.append(observer)
-
-        def stop() -> None:
-            if observer in self._observers:
-                self._observers.remove(observer)
-
-        return stop
+        return _watchWith(self._observers, observer)
 
 
 def reassign(
