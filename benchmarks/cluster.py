@@ -55,9 +55,9 @@ from node import (  # noqa: E402  (benchmarks/node.py, beside this file)
     drive,
     fractalNode,
     freePort,
+    printVerdicts,
     ratio,
     twistdCommand,
-    verdict,
 )
 
 __all__ = ["main"]
@@ -265,12 +265,7 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
         ("(2)/(1) calls per node CPU-s at 1", cpuRatio(1), 0.9, True),
         ("(2)/(1) calls per node CPU-s at 50", cpuRatio(50), 0.9, True),
     ]
-    print()
-    print(f"{'target':36} {'measured':>9} {'target':>8}  verdict")
-    for label, value, target, atLeast in checks:
-        shown = "n/a" if value is None else f"{value:.2f}"
-        bound = ("≥ " if atLeast else "≤ ") + f"{target:g}"
-        print(f"{label:36} {shown:>9} {bound:>8}  {verdict(value, target, atLeast)}")
+    printVerdicts(checks, 36)
     print(
         f"(for scale: (2) total / (1) at 50 = "
         f"{get('2', 50, 'rate') / get('1', 50, 'rate'):.2f}; "

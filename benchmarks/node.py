@@ -570,6 +570,22 @@ def verdict(value: float | None, target: float, atLeast: bool) -> str:
     return "meets" if ok else "MISSES"
 
 
+def printVerdicts(checks: list[tuple[str, float | None, float, bool]], width: int) -> None:
+    """
+    Print a table of targets: each label, its measured value, its target and
+    whether the value meets it (see L{verdict}).
+
+    @param checks: C{(label, value, target, atLeast)} for each target.
+    @param width: the width of the label column.
+    """
+    print()
+    print(f"{'target':{width}} {'measured':>9} {'target':>8}  verdict")
+    for label, value, target, atLeast in checks:
+        shown = "n/a" if value is None else f"{value:.2f}"
+        bound = ("≥ " if atLeast else "≤ ") + f"{target:g}"
+        print(f"{label:{width}} {shown:>9} {bound:>8}  {verdict(value, target, atLeast)}")
+
+
 async def run(reactor: Any, options: argparse.Namespace) -> None:
     from examples.mailbox import Deliver
 
@@ -704,12 +720,7 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
         ("(3)/(4) p50 latency at 1", ratio(get("3", 1, "p50"), get("4", 1, "p50")), 0.5, False),
         ("cold open p99, ms", cold.p99, 5.0, False),
     ]
-    print()
-    print(f"{'target':32} {'measured':>9} {'target':>8}  verdict")
-    for label, value, target, atLeast in checks:
-        shown = "n/a" if value is None else f"{value:.2f}"
-        bound = ("≥ " if atLeast else "≤ ") + f"{target:g}"
-        print(f"{label:32} {shown:>9} {bound:>8}  {verdict(value, target, atLeast)}")
+    printVerdicts(checks, 32)
     print(f"\n(whole run: {elapsed:.0f} s)")
 
 
