@@ -15,6 +15,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.internet.testing import EventLoggingObserver
@@ -517,6 +518,126 @@ class DamagedLocalStateTests(SynchronousTestCase):
         self.assertEqual(h.shipper.lag().stores, ())
         self.assertEqual(h.shipper._states, {})
         self.assertEqual(h.shipper._dirty, {})
+
+
+class ReopenTests(SynchronousTestCase):
+    """
+    A store opened by a new shipper (a restarted node) is shipped again only
+    if it differs from its last ship.
+    """
+
+    def _shippedAndStopped(self) -> _Harness:
+        h = _Harness(self)
+        h.shipper.startService()
+        store = h.open("alice")
+        write(store, 1, "one")
+        self.successResultOf(h.shipper.storeClosing("alice", store))
+        store.close()
+        self.successResultOf(h.shipper.stopService())
+        return h
+
+    def test_unchangedNotShippedAgain(self) -> None:
+        """
+        A store unchanged since its last ship is not marked dirty when it is
+        opened, and nothing is shipped for it; its next commit ships a delta
+        on the existing chain.
+        """
+        h = self._shippedAndStopped()
+        again = _Harness(self, backend=h.backend, root=h.root)
+        again.shipper.startService()
+        self.addCleanup(again.shipper.stopService)
+        store = again.open("alice")
+        self.assertEqual(again.shipper.lag().stores, ())
+        again.clock.advance(1)
+        self.assertEqual([r.seq for r in again.records("alice")], [1])
+        write(store, 2, "two")
+        again.clock.advance(1)
+        self.assertEqual([(r.seq, r.baseSeq) for r in again.records("alice")], [(1, 0), (2, 1)])
+
+    def test_changedWhileClosedShipped(self) -> None:
+        """
+        A store changed since its last ship (here by a process without a
+        shipper) is marked dirty when it is opened, and shipped.
+        """
+        h = self._shippedAndStopped()
+        store = openStore(h.dbdir("alice"))
+        write(store, 2, "behind the shippers back")
+        store.close()
+        again = _Harness(self, backend=h.backend, root=h.root)
+        again.shipper.startService()
+        self.addCleanup(again.shipper.stopService)
+        again.open("alice")
+        self.assertEqual([s.key for s in again.shipper.lag().stores], ["alice"])
+        again.clock.advance(1)
+        self.assertIn("'behind the shippers back'", "\n".join(again.restored("alice")))
+
+    def test_backendAheadOfStateFileShipped(self) -> None:
+        """
+        A store whose pages match its state file is still shipped when the
+        backend holds a newer record than that file names (a ship whose
+        state file was not written before a crash).
+        """
+        h = self._shippedAndStopped()
+        dbdir = h.dbdir("alice")
+        saved = {name: dbdir.child(name).getContent() for name in ("db.sqlite", STATE_FILE)}
+        again = _Harness(self, backend=h.backend, root=h.root)
+        again.shipper.startService()
+        store = again.open("alice")
+        write(store, 2, "two")
+        self.successResultOf(again.shipper.storeClosing("alice", store))
+        store.close()
+        self.successResultOf(again.shipper.stopService())
+        self.assertEqual([r.seq for r in again.records("alice")], [1, 2])
+        for name, content in saved.items():
+            dbdir.child(name).setContent(content)
+
+        third = _Harness(self, backend=h.backend, root=h.root)
+        third.shipper.startService()
+        self.addCleanup(third.shipper.stopService)
+        third.open("alice")
+        third.clock.advance(1)
+        self.assertEqual([(r.seq, r.baseSeq) for r in third.records("alice")], [(3, 0)])
+        self.assertEqual(third.restored("alice"), dump(dbdir.child("db.sqlite")))
+
+    def test_whenDurableWaitsForComparison(self) -> None:
+        """
+        Until the comparison of a reopened store with its last ship is done
+        (in a worker thread), C{whenDurable} does not fire; when it finds a
+        change, C{whenDurable} fires only once that change is shipped.
+        """
+        h = self._shippedAndStopped()
+        store = openStore(h.dbdir("alice"))
+        write(store, 2, "changed")
+        store.close()
+        pending: list[tuple[Any, Any]] = []
+
+        def later(f: Any) -> Any:
+            d: Any = Deferred()
+            pending.append((f, d))
+            return d
+
+        def runPending() -> None:
+            while pending:
+                f, d = pending.pop(0)
+                d.callback(f())
+
+        clock = Clock()
+        shipper = Shipper(h.backend, clock, runInThread=later)
+        shipper.startService()
+        store = openStore(h.dbdir("alice"))
+        self.addCleanup(store.close)
+        shipper.storeOpened("alice", store)
+        durable = shipper.whenDurable("alice")
+        self.assertNoResult(durable)
+        runPending()
+        self.assertNoResult(durable)
+        clock.advance(0)
+        runPending()
+        self.successResultOf(durable)
+        self.assertEqual([r.seq for r in h.records("alice")], [1, 2])
+        stopped = shipper.stopService()
+        runPending()
+        self.successResultOf(stopped)
 
 
 class ResumeNeverShippedTests(SynchronousTestCase):

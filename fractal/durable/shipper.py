@@ -151,6 +151,7 @@ class _StoreState:
         self.waiters: list[tuple[int, Deferred[None]]] = []
         self.image: bytes | None = None
         self.imageSeq = -1
+        self.probing: list[Deferred[None]] | None = None
 
     @property
     def dirty(self) -> bool:
@@ -198,6 +199,34 @@ def _readState(dbdir: FilePath[str]) -> dict[str, Any] | None:
         rest[i : i + _DIGEST_SIZE] for i in range(0, len(rest), _DIGEST_SIZE)
     )
     return state
+
+
+def _unchangedSince(
+    saved: dict[str, Any] | None, readImage: Callable[[], bytes | None]
+) -> bool:
+    """
+    Whether a store holds exactly the image last shipped, as its state file
+    C{saved} describes it: the same page size and the same digest for every
+    page.  Blocking.
+
+    @param readImage: reads a consistent image of the store's database.
+    @return: C{False} if the store changed since its last ship, was never
+        shipped, or cannot be read (when in doubt, it is shipped again).
+    """
+    if saved is None or saved["seq"] == 0 or not saved["digests"]:
+        return False
+    try:
+        image = readImage()
+        if image is None:
+            return False
+        pageSize = pageSizeOf(image)
+    except (OSError, ValueError, sqlite3.Error):
+        return False
+    digests = saved["digests"]
+    if pageSize != saved["pageSize"] or len(image) != len(digests) * pageSize:
+        return False
+    pages, _ = diffImage(image, pageSize, digests)
+    return not pages
 
 
 def _writeState(dbdir: FilePath[str], state: dict[str, Any], digests: tuple[bytes, ...]) -> None:
@@ -277,6 +306,7 @@ class Shipper(Service):
         self._maxChain = maxChain
         self._semaphore = DeferredSemaphore(concurrency)
         self._buildConcurrency = buildConcurrency
+        self._probes = DeferredSemaphore(buildConcurrency)
         self._buildsRunning = 0
         self._buildQueue: list[tuple[_StoreState, int, Deferred[_Built | None]]] = []
         self._lagWarning = lagWarning
@@ -371,11 +401,15 @@ class Shipper(Service):
             # This node owns the slot again, at a newer epoch.
             state.fenced = None
             state.loaded = False
-        if not state.loaded:
+        if not state.loaded and not state.dirty and state.probing is None:
             # Unknown whether it changed since it was last shipped (by an
-            # earlier run of this node): look, once.
-            self._markDirty(state)
-            if not dbdir.child(STATE_FILE).exists():
+            # earlier run of this node): compare it with its state file, in
+            # a worker thread, and ship it only if it did.  A commit
+            # meanwhile marks it dirty anyway.
+            if dbdir.child(STATE_FILE).exists():
+                self._probe(state)
+            else:
+                self._markDirty(state)
                 # A new store: name its key next to it at once (a small
                 # write, once per store), so that if this process dies before
                 # the first ship, the next start finds the store and ships it.
@@ -390,6 +424,53 @@ class Shipper(Service):
                     self.log.failure("Cannot write the shipping state of {store}",
                                      store=state.name)
         store.addCommitObserver(lambda: self._committed(state))
+
+    def _probe(self, state: _StoreState) -> None:
+        """
+        Learn where C{state}'s chain stands (L{_load}) and mark its store
+        dirty unless its state file describes the backend's newest record and
+        the store still holds exactly that image (the same digest for every
+        page, compared in a worker thread).  Until that is known,
+        L{whenDurable}, L{flush}, L{storeClosing} and ships of the store wait
+        for it; a commit meanwhile marks it dirty anyway.
+        """
+        database = state.dbdir.child("db.sqlite")
+        state.probing = []
+
+        async def look() -> None:
+            await self._load(state)
+            digests, pageSize = state.digests, state.pageSize
+            saved = {"seq": state.seq, "digests": digests, "pageSize": pageSize}
+            keep = state.opens > 0
+            unchanged = digests is not None and await self._run(
+                lambda: _unchangedSince(saved, lambda: self._images.read(database, keep=keep))
+            )
+            if not unchanged:
+                self._markDirty(state)
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("Cannot compare {store} with its last ship", failure,
+                             store=state.name)
+            self._markDirty(state)
+
+        def done(_: object) -> None:
+            waiters, state.probing = state.probing or [], None
+            for d in waiters:
+                d.callback(None)
+            self._forgetIfDone(state)
+
+        self._probes.run(lambda: Deferred.fromCoroutine(look())).addErrback(failed).addBoth(done)
+
+    def _afterProbe(self, state: _StoreState) -> Deferred[None]:
+        """
+        Fire once it is known whether C{state}'s store changed since its last
+        ship (at once, unless L{_probe} is still looking).
+        """
+        if state.probing is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        state.probing.append(d)
+        return d
 
     def _committed(self, state: _StoreState) -> None:
         self._states.setdefault(state.key, state)
@@ -415,7 +496,7 @@ class Shipper(Service):
             self._forgetIfDone(state)
 
         state.retryAt = 0.0
-        d = self._shipAfterCurrent(state)
+        d = self._afterProbe(state).addCallback(lambda _: self._shipAfterCurrent(state))
         d.addCallback(lambda _: self._saveState(state))
         return d.addBoth(closed)
 
@@ -424,7 +505,7 @@ class Shipper(Service):
         Drop what is known of a store that is closed and fully shipped, so
         memory stays bounded by the open and unshipped stores.
         """
-        if not state.dirty and not state.opens and not state.waiters:
+        if not state.dirty and not state.opens and not state.waiters and state.probing is None:
             self._keepImage(state, -1, None)
             if self._states.get(state.key) is state:
                 del self._states[state.key]
@@ -450,6 +531,8 @@ class Shipper(Service):
             return succeed(None)
         if state.fenced is not None:
             return fail(state.fenced)
+        if state.probing is not None:
+            return self._afterProbe(state).addCallback(lambda _: self.whenDurable(key))
         if not state.dirty:
             return succeed(None)
         d: Deferred[None] = Deferred()
@@ -520,6 +603,9 @@ class Shipper(Service):
 
         @return: fires when those ships have finished; never fails.
         """
+        probing = [self._afterProbe(s) for s in self._states.values() if s.probing is not None]
+        if probing:
+            return DeferredList(probing).addCallback(lambda _: self.flush())
         due = []
         for state in list(self._states.values()):
             state.retryAt = 0.0
@@ -580,6 +666,7 @@ class Shipper(Service):
         state.shipping = done
 
         async def ship() -> None:
+            await self._afterProbe(state)
             generation = state.generation
             if not state.loaded:
                 await self._load(state)
@@ -964,7 +1051,7 @@ class Shipper(Service):
         for key, dbdir in found:
             if key not in self._states:
                 state = self._states[key] = _StoreState(key, dbdir)
-                self._markDirty(state)
+                self._probe(state)
         if found:
             self.log.info("Resuming shipping of {count} stores", count=len(found))
 
