@@ -230,11 +230,12 @@ def _unchangedSince(
 
 
 def _writeState(dbdir: FilePath[str], state: dict[str, Any], digests: tuple[bytes, ...]) -> None:
-    temporary = dbdir.child(STATE_FILE + ".new")
-    temporary.setContent(
-        json.dumps(dict(state, version=_STATE_VERSION)).encode("utf-8") + b"\n" + b"".join(digests)
-    )
-    os.replace(temporary.path, dbdir.child(STATE_FILE).path)
+    # One write and one rename (C{FilePath.setContent} would rename twice).
+    temporary = dbdir.child(STATE_FILE + ".new").path
+    with open(temporary, "wb") as f:
+        f.write(json.dumps(dict(state, version=_STATE_VERSION)).encode("utf-8") + b"\n")
+        f.write(b"".join(digests))
+    os.replace(temporary, dbdir.child(STATE_FILE).path)
 
 
 @implementer(IShipper, IService)
