@@ -25,7 +25,7 @@ from zope.interface.verify import verifyObject
 
 from fractal.durable._threads import runSynchronously
 from fractal.durable.interfaces import BrokenChain, IShipper, StaleEpoch
-from fractal.durable.shipper import STATE_FILE, Shipper
+from fractal.durable.shipper import _STARTS_PER_TURN, STATE_FILE, Shipper
 from fractal.keys import storeNameForKey
 from fractal.store import Item, Store, integer, text
 from fractal.testing import MemoryDurableBackend
@@ -637,6 +637,54 @@ class ReopenTests(SynchronousTestCase):
         self.assertEqual([r.seq for r in h.records("alice")], [1, 2])
         stopped = shipper.stopService()
         runPending()
+        self.successResultOf(stopped)
+
+
+class SpreadStartsTests(SynchronousTestCase):
+    """
+    A cycle with many dirty stores starts their ships over several reactor
+    turns.
+    """
+
+    def test_startsSpreadOverTurns(self) -> None:
+        """
+        At most C{_STARTS_PER_TURN} ships start in the turn of a cycle; the
+        rest start in the following turns, and every store is shipped.
+        """
+        pending: list[tuple[Any, Any]] = []
+
+        def later(f: Any) -> Any:
+            d: Any = Deferred()
+            pending.append((f, d))
+            return d
+
+        h = _Harness(self)
+        shipper = Shipper(h.backend, h.clock, runInThread=later)
+        keys = [f"user{n}" for n in range(2 * _STARTS_PER_TURN + 3)]
+        for key in keys:
+            store = openStore(h.dbdir(key))
+            self.addCleanup(store.close)
+            shipper.storeOpened(key, store)
+            write(store, 1, key)
+        shipper.startService()
+        # Runs after the cycle, in the same turn (before the next turn's
+        # calls, scheduled by the cycle for the same time).
+        startedInTurn: list[int] = []
+        h.clock.callLater(1, lambda: startedInTurn.append(len(pending)))
+        h.clock.advance(1)
+        self.assertEqual(startedInTurn, [_STARTS_PER_TURN])
+        self.assertEqual(len(pending), len(keys))
+        for _ in range(20):
+            while pending:
+                f, d = pending.pop(0)
+                d.callback(f())
+            h.clock.advance(0)
+        for key in keys:
+            self.assertIn(f"'{key}'", "\n".join(h.restored(key)))
+        stopped = shipper.stopService()
+        while pending:
+            f, d = pending.pop(0)
+            d.callback(f())
         self.successResultOf(stopped)
 
 

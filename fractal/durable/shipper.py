@@ -77,6 +77,7 @@ The name of the shipper's state file in a store's directory.
 _STATE_VERSION = 1
 _DIGEST_SIZE = 16
 _MAX_BACKOFF = 30.0
+_STARTS_PER_TURN = 8
 
 
 def readImage(database: FilePath[str]) -> bytes | None:
@@ -635,8 +636,12 @@ class Shipper(Service):
         Start shipping every dirty store not being shipped already and not
         backing off.  Ships of different calls overlap; each store has at
         most one at a time, and its end starts the next when somebody waits.
+        At most C{_STARTS_PER_TURN} ships start in one reactor turn, the
+        rest in the next turns, so that a cycle with many dirty stores does
+        not hold the reactor thread from the calls being served.
         """
         now = self._clock.seconds()
+        started = 0
         for state in list(self._dirty.values()):
             if (
                 state.dirty
@@ -645,6 +650,10 @@ class Shipper(Service):
                 and not state.queued
                 and state.retryAt <= now
             ):
+                if started == _STARTS_PER_TURN:
+                    self._shipSoon()
+                    return
+                started += 1
                 state.queued = True
                 self._semaphore.run(self._shipQueued, state)
 
