@@ -22,7 +22,6 @@ from fractal.server import NodeProtocol
 from fractal.store import Item, integer
 
 
-
 def callRemote(client: amp.AMP, command: type[amp.Command], **kw: Any) -> Deferred[Any]:
     """
     Call C{command} on C{client}, with the result in a new L{Deferred}: AMP

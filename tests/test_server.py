@@ -38,7 +38,6 @@ from fractal.server import FractalServer, NodeProtocol, ServerLimits
 from fractal.store import Item, integer, text
 
 
-
 def callRemote(client: amp.AMP, command: type[amp.Command], **kw: Any) -> Deferred[Any]:
     """
     Call C{command} on C{client}, with the result in a new L{Deferred}: AMP

@@ -344,8 +344,8 @@ class UnknownTypeTests(SynchronousTestCase):
         from opening (a warning is logged); loading one of its items raises
         UnknownItemType, and other items still load.
         """
-        from twisted.logger import globalLogPublisher
         from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
 
         from fractal.store.errors import UnknownItemType
 

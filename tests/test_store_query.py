@@ -15,13 +15,13 @@ from fractal.store import (
     OR,
     Item,
     Store,
+    Time,
     errors,
     integer,
     point2decimal,
     reference,
     text,
     timestamp,
-    Time,
 )
 from fractal.store.item import Placeholder
 from fractal.store.queryutil import AttributeTuple, contains, overlapping

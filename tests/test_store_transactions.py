@@ -8,8 +8,8 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from twisted.logger import globalLogPublisher
 from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from fractal.store import Item, Store, errors, inmemory, integer, reference, text

@@ -11,8 +11,8 @@ C{--durable}.  They run in the calling thread, without a reactor.
 from __future__ import annotations
 
 import getopt
-from datetime import datetime, timezone
 import sys
+from datetime import datetime, timezone
 from typing import Any, Sequence, TextIO, TypeVar
 
 from twisted.internet.defer import Deferred

@@ -25,8 +25,8 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from twisted.python.filepath import FilePath
+from twisted.python.threadpool import ThreadPool
 
 from fractal.durable._threads import RunInThread, reactorThreads
 from fractal.keys import DEFAULT_SLOTS, slotForKey

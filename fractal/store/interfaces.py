@@ -10,9 +10,9 @@ L{fractal.store} treats those names as aliases of the interfaces defined here
 
 from __future__ import annotations
 
-from twisted.application.service import IService, IServiceCollection
 from typing import Any
 
+from twisted.application.service import IService, IServiceCollection
 from zope.interface import Attribute, Interface
 
 __all__ = [

@@ -48,7 +48,6 @@ from fractal.store.errors import (
     UpgraderRecursion,
 )
 from fractal.store.interfaces import IAtomicFile, IBeneficiary, IScheduler
-from fractal.store.query import ItemQuery, MultipleItemQuery
 from fractal.store.item import (
     Empowered,
     Item,
@@ -59,6 +58,7 @@ from fractal.store.item import (
     _PowerupConnector,
     _typeNameToMostRecentClass,
 )
+from fractal.store.query import ItemQuery, MultipleItemQuery
 
 __all__ = ["AtomicFile", "Store", "STORE_SELF_ID"]
 
