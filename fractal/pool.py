@@ -38,6 +38,7 @@ from fractal.durable.interfaces import IShipper
 from fractal.keys import InvalidUserKey, storeNameForKey, validateKey
 from fractal.protocol import Overloaded, StoreUnavailable
 from fractal.store import Item, Store, text
+from fractal.store.errors import StoreOutOfDescriptors
 
 __all__ = [
     "FDS_PER_STORE",
@@ -408,9 +409,13 @@ class StorePool:
             except BaseException:
                 store.close()
                 raise
-        except Exception:
-            if _outOfDescriptors():
-                raise Overloaded("the node has no file descriptors left; try again shortly")
+        except Exception as e:
+            # The store names running out of descriptors when it sees it while
+            # opening; anything else is checked now, after the fact.
+            if isinstance(e, StoreOutOfDescriptors) or _outOfDescriptors():
+                raise Overloaded(
+                    "the node has no file descriptors left; try again shortly"
+                ) from e
             raise
         return StoreLease(self, key, store, prepared)
 

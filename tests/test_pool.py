@@ -5,6 +5,7 @@ many are open, LRU and idle closing, and never closing a store in use.
 
 from __future__ import annotations
 
+import gc
 import resource
 from typing import Any
 
@@ -322,6 +323,10 @@ class StorePoolTests(SynchronousTestCase):
         working.
         """
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # Earlier tests' unreachable connections must release their
+        # descriptors now, not in the middle of this test, where they would
+        # widen the room it sets up.
+        gc.collect()
         inUse = len(FilePath("/proc/self/fd").listdir())
         resource.setrlimit(resource.RLIMIT_NOFILE, (inUse + 120, hard))
         self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
@@ -348,6 +353,10 @@ class StorePoolTests(SynchronousTestCase):
         descriptors, and recovers once stores are closed.
         """
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # Earlier tests' unreachable connections must release their
+        # descriptors now, not in the middle of this test, where they would
+        # widen the room it sets up.
+        gc.collect()
         inUse = len(FilePath("/proc/self/fd").listdir())
         resource.setrlimit(resource.RLIMIT_NOFILE, (inUse + 12, hard))
         self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
