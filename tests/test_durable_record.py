@@ -99,6 +99,32 @@ class DiffImageTests(SynchronousTestCase):
             diffImage(after, size, previous, before), diffImage(after, size, previous)
         )
 
+    @settings(max_examples=30, deadline=None)
+    @given(
+        st.integers(1, 300),
+        st.sets(st.integers(0, 349), max_size=12),
+        st.integers(-40, 40),
+    )
+    def test_previousImageManyRuns(self, count: int, touched: set[int], grow: int) -> None:
+        """
+        On images of many pages (several runs of pages compared at once),
+        with any pages changed and the image grown or shrunk, comparing with
+        the previous image gives exactly the changed pages and digests that
+        hashing every page gives.
+        """
+        size = 512
+        before = b"".join(bytes([i % 251]) * size for i in range(count))
+        _, previous = diffImage(before, size, None)
+        newCount = max(1, count + grow)
+        pages = [
+            (bytes([i % 251]) if i not in touched else bytes([(i + 7) % 251])) * size
+            for i in range(newCount)
+        ]
+        after = b"".join(pages)
+        self.assertEqual(
+            diffImage(after, size, previous, before), diffImage(after, size, previous)
+        )
+
     def test_mismatchedPreviousImageIgnored(self) -> None:
         """
         A previous image that does not match the previous digests in length

@@ -129,6 +129,10 @@ def pageSizeOf(image: bytes) -> int:
     return size
 
 
+#: How many pages L{diffImage} compares at once before looking page by page.
+_DIFF_RUN_PAGES = 64
+
+
 def pageDigests(image: bytes, pageSize: int) -> list[bytes]:
     """
     A short digest of every page of C{image}, in page order.
@@ -170,19 +174,35 @@ def diffImage(
     if previous is not None and previousImage is not None and len(previousImage) == len(
         previous
     ) * pageSize:
-        digests = []
+        # Compare a run of pages at a time (one memcmp in C), and look at
+        # single pages only inside runs that differ: an unchanged page keeps
+        # its previous digest, a changed one is hashed.
         view = memoryview(image)
-        for offset in range(0, len(image), pageSize):
-            index = offset // pageSize
-            end = offset + pageSize
-            if index < len(previous) and image[offset:end] == previousImage[offset:end]:
-                digests.append(previous[index])
-            else:
-                digests.append(
-                    hashlib.blake2b(view[offset:end], digest_size=16).digest()
-                )
-    else:
-        digests = pageDigests(image, pageSize)
+        common = min(len(previous), -(-len(image) // pageSize))
+        digests = list(previous[:common])
+        changed: list[tuple[int, bytes]] = []
+        commonBytes = common * pageSize
+        stride = _DIFF_RUN_PAGES * pageSize
+        for start in range(0, commonBytes, stride):
+            stop = min(start + stride, commonBytes)
+            if image[start:stop] == previousImage[start:stop]:
+                continue
+            for offset in range(start, stop, pageSize):
+                end = offset + pageSize
+                page = image[offset:end]
+                if page != previousImage[offset:end]:
+                    index = offset // pageSize
+                    digest = hashlib.blake2b(page, digest_size=16).digest()
+                    digests[index] = digest
+                    if digest != previous[index]:
+                        changed.append((index + 1, page))
+        for offset in range(commonBytes, len(image), pageSize):
+            digests.append(
+                hashlib.blake2b(view[offset : offset + pageSize], digest_size=16).digest()
+            )
+            changed.append((offset // pageSize + 1, bytes(image[offset : offset + pageSize])))
+        return changed, digests
+    digests = pageDigests(image, pageSize)
     changed = []
     for index, digest in enumerate(digests):
         if previous is None or index >= len(previous) or previous[index] != digest:
@@ -227,7 +247,9 @@ def encodeRecord(delta: Delta) -> bytes:
         delta.takenAt,
         len(body),
     )
-    return header + body + hashlib.sha256(header + body).digest()
+    checksum = hashlib.sha256(header)
+    checksum.update(body)
+    return b"".join((header, body, checksum.digest()))
 
 
 def decodeRecord(data: bytes) -> Delta:
