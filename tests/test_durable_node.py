@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.filepath import FilePath
 from twisted.test import iosim
@@ -19,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from fractal import app
 from fractal.durable._threads import runSynchronously
 from fractal.durable.interfaces import StaleEpoch
+from fractal.durable.record import decodeRecord
 from fractal.durable.shipper import Shipper
 from fractal.keys import storeNameForKey
 from fractal.node import FractalNode
@@ -167,6 +169,44 @@ class DurableNodeTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), {"value": 16})
         name = storeNameForKey("alice")
         self.assertTrue(fresh.child("stores").child(name[:2]).child(name).child("db.sqlite").exists())
+        self.successResultOf(node.stopService())
+
+    def test_restoreIsReported(self) -> None:
+        """
+        A store restored because its local copy is missing is reported by a
+        structured event giving the restored point: the record's sequence
+        number and when the image it holds was taken, which every write
+        acknowledged before that time is in (and the text says so).
+        """
+        node = self.makeNode(FilePath(self.mktemp()))
+        client, pump = self.connect()
+        for amount in (1, 2):
+            d = client.callRemote(AddDurably, user="alice", amount=amount)
+            pump.flush()
+            self.reactor.advance(0)
+            pump.flush()
+            self.successResultOf(d)
+        name = storeNameForKey("alice")
+        head = self.successResultOf(self.backend.head(name))
+        assert head is not None
+        shipped = decodeRecord(self.successResultOf(self.backend.read(name, head.seq)))
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        other = self.makeNode(FilePath(self.mktemp()))
+        self.addCleanup(other.stopService)
+        client, pump = self.connect()
+        d = client.callRemote(Add, user="alice", amount=10)
+        pump.flush()
+        self.assertEqual(self.successResultOf(d), {"value": 13})
+        [event] = [e for e in events if e.get("store") == name and "seq" in e]
+        self.assertEqual(event["key"], "alice")
+        self.assertEqual(event["seq"], head.seq)
+        self.assertEqual(event["takenAt"], shipped.takenAt)
+        text = formatEvent(event)
+        self.assertIn(f"to record {head.seq}", text)
+        self.assertIn(f"takenAt={shipped.takenAt:.6f}", text)
+        self.assertIn("not shipped and is lost", text)
         self.successResultOf(node.stopService())
 
     def test_gracefulStopShipsEverything(self) -> None:

@@ -562,9 +562,12 @@ class Shipper(Service):
             state.savedSeq = rebuilt.head.seq
             state.takenAt = record["takenAt"]
             self.log.info(
-                "Restored store {store} to record {seq} ({size} bytes), an image taken "
-                "{age:.1f}s ago: commits after it were not shipped",
+                "Restored store {store} (key {key!r}) from its durable copy, to record {seq} "
+                "({size} bytes): an image taken at {taken} (takenAt={takenAt:.6f}), "
+                "{age:.1f}s ago; any commit after that was not shipped and is lost",
                 store=name,
+                key=key,
+                taken=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rebuilt.takenAt)),
                 seq=rebuilt.head.seq,
                 size=len(rebuilt.image),
                 takenAt=rebuilt.takenAt,
