@@ -1194,7 +1194,8 @@ def stats(node: FractalNode) -> object:
 @consoleHelper
 def lag(node: FractalNode, limit: int = 10) -> Summary:
     """
-    Shipping lag: the stores furthest behind their durable copies.
+    Shipping lag: the stores furthest behind their durable copies, and the
+    slots this node stopped serving because it was fenced out of them.
 
     @param limit: the most stores to list.
     """
@@ -1207,6 +1208,9 @@ def lag(node: FractalNode, limit: int = 10) -> Summary:
         ("bytes pending", current.bytesPending),
         ("stores behind", len(current.stores)),
     ]
+    server = getattr(node, "server", None)
+    for fence in server.fencedSlots() if server is not None else ():
+        rows.append((f"slot {fence.slot}", f"FENCED: {fence.describe()}"))
     behind = sorted(current.stores, key=lambda store: -store.seconds)[:limit]
     for store in behind:
         fenced = ", FENCED" if store.fenced else ""

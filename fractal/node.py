@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from fractal.app import Application
-from fractal.durable.interfaces import IShipper
+from fractal.durable.interfaces import IShipper, StaleEpoch
 from fractal.pool import DEFAULT_IDLE_TIMEOUT, StorePool
 from fractal.routing.interfaces import ITopology
 from fractal.routing.topology import SingleNodeTopology
@@ -91,7 +91,9 @@ class FractalNode(MultiService):
     @ivar dataDir: where the node's stores live.
     @ivar pool: the L{StorePool}.
     @ivar topology: who owns which slot.
-    @ivar shipper: the durable shipper, or L{None}.
+    @ivar shipper: the durable shipper, or L{None}.  When it is told a store
+        is fenced at a newer epoch, the node stops serving the store's slot
+        (L{FractalServer.fenceSlot}).
     @ivar server: the L{FractalServer} answering client connections; its
         C{forward} attribute is the seam for forwarding calls to other nodes.
     @ivar listen: the server endpoint description listened on.
@@ -157,6 +159,8 @@ class FractalNode(MultiService):
             shipper=shipper,
         )
         self.server = FractalServer(application, self.pool, topology, shipper, limits)
+        if shipper is not None:
+            shipper.addFencedObserver(self._fenced)
         self._listener = StreamServerEndpointService(
             serverFromString(reactor, listen), self.server.factory()
         )
@@ -197,7 +201,22 @@ class FractalNode(MultiService):
             "callsServed": server.callsServed,
             "callsFailed": server.callsFailed,
             "responderErrors": server.responderErrors,
+            "fencedSlots": len(server.fencedSlots()),
         }
+
+    def _fenced(self, key: str, error: StaleEpoch) -> None:
+        """
+        The shipper was told that C{key}'s store is fenced at a newer epoch
+        (L{IShipper.addFencedObserver}): stop serving the key's slot
+        (L{FractalServer.fenceSlot}), whatever the topology, and have a
+        topology that can reload its map (one with a C{refresh()} method, as
+        L{fractal.postgres.topology.PostgresTopology} has) learn who owns the
+        slot now, so the slot's calls go there.
+        """
+        self.server.fenceSlot(key, error)
+        refresh = getattr(self.topology, "refresh", None)
+        if callable(refresh):
+            refresh()
 
     def stopService(self) -> Deferred[None]:
         """

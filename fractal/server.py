@@ -8,7 +8,10 @@ the C{user} key, checks the key, asks the topology which node owns the key's
 slot and either runs the call here or hands the raw box to a forwarder (or
 answers L{NotOwner} when there is none).  Only the application's declared
 L{fractal.app.UserCommand}s are callable; there is no C{amp_*} method
-fallback and no C{StartTLS}.
+fallback and no C{StartTLS}.  A slot this node was fenced out of (the durable
+backend refused a write of one of its stores for a stale epoch) is not served
+whatever the map says, until the map gives it to this node at a newer epoch:
+its calls are answered L{OwnerUnavailable} (L{FractalServer.fenceSlot}).
 
 Each call runs in the user's store inside one transaction.  An exception the
 command does not declare rolls the transaction back and fails that call alone
@@ -47,8 +50,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from fractal.app import Application, Responder
-from fractal.durable.interfaces import IShipper
-from fractal.keys import InvalidUserKey, validateKey
+from fractal.durable.interfaces import IShipper, StaleEpoch
+from fractal.keys import InvalidUserKey, slotForKey, validateKey
 from fractal.pool import StoreLease, StorePool
 from fractal.protocol import (
     FRAMEWORK_ERRORS,
@@ -63,7 +66,7 @@ from fractal.protocol import (
 )
 from fractal.routing.interfaces import ITopology, SlotOwner
 
-__all__ = ["ServerLimits", "IForwarder", "FractalServer", "NodeProtocol"]
+__all__ = ["ServerLimits", "IForwarder", "FencedSlot", "FractalServer", "NodeProtocol"]
 
 _ROUTES_KEPT = 1 << 16
 """
@@ -93,6 +96,35 @@ class ServerLimits:
     maxBoxBytes: int = 1 << 20
     maxKeysPerBox: int = 128
     maxOutstanding: int = 256
+
+
+@frozen
+class FencedSlot:
+    """
+    A slot this node has stopped serving because the durable backend refused
+    a write of one of its stores for a stale epoch: another writer has
+    claimed the slot at a newer epoch.
+
+    @ivar slot: the slot.
+    @ivar store: the name of the store whose write was refused.
+    @ivar epoch: the epoch at which this node owned the slot, in its map.
+    @ivar current: the newer epoch stored (or fenced) in the backend.
+    """
+
+    slot: int
+    store: str
+    epoch: int
+    current: int
+
+    def describe(self) -> str:
+        """
+        Why the calls of the slot are refused, for the refused calls and the
+        log.
+        """
+        return (
+            f"this node no longer serves slot {self.slot}: it was fenced out at epoch "
+            f"{self.epoch} (store {self.store} is at epoch {self.current}); the call did not run"
+        )
 
 
 class IForwarder(Protocol):
@@ -183,6 +215,7 @@ class FractalServer:
         self._connections: set[NodeProtocol] = set()
         self._routedMap: object = None
         self._routes: dict[bytes, tuple[str, SlotOwner]] = {}
+        self._fenced: dict[int, FencedSlot] = {}
 
     def buildProtocol(self, addr: object, forwarding: bool = True) -> NodeProtocol:
         """
@@ -247,6 +280,70 @@ class FractalServer:
         for connection in list(self._connections):
             if connection.transport is not None:
                 connection.transport.loseConnection()
+
+    def fenceSlot(self, key: str, error: StaleEpoch) -> FencedSlot | None:
+        """
+        Stop serving C{key}'s slot: the backend refused a write of C{key}'s
+        store with C{error}.  From now on the slot's calls are answered
+        L{OwnerUnavailable} (retryable: the call did not run), until the map
+        gives this node the slot at an epoch above C{error.current}, or gives
+        it to another node (then its calls go there).
+
+        @return: the fence, or L{None} if the current map already gives the
+            slot to another node or to this one at a newer epoch.
+        """
+        shardMap = self.topology.currentMap()
+        slot = slotForKey(key, shardMap.slots)
+        owner = shardMap.ownerOf(slot)
+        if owner.node != self.topology.localNode or owner.epoch > error.current:
+            return None
+        fence = FencedSlot(slot, error.store, owner.epoch, error.current)
+        if self._fenced.get(slot) != fence:
+            self._fenced[slot] = fence
+            self.log.error(
+                "Stopped serving slot {slot}: store {store} was fenced at epoch {current} "
+                "while this node owns the slot at epoch {epoch}; its calls are refused "
+                "until the slot is this node's at a newer epoch",
+                slot=slot,
+                store=error.store,
+                epoch=owner.epoch,
+                current=error.current,
+                fenced=fence,
+            )
+        return fence
+
+    def fencedSlots(self) -> list[FencedSlot]:
+        """
+        The slots this node does not serve now because it was fenced out of
+        them, by slot.
+        """
+        shardMap = self.topology.currentMap()
+        return [
+            fence
+            for slot, fence in sorted(self._fenced.items())
+            if self._fenceOf(slot, shardMap.ownerOf(slot)) is not None
+        ]
+
+    def _fenceOf(self, slot: int, owner: SlotOwner) -> FencedSlot | None:
+        """
+        The fence of C{slot}, owned by C{owner} in the current map, if it
+        still holds; a fence the map has overtaken is dropped.
+        """
+        fence = self._fenced.get(slot)
+        if fence is None:
+            return None
+        if owner.node == self.topology.localNode and owner.epoch <= fence.current:
+            return fence
+        del self._fenced[slot]
+        if owner.node == self.topology.localNode:
+            self.log.info(
+                "Serving slot {slot} again: this node owns it at epoch {epoch}, "
+                "above the fenced epoch {current}",
+                slot=slot,
+                epoch=owner.epoch,
+                current=fence.current,
+            )
+        return None
 
     # -- called by NodeProtocol -------------------------------------------
 
@@ -492,6 +589,11 @@ class NodeProtocol(BinaryBoxProtocol):
         if owner.node != server.topology.localNode:
             self._forward(box, ask, owner, key)
             return
+        if server._fenced:
+            fence = server._fenceOf(slotForKey(key, server.topology.currentMap().slots), owner)
+            if fence is not None:
+                self._refuse(ask, OwnerUnavailable(fence.describe()))
+                return
         responder = server.application.responders.get(name)
         if responder is None:
             self._refuseBox(

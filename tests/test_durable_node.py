@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -22,11 +23,13 @@ from fractal.durable._threads import runSynchronously
 from fractal.durable.interfaces import StaleEpoch
 from fractal.durable.record import decodeRecord
 from fractal.durable.shipper import Shipper
-from fractal.keys import storeNameForKey
+from fractal.keys import DEFAULT_SLOTS, slotForKey, storeNameForKey
 from fractal.node import FractalNode
-from fractal.protocol import StoreUnavailable
+from fractal.protocol import NotOwner, OwnerUnavailable, StoreUnavailable
+from fractal.routing.interfaces import NodeAddress, ShardMap, SlotOwner
+from fractal.server import FencedSlot
 from fractal.store import Item, integer
-from fractal.testing import MemoryDurableBackend
+from fractal.testing import ManualTopology, MemoryDurableBackend, StaticTopology, reassign
 
 
 class Add(app.UserCommand):
@@ -65,18 +68,27 @@ class DurableNodeCounter(Item):
 application = app.Application("durable-counter", powerups=[DurableNodeCounter])
 
 
-class DurableNodeTests(SynchronousTestCase):
+class _DurableNodeMixin:
     """
-    A node with a shipper.
+    Starting nodes with a shipper on one in-memory backend, and connecting to
+    them over iosim.
     """
+
+    reactor: MemoryReactorClock
+    backend: MemoryDurableBackend
+    mktemp: Any
 
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.backend = MemoryDurableBackend()
 
-    def makeNode(self, dataDir: FilePath[str], interval: float = 1.0) -> FractalNode:
+    def makeNode(
+        self, dataDir: FilePath[str], interval: float = 1.0, topology: Any = None
+    ) -> FractalNode:
         """
         A node with a shipper on C{self.backend}, started.
+
+        @param topology: the node's topology; a lone node's by default.
         """
         shipper = Shipper(
             self.backend,
@@ -87,7 +99,12 @@ class DurableNodeTests(SynchronousTestCase):
         )
         self.reactor.tcpServers.clear()
         node = FractalNode(
-            self.reactor, application, dataDir, "tcp:7100:interface=127.0.0.1", shipper=shipper
+            self.reactor,
+            application,
+            dataDir,
+            "tcp:7100:interface=127.0.0.1",
+            shipper=shipper,
+            topology=topology,
         )
         shipper.serveNode(node)
         node.startService()
@@ -99,6 +116,12 @@ class DurableNodeTests(SynchronousTestCase):
             lambda: factory.buildProtocol(None), amp.AMP, clock=self.reactor
         )
         return client, pump
+
+
+class DurableNodeTests(_DurableNodeMixin, SynchronousTestCase):
+    """
+    A node with a shipper.
+    """
 
     def test_durableAckWaits(self) -> None:
         """
@@ -251,6 +274,179 @@ class DurableNodeTests(SynchronousTestCase):
         self.assertIn("could not be stored durably", str(failure.value))
         self.assertTrue(node.shipper.lag().stores[0].fenced)  # type: ignore[union-attr]
         self.flushLoggedErrors(StaleEpoch)
+
+
+def _sameSlot(key: str, slots: int = DEFAULT_SLOTS) -> str:
+    """
+    Another user key whose slot is C{key}'s.
+    """
+    slot = slotForKey(key, slots)
+    return next(
+        other
+        for other in (f"{key}-{i}" for i in range(1000000))
+        if slotForKey(other, slots) == slot
+    )
+
+
+def _otherSlot(key: str, slots: int = DEFAULT_SLOTS) -> str:
+    """
+    A user key whose slot is not C{key}'s.
+    """
+    slot = slotForKey(key, slots)
+    return next(
+        other for other in (f"{key}-{i}" for i in range(100)) if slotForKey(other, slots) != slot
+    )
+
+
+class RefreshingTopology(ManualTopology):
+    """
+    A L{ManualTopology} that, like a topology backed by a shared service,
+    can be asked to reload its map: C{refresh()} applies the map set aside
+    with L{nextOnRefresh}.
+    """
+
+    def __init__(self, localNode: str, initial: ShardMap) -> None:
+        super().__init__(localNode, initial)
+        self.refreshes = 0
+        self.onRefresh: ShardMap | None = None
+
+    def refresh(self) -> None:
+        """
+        Reload the map.
+        """
+        self.refreshes += 1
+        if self.onRefresh is not None:
+            self.setMap(self.onRefresh)
+            self.onRefresh = None
+
+
+class FencingTests(_DurableNodeMixin, SynchronousTestCase):
+    """
+    A node whose writes the backend refuses for a stale epoch stops serving
+    the slot, in every topology.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def start(self, topology: Any = None) -> tuple[FractalNode, amp.AMP, iosim.IOPump]:
+        node = self.makeNode(FilePath(self.mktemp()), topology=topology)
+        self.addCleanup(node.stopService)
+        client, pump = self.connect()
+        return node, client, pump
+
+    def call(self, client: amp.AMP, pump: iosim.IOPump, user: str) -> Any:
+        """
+        Call L{Add} for C{user}; the result, or the failure.
+        """
+        results: list[Any] = []
+        client.callRemote(Add, user=user, amount=1).addBoth(results.append)
+        pump.flush()
+        self.reactor.advance(0)
+        pump.flush()
+        [result] = results
+        return result
+
+    def fenceAlice(self, node: FractalNode, client: amp.AMP, pump: iosim.IOPump) -> None:
+        """
+        Have alice's store shipped at epoch 1, then fenced at epoch 2 by
+        another writer, and have the node try to ship it once more.
+        """
+        self.assertEqual(self.call(client, pump, "alice"), {"value": 1})
+        self.reactor.advance(1.0)
+        self.successResultOf(self.backend.fence(storeNameForKey("alice"), 2))
+        self.assertEqual(self.call(client, pump, "alice"), {"value": 2})
+        self.reactor.advance(1.0)
+
+    def test_staticTopologyStopsServingFencedSlot(self) -> None:
+        """
+        On a lone node (whose map never changes), once the backend refuses a
+        ship of alice's store for a stale epoch, every call of a user of
+        alice's slot is refused with L{OwnerUnavailable}, saying which slot
+        and epochs, and not run; users of other slots are served on.  An
+        event gives the slot, the store and both epochs, and the node's
+        stats count the slot.
+        """
+        node, client, pump = self.start()
+        self.fenceAlice(node, client, pump)
+        refused = self.call(client, pump, "alice")
+        self.assertIsInstance(refused, Failure)
+        refused.trap(OwnerUnavailable)
+        slot = slotForKey("alice")
+        self.assertIn(f"no longer serves slot {slot}", str(refused.value))
+        self.assertIn("at epoch 1", str(refused.value))
+        self.assertIn("epoch 2", str(refused.value))
+        self.call(client, pump, _sameSlot("alice")).trap(OwnerUnavailable)
+        self.assertEqual(self.call(client, pump, _otherSlot("alice")), {"value": 1})
+        store = storeNameForKey("alice")
+        self.assertEqual(node.server.fencedSlots(), [FencedSlot(slot, store, 1, 2)])
+        self.assertEqual(node.stats()["fencedSlots"], 1)
+        [event] = [e for e in self.events if e.get("fenced") is not None]
+        self.assertEqual(
+            (event["slot"], event["store"], event["epoch"], event["current"]),
+            (slot, store, 1, 2),
+        )
+        self.assertEqual(event["log_level"], LogLevel.error)
+        self.assertIn(f"Stopped serving slot {slot}", formatEvent(event))
+        # Nothing the refused calls asked was run: alice's count is 2.
+        store = self.successResultOf(node.pool.openStore("alice"))
+        self.assertEqual(store.findUnique(DurableNodeCounter).value, 2)
+
+    def test_newerEpochServesAgain(self) -> None:
+        """
+        A fenced slot is served again once the map gives this node the slot
+        at an epoch above the fenced one; when the map gives it to another
+        node, its calls are that node's (L{NotOwner} without a forwarder).
+        """
+        single = StaticTopology("n1", [NodeAddress("n1", "tcp:host=127.0.0.1:port=7100")])
+        topology = ManualTopology("n1", single.currentMap())
+        node, client, pump = self.start(topology)
+        self.fenceAlice(node, client, pump)
+        slot = slotForKey("alice")
+        self.call(client, pump, "alice").trap(OwnerUnavailable)
+        other = NodeAddress("n2", "tcp:host=127.0.0.1:port=7200")
+        topology.setMap(reassign(topology.currentMap(), [slot], "n2", other))
+        self.call(client, pump, "alice").trap(NotOwner)
+        self.assertEqual(node.server.fencedSlots(), [])
+        topology.setMap(reassign(topology.currentMap(), [slot], "n1"))
+        self.assertEqual(topology.currentMap().ownerOf(slot), SlotOwner("n1", 3))
+        self.assertEqual(self.call(client, pump, "alice"), {"value": 3})
+        self.assertEqual(node.stats()["fencedSlots"], 0)
+
+    def test_fencedSlotAtNewerEpochNotRefused(self) -> None:
+        """
+        A refusal for an epoch the map has already overtaken (this node owns
+        the slot at a newer epoch now) does not stop the slot being served.
+        """
+        node, client, pump = self.start()
+        error = StaleEpoch(storeNameForKey("alice"), 0, 0)
+        self.assertIsNone(node.server.fenceSlot("alice", error))
+        self.assertEqual(self.call(client, pump, "alice"), {"value": 1})
+
+    def test_topologyRefreshedWhenFenced(self) -> None:
+        """
+        A topology that can reload its map (as the PostgreSQL one can) is
+        asked to when a slot is fenced, so the slot's calls go to the owner it
+        learns of: the same mechanism serves every topology.
+        """
+        single = StaticTopology("n1", [NodeAddress("n1", "tcp:host=127.0.0.1:port=7100")])
+        topology = RefreshingTopology("n1", single.currentMap())
+        node, client, pump = self.start(topology)
+        topology.onRefresh = reassign(
+            topology.currentMap(),
+            [slotForKey("alice")],
+            "n2",
+            NodeAddress("n2", "tcp:host=127.0.0.1:port=7200"),
+        )
+        self.fenceAlice(node, client, pump)
+        self.assertEqual(topology.refreshes, 1)
+        failure = self.call(client, pump, "alice")
+        failure.trap(NotOwner)
+        self.assertEqual(failure.value.owner, "n2")
+        self.assertEqual(node.server.fencedSlots(), [])
 
 
 class TapDurableOptionsTests(SynchronousTestCase):

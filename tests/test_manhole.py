@@ -37,8 +37,9 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fractal.app import Application
+from fractal.durable.interfaces import StaleEpoch
 from fractal.durable.shipper import Shipper
-from fractal.keys import InvalidUserKey, slotForKey
+from fractal.keys import InvalidUserKey, slotForKey, storeNameForKey
 from fractal.manhole import (
     HELPERS,
     AuthorizedKeysFile,
@@ -644,6 +645,30 @@ class NamespaceTests(SynchronousTestCase):
         self.assertEqual((behind["worst seconds"], behind["stores behind"]), (3.0, 1))
         self.assertTrue(str(behind["'alice'"]).startswith("3.0 s, "))
         self.assertEqual(len(lag(0).rows), 3)
+
+    def test_fencedSlotsShown(self) -> None:
+        """
+        A slot the node stopped serving because it was fenced out of it is
+        counted by C{stats()} and described by C{lag()}: slot, store and
+        both epochs.
+        """
+        clock = MemoryReactorClock()
+        dataDir = FilePath(self.mktemp())
+        shipper = Shipper(MemoryDurableBackend(), clock, storesDirectory=dataDir.child("stores"))
+        node = FractalNode(
+            clock, notesApplication, dataDir, "tcp:0:interface=127.0.0.1", shipper=shipper
+        )
+        shipper.serveNode(node)
+        namespace = consoleNamespace(node)
+        stats: Any = namespace["stats"]
+        lag: Any = namespace["lag"]
+        self.assertEqual(stats()["fenced slots"], 0)
+        store = storeNameForKey("alice")
+        node.server.fenceSlot("alice", StaleEpoch(store, 1, 2))
+        self.assertEqual(stats()["fenced slots"], 1)
+        shown = str(lag()[f"slot {slotForKey('alice')}"])
+        self.assertTrue(shown.startswith("FENCED: "), shown)
+        self.assertIn(f"fenced out at epoch 1 (store {store} is at epoch 2)", shown)
 
     def test_addHelper(self) -> None:
         """
