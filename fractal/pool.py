@@ -26,16 +26,17 @@ import errno
 import os
 import resource
 from collections import OrderedDict
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from attrs import frozen
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from fractal.durable.interfaces import IShipper
-from fractal.keys import InvalidUserKey, storeNameForKey, validateKey
+from fractal.keys import InvalidUserKey, slotForKey, storeNameForKey, validateKey
 from fractal.protocol import Overloaded, StoreUnavailable
 from fractal.store import Item, Store, text
 from fractal.store.errors import StoreOutOfDescriptors
@@ -47,6 +48,7 @@ __all__ = [
     "UserKey",
     "StoreLease",
     "StorePool",
+    "StoresClosing",
 ]
 
 FDS_PER_STORE = 3
@@ -119,7 +121,9 @@ class StoreLease:
         (for a node: the application's bound responders), or L{None}.
     """
 
-    __slots__ = ("key", "store", "prepared", "_pool", "_busy", "_lastUsed", "_whenClosed")
+    __slots__ = (
+        "key", "store", "prepared", "_pool", "_busy", "_lastUsed", "_whenClosed", "_closeOnRelease"
+    )
 
     def __init__(self, pool: StorePool, key: str, store: Store, prepared: Any) -> None:
         self.key = key
@@ -129,12 +133,31 @@ class StoreLease:
         self._busy = 0
         self._lastUsed = 0.0
         self._whenClosed: list[Deferred[None]] = []
+        self._closeOnRelease = False
 
     def release(self) -> None:
         """
         The call is done with the store.
         """
         self._pool._release(self)
+
+
+@frozen
+class StoresClosing:
+    """
+    What L{StorePool.closeStoresOf} is closing.
+
+    @ivar held: the keys of the stores that calls held when it was asked;
+        each closes once its last call releases it.
+    @ivar opening: the keys of the stores being opened when it was asked;
+        each closes once it is open and no call holds it.
+    @ivar closed: fires (never fails) once every chosen store is closed,
+        each shipped first when the pool has a shipper.
+    """
+
+    held: list[str]
+    opening: list[str]
+    closed: Deferred[None]
 
 
 class StorePool:
@@ -193,6 +216,7 @@ class StorePool:
         self._sweepCall: IDelayedCall | None = None
         self._closed = False
         self._closeWaiters: list[Deferred[None]] = []
+        self._closeWhenOpened: dict[str, list[Deferred[None]]] = {}
         self.opened = 0
         self.closedCount = 0
 
@@ -457,10 +481,15 @@ class StorePool:
             except Exception:
                 self.log.failure("Shipper failed to watch the store of {key!r}", key=key)
         lease._busy += len(waiters)
+        closeWaiters = self._closeWhenOpened.pop(key, None)
+        if closeWaiters is not None:
+            lease._closeOnRelease = True
+            lease._whenClosed.extend(closeWaiters)
         for waiter in waiters:
             waiter.callback(lease)
-        if self._closed:
-            # close() came while this store was being opened.
+        if (closeWaiters is not None or self._closed) and self._open.get(key) is lease:
+            # close() or closeStoresOf() came while this store was being
+            # opened (and its first calls may have released it already).
             self._closeWhenIdle(lease)
         self._scheduleSweep()
 
@@ -479,6 +508,8 @@ class StorePool:
             failure = Failure(StoreUnavailable("the user's store cannot be opened"))
         for waiter in waiters:
             waiter.errback(failure)
+        for closeWaiter in self._closeWhenOpened.pop(key, []):
+            closeWaiter.callback(None)
         self._roomFreed()
 
     # -- closing ---------------------------------------------------------
@@ -494,7 +525,7 @@ class StorePool:
             return
         self._open.move_to_end(lease.key)
         if lease._busy == 0:
-            if self._closed:
+            if self._closed or lease._closeOnRelease:
                 self._closeLease(lease)
             elif self._sweepCall is None:
                 self._scheduleSweep()
@@ -577,6 +608,53 @@ class StorePool:
         """
         if lease._busy == 0:
             self._closeLease(lease)
+
+    def closeStoresOf(self, slots: Collection[int], slotCount: int) -> StoresClosing:
+        """
+        Close the stores of the users whose slots are in C{slots}: idle ones
+        now, ones held by calls as soon as their last call releases them
+        (so every commit of a call running now is in the store when it
+        closes), ones being opened once open and released; each is shipped
+        first when the pool has a shipper.  For a node giving up slots: it
+        stops routing their calls here first, then closes their stores.
+
+        The pool itself still hands out a held store to a new call until it
+        closes; a store acquired again after it closed is opened again.
+
+        @param slots: the slots whose stores close.
+        @param slotCount: the cluster's slot count, to find each key's slot.
+        @return: the L{StoresClosing}: which stores calls hold, and a
+            L{Deferred} firing once every chosen store is closed.
+        """
+        chosen = set(slots)
+        held: list[str] = []
+        opening: list[str] = []
+        waits: list[Deferred[None]] = []
+        for key, lease in list(self._open.items()):
+            if slotForKey(key, slotCount) not in chosen:
+                continue
+            d: Deferred[None] = Deferred()
+            lease._whenClosed.append(d)
+            waits.append(d)
+            if lease._busy:
+                held.append(key)
+                lease._closeOnRelease = True
+            else:
+                self._closeLease(lease)
+        for key, lease in list(self._closing.items()):
+            if slotForKey(key, slotCount) in chosen:
+                d = Deferred()
+                lease._whenClosed.append(d)
+                waits.append(d)
+        for key in list(self._opening):
+            if slotForKey(key, slotCount) in chosen:
+                opening.append(key)
+                d = Deferred()
+                self._closeWhenOpened.setdefault(key, []).append(d)
+                waits.append(d)
+        closed: Deferred[None] = Deferred()
+        DeferredList(waits, consumeErrors=True).addCallback(lambda _: closed.callback(None))
+        return StoresClosing(held, opening, closed)
 
     def close(self, force: bool = False) -> Deferred[None]:
         """

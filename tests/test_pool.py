@@ -9,11 +9,13 @@ import gc
 import resource
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from fractal.keys import InvalidUserKey, storeNameForKey
+from fractal.durable.shipper import Shipper
+from fractal.keys import InvalidUserKey, slotForKey, storeNameForKey
 from fractal.pool import (
     FDS_PER_STORE,
     StoreLease,
@@ -23,6 +25,7 @@ from fractal.pool import (
 )
 from fractal.protocol import Overloaded, StoreUnavailable
 from fractal.store import Item, Store, integer
+from fractal.testing import MemoryDurableBackend
 
 
 class PoolTestCounter(Item):
@@ -398,3 +401,149 @@ class StorePoolTests(SynchronousTestCase):
         """
         self.assertRaises(ValueError, StorePool, self.clock, self.dataDir, maxOpenStores=0)
         self.assertRaises(ValueError, StorePool, self.clock, self.dataDir, idleTimeout=0)
+
+
+class CloseStoresOfTests(SynchronousTestCase):
+    """
+    Tests for L{StorePool.closeStoresOf}: closing the stores of chosen slots
+    for a handoff.
+    """
+
+    slots = 4
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.dataDir = FilePath(self.mktemp())
+        self.keys = [f"user{i}" for i in range(16)]
+        self.bySlot: dict[int, list[str]] = {}
+        for key in self.keys:
+            self.bySlot.setdefault(slotForKey(key, self.slots), []).append(key)
+        self.queued: list[tuple[Any, Deferred[Any]]] = []
+
+    def later(self, f: Any) -> Deferred[Any]:
+        """
+        A C{runInThread} that runs C{f} only when the test calls L{runQueued}.
+        """
+        d: Deferred[Any] = Deferred()
+        self.queued.append((f, d))
+        return d
+
+    def runQueued(self) -> None:
+        """
+        Run the work queued by L{later}, and what it queues in turn.
+        """
+        while self.queued:
+            f, d = self.queued.pop(0)
+            d.callback(f())
+
+    def makePool(self, shipper: Any = None) -> StorePool:
+        pool = StorePool(self.clock, self.dataDir, prepare=_prepare, shipper=shipper)
+        self.addCleanup(lambda: self.runQueued() or pool.close())
+        return pool
+
+    def test_idleAndHeld(self) -> None:
+        """
+        Idle stores of the chosen slots close at once; a store held by a call
+        is reported as held, stays open while the call runs and commits, and
+        closes when the call releases it, with the call's commit in it; the
+        returned Deferred fires then.  Stores of other slots stay open.
+        """
+        pool = self.makePool()
+        chosen = self.bySlot[1]
+        other = self.bySlot[2]
+        for key in chosen + other:
+            self.successResultOf(pool.acquire(key)).release()
+        held = self.successResultOf(pool.acquire(chosen[0]))
+        closing = pool.closeStoresOf({1}, self.slots)
+        self.assertEqual(closing.held, [chosen[0]])
+        self.assertEqual(closing.opening, [])
+        self.assertNoResult(closing.closed)
+        self.assertEqual(sorted(pool.openKeys()), sorted(other + [chosen[0]]))
+        counter = held.prepared
+        held.store.transact(lambda: setattr(counter, "value", 7))
+        held.release()
+        self.successResultOf(closing.closed)
+        self.assertEqual(sorted(pool.openKeys()), sorted(other))
+        lease = self.successResultOf(pool.acquire(chosen[0]))
+        self.assertEqual(lease.prepared.value, 7)
+        lease.release()
+
+    def test_nothingToClose(self) -> None:
+        """
+        With no store of the chosen slots open, the Deferred has fired
+        already and nothing is reported held.
+        """
+        pool = self.makePool()
+        self.successResultOf(pool.acquire(self.bySlot[2][0])).release()
+        closing = pool.closeStoresOf({1, 3}, self.slots)
+        self.assertEqual((closing.held, closing.opening), ([], []))
+        self.successResultOf(closing.closed)
+        self.assertEqual(pool.openKeys(), [self.bySlot[2][0]])
+
+    def test_beingOpened(self) -> None:
+        """
+        A store being opened (here, waiting for the shipper to look for a
+        durable copy) is reported as opening; the calls waiting for it get
+        it, and it closes, shipped, once they release it.
+        """
+        backend = MemoryDurableBackend()
+        shipper = Shipper(
+            backend,
+            self.clock,
+            runInThread=self.later,
+            storesDirectory=self.dataDir.child("stores"),
+        )
+        pool = self.makePool(shipper)
+        key = self.bySlot[3][0]
+        lease = self.successResultOf(pool.acquire(key))
+        lease.store.transact(lambda: setattr(lease.prepared, "value", 3))
+        lease.release()
+        pool.closeStoresOf([3], self.slots)
+        self.runQueued()
+        shipped = self.successResultOf(backend.head(storeNameForKey(key)))
+        assert shipped is not None
+        # The local copy is lost: the store is restored on its next call.
+        pool.pathForKey(key).remove()
+        acquiring = pool.acquire(key)
+        self.assertNoResult(acquiring)
+        closing = pool.closeStoresOf([3], self.slots)
+        self.assertEqual((closing.held, closing.opening), ([], [key]))
+        self.runQueued()
+        lease = self.successResultOf(acquiring)
+        self.assertEqual(lease.prepared.value, 3)
+        self.assertNoResult(closing.closed)
+        lease.store.transact(lambda: setattr(lease.prepared, "value", 4))
+        lease.release()
+        self.runQueued()
+        self.successResultOf(closing.closed)
+        self.assertEqual(pool.openKeys(), [])
+        head = self.successResultOf(backend.head(storeNameForKey(key)))
+        assert head is not None
+        self.assertGreater(head.seq, shipped.seq)
+
+    def test_closingAlready(self) -> None:
+        """
+        A store of a chosen slot that is closing already (waiting for its
+        ship) is waited for.
+        """
+        shipper = Shipper(
+            MemoryDurableBackend(),
+            self.clock,
+            runInThread=self.later,
+            storesDirectory=self.dataDir.child("stores"),
+        )
+        pool = self.makePool(shipper)
+        key = self.bySlot[0][0]
+        acquiring = pool.acquire(key)
+        self.runQueued()
+        lease = self.successResultOf(acquiring)
+        lease.store.transact(lambda: setattr(lease.prepared, "value", 1))
+        lease.release()
+        first = pool.closeStoresOf([0], self.slots)
+        self.assertNoResult(first.closed)
+        second = pool.closeStoresOf([0], self.slots)
+        self.assertEqual((second.held, second.opening), ([], []))
+        self.assertNoResult(second.closed)
+        self.runQueued()
+        self.successResultOf(first.closed)
+        self.successResultOf(second.closed)
