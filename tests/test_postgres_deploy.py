@@ -18,7 +18,13 @@ from fractal.durable._threads import runSynchronously
 from fractal.durable.shipper import Shipper
 from fractal.keys import slotForKey, storeNameForKey
 from fractal.node import FractalNode
-from fractal.postgres.deploy import openCluster, servePostgres, setAsideStores
+from fractal.postgres.deploy import (
+    HandoffNotDrained,
+    openCluster,
+    pruneStale,
+    servePostgres,
+    setAsideStores,
+)
 from fractal.postgres.schema import SchemaError
 from fractal.routing.interfaces import NodeAddress
 from tests._postgres import makeDatabase, postgresDSN
@@ -29,7 +35,9 @@ LEASE = 10.0
 
 
 class _Node:
-    def __init__(self, test: SynchronousTestCase, schema: str, name: str) -> None:
+    def __init__(
+        self, test: SynchronousTestCase, schema: str, name: str, **serve: Any
+    ) -> None:
         self.reactor = MemoryReactorClock()
         self.dataDir = FilePath(test.mktemp())
         port = 7300 + int(name[1:])
@@ -58,7 +66,7 @@ class _Node:
             topology=self.cluster.topology,
             shipper=self.shipper,
         )
-        servePostgres(self.node, self.cluster, self.shipper, runSynchronously)
+        servePostgres(self.node, self.cluster, self.shipper, runSynchronously, **serve)
         self.node.startService()
         self._test = test
         test.addCleanup(self.cluster.database.close)
@@ -82,6 +90,15 @@ class _Node:
 
     def owner(self, key: str) -> str:
         return self.cluster.topology.currentMap().ownerOfKey(key).node
+
+
+def _setCounter(lease: Any, value: int) -> None:
+    """
+    Commit C{value} as the counter of the store C{lease} holds, as a call's
+    transaction would.
+    """
+    counter = lease.store.findFirst(DurableNodeCounter)
+    lease.store.transact(lambda: setattr(counter, "value", value))
 
 
 def _advance(seconds: float, *nodes: _Node) -> None:
@@ -151,20 +168,20 @@ class PostgresNodeTests(SynchronousTestCase):
 
     def test_staleOpenStoreNeverShipped(self) -> None:
         """
-        A store left open on n1 after its slot moved to n2 (a call held it
-        during the handoff, and committed after the final ship) is stale:
-        when the slot comes back, it is closed without being shipped over
-        n2's newer records, and n1 serves n2's writes.
+        A store open on n1 after its slot moved to n2 (opened and written
+        there after the handoff, as a node that lost its lease could) is
+        stale: when the slot comes back, it is closed without being shipped
+        over n2's newer records, and n1 serves n2's writes.
         """
         database = makeDatabase(self)
         n1 = _Node(self, database.schema, "n1")
         users = [f"user{i}" for i in range(12)]
         for user in users:
             n1.call(Add, user=user, amount=5)
-        leases = [n1.node.pool.tryAcquire(user) for user in users]
         n2 = _Node(self, database.schema, "n2")
         _advance(LEASE * 3, n1, n2)
         moved = [u for u in users if n1.owner(u) == "n2"]
+        leases = [self.successResultOf(n1.node.pool.acquire(user)) for user in users]
         for user, lease in zip(users, leases):
             assert lease is not None
             if user in moved:
@@ -185,6 +202,67 @@ class PostgresNodeTests(SynchronousTestCase):
         self.flushLoggedErrors()
 
 
+    def test_handoffWaitsForCallsInFlight(self) -> None:
+        """
+        A slot being handed off moves only after the calls running on its
+        stores have finished: a call that holds its store when the handoff
+        starts and commits (acknowledged locally) afterwards keeps the slot
+        from moving until it is done, and its commit is in what the new
+        owner serves.  (Shipping first and letting the call commit after
+        the final ship would lose that commit.)
+        """
+        database = makeDatabase(self)
+        n1 = _Node(self, database.schema, "n1")
+        users = [f"user{i}" for i in range(12)]
+        for user in users:
+            n1.call(Add, user=user, amount=5)
+        leases = {user: self.successResultOf(n1.node.pool.acquire(user)) for user in users}
+        n2 = _Node(self, database.schema, "n2")
+        _advance(LEASE, n1, n2)
+        handedOff = [u for u in users if n1.owner(u) == "n2"]
+        self.assertTrue(handedOff)
+        n2Slots = n2.cluster.topology.ownedSlots()
+        # n1 routes their calls to n2 already, but the slots have not moved.
+        self.assertFalse({slotForKey(u, SLOTS) for u in handedOff} & n2Slots)
+        for user, lease in leases.items():
+            if user in handedOff:
+                # The call commits after the handoff began.
+                _setCounter(lease, 50)
+            lease.release()
+        _advance(LEASE, n1, n2)
+        self.assertEqual({n2.owner(u) for u in handedOff}, {"n2"})
+        for user in handedOff:
+            self.assertEqual(n2.call(Add, user=user, amount=1), {"value": 51})
+
+    def test_handoffGivesUpOnStuckCalls(self) -> None:
+        """
+        A call that holds a store longer than C{handoffDrain} makes the
+        handoff of the slots fail, without moving them: n1 serves them
+        again, and hands them off at a later round once the call is done,
+        with its commit.
+        """
+        database = makeDatabase(self)
+        n1 = _Node(self, database.schema, "n1")
+        users = [f"user{i}" for i in range(12)]
+        for user in users:
+            n1.call(Add, user=user, amount=5)
+        leases = {user: self.successResultOf(n1.node.pool.acquire(user)) for user in users}
+        n2 = _Node(self, database.schema, "n2")
+        _advance(LEASE * 3, n1, n2)
+        self.assertTrue(self.flushLoggedErrors(HandoffNotDrained))
+        stuck = [u for u in users if slotForKey(u, SLOTS) in n1.cluster.topology.ownedSlots()
+                 and n2.cluster.topology.currentMap().ownerOfKey(u).node != "n2"]
+        self.assertEqual(stuck, users)
+        for lease in leases.values():
+            _setCounter(lease, 60)
+            lease.release()
+        _advance(LEASE * 3, n1, n2)
+        moved = [u for u in users if n2.owner(u) == "n2"]
+        self.assertTrue(moved)
+        self.assertEqual([n1.owner(u) for u in moved], ["n2"] * len(moved))
+        for user in moved:
+            self.assertEqual(n2.call(Add, user=user, amount=1), {"value": 61})
+
     def test_heldStaleStoreWaitedFor(self) -> None:
         """
         A stale store still held by a call when its slot comes back keeps
@@ -196,10 +274,10 @@ class PostgresNodeTests(SynchronousTestCase):
         users = [f"user{i}" for i in range(12)]
         for user in users:
             n1.call(Add, user=user, amount=5)
-        leases = {user: n1.node.pool.tryAcquire(user) for user in users}
         n2 = _Node(self, database.schema, "n2")
         _advance(LEASE * 3, n1, n2)
         moved = [u for u in users if n1.owner(u) == "n2"]
+        leases = {user: self.successResultOf(n1.node.pool.acquire(user)) for user in users}
         self.assertTrue(moved)
         for user, lease in leases.items():
             if user not in moved:
@@ -241,3 +319,61 @@ class SetAsideTests(SynchronousTestCase):
         left = {p.basename() for prefix in stores.children() for p in prefix.children()}
         self.assertEqual(left, {n for n, s in names.items() if s != 1} | {keep})
         self.assertEqual(len(stale.children()), len(moved))
+
+    def test_pruneStale(self) -> None:
+        """
+        L{pruneStale} deletes the stale stores set aside longer ago than the
+        time kept, and the oldest beyond the count kept, whole directories;
+        it leaves alone what it did not name.
+        """
+        stale = FilePath(self.mktemp())
+        for name in ["a-100.0", "b-900.5", "c-950.0", "d-990.0", "notes", "e-soon"]:
+            stale.child(name).makedirs()
+            stale.child(name).child("db.sqlite").setContent(b"x")
+        removed = pruneStale(stale, now=1000.0, keep=500.0, maxCount=2)
+        self.assertEqual(sorted(removed), ["a-100.0", "b-900.5"])
+        self.assertEqual(sorted(c.basename() for c in stale.children()),
+                         ["c-950.0", "d-990.0", "e-soon", "notes"])
+        self.assertEqual(sorted(pruneStale(stale, now=2000.0, keep=500.0, maxCount=2)),
+                         ["c-950.0", "d-990.0"])
+        self.assertEqual(sorted(c.basename() for c in stale.children()), ["e-soon", "notes"])
+        self.assertEqual(pruneStale(FilePath(self.mktemp()), 0.0, 1.0, 1), [])
+
+
+class StalePruningTests(SynchronousTestCase):
+    """
+    A node on PostgreSQL keeps its set-aside stale stores for a bounded
+    time and number.
+    """
+
+    def test_prunedAtStartAndAfterSetAside(self) -> None:
+        """
+        When the reactor starts, stale stores older than C{staleKeep} are
+        deleted; after the node sets aside the stores of slots it gained
+        back, only the newest C{staleMax} stale stores remain.
+        """
+        database = makeDatabase(self)
+        clock = [10_000.0]
+        n1 = _Node(self, database.schema, "n1", staleKeep=3600.0, staleMax=2,
+                   now=lambda: clock[0])
+        stale = n1.dataDir.child("stale")
+        for name in ["old-100.0", "recent-9000.0"]:
+            stale.child(name).makedirs()
+        n1.reactor.run()
+        self.assertEqual([c.basename() for c in stale.children()], ["recent-9000.0"])
+        users = [f"user{i}" for i in range(24)]
+        for user in users:
+            n1.call(Add, user=user, amount=5)
+        n2 = _Node(self, database.schema, "n2")
+        _advance(LEASE * 3, n1, n2)
+        moved = [u for u in users if n1.owner(u) == "n2"]
+        self.assertGreater(len(moved), 2)
+        clock[0] = 10_001.0
+        n2.stop()
+        n1.reactor.advance(0)
+        _advance(n1.cluster.topology.heartbeat, n1)
+        self.assertEqual({n1.owner(u) for u in users}, {"n1"})
+        left = sorted(c.basename() for c in stale.children())
+        self.assertEqual(len(left), 2)
+        self.assertNotIn("recent-9000.0", left)
+        self.assertTrue(all(name.endswith("-10001.000000") for name in left))

@@ -7,11 +7,14 @@ DSN, and the glue between them and the node's store pool and shipper.
       start-up, before the reactor runs), so the node has its shard map before
       it serves anything.
     - L{servePostgres} makes the topology a service of the node and gives it
-      the node's hooks: before a slot is given up, its open stores are closed
-      (each shipped first) and everything dirty is shipped; before a gained
-      slot is served, the node's old local copies of its stores are moved
-      aside into C{DATA/stale/}, so the stores are restored from their durable
-      chains on their first call.
+      the node's hooks: before a slot is given up (its calls go elsewhere
+      already), the calls running on its stores finish, then its stores are
+      closed, each shipped first, and only then does the slot move; before a
+      gained slot is served, the node's old local copies of its stores are
+      moved aside into C{DATA/stale/}, so the stores are restored from their
+      durable chains on their first call.  Stale stores are deleted once
+      older than C{staleKeep} or beyond the newest C{staleMax}
+      (L{pruneStale}), at start-up and after each set-aside.
 """
 
 from __future__ import annotations
@@ -21,22 +24,33 @@ import time
 from typing import Any, Callable, Iterable
 
 from attrs import frozen
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.task import deferLater
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 
 from fractal.durable._threads import RunInThread, reactorThreads
-from fractal.keys import DEFAULT_SLOTS, slotForKey
+from fractal.keys import DEFAULT_SLOTS, storeNameForKey
 from fractal.postgres.backend import PostgresBackend, slotOfStore
 from fractal.postgres.connection import DEFAULT_SCHEMA, Database
 from fractal.postgres.schema import requireSchema
 from fractal.postgres.topology import DEFAULT_LEASE, PostgresTopology
 from fractal.routing.interfaces import NodeAddress
 
-__all__ = ["POSTGRES_THREADS", "PostgresCluster", "openCluster", "servePostgres", "setAsideStores"]
+__all__ = [
+    "DEFAULT_HANDOFF_DRAIN",
+    "DEFAULT_STALE_KEEP",
+    "DEFAULT_STALE_MAX",
+    "HandoffNotDrained",
+    "POSTGRES_THREADS",
+    "PostgresCluster",
+    "openCluster",
+    "pruneStale",
+    "servePostgres",
+    "setAsideStores",
+]
 
 _log = Logger(namespace="fractal.postgres.deploy")
 
@@ -136,33 +150,30 @@ def _ownThreads(reactor: Any, size: int) -> RunInThread:
     return run
 
 
-_STALE_POLL = 0.1
+DEFAULT_HANDOFF_DRAIN = 10.0
 """
-Seconds between looks for the release of stale stores held by calls.
+Seconds a handoff waits for the calls running on its slots to finish.  If
+they have not by then, the handoff fails: the node serves the slots again
+and hands them off at a later round, so a commit is never left behind the
+final ship.
+"""
+
+DEFAULT_STALE_KEEP = 7 * 24 * 3600.0
+"""
+Seconds a set-aside stale store is kept in C{DATA/stale/} for inspection.
+"""
+
+DEFAULT_STALE_MAX = 1000
+"""
+The most set-aside stale stores kept in C{DATA/stale/}; the oldest go first.
 """
 
 
-def _closeStoresOf(pool: Any, slots: set[int], slotCount: int) -> Deferred[Any]:
+class HandoffNotDrained(Exception):
     """
-    Close the idle open stores of C{pool} whose keys are in C{slots}, each
-    shipped first by the pool's shipper, and wait for those closing already.
-
-    The store pool has no public way yet to close chosen stores; this reaches
-    into it, and is the one place to change when it has one.
+    The calls running on slots being handed off did not finish in time; the
+    handoff is abandoned and tried again later.
     """
-    waits: list[Deferred[None]] = []
-    for key, lease in list(pool._open.items()):
-        if slotForKey(key, slotCount) in slots and lease._busy == 0:
-            d: Deferred[None] = Deferred()
-            lease._whenClosed.append(d)
-            pool._closeLease(lease)
-            waits.append(d)
-    for key, lease in list(pool._closing.items()):
-        if slotForKey(key, slotCount) in slots:
-            d = Deferred()
-            lease._whenClosed.append(d)
-            waits.append(d)
-    return DeferredList(waits, consumeErrors=True) if waits else succeed(None)
 
 
 def setAsideStores(
@@ -171,6 +182,7 @@ def setAsideStores(
     slots: Iterable[int],
     slotCount: int,
     keep: Iterable[str] = (),
+    now: Callable[[], float] = time.time,
 ) -> list[str]:
     """
     Move the local copies of the stores of C{slots} out of C{storesDir} into
@@ -183,6 +195,7 @@ def setAsideStores(
     @param slots: the slots whose stores go.
     @param slotCount: the cluster's slot count.
     @param keep: store names not to move (stores open now).
+    @param now: the wall clock, for the names.
     @return: the names of the stores moved.
     """
     wanted = set(slots)
@@ -190,7 +203,7 @@ def setAsideStores(
     moved: list[str] = []
     if not storesDir.isdir():
         return moved
-    stamp = f"{time.time():.6f}"
+    stamp = f"{now():.6f}"
     for prefix in storesDir.children():
         if not prefix.isdir():
             continue
@@ -208,11 +221,57 @@ def setAsideStores(
     return moved
 
 
+def _staleTime(name: str) -> float | None:
+    """
+    When the stale store C{name} (C{<store name>-<time>}) was set aside.
+    """
+    _, dash, stamp = name.rpartition("-")
+    if not dash:
+        return None
+    try:
+        return float(stamp)
+    except ValueError:
+        return None
+
+
+def pruneStale(staleDir: FilePath[str], now: float, keep: float, maxCount: int) -> list[str]:
+    """
+    Delete the stale stores of C{staleDir} set aside more than C{keep}
+    seconds before C{now}, and the oldest beyond the C{maxCount} newest.
+    Entries whose names are not C{<store name>-<time>} are left alone.
+    Blocking.
+
+    @param staleDir: C{DATA/stale}.
+    @param now: the time now, in seconds since the epoch.
+    @param keep: seconds a stale store is kept.
+    @param maxCount: the most stale stores kept.
+    @return: the names deleted.
+    """
+    if not staleDir.isdir():
+        return []
+    entries: list[tuple[float, FilePath[str]]] = []
+    for child in staleDir.children():
+        stamp = _staleTime(child.basename())
+        if stamp is not None:
+            entries.append((stamp, child))
+    entries.sort(key=lambda e: e[0], reverse=True)
+    removed: list[str] = []
+    for index, (stamp, child) in enumerate(entries):
+        if index >= maxCount or now - stamp > keep:
+            child.remove()
+            removed.append(child.basename())
+    return removed
+
+
 def servePostgres(
     node: Any,
     cluster: PostgresCluster,
     shipper: Any = None,
     runInThread: RunInThread | None = None,
+    handoffDrain: float = DEFAULT_HANDOFF_DRAIN,
+    staleKeep: float = DEFAULT_STALE_KEEP,
+    staleMax: int = DEFAULT_STALE_MAX,
+    now: Callable[[], float] = time.time,
 ) -> None:
     """
     Run C{cluster}'s topology as a service of C{node} (a
@@ -228,6 +287,10 @@ def servePostgres(
     @param shipper: the node's L{fractal.durable.shipper.Shipper}, or L{None}.
     @param runInThread: runs the blocking file moves; the node's reactor's
         thread pool by default.
+    @param handoffDrain: see L{DEFAULT_HANDOFF_DRAIN}.
+    @param staleKeep: see L{DEFAULT_STALE_KEEP}.
+    @param staleMax: see L{DEFAULT_STALE_MAX}.
+    @param now: the wall clock, for the names and ages of stale stores.
     """
     topology = cluster.topology
     pool = node.pool
@@ -235,16 +298,41 @@ def servePostgres(
     run = runInThread if runInThread is not None else reactorThreads(node.reactor)
     stale = node.dataDir.child("stale")
 
+    def prune() -> Deferred[Any]:
+        def report(removed: list[str]) -> None:
+            if removed:
+                _log.info(
+                    "Deleted {count} stale stores set aside more than {keep:g}s ago "
+                    "or beyond the newest {most} in {where}",
+                    count=len(removed),
+                    keep=staleKeep,
+                    most=staleMax,
+                    where=stale.path,
+                )
+
+        def failed(failure: Failure) -> None:
+            _log.failure("Cannot prune the stale stores in {where}", failure, where=stale.path)
+
+        return run(lambda: pruneStale(stale, now(), staleKeep, staleMax)).addCallbacks(
+            report, failed
+        )
+
     def release(slots: list[int]) -> Deferred[Any]:
-        chosen = set(slots)
-        # Idle stores are closed, and each is shipped before it closes;
-        # stores still held by a call are shipped as they are now.
-        d = _closeStoresOf(pool, chosen, slotCount)
-        if shipper is None:
-            return d
-        held = [k for k in pool.openKeys() if slotForKey(k, slotCount) in chosen]
-        done = DeferredList([d] + [shipper.whenDurable(k) for k in held], consumeErrors=True)
-        if not node.running:
+        # The map shows these slots elsewhere already, so no new call starts
+        # on them here.  Each of their stores closes once the calls running
+        # on it are done, and is shipped as it closes: the final ship holds
+        # every commit made here.  Only then may the slots move.
+        closing = pool.closeStoresOf(slots, slotCount)
+        if closing.held or closing.opening:
+            _log.info(
+                "Handing off {count} slots: waiting for the calls on {held} stores",
+                count=len(slots),
+                held=len(closing.held) + len(closing.opening),
+            )
+        done: Deferred[Any] = closing.closed
+        if node.running:
+            done.addTimeout(handoffDrain, node.reactor, onTimeoutCancel=_notDrained(handoffDrain))
+        elif shipper is not None:
             # The node is stopping: its pool is closed; ship whatever its
             # closing stores left unshipped before the slots move.
             done.addCallback(lambda _: shipper.flush())
@@ -252,35 +340,26 @@ def servePostgres(
 
     def gained(slots: list[int]) -> Deferred[Any]:
         chosen = set(slots)
-
-        def closeStale() -> Deferred[Any]:
-            # A stale store held by a call (one that began when this node
-            # owned the slot before) closes once the call is done; the
-            # slots are not served until then.
-            def again(_: object) -> Deferred[Any] | None:
-                if any(slotForKey(k, slotCount) in chosen for k in pool.openKeys()):
-                    return deferLater(node.reactor, _STALE_POLL, closeStale)
-                return None
-
-            return _closeStoresOf(pool, chosen, slotCount).addCallback(again)
-
-        d = closeStale()
+        # A stale store held by a call (one that began when this node owned
+        # the slot before) closes once the call is done; the slots are not
+        # served until then.
+        d: Deferred[Any] = pool.closeStoresOf(chosen, slotCount).closed
 
         def setAside(_: object) -> Deferred[Any]:
-            from fractal.keys import storeNameForKey
-
             busy = [storeNameForKey(key) for key in pool.openKeys()]
-            return run(lambda: setAsideStores(pool.storesDir, stale, chosen, slotCount, busy))
+            return run(lambda: setAsideStores(pool.storesDir, stale, chosen, slotCount, busy, now))
 
-        def report(moved: list[str]) -> None:
+        def report(moved: list[str]) -> Deferred[Any]:
             if moved:
                 _log.info(
                     "Set aside {count} stale local stores of gained slots into {where}",
                     count=len(moved),
                     where=stale.path,
                 )
+            return prune()
 
-        return d.addCallback(setAside).addCallback(report)
+        d.addCallback(setAside).addCallback(report)
+        return d
 
     topology.releaseSlots = release
     topology.slotsGained = gained
@@ -289,3 +368,22 @@ def servePostgres(
         if shipper.parent is None:
             shipper.setServiceParent(node)
     topology.setServiceParent(node)  # type: ignore[no-untyped-call]
+    node.reactor.callWhenRunning(prune)
+
+
+def _notDrained(seconds: float) -> Callable[[Any, float], Any]:
+    """
+    The C{onTimeoutCancel} of a handoff's wait for its calls.
+    """
+
+    def timedOut(result: Any, timeout: float) -> Any:
+        if isinstance(result, Failure) and result.check(CancelledError):  # type: ignore[no-untyped-call]
+            return Failure(  # type: ignore[no-untyped-call]
+                HandoffNotDrained(
+                    f"calls on the slots still running after {seconds:g}s; "
+                    "the slots are served here again and handed off later"
+                )
+            )
+        return result
+
+    return timedOut
