@@ -364,7 +364,8 @@ def servePostgres(
     topology.releaseSlots = release
     topology.slotsGained = gained
     if shipper is not None:
-        shipper.addFencedObserver(lambda key, error: topology.refresh())
+        # A store fenced at a newer epoch: the node (which observes its
+        # shipper) stops serving the slot and has the topology reload the map.
         if shipper.parent is None:
             shipper.setServiceParent(node)
     topology.setServiceParent(node)  # type: ignore[no-untyped-call]
