@@ -35,6 +35,7 @@ __all__ = [
     "StoreUnavailable",
     "NotOwner",
     "OwnerUnavailable",
+    "CallNotSent",
     "CallFailed",
     "FRAMEWORK_ERRORS",
     "RETRYABLE_ERRORS",
@@ -99,6 +100,16 @@ class OwnerUnavailable(Exception):
     """
     I{Retryable.}  The user's slot is owned by another node that cannot be
     reached right now; the call did not run.
+    """
+
+
+class CallNotSent(OwnerUnavailable):
+    """
+    I{Retryable.}  Raised by a node's forwarder, never sent on the wire (a
+    client receives it as L{OwnerUnavailable}): the call was not sent to the
+    owner at all (its peer link is down or did not come up in time, or the
+    node has no link to it), so it certainly did not run there and may be
+    routed again.
     """
 
 

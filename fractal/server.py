@@ -13,6 +13,14 @@ backend refused a write of one of its stores for a stale epoch) is not served
 whatever the map says, until the map gives it to this node at a newer epoch:
 its calls are answered L{OwnerUnavailable} (L{FractalServer.fenceSlot}).
 
+A call this node forwards, or was about to run, while its slot changes hands
+is not failed to the client: when the owner refuses it without running it
+(L{NotOwner}, L{NodeStopping}, L{OwnerUnavailable}, or a peer link that could
+not send it), or the slot left this node while its store was being opened,
+or its durable write was refused for a stale epoch, the call is routed again
+once the node's map changes (or after a short wait), within
+L{RerouteLimits}; then it is answered L{OwnerUnavailable}, saying so.
+
 Each call runs in the user's store inside one transaction.  An exception the
 command does not declare rolls the transaction back and fails that call alone
 (L{CallFailed}); the connection and every other call carry on.
@@ -29,6 +37,7 @@ from typing import Any, Callable, Coroutine, Protocol
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -57,6 +66,7 @@ from fractal.protocol import (
     FRAMEWORK_ERRORS,
     USER_ARGUMENT,
     CallFailed,
+    CallNotSent,
     InvalidRequest,
     NodeStopping,
     NotOwner,
@@ -66,7 +76,14 @@ from fractal.protocol import (
 )
 from fractal.routing.interfaces import ITopology, SlotOwner
 
-__all__ = ["ServerLimits", "IForwarder", "FencedSlot", "FractalServer", "NodeProtocol"]
+__all__ = [
+    "ServerLimits",
+    "RerouteLimits",
+    "IForwarder",
+    "FencedSlot",
+    "FractalServer",
+    "NodeProtocol",
+]
 
 _ROUTES_KEPT = 1 << 16
 """
@@ -96,6 +113,47 @@ class ServerLimits:
     maxBoxBytes: int = 1 << 20
     maxKeysPerBox: int = 128
     maxOutstanding: int = 256
+
+
+@frozen
+class RerouteLimits:
+    """
+    How long a node keeps routing again a call whose slot is changing hands
+    (see L{FractalServer.reroute}).
+
+    @ivar attempts: the most times one call is routed again.
+    @ivar within: seconds after the first refusal within which it may be.
+    @ivar delay: seconds to wait for a new map before the first retry; each
+        retry waits twice as long as the one before, at most C{maxDelay}.
+        A change of the node's map ends the wait at once.
+    @ivar maxDelay: the longest wait before one retry.
+    """
+
+    attempts: int = 10
+    within: float = 5.0
+    delay: float = 0.05
+    maxDelay: float = 1.0
+
+
+@frozen
+class _Retry:
+    """
+    Where a call that is being routed again stands.
+    """
+
+    started: float
+    attempt: int
+    why: str
+    hint: str | None = None
+
+
+_REROUTED_CODES = frozenset(
+    FRAMEWORK_ERRORS[error] for error in (NotOwner, NodeStopping, OwnerUnavailable)
+)
+"""
+The codes of the answers of an owner that refused a forwarded call without
+running it, after which the forwarding node routes the call again.
+"""
 
 
 @frozen
@@ -174,6 +232,11 @@ class FractalServer:
     @ivar callsFailed: calls answered with an error (of any kind).
     @ivar responderErrors: calls whose responder raised an undeclared error.
     @ivar inFlight: calls started and not yet answered.
+    @ivar clock: the clock of the waits before routing a call again, or
+        L{None} to answer a refused forwarded call at once (a node without
+        peers); L{fractal.routing.cluster.joinCluster} sets it.
+    @ivar reroute: the L{RerouteLimits}.
+    @ivar callsRerouted: how many times calls were routed again.
     """
 
     log = Logger()
@@ -210,6 +273,9 @@ class FractalServer:
         self.callsFailed = 0
         self.responderErrors = 0
         self.inFlight = 0
+        self.clock: IReactorTime | None = None
+        self.reroute = RerouteLimits()
+        self.callsRerouted = 0
         self._stopping = False
         self._drainWaiters: list[Deferred[None]] = []
         self._connections: set[NodeProtocol] = set()
@@ -589,35 +655,182 @@ class NodeProtocol(BinaryBoxProtocol):
         if owner.node != server.topology.localNode:
             self._forward(box, ask, owner, key)
             return
+        self._local(box, ask, name, key, owner, None)
+
+    def _local(
+        self,
+        box: AmpBox,
+        ask: bytes | None,
+        name: bytes,
+        key: str,
+        owner: SlotOwner,
+        retry: _Retry | None,
+    ) -> None:
+        """
+        Run a call for a slot this node owns.
+
+        @param retry: L{None} for a call just received (not yet counted as
+            running), or where a call being routed again stands.
+        """
+        server = self.server
         if server._fenced:
             fence = server._fenceOf(slotForKey(key, server.topology.currentMap().slots), owner)
             if fence is not None:
-                self._refuse(ask, OwnerUnavailable(fence.describe()))
+                if retry is None:
+                    self._refuse(ask, OwnerUnavailable(fence.describe()))
+                elif not self._reroute(box, ask, key, retry, fence.describe()):
+                    self._finish(ask, self._gaveUpBox(ask, retry))
                 return
         responder = server.application.responders.get(name)
+        refusal: AmpBox | None = None
+        kwargs: dict[str, Any] = {}
         if responder is None:
-            self._refuseBox(
-                _errorBox(
-                    ask, UNHANDLED_ERROR_CODE, f"Unhandled Command: {name.decode('ascii', 'replace')!r}"
-                )
+            refusal = _errorBox(
+                ask, UNHANDLED_ERROR_CODE, f"Unhandled Command: {name.decode('ascii', 'replace')!r}"
             )
-            return
-        try:
-            kwargs = _argumentParser(responder.command)(box, self)
-        except Exception as e:
-            self._refuse(ask, InvalidRequest(_describeArgument(e)))
+        else:
+            try:
+                kwargs = _argumentParser(responder.command)(box, self)
+            except Exception as e:
+                refusal = _errorBox(
+                    ask, FRAMEWORK_ERRORS[InvalidRequest], _describeArgument(e)
+                )
+        if refusal is not None or responder is None:
+            assert refusal is not None
+            if retry is None:
+                self._refuseBox(refusal)
+            else:
+                self._finish(ask, refusal)
             return
         del kwargs["user"]
-        self._begin()
+        if retry is None:
+            self._begin()
         lease = server.pool.tryAcquire(key)
         if lease is not None:
-            self._run(lease, responder, kwargs, ask, key)
+            self._run(lease, responder, kwargs, ask, key, box, retry)
         else:
             server.pool.acquire(key).addCallbacks(
-                self._run,
+                self._acquired,
                 lambda f: self._finish(ask, self._frameworkErrorBox(ask, f, key)),
-                (responder, kwargs, ask, key),
+                (box, responder, kwargs, ask, key, retry),
             )
+
+    def _acquired(
+        self,
+        lease: StoreLease,
+        box: AmpBox,
+        responder: Responder,
+        kwargs: dict[str, Any],
+        ask: bytes | None,
+        key: str,
+        retry: _Retry | None,
+    ) -> None:
+        """
+        The store of a call is open: run the call if this node still owns
+        its slot.  A slot handed off meanwhile has had its stores closed and
+        shipped already, so the call must run at the new owner.
+        """
+        owner = self.server.topology.currentMap().ownerOfKey(key)
+        if owner.node == self.server.topology.localNode:
+            self._run(lease, responder, kwargs, ask, key, box, retry)
+            return
+        lease.release()
+        why = f"the user's slot moved to node {owner.node!r} while its store was being opened"
+        if not self._reroute(box, ask, key, retry, why):
+            self._finish(ask, _errorBox(ask, FRAMEWORK_ERRORS[NotOwner], owner.node))
+
+    # -- routing again ------------------------------------------------------
+
+    def _reroute(
+        self,
+        box: AmpBox,
+        ask: bytes | None,
+        key: str,
+        retry: _Retry | None,
+        why: str,
+        hint: str | None = None,
+    ) -> bool:
+        """
+        Route a running call again, the node's owner of its slot having
+        refused it without running it, once the node's map changes or after
+        a short wait; or answer it with a clear L{OwnerUnavailable} if it has
+        been routed again too often or for too long.
+
+        The call goes to the owner in the node's map then; if the map has
+        not changed meanwhile and the refusing node named another owner
+        (C{hint}, from L{NotOwner}), it goes there: that node's map is newer.
+
+        @return: C{False} if the call is not routed again and not answered
+            (a peer connection: the forwarding node routes again; or a node
+            without a clock or with no attempts allowed); the caller answers.
+        """
+        server = self.server
+        clock = server.clock
+        limits = server.reroute
+        if clock is None or not self.forwarding or limits.attempts < 1:
+            return False
+        now = clock.seconds()
+        started = now if retry is None else retry.started
+        attempt = 0 if retry is None else retry.attempt
+        if attempt >= limits.attempts or now - started >= limits.within:
+            self._finish(ask, self._gaveUpBox(ask, _Retry(started, attempt, why)))
+            return True
+        server.callsRerouted += 1
+        following = _Retry(started, attempt + 1, why)
+        refusedOn = server.topology.currentMap()
+        wait = min(limits.maxDelay, limits.delay * 2**attempt, started + limits.within - now)
+        state: dict[str, Any] = {}
+
+        def again() -> None:
+            if state.pop("waiting", None) is None:
+                return
+            state["unwatch"]()
+            if state["timer"].active():
+                state["timer"].cancel()
+            if self._lost:
+                # Nobody to answer any more: the call is over.
+                self._finish(ask, self._gaveUpBox(ask, following))
+                return
+            shardMap = server.topology.currentMap()
+            owner = shardMap.ownerOfKey(key)
+            if (
+                shardMap is refusedOn
+                and hint is not None
+                and hint != owner.node
+                and hint != server.topology.localNode
+                and hint in shardMap.nodes
+            ):
+                owner = SlotOwner(hint, owner.epoch)
+            if owner.node != server.topology.localNode:
+                self._forward(box, ask, owner, key, following)
+            else:
+                name = box[COMMAND]
+                self._local(box, ask, name, key, owner, following)
+
+        state["waiting"] = True
+        state["timer"] = clock.callLater(max(0.0, wait), again)
+        # A new map ends the wait, in a turn of its own (not inside the
+        # topology's notification of its observers).
+        def changed(_: object) -> None:
+            clock.callLater(0, again)
+
+        state["unwatch"] = server.topology.watch(changed)
+        return True
+
+    def _gaveUpBox(self, ask: bytes | None, retry: _Retry) -> AmpBox:
+        """
+        The answer to a call routed again too often or for too long.
+        """
+        seconds = (self.server.clock.seconds() if self.server.clock else retry.started) - (
+            retry.started
+        )
+        return _errorBox(
+            ask,
+            FRAMEWORK_ERRORS[OwnerUnavailable],
+            f"the user's slot is changing hands and no node ran the call "
+            f"({retry.attempt + 1} attempts in {seconds:.1f}s; last: {retry.why}); "
+            "the call did not run: call again",
+        )
 
     # -- running a call -----------------------------------------------------
 
@@ -646,9 +859,15 @@ class NodeProtocol(BinaryBoxProtocol):
         kwargs: dict[str, Any],
         ask: bytes | None,
         key: str,
+        request: AmpBox | None = None,
+        retry: _Retry | None = None,
     ) -> None:
         """
         Run the responder in one transaction of the user's store and answer.
+
+        @param request: the call's box, to route it again if its durable
+            write is refused for a stale epoch.
+        @param retry: where the call stands if it is being routed again.
 
         A synchronous responder's response is serialised inside the
         transaction too, so a response that does not fit the command's
@@ -683,45 +902,101 @@ class NodeProtocol(BinaryBoxProtocol):
             result.addCallbacks(
                 self._respond,
                 lambda f: self._finish(ask, self._responderErrorBox(ask, f, responder, key)),
-                (responder, ask, key),
+                (responder, ask, key, request, retry),
             )
         else:
             lease.release()
-            self._respond(result, responder, ask, key)
+            self._respond(result, responder, ask, key, request, retry)
 
-    def _respond(self, box: AmpBox, responder: Responder, ask: bytes | None, key: str) -> None:
+    def _respond(
+        self,
+        box: AmpBox,
+        responder: Responder,
+        ask: bytes | None,
+        key: str,
+        request: AmpBox | None = None,
+        retry: _Retry | None = None,
+    ) -> None:
         """
         Answer a call with its response C{box}, once durable if its command is
-        acknowledged durably.
+        acknowledged durably.  A durable write refused for a stale epoch (the
+        slot moved during the call) leaves nothing acknowledged: the call is
+        routed again, or, when it was forwarded here, answered
+        L{OwnerUnavailable} so that the node that forwarded it does.
         """
         if ask is not None:
             box[ANSWER] = ask
         if responder.ack == "durable":
             shipper = self.server.shipper
             assert shipper is not None
+
+            def notDurable(failure: Failure) -> None:
+                if not failure.check(StaleEpoch):
+                    self._finish(ask, self._notDurableBox(ask, failure, key))
+                    return
+                why = (
+                    "its commit was refused by the durable backend for a stale epoch "
+                    "(the slot moved during the call)"
+                )
+                if request is not None and self._reroute(request, ask, key, retry, why):
+                    return
+                if self.forwarding:
+                    self._finish(ask, self._notDurableBox(ask, failure, key))
+                    return
+                # A forwarded call: the forwarding node routes it again.
+                self._finish(
+                    ask,
+                    _errorBox(
+                        ask,
+                        FRAMEWORK_ERRORS[OwnerUnavailable],
+                        f"{why}; nothing was acknowledged: call again",
+                    ),
+                )
+
             maybeDeferred(shipper.whenDurable, key).addCallbacks(
-                lambda _: self._finish(ask, box),
-                lambda f: self._finish(ask, self._notDurableBox(ask, f, key)),
+                lambda _: self._finish(ask, box), notDurable
             )
         else:
             self._finish(ask, box)
 
-    def _forward(self, box: AmpBox, ask: bytes | None, owner: SlotOwner, key: str) -> None:
+    def _forward(
+        self,
+        box: AmpBox,
+        ask: bytes | None,
+        owner: SlotOwner,
+        key: str,
+        retry: _Retry | None = None,
+    ) -> None:
         """
         Hand a call for another node's user to the forwarder, or answer
-        L{NotOwner}.
+        L{NotOwner}.  An owner's refusal of a call it did not run sends the
+        call through routing again (L{_reroute}).
+
+        @param retry: L{None} for a call just received (not yet counted as
+            running), or where a call being routed again stands.
         """
         forward = self.server.forward if self.forwarding else None
         if forward is None:
-            self._refuse(ask, NotOwner(owner.node))
+            if retry is None:
+                self._refuse(ask, NotOwner(owner.node))
+            else:
+                self._finish(ask, _errorBox(ask, FRAMEWORK_ERRORS[NotOwner], owner.node))
             return
-        self._begin()
+        if retry is None:
+            self._begin()
 
         def relay(answer: AmpBox | None) -> None:
             if answer is None:
                 # The call asked for no answer.
                 self._finish(ask, AmpBox())
                 return
+            code = answer.get(ERROR_CODE) if ERROR in answer else None
+            if code in _REROUTED_CODES:
+                description = answer.get(ERROR_DESCRIPTION, b"").decode("utf-8", "replace")
+                why = f"node {owner.node!r} refused it: {description}"
+                hint = description if code == FRAMEWORK_ERRORS[NotOwner] else None
+                if self._reroute(box, ask, key, retry, why, hint):
+                    return
             relayed = AmpBox(answer)
             relayed.pop(ANSWER, None)
             tag = ERROR if ERROR in relayed else ANSWER
@@ -730,9 +1005,23 @@ class NodeProtocol(BinaryBoxProtocol):
                 relayed[tag] = ask
             self._finish(ask, relayed)
 
-        maybeDeferred(forward, box, owner, key).addCallbacks(
-            relay, lambda f: self._finish(ask, self._frameworkErrorBox(ask, f, key, OwnerUnavailable))
-        )
+        def failed(failure: Failure) -> None:
+            # A call that could not be sent is routed again once it is
+            # being routed again already (its slot is changing hands) or the
+            # map has moved its slot meanwhile; a call for an owner that is
+            # simply down fails at once.
+            if (
+                failure.check(CallNotSent)
+                and (
+                    retry is not None
+                    or self.server.topology.currentMap().ownerOfKey(key).node != owner.node
+                )
+                and self._reroute(box, ask, key, retry, failure.getErrorMessage())
+            ):
+                return
+            self._finish(ask, self._frameworkErrorBox(ask, failure, key, OwnerUnavailable))
+
+        maybeDeferred(forward, box, owner, key).addCallbacks(relay, failed)
 
     def _internal(self, responder: InternalResponder, box: AmpBox, ask: bytes | None) -> None:
         """

@@ -283,16 +283,22 @@ class MapChangeTests(SynchronousTestCase):
     def test_staleForwarderCorrected(self) -> None:
         """
         A node still on the old map forwards to the old owner, which knows
-        better and answers L{NotOwner} naming the new owner: the call runs
-        nowhere and is not forwarded a second time.
+        better: it does not forward the call a second time but answers
+        L{NotOwner} naming the new owner, and the forwarding node routes the
+        call there itself; it runs once, on the new owner.
         """
         self.cluster.setMap(self.moved, nodes=["n2", "n3"])
         d = deliver(self.cluster.client("n1"), self.user)
         self.cluster.flush()
-        failure = self.failureResultOf(d, NotOwner)
-        self.assertEqual(failure.value.args[0], "n3")
-        for node in ["n1", "n2", "n3"]:
+        self.assertNoResult(d)
+        self.cluster.advance(0.05)
+        self.assertIn("messageID", self.successResultOf(d))
+        self.assertEqual(self.cluster.nodes["n1"].server.callsRerouted, 1)
+        self.assertTrue(_holds(self.directory.child("n3"), storeNameForKey(self.user)))
+        for node in ["n1", "n2"]:
             self.assertFalse(_holds(self.directory.child(node), storeNameForKey(self.user)))
+        # The old owner answered NotOwner itself (it forwards nothing).
+        self.assertEqual(self.cluster.nodes["n2"].server.callsServed, 0)
 
     def test_smartClientOnStaleMap(self) -> None:
         """

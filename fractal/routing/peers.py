@@ -16,7 +16,10 @@ A call for a peer whose link was up and is now down (its connection was
 lost, and reconnecting fails) fails at once with
 L{fractal.protocol.OwnerUnavailable}; a call on a link that has not been up
 yet (peers start in any order) waits at most C{connectTimeout} for it; a
-call the peer does not answer within C{callTimeout} fails the same way.
+call the peer does not answer within C{callTimeout} fails the same way.  A
+call that was never sent fails with L{fractal.protocol.CallNotSent} (an
+L{OwnerUnavailable}), so the forwarding node knows it may route it again; a
+call sent and not answered may have run, and is not.
 Nothing here waits without a bound, and one slow or dead peer holds up only
 the calls for its own users.
 """
@@ -45,7 +48,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from fractal.certs import NodeCredentials, peerClientCreator
-from fractal.protocol import OwnerUnavailable
+from fractal.protocol import CallNotSent, OwnerUnavailable
 from fractal.routing.interfaces import ITopology, NodeAddress, ShardMap
 
 __all__ = [
@@ -273,7 +276,7 @@ class PeerLink:
             return succeed(None)
         if self._receiver is None:
             if self._down is not None:
-                return fail(self._unavailable(self._down))
+                return fail(self._notSent(self._down))
             d: Deferred[amp.AmpBox] = Deferred()
             entry: tuple[amp.AmpBox, Deferred[amp.AmpBox], IDelayedCall]
             timeout = self._clock.callLater(
@@ -303,7 +306,7 @@ class PeerLink:
     ) -> None:
         self._backlog.remove(entry)
         entry[1].errback(
-            self._unavailable(f"no answer within {self._callTimeout:g} s (calls queued)")
+            self._notSent(f"no room on the link within {self._callTimeout:g} s (calls queued)")
         )
 
     def _drain(self) -> None:
@@ -336,6 +339,9 @@ class PeerLink:
     def _unavailable(self, why: str) -> OwnerUnavailable:
         return OwnerUnavailable(f"owner node {self.node!r} is unavailable: {why}")
 
+    def _notSent(self, why: str) -> CallNotSent:
+        return CallNotSent(f"owner node {self.node!r} is unavailable: {why}")
+
     def _queueTimedOut(
         self, entry: tuple[amp.AmpBox, Deferred[amp.AmpBox], IDelayedCall]
     ) -> None:
@@ -343,7 +349,7 @@ class PeerLink:
         why = f"not connected within {self._connectTimeout:g} s"
         if self._lastError is not None:
             why += f" (last attempt: {self._lastError})"
-        entry[1].errback(self._unavailable(why))
+        entry[1].errback(self._notSent(why))
 
     def _callTimedOut(self, tag: bytes) -> None:
         _, d, _ = self._waiting.pop(tag)
@@ -371,7 +377,7 @@ class PeerLink:
         queued, self._queued = self._queued, []
         for _, d, timeout in queued:
             timeout.cancel()
-            d.errback(self._unavailable(self._down))
+            d.errback(self._notSent(self._down))
 
     def _disconnected(self, receiver: _PeerClientReceiver, reason: Failure) -> None:
         if receiver is not self._receiver:
@@ -387,9 +393,12 @@ class PeerLink:
         self._down = "connection lost"
         waiting, self._waiting = self._waiting, {}
         backlog, self._backlog = self._backlog, []
-        for _, d, timeout in list(waiting.values()) + backlog:
+        for _, d, timeout in waiting.values():
             timeout.cancel()
             d.errback(self._unavailable("connection lost before it answered"))
+        for _, d, timeout in backlog:
+            timeout.cancel()
+            d.errback(self._notSent("connection lost before the call was sent"))
 
     def _answerReceived(self, box: amp.AmpBox) -> None:
         tag = box.get(_ANSWER)
@@ -527,5 +536,5 @@ class PeerLinks(MultiService):
         """
         service = self._links.get(node)
         if service is None:
-            return fail(OwnerUnavailable(f"owner node {node!r} has no peer link"))
+            return fail(CallNotSent(f"owner node {node!r} has no peer link"))
         return service.link.forward(box)

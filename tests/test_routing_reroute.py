@@ -1,0 +1,200 @@
+"""
+Tests for routing a call again while its slot changes hands
+(L{fractal.server.NodeProtocol._reroute}): a call that reaches an owner that
+does not run it (it stopped accepting the slot, or is stopping, or no longer
+owns it) is routed again by the node that forwarded it, once that node's map
+changes, within L{fractal.server.RerouteLimits}; the client sees the answer,
+not the refusal.  Deterministic: real nodes over a simulated network with one
+clock (L{fractal.testing.SimulatedCluster}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import evolve
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from examples.mailbox import Deliver, Stats, application
+from fractal.keys import storeNameForKey
+from fractal.protocol import OwnerUnavailable
+from fractal.routing.interfaces import ShardMap
+from fractal.routing.topology import reassign
+from fractal.server import RerouteLimits
+from fractal.testing import SimulatedCluster
+
+
+def deliver(client: Any, user: str) -> Any:
+    return client.callRemote(Deliver, user=user, sender="bob", subject="hi", body="text")
+
+
+def _holds(dataDir: FilePath[str], name: str) -> bool:
+    return dataDir.child("stores").child(name[:2]).child(name).child("db.sqlite").exists()
+
+
+class RerouteTests(SynchronousTestCase):
+    """
+    A slot of n2 moves to n3 while n1 forwards calls for it.
+    """
+
+    def setUp(self) -> None:
+        self.directory = FilePath(self.mktemp())
+        self.cluster = SimulatedCluster(
+            application, self.directory, nodes=3, slots=64, manual=True
+        )
+        self.cluster.start()
+        self.addCleanup(self.stopCluster)
+        self.user = next(
+            u for u in (f"user{i}" for i in range(200)) if self.cluster.ownerOf(u) == "n2"
+        )
+        self.before = self.cluster.nodes["n1"].topology.currentMap()
+        slot = self.cluster.slotOf(self.user)
+        self.moved = evolve(reassign(self.before, [slot], "n3"), version=self.before.version + 2)
+        # What the old owner shows while it hands the slot off: the target
+        # as the owner, at the current epoch (calls go there; the slot has
+        # not moved yet, so the target refuses them).
+        owners = list(self.before.owners)
+        owners[slot] = type(owners[slot])("n3", owners[slot].epoch)
+        self.handingOff = ShardMap(
+            owners=tuple(owners), nodes=self.before.nodes, version=self.before.version + 1
+        )
+
+    def outcome(self, d: Any) -> list[Any]:
+        """
+        Collect the outcome of call C{d} (AMP drops the connection on an
+        error nobody handles when it arrives).
+        """
+        results: list[Any] = []
+        d.addBoth(results.append)
+        return results
+
+    def stopCluster(self) -> None:
+        self.cluster.stop()
+        self.assertEqual(self.cluster.reactor.getDelayedCalls(), [])
+
+    def total(self, node: str) -> int:
+        d = self.cluster.client(node).callRemote(Stats, user=self.user)
+        self.cluster.flush()
+        result: int = self.successResultOf(d)["total"]
+        return result
+
+    def test_retriedAcrossHandoff(self) -> None:
+        """
+        While the old owner (n2) has stopped accepting the slot and the new
+        owner (n3) does not own it yet, a call sent to n1 is refused by both
+        (L{NotOwner}) without running; n1 keeps it, and once the handoff is
+        done and n1's map changes, routes it to n3, where it runs once.  The
+        client gets the answer, no error.
+        """
+        self.cluster.setMap(self.handingOff, nodes=["n2"])
+        d = deliver(self.cluster.client("n1"), self.user)
+        self.cluster.flush()
+        for _ in range(4):
+            self.cluster.advance(0.1)
+        self.assertNoResult(d)
+        rerouted = self.cluster.nodes["n1"].server.callsRerouted
+        self.assertGreater(rerouted, 1)
+        self.cluster.setMap(self.moved)
+        self.cluster.advance(0)
+        self.assertIn("messageID", self.successResultOf(d))
+        name = storeNameForKey(self.user)
+        self.assertTrue(_holds(self.directory.child("n3"), name))
+        self.assertFalse(_holds(self.directory.child("n2"), name))
+        self.assertEqual(self.total("n3"), 1)
+
+    def test_stoppingOwnerRetried(self) -> None:
+        """
+        An owner that stopped accepting calls because it is stopping answers
+        L{fractal.protocol.NodeStopping}; the forwarding node routes the call
+        again, to the new owner once the map says so.
+        """
+        self.cluster.nodes["n2"].server.stopAccepting()
+        d = deliver(self.cluster.client("n1"), self.user)
+        self.cluster.flush()
+        self.cluster.advance(0.2)
+        self.assertNoResult(d)
+        self.cluster.setMap(self.moved)
+        self.cluster.advance(0)
+        self.assertIn("messageID", self.successResultOf(d))
+        self.assertEqual(self.total("n3"), 1)
+        self.cluster.nodes["n2"].server._stopping = False
+
+    def test_localOwnerAfterMove(self) -> None:
+        """
+        When the slot moves to the forwarding node itself, the call it was
+        routing again runs there.
+        """
+        toN1 = evolve(
+            reassign(self.before, [self.cluster.slotOf(self.user)], "n1"),
+            version=self.before.version + 2,
+        )
+        self.cluster.setMap(toN1, nodes=["n2"])
+        d = deliver(self.cluster.client("n1"), self.user)
+        self.cluster.flush()
+        self.assertNoResult(d)
+        self.cluster.setMap(toN1, nodes=["n1", "n3"])
+        self.cluster.advance(0)
+        self.assertIn("messageID", self.successResultOf(d))
+        self.assertTrue(_holds(self.directory.child("n1"), storeNameForKey(self.user)))
+        self.assertEqual(self.total("n1"), 1)
+
+    def test_boundedThenClearError(self) -> None:
+        """
+        A slot that stays in the middle of a handoff gets a call routed again
+        at most L{RerouteLimits.attempts} times within
+        L{RerouteLimits.within} seconds; then the client is answered
+        L{OwnerUnavailable} saying that the slot is changing hands and the
+        call did not run.  It ran nowhere.
+        """
+        limits = RerouteLimits()
+        self.cluster.setMap(self.handingOff, nodes=["n2"])
+        results = self.outcome(deliver(self.cluster.client("n1"), self.user))
+        self.cluster.flush()
+        self.cluster.advance(limits.within - 0.1)
+        self.assertEqual(results, [])
+        self.cluster.advance(0.2)
+        [failure] = results
+        assert isinstance(failure, Failure)
+        self.assertTrue(failure.check(OwnerUnavailable))
+        message = failure.getErrorMessage()
+        self.assertIn("changing hands", message)
+        self.assertIn("did not run", message)
+        self.assertLessEqual(self.cluster.nodes["n1"].server.callsRerouted, limits.attempts)
+        for node in ["n1", "n2", "n3"]:
+            self.assertFalse(_holds(self.directory.child(node), storeNameForKey(self.user)))
+
+    def test_attemptsBounded(self) -> None:
+        """
+        With few attempts allowed, the call is answered after that many,
+        before the time limit.
+        """
+        server = self.cluster.nodes["n1"].server
+        server.reroute = RerouteLimits(attempts=2, within=60.0, delay=0.5, maxDelay=0.5)
+        self.cluster.setMap(self.handingOff, nodes=["n2"])
+        results = self.outcome(deliver(self.cluster.client("n1"), self.user))
+        self.cluster.flush()
+        self.cluster.advance(0.5)
+        self.assertEqual(results, [])
+        self.cluster.advance(0.5)
+        [failure] = results
+        assert isinstance(failure, Failure)
+        self.assertTrue(failure.check(OwnerUnavailable))
+        self.assertIn("3 attempts", failure.getErrorMessage())
+        self.assertEqual(server.callsRerouted, 2)
+
+    def test_peerConnectionsDoNotReroute(self) -> None:
+        """
+        A node answers calls that reached it over its peer listener (already
+        forwarded once) with L{fractal.protocol.NotOwner}, at once, rather
+        than holding them: the node that forwarded them routes again.
+        """
+        self.cluster.setMap(self.handingOff, nodes=["n2"])
+        deliver(self.cluster.client("n1"), self.user)
+        self.cluster.flush()
+        self.assertEqual(self.cluster.nodes["n2"].server.callsRerouted, 0)
+        self.assertEqual(self.cluster.nodes["n2"].server.inFlight, 0)
+        self.assertEqual(self.cluster.nodes["n3"].server.inFlight, 0)
+        self.cluster.setMap(self.moved)
+        self.cluster.advance(0)
