@@ -9,7 +9,7 @@ from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
-from fractal.protocol import OwnerUnavailable
+from fractal.protocol import CallNotSent, OwnerUnavailable
 from fractal.routing.interfaces import NodeAddress, ShardMap
 from fractal.routing.peers import PeerLink, PeerLinks
 from fractal.routing.simulation import SimulatedNetwork
@@ -204,6 +204,8 @@ class PeerLinkTests(SynchronousTestCase):
         self.network.advance(1.0)
         failure = self.failureResultOf(self.link.forward(callBox(b"1")), OwnerUnavailable)
         self.assertIn("cannot connect", str(failure.value))
+        # It was never sent: the forwarding node may route it again.
+        self.assertIsInstance(failure.value, CallNotSent)
         self.network.restore("n2")
         self.network.advance(1.0)
         d = self.link.forward(callBox(b"2"))
@@ -231,6 +233,7 @@ class PeerLinkTests(SynchronousTestCase):
         self.clock.advance(0.1)
         failure = self.failureResultOf(d, OwnerUnavailable)
         self.assertIn("not connected within 2 s", str(failure.value))
+        self.assertIsInstance(failure.value, CallNotSent)
 
     def test_hungOwner(self) -> None:
         """
@@ -246,6 +249,8 @@ class PeerLinkTests(SynchronousTestCase):
         self.network.advance(0.1)
         failure = self.failureResultOf(d, OwnerUnavailable)
         self.assertIn("no answer within 5 s", str(failure.value))
+        # It was sent, and may have run: not to be sent again.
+        self.assertNotIsInstance(failure.value, CallNotSent)
         self.network.restore("n2")
         self.assertEqual(len(self.seen), 1)
         d = self.link.forward(callBox(b"6"))
@@ -263,7 +268,8 @@ class PeerLinkTests(SynchronousTestCase):
         self.network.cut("n2")
         failure = self.failureResultOf(d, OwnerUnavailable)
         self.assertIn("connection lost", str(failure.value))
-        self.failureResultOf(self.link.forward(callBox(b"6")), OwnerUnavailable)
+        self.assertNotIsInstance(failure.value, CallNotSent)
+        self.failureResultOf(self.link.forward(callBox(b"6")), CallNotSent)
         self.network.restore("n2")
         self.network.advance(1.0)
         d = self.link.forward(callBox(b"7"))
@@ -324,7 +330,7 @@ class PeerLinksTests(SynchronousTestCase):
         """
         Forwarding to a node with no link fails with L{OwnerUnavailable}.
         """
-        self.failureResultOf(self.links.forward("n9", callBox(b"1")), OwnerUnavailable)
+        self.failureResultOf(self.links.forward("n9", callBox(b"1")), CallNotSent)
 
     def test_oneDeadOwnerDoesNotStopOthers(self) -> None:
         """
