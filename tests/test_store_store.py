@@ -213,6 +213,118 @@ class CloseTests(SynchronousTestCase):
         Note(store=s, title="still open")
 
 
+class KeptWALFilesTests(SynchronousTestCase):
+    """
+    A closed WAL store keeps its emptied C{-wal} and C{-shm} files as spares,
+    and the next open puts them back instead of creating new files.
+    """
+
+    def _closedStore(self) -> FilePath[str]:
+        """
+        A store with one note, closed.
+        """
+        path = FilePath(self.mktemp())
+        s = Store(path)
+        Note(store=s, title="kept")
+        s.close()
+        return path
+
+    def test_closeKeepsEmptySpares(self) -> None:
+        """
+        After close, the WAL files are gone (as SQLite leaves them) and
+        their spares are there, empty.
+        """
+        db = self._closedStore().child("db.sqlite")
+        for suffix in ("-wal", "-shm"):
+            self.assertFalse(db.siblingExtension(suffix).exists())
+            spare = db.siblingExtension(suffix + ".spare")
+            self.assertTrue(spare.exists())
+            self.assertEqual(spare.getsize(), 0)
+
+    def test_openReusesSpares(self) -> None:
+        """
+        Opening a store again turns its spares back into its WAL files, the
+        same files (inodes), and the store's content is intact.
+        """
+        db = self._closedStore().child("db.sqlite")
+        inodes = [db.siblingExtension(s + ".spare").getInodeNumber() for s in ("-wal", "-shm")]
+        s = Store(db.parent())
+        self.addCleanup(s.close)
+        self.assertEqual([n.title for n in s.query(Note)], ["kept"])
+        for suffix, inode in zip(("-wal", "-shm"), inodes):
+            self.assertFalse(db.siblingExtension(suffix + ".spare").exists())
+            self.assertEqual(db.siblingExtension(suffix).getInodeNumber(), inode)
+        Note(store=s, title="more")
+        self.assertEqual(s.count(Note), 2)
+
+    def test_nonEmptySpareDiscarded(self) -> None:
+        """
+        A spare that is not empty (never written by the store, but a stale
+        copy of a log could be) is removed, not used: the store opens with
+        its own content only.
+        """
+        path = self._closedStore()
+        db = path.child("db.sqlite")
+        stale = db.siblingExtension("-wal.spare")
+        stale.setContent(b"not a log" * 100)
+        inode = stale.getInodeNumber()
+        s = Store(path)
+        self.addCleanup(s.close)
+        self.assertFalse(FilePath(stale.path).exists())
+        self.assertNotEqual(db.siblingExtension("-wal").getInodeNumber(), inode)
+        self.assertEqual([n.title for n in s.query(Note)], ["kept"])
+
+    def test_liveFilesNeverTouched(self) -> None:
+        """
+        Closing a store while another connection still has its database open
+        leaves the live WAL files as they are and keeps no spare; that
+        connection still reads every commit.
+        """
+        path = FilePath(self.mktemp())
+        s = Store(path)
+        Note(store=s, title="first")
+        db = path.child("db.sqlite")
+        other = sqlite3.connect(db.path)
+        self.addCleanup(other.close)
+        other.execute("SELECT 1 FROM sqlite_master").fetchall()
+        Note(store=s, title="second")
+        s.close()
+        for suffix in ("-wal", "-shm"):
+            self.assertTrue(db.siblingExtension(suffix).exists())
+            self.assertFalse(db.siblingExtension(suffix + ".spare").exists())
+        (table,) = other.execute(
+            "SELECT name FROM sqlite_master WHERE name LIKE '%note%'"
+        ).fetchone()
+        self.assertEqual(other.execute(f"SELECT COUNT(*) FROM {table}").fetchone(), (2,))
+
+    def test_liveFileWinsOverSpare(self) -> None:
+        """
+        If the WAL file exists when a store opens (left by another process or
+        a crash), SQLite uses it and the spare is removed.
+        """
+        path = self._closedStore()
+        db = path.child("db.sqlite")
+        db.siblingExtension("-wal").touch()
+        inode = db.siblingExtension("-wal").getInodeNumber()
+        s = Store(path)
+        self.addCleanup(s.close)
+        self.assertFalse(db.siblingExtension("-wal.spare").exists())
+        self.assertEqual(db.siblingExtension("-wal").getInodeNumber(), inode)
+        self.assertEqual([n.title for n in s.query(Note)], ["kept"])
+
+    def test_otherJournalModes(self) -> None:
+        """
+        A store in another journal mode keeps no spares.
+        """
+        path = FilePath(self.mktemp())
+        s = Store(path, journalMode="DELETE")
+        Note(store=s, title="x")
+        s.close()
+        self.assertEqual(
+            sorted(c.basename() for c in path.children() if c.isfile()), ["db.sqlite"]
+        )
+
+
 class FileTests(SynchronousTestCase):
     """
     newFilePath, newTemporaryFilePath, newDirectory and newFile.

@@ -174,6 +174,92 @@ def _checkDescriptors(e: BaseException, where: str) -> None:
         raise StoreOutOfDescriptors(code, "no file descriptors left to open %s" % (where,)) from e
 
 
+_WAL_FILES = ("-wal", "-shm")
+"""
+The suffixes of the files SQLite keeps beside a database in WAL mode: the
+write-ahead log and its shared-memory index.
+"""
+
+_SPARE = ".spare"
+"""
+The suffix of a WAL file kept, empty, after its store was closed: see
+L{_keepWALFiles}.
+"""
+
+
+def _keepWALFiles(dbpath: str, close: Callable[[], None]) -> None:
+    """
+    Call C{close} (which closes the last connection to the WAL database at
+    C{dbpath}) and keep the inodes of its C{-wal} and C{-shm} files, emptied,
+    as C{db.sqlite-wal.spare} and C{db.sqlite-shm.spare}, for
+    L{_reuseWALFiles} to put back at the next open.
+
+    SQLite deletes both files when the last connection closes and creates
+    them again at the next open; creating a file costs far more than
+    linking one on some filesystems (0.1 to several milliseconds on ext4
+    under load, against microseconds), and that cost falls on a cold open's
+    critical path.  The spare is taken as a second hard link before the
+    close; if SQLite deleted the file, the spare is the only name left and is
+    truncated (an empty file is what SQLite would create); if it did not (the
+    database is still open elsewhere), the spare is a name of a live file and
+    is removed at once, never touched.
+
+    @param dbpath: the database file.
+    @param close: closes the connection.
+    """
+    linked = []
+    for suffix in _WAL_FILES:
+        try:
+            os.link(dbpath + suffix, dbpath + suffix + _SPARE)
+        except OSError:
+            # No such file (never opened in WAL mode, or another process
+            # removed it), or a spare already there: no spare this time.
+            continue
+        linked.append(suffix)
+    try:
+        close()
+    finally:
+        for suffix in linked:
+            spare = dbpath + suffix + _SPARE
+            try:
+                if os.path.lexists(dbpath + suffix):
+                    # Still in use (or made anew) by another connection.
+                    os.unlink(spare)
+                else:
+                    os.truncate(spare, 0)
+            except OSError:
+                try:
+                    os.unlink(spare)
+                except OSError:
+                    pass
+
+
+def _reuseWALFiles(dbpath: str) -> None:
+    """
+    Put back the empty C{-wal} and C{-shm} files L{_keepWALFiles} kept, so
+    that SQLite opens them instead of creating them.  A spare is used only if
+    it is empty and no C{-wal} or C{-shm} file exists (C{link} never replaces
+    one); anything else removes it.
+
+    @param dbpath: the database file.
+    """
+    for suffix in _WAL_FILES:
+        spare = dbpath + suffix + _SPARE
+        try:
+            if os.stat(spare).st_size == 0:
+                os.link(spare, dbpath + suffix)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            # The database's file exists already (live, or left by a
+            # crash): SQLite uses that one.
+            pass
+        try:
+            os.unlink(spare)
+        except OSError:
+            pass
+
+
 def _asFilePath(value: Any) -> FilePath[str] | None:
     if value is None:
         return None
@@ -280,6 +366,9 @@ class Store(Empowered):
         self.journalMode = journalMode
         self.lockTimeout = lockTimeout
         self._registryKey: str | None = None
+        # The database file of a WAL store in a directory, whose WAL files
+        # are kept between opens (_keepWALFiles).
+        self._dbpath: str | None = None
         self._conn: sqlite3.Connection | None = None
         self._cursor: Any = _ClosedCursor()
         self._txn = False
@@ -353,6 +442,9 @@ class Store(Empowered):
                 )
             self._registryKey = key
             _openStores[key] = weakref.ref(self)
+            if journalMode is not None and journalMode.upper() == "WAL":
+                self._dbpath = dbpath
+                _reuseWALFiles(dbpath)
         else:
             self.filesdir = filesdirPath
             self._tempdir = filesdirPath.child("temp") if filesdirPath is not None else None
@@ -433,7 +525,10 @@ class Store(Empowered):
             return
         if self._txn:
             raise TransactionInProgress("cannot close a store inside a transaction")
-        self._conn.close()
+        if self._dbpath is not None:
+            _keepWALFiles(self._dbpath, self._conn.close)
+        else:
+            self._conn.close()
         self._conn = None
         self._cursor = _ClosedCursor()
         self._cache.clear()
