@@ -25,7 +25,7 @@ from zope.interface.verify import verifyObject
 
 from fractal.durable._threads import runSynchronously
 from fractal.durable.interfaces import BrokenChain, IShipper, StaleEpoch
-from fractal.durable.shipper import _STARTS_PER_TURN, STATE_FILE, Shipper
+from fractal.durable.shipper import STATE_FILE, Shipper
 from fractal.keys import storeNameForKey
 from fractal.store import Item, Store, integer, text
 from fractal.testing import MemoryDurableBackend
@@ -216,7 +216,8 @@ class ShipperTests(SynchronousTestCase):
         h.clock.advance(0)
         write(stores["a"], 2, "later")
         later = h.shipper.whenDurable("a")
-        self.assertEqual(len(h.backend._held), 3)
+        # One batch of three records.
+        self.assertEqual([len(records) for _, records, _ in h.backend._held], [3])
         h.backend.holdAppends = False
         h.backend.releaseAppends()
         for d in waiters:
@@ -640,16 +641,17 @@ class ReopenTests(SynchronousTestCase):
         self.successResultOf(stopped)
 
 
-class SpreadStartsTests(SynchronousTestCase):
+class BatchedCycleTests(SynchronousTestCase):
     """
-    A cycle with many dirty stores starts their ships over several reactor
-    turns.
+    A cycle ships its dirty stores as one batch: a few worker-thread
+    hand-offs for their images, and one L{IDurableBackend.appendMany}.
     """
 
-    def test_startsSpreadOverTurns(self) -> None:
+    def test_oneBatch(self) -> None:
         """
-        At most C{_STARTS_PER_TURN} ships start in the turn of a cycle; the
-        rest start in the following turns, and every store is shipped.
+        A cycle with many dirty stores reads their images in no more
+        hand-offs than the build threads share (groups of stores), stores
+        every record with one batch append, and every store restores.
         """
         pending: list[tuple[Any, Any]] = []
 
@@ -659,26 +661,34 @@ class SpreadStartsTests(SynchronousTestCase):
             return d
 
         h = _Harness(self)
-        shipper = Shipper(h.backend, h.clock, runInThread=later)
-        keys = [f"user{n}" for n in range(2 * _STARTS_PER_TURN + 3)]
+        batches: list[int] = []
+        appendMany = h.backend.appendMany
+
+        def countingAppendMany(records: Any) -> Any:
+            batches.append(len(records))
+            return appendMany(records)
+
+        h.backend.appendMany = countingAppendMany  # type: ignore[method-assign]
+        shipper = Shipper(h.backend, h.clock, runInThread=later, buildConcurrency=2)
+        keys = [f"user{n}" for n in range(20)]
         for key in keys:
             store = openStore(h.dbdir(key))
             self.addCleanup(store.close)
             shipper.storeOpened(key, store)
             write(store, 1, key)
         shipper.startService()
-        # Runs after the cycle, in the same turn (before the next turn's
-        # calls, scheduled by the cycle for the same time).
-        startedInTurn: list[int] = []
-        h.clock.callLater(1, lambda: startedInTurn.append(len(pending)))
         h.clock.advance(1)
-        self.assertEqual(startedInTurn, [_STARTS_PER_TURN])
-        self.assertEqual(len(pending), len(keys))
-        for _ in range(20):
-            while pending:
-                f, d = pending.pop(0)
-                d.callback(f())
-            h.clock.advance(0)
+        # Two hand-offs of ten stores each, one per build thread.
+        self.assertEqual(len(pending), 2)
+        for _ in range(2):
+            f, d = pending.pop(0)
+            d.callback(f())
+        self.assertEqual(batches, [len(keys)])
+        # The state files due (first ship of each store) in one more.
+        self.assertEqual(len(pending), 1)
+        f, d = pending.pop(0)
+        d.callback(f())
+        self.assertEqual(shipper.lag().stores, ())
         for key in keys:
             self.assertIn(f"'{key}'", "\n".join(h.restored(key)))
         stopped = shipper.stopService()
@@ -686,6 +696,55 @@ class SpreadStartsTests(SynchronousTestCase):
             f, d = pending.pop(0)
             d.callback(f())
         self.successResultOf(stopped)
+
+    def test_commitsDuringCycleJoinNext(self) -> None:
+        """
+        A durable waiter for a commit made while its store's ship is under
+        way is answered by the next cycle, started as soon as that ship
+        ends, not at the next interval.
+        """
+        h = _Harness(self, interval=60.0)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open("alice")
+        write(store, 1, "first")
+        h.backend.holdAppends = True
+        first = h.shipper.whenDurable("alice")
+        h.clock.advance(0)
+        self.assertNoResult(first)
+        write(store, 2, "second")
+        second = h.shipper.whenDurable("alice")
+        h.clock.advance(0)
+        self.assertEqual([len(records) for _, records, _ in h.backend._held], [1])
+        h.backend.holdAppends = False
+        h.backend.releaseAppends()
+        self.successResultOf(first)
+        self.assertNoResult(second)
+        h.clock.advance(0)
+        self.successResultOf(second)
+        self.assertIn("'second'", "\n".join(h.restored("alice")))
+
+    def test_refusedRecordAlone(self) -> None:
+        """
+        A record of a batch refused for a stale epoch fences its store
+        alone; the other stores of the batch are shipped.
+        """
+        epochs = {"alice": 1, "bob": 1}
+        h = _Harness(self, epochForKey=lambda key: epochs[key])
+        alice, bob = h.open("alice"), h.open("bob")
+        write(alice, 1, "a")
+        write(bob, 1, "b")
+        h.clock.advance(0)
+        self.successResultOf(h.shipper.flush())
+        self.successResultOf(h.backend.fence(storeNameForKey("alice"), 2))
+        write(alice, 2, "late")
+        write(bob, 2, "on time")
+        waits = [h.shipper.whenDurable("alice"), h.shipper.whenDurable("bob")]
+        h.clock.advance(0)
+        self.failureResultOf(waits[0], StaleEpoch)
+        self.successResultOf(waits[1])
+        self.assertEqual([key for key, _ in h.fenced], ["alice"])
+        self.assertIn("'on time'", "\n".join(h.restored("bob")))
 
 
 class ResumeNeverShippedTests(SynchronousTestCase):

@@ -188,6 +188,51 @@ class DurableBackendTestsMixin:
         )
         await self._refused(backend.read(_STORE, 1), NoSuchRecord)
 
+    async def test_appendMany(self) -> None:
+        """
+        A batch stores every record in it, several of one store each
+        following the one before, and fires with L{None} for each.
+        """
+        backend = self.makeBackend()
+        await self._append(backend, _OTHER, 1, 1, 0, b"t1")
+        batch = [
+            (recordInfo(_STORE, 1, 1, 0, b"s1"), b"s1"),
+            (recordInfo(_OTHER, 1, 2, 1, b"t2"), b"t2"),
+            (recordInfo(_STORE, 1, 2, 1, b"s2"), b"s2"),
+        ]
+        self.assertEqual(await backend.appendMany(batch), [None, None, None])  # type: ignore[attr-defined]
+        self.assertEqual([r.seq for r in await backend.records(_STORE)], [1, 2])  # type: ignore[attr-defined]
+        self.assertEqual(await backend.read(_STORE, 2), b"s2")  # type: ignore[attr-defined]
+        self.assertEqual(await backend.read(_OTHER, 2), b"t2")  # type: ignore[attr-defined]
+        self.assertEqual(await backend.appendMany([]), [])  # type: ignore[attr-defined]
+
+    async def test_appendManyRefusedAlone(self) -> None:
+        """
+        A record of a batch refused for a stale epoch, a sequence that does
+        not follow, or an info that does not describe its data is refused
+        alone, with its exception in its place; the other records of the
+        batch are stored.
+        """
+        backend = self.makeBackend()
+        third = storeNameForKey("carol@example.com")
+        await self._append(backend, _STORE, 3, 1, 0, b"s1")
+        await self._append(backend, _OTHER, 1, 1, 0, b"t1")
+        batch = [
+            (recordInfo(_STORE, 2, 2, 1, b"stale"), b"stale"),
+            (recordInfo(_OTHER, 1, 2, 1, b"t2"), b"t2"),
+            (recordInfo(_OTHER, 1, 4, 3, b"gap"), b"gap"),
+            (recordInfo(third, 1, 1, 0, b"u1"), b"other bytes"),
+            (recordInfo(third, 1, 1, 0, b"u1"), b"u1"),
+        ]
+        outcomes = await backend.appendMany(batch)
+        self.assertEqual(  # type: ignore[attr-defined]
+            [type(o) for o in outcomes],
+            [StaleEpoch, type(None), SequenceConflict, ValueError, type(None)],
+        )
+        self.assertEqual([r.seq for r in await backend.records(_STORE)], [1])  # type: ignore[attr-defined]
+        self.assertEqual([r.seq for r in await backend.records(_OTHER)], [1, 2])  # type: ignore[attr-defined]
+        self.assertEqual(await backend.read(third, 1), b"u1")  # type: ignore[attr-defined]
+
     async def test_badInfoRefused(self) -> None:
         """
         An append whose info does not describe its data, or whose store name

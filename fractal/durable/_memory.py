@@ -6,7 +6,7 @@ L{fractal.testing.MemoryDurableBackend}.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from zope.interface import implementer
@@ -52,7 +52,7 @@ class MemoryDurableBackend:
         self.appended: list[RecordInfo] = []
         self._records: dict[str, dict[int, tuple[RecordInfo, bytes]]] = {}
         self._epochs: dict[str, int] = {}
-        self._held: list[tuple[Deferred[None], RecordInfo, bytes]] = []
+        self._held: list[tuple[Deferred[Any], list[tuple[RecordInfo, bytes]], bool]] = []
 
     def _call(self, f: Callable[[], T]) -> Deferred[T]:
         if not self.available:
@@ -80,23 +80,58 @@ class MemoryDurableBackend:
         records[info.seq] = (info, bytes(data))
         self.appended.append(info)
 
+    def _appendMany(
+        self, records: Sequence[tuple[RecordInfo, bytes]]
+    ) -> list[BaseException | None]:
+        if not self.available:
+            raise BackendUnavailable("the in-memory backend is unavailable")
+        outcomes: list[BaseException | None] = []
+        for info, data in records:
+            try:
+                self._append(info, data)
+            except (ValueError, StaleEpoch, SequenceConflict) as e:
+                outcomes.append(e)
+            else:
+                outcomes.append(None)
+        return outcomes
+
     def append(self, info: RecordInfo, data: bytes) -> Deferred[None]:
         if self.holdAppends:
             d: Deferred[None] = Deferred()
-            self._held.append((d, info, data))
+            self._held.append((d, [(info, data)], False))
             return d
         return self._call(lambda: self._append(info, data))
 
+    def appendMany(
+        self, records: Sequence[tuple[RecordInfo, bytes]]
+    ) -> Deferred[list[BaseException | None]]:
+        """
+        See L{IDurableBackend.appendMany}: the batch is held as one while
+        L{holdAppends} is true.
+        """
+        records = list(records)
+        if self.holdAppends:
+            d: Deferred[list[BaseException | None]] = Deferred()
+            self._held.append((d, records, True))
+            return d
+        return self._call(lambda: self._appendMany(records))
+
     def releaseAppends(self) -> None:
         """
-        Perform the held appends, in order, and fire their Deferreds.
+        Perform the held appends and batches, in order, and fire their
+        Deferreds.
         """
         held, self._held = self._held, []
-        for d, info, data in held:
+        for d, records, batch in held:
             try:
-                self._append(info, data)
+                outcomes = self._appendMany(records)
             except Exception as e:
                 d.errback(e)
+                continue
+            if batch:
+                d.callback(outcomes)
+            elif outcomes[0] is not None:
+                d.errback(outcomes[0])
             else:
                 d.callback(None)
 

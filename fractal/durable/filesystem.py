@@ -24,9 +24,9 @@ import fcntl
 import hashlib
 import os
 import re
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -261,6 +261,27 @@ class FilesystemBackend:
         elif self._gathering is None:
             self._gathering = self._clock.callLater(0, self._gathered)
         return d
+
+    def appendMany(
+        self, records: Sequence[tuple[RecordInfo, bytes]]
+    ) -> Deferred[list[BaseException | None]]:
+        """
+        See L{IDurableBackend.appendMany}.
+        """
+        appends = [self.append(info, data) for info, data in records]
+
+        def outcomes(results: list[tuple[bool, Any]]) -> list[BaseException | None]:
+            found: list[BaseException | None] = []
+            for ok, result in results:
+                if ok:
+                    found.append(None)
+                elif isinstance(result.value, (ValueError, StaleEpoch, SequenceConflict)):
+                    found.append(result.value)
+                else:
+                    result.raiseException()
+            return found
+
+        return DeferredList(appends, consumeErrors=True).addCallback(outcomes)
 
     def _gathered(self) -> None:
         self._gathering = None

@@ -17,7 +17,7 @@ a slot cannot overwrite its new owner's work.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
@@ -187,6 +187,31 @@ class IDurableBackend(Interface):
         @return: fires with L{None} once the record is durable; fails with
             L{StaleEpoch} or L{SequenceConflict} when refused, and stores
             nothing then.
+        """
+
+    def appendMany(
+        records: Sequence[tuple[RecordInfo, bytes]],
+    ) -> Deferred[list[BaseException | None]]:
+        """
+        Store several records as one batch (group commit): each is checked
+        exactly as L{append} checks it, in order (so a batch may hold several
+        records of one store, each following the one before), and those that
+        pass are made durable together, with one flush or one transaction
+        for the batch rather than one per record.
+
+        A refused record is refused alone: the others of the batch are
+        stored.  The epoch of each record is checked inside the same atomic
+        step as its write, so fencing holds for batches as for single
+        appends.
+
+        @param records: pairs of (info, data), as L{append} takes them.
+        @return: fires, once every stored record of the batch is durable,
+            with one outcome per record in the order given: L{None} if it is
+            stored, or the exception refusing it (L{StaleEpoch},
+            L{SequenceConflict}, L{ValueError} for an info that does not
+            describe its data).  Fails as a whole only when the batch could
+            not be written (the backend is unreachable, a disk error); then
+            none of its records may be counted on.
         """
 
     def fence(store: str, epoch: int) -> Deferred[None]:

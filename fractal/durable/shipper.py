@@ -37,6 +37,7 @@ from twisted.internet.defer import (
     DeferredList,
     DeferredSemaphore,
     fail,
+    gatherResults,
     succeed,
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -77,7 +78,8 @@ The name of the shipper's state file in a store's directory.
 _STATE_VERSION = 1
 _DIGEST_SIZE = 16
 _MAX_BACKOFF = 30.0
-_STARTS_PER_TURN = 8
+_GROUP_MAX = 32
+_MAX_CYCLES = 2
 
 
 def readImage(database: FilePath[str]) -> bytes | None:
@@ -144,11 +146,11 @@ class _StoreState:
         self.failures = 0
         self.retryAt = 0.0
         self.fenced: StaleEpoch | None = None
-        self.queued = False
         self.savedSeq = -1
         self.savedAt = -1e18
         self.takenAt = 0.0
-        self.shipping: Deferred[None] | None = None
+        self.shipping = False
+        self.afterShip: list[Callable[[], object]] = []
         self.waiters: list[tuple[int, Deferred[None]]] = []
         self.image: bytes | None = None
         self.imageSeq = -1
@@ -306,11 +308,17 @@ class Shipper(Service):
         self._epochForKey = epochForKey if epochForKey is not None else (lambda key: 1)
         self._storesDirectory = storesDirectory
         self._maxChain = maxChain
-        self._semaphore = DeferredSemaphore(concurrency)
+        self._concurrency = max(1, concurrency)
+        self._inFlight = 0
+        self._cycles = 0
+        self._owedAll = False
+        self._owedWaited = False
         self._buildConcurrency = buildConcurrency
         self._probes = DeferredSemaphore(buildConcurrency)
         self._buildsRunning = 0
-        self._buildQueue: list[tuple[_StoreState, int, Deferred[_Built | None]]] = []
+        self._buildQueue: list[
+            tuple[list[tuple[_StoreState, int]], Deferred[list[tuple[bool, Any]]]]
+        ] = []
         self._lagWarning = lagWarning
         self._saveInterval = saveInterval
         self._states: dict[str, _StoreState] = {}
@@ -382,8 +390,8 @@ class Shipper(Service):
                     bytesPending=lag.bytesPending,
                 )
 
-        def save(_: object) -> Deferred[Any]:
-            return DeferredList([self._saveState(state) for state in list(self._states.values())])
+        def save(_: object) -> Deferred[None]:
+            return self._saveStates(list(self._states.values()))
 
         def close(_: object) -> None:
             self._images.close()
@@ -499,7 +507,7 @@ class Shipper(Service):
 
         state.retryAt = 0.0
         d = self._afterProbe(state).addCallback(lambda _: self._shipAfterCurrent(state))
-        d.addCallback(lambda _: self._saveState(state))
+        d.addCallback(lambda _: self._saveStates([state]))
         return d.addBoth(closed)
 
     def _forgetIfDone(self, state: _StoreState) -> None:
@@ -519,13 +527,13 @@ class Shipper(Service):
         Ship C{state} once, after the ship in progress for it (if any) has
         finished, if it is still dirty; never fails.
         """
-        if state.shipping is not None:
+        if state.shipping:
             d: Deferred[None] = Deferred()
-            state.shipping.addBoth(lambda _: self._shipAfterCurrent(state).chainDeferred(d))
+            state.afterShip.append(lambda: self._shipAfterCurrent(state).chainDeferred(d))
             return d
         if not state.dirty or state.fenced is not None:
             return succeed(None)
-        return self._shipStore(state)
+        return self._cycle([state])
 
     def whenDurable(self, key: str) -> Deferred[None]:
         state = self._states.get(key)
@@ -611,19 +619,28 @@ class Shipper(Service):
         probing = [self._afterProbe(s) for s in self._states.values() if s.probing is not None]
         if probing:
             return DeferredList(probing).addCallback(lambda _: self.flush())
-        due = []
+        idle: list[_StoreState] = []
+        busy: list[_StoreState] = []
         for state in list(self._states.values()):
             state.retryAt = 0.0
             if state.dirty and state.fenced is None:
-                due.append(state)
+                (busy if state.shipping else idle).append(state)
+
+        async def shipIdle() -> None:
+            # One batch per C{concurrency} stores, one after the other, so
+            # that the images and records in flight stay bounded.
+            for start in range(0, len(idle), self._concurrency):
+                await self._cycle(idle[start : start + self._concurrency])
+
         d = DeferredList(
-            [self._semaphore.run(self._shipAfterCurrent, state) for state in due],
+            [Deferred.fromCoroutine(shipIdle())]
+            + [self._shipAfterCurrent(state) for state in busy],
             consumeErrors=True,
         )
         return d.addCallback(lambda _: None)
 
     def _tick(self) -> None:
-        self._shipDue()
+        self._shipDue(everything=True)
         self._reportLag()
 
     def _shipSoon(self) -> None:
@@ -632,136 +649,218 @@ class Shipper(Service):
 
     def _immediateDue(self) -> None:
         self._immediate = None
-        self._shipDue()
+        self._shipDue(everything=False)
 
-    def _shipDue(self) -> None:
+    def _shipDue(self, everything: bool) -> None:
         """
-        Start shipping every dirty store not being shipped already and not
-        backing off.  Ships of different calls overlap; each store has at
-        most one at a time, and its end starts the next when somebody waits.
-        At most C{_STARTS_PER_TURN} ships start in one reactor turn, the
-        rest in the next turns, so that a cycle with many dirty stores does
-        not hold the reactor thread from the calls being served.
+        Start one ship cycle for the dirty stores that are due: with
+        C{everything} (the interval), every dirty store; else (somebody
+        waits for durability) the stores that have durable waiters.  Stores
+        being shipped, fenced, being probed or backing off are left out; a
+        store being shipped whose commits are waited on joins the next cycle,
+        started when its ship ends (group commit).  At most C{concurrency}
+        stores are in flight and C{_MAX_CYCLES} cycles run at once; what
+        does not fit is owed, and shipped when a cycle ends.
         """
+        if self._cycles >= _MAX_CYCLES:
+            self._owe(everything)
+            return
         now = self._clock.seconds()
-        started = 0
+        room = self._concurrency - self._inFlight
+        group: list[_StoreState] = []
         for state in list(self._dirty.values()):
             if (
                 state.dirty
                 and state.fenced is None
-                and state.shipping is None
-                and not state.queued
+                and not state.shipping
+                and state.probing is None
                 and state.retryAt <= now
+                and (everything or state.waiters)
             ):
-                if started == _STARTS_PER_TURN:
-                    self._shipSoon()
-                    return
-                started += 1
-                state.queued = True
-                self._semaphore.run(self._shipQueued, state)
+                if len(group) >= room:
+                    self._owe(everything)
+                    break
+                group.append(state)
+        if group:
+            self._cycle(group)
 
-    def _shipQueued(self, state: _StoreState) -> Deferred[None]:
-        state.queued = False
-        if not state.dirty or self._states.get(state.key) is not state:
-            # Shipped meanwhile (its closing ships it), and maybe closed and
-            # forgotten: never read a store the pool no longer holds.
-            return succeed(None)
-        return self._shipStore(state)
+    def _owe(self, everything: bool) -> None:
+        if everything:
+            self._owedAll = True
+        else:
+            self._owedWaited = True
 
-    def _shipStore(self, state: _StoreState) -> Deferred[None]:
+    def _cycle(self, states: list[_StoreState]) -> Deferred[None]:
         """
-        Ship one store once.  Never fails: errors are logged and counted, and
-        the store stays dirty.
+        Ship C{states} once, as one batch: their images read and diffed in as
+        few worker-thread hand-offs as the build threads allow, their records
+        stored with one L{IDurableBackend.appendMany}, and the state files
+        due written in one more hand-off.  Never fails: errors are logged
+        and counted per store, and a store that failed stays dirty.
+
+        The callers leave out stores being shipped, fenced or probed.
         """
-        if state.shipping is not None or state.fenced is not None:
-            return succeed(None)
+        states = [s for s in states if not s.shipping and s.fenced is None]
         done: Deferred[None] = Deferred()
-        state.shipping = done
+        if not states:
+            done.callback(None)
+            return done
+        for state in states:
+            state.shipping = True
+        self._inFlight += len(states)
+        self._cycles += 1
 
         async def ship() -> None:
-            await self._afterProbe(state)
-            generation = state.generation
-            if not state.loaded:
-                await self._load(state)
-            epoch = self._epochForKey(state.key)
-            built = await self._buildSoon(state, epoch)
-            if built is None:
-                self._shipped(state, generation)
-                return
-            state.pendingBytes = len(built.data)
-            await self.backend.append(built.info, built.data)
-            self._adopt(state, built.info, built.digests, built.pageSize, *(
-                (0, 0, built.info.size) if built.info.isSnapshot else
-                (state.chainLength + 1, state.chainBytes + built.info.size, state.snapshotBytes)))
-            self._keepImage(state, built.info.seq, built.image)
-            self._shipped(state, generation)
-            if built.info.isSnapshot and built.info.seq > 1:
-                self.backend.prune(state.name, built.info.seq).addErrback(
-                    lambda f: self.log.failure("Cannot prune store {store}", f, store=state.name)
+            unloaded = [state for state in states if not state.loaded]
+            ready = [state for state in states if state.loaded]
+            if unloaded:
+                loads = await DeferredList(
+                    [Deferred.fromCoroutine(self._load(state)) for state in unloaded],
+                    consumeErrors=True,
                 )
-            state.takenAt = built.takenAt
-            if not state.opens or self._clock.seconds() - state.savedAt >= self._saveInterval:
-                await self._saveState(state)
-
-        def failed(failure: Failure) -> None:
-            self._failed(state, failure)
+                for state, (ok, result) in zip(unloaded, loads):
+                    if ok:
+                        ready.append(state)
+                    else:
+                        self._failed(state, result)  # type: ignore[arg-type]
+            if not ready:
+                return
+            # The generation before the image is read: commits made after
+            # this may or may not be in the image, so they stay dirty.
+            jobs = [(state, state.generation, self._epochForKey(state.key)) for state in ready]
+            builds = await self._buildAll([(state, epoch) for state, _, epoch in jobs])
+            toStore: list[tuple[_StoreState, int, _Built]] = []
+            for (state, generation, _), (ok, result) in zip(jobs, builds):
+                if not ok:
+                    self._failed(state, result)
+                elif result is None:
+                    self._shipped(state, generation)
+                else:
+                    state.pendingBytes = len(result.data)
+                    toStore.append((state, generation, result))
+            if not toStore:
+                return
+            try:
+                outcomes = await self.backend.appendMany(
+                    [(built.info, built.data) for _, _, built in toStore]
+                )
+            except Exception:
+                failure = Failure()  # type: ignore[no-untyped-call]
+                for state, _, _ in toStore:
+                    self._failed(state, failure)
+                return
+            saving = []
+            now = self._clock.seconds()
+            for (state, generation, built), outcome in zip(toStore, outcomes):
+                if outcome is not None:
+                    self._failed(state, Failure(outcome))  # type: ignore[no-untyped-call]
+                    continue
+                self._stored(state, generation, built)
+                if not state.opens or now - state.savedAt >= self._saveInterval:
+                    saving.append(state)
+            if saving:
+                await self._saveStates(saving)
 
         def finish(_: object) -> None:
-            state.shipping = None
-            if state.waiters and state.dirty and state.retryAt <= self._clock.seconds():
-                # Commits made while this ship was under way are waited on.
+            self._inFlight -= len(states)
+            self._cycles -= 1
+            now = self._clock.seconds()
+            waited = False
+            for state in states:
+                state.shipping = False
+                after, state.afterShip = state.afterShip, []
+                for f in after:
+                    f()
+                if state.waiters and state.dirty and state.retryAt <= now:
+                    # Commits made while this ship was under way are waited
+                    # on: they go in the next cycle.
+                    waited = True
+            if self._owedAll:
+                self._owedAll = self._owedWaited = False
+                self._shipDue(everything=True)
+            elif self._owedWaited or waited:
+                self._owedWaited = False
                 self._shipSoon()
             done.callback(None)
 
-        Deferred.fromCoroutine(ship()).addErrback(failed).addErrback(
-            lambda f: self.log.failure("Unexpected error shipping {store}", f, store=state.name)
+        Deferred.fromCoroutine(ship()).addErrback(
+            lambda f: self.log.failure("Unexpected error shipping {count} stores", f,
+                                       count=len(states))
         ).addBoth(finish)
         return done
 
-    def _buildSoon(self, state: _StoreState, epoch: int) -> Deferred[_Built | None]:
+    def _stored(self, state: _StoreState, generation: int, built: _Built) -> None:
         """
-        Build C{state}'s next record in a worker thread, together with the
-        other stores waiting for a worker.
+        C{built}, a record of C{state} built from its store at C{generation},
+        is stored: it is the new head of the store's chain.
         """
-        d: Deferred[_Built | None] = Deferred()
-        self._buildQueue.append((state, epoch, d))
+        info = built.info
+        if info.isSnapshot:
+            chain = (0, 0, info.size)
+        else:
+            chain = (state.chainLength + 1, state.chainBytes + info.size, state.snapshotBytes)
+        self._adopt(state, info, built.digests, built.pageSize, *chain)
+        self._keepImage(state, info.seq, built.image)
+        self._shipped(state, generation)
+        if info.isSnapshot and info.seq > 1:
+            self.backend.prune(state.name, info.seq).addErrback(
+                lambda f: self.log.failure("Cannot prune store {store}", f, store=state.name)
+            )
+        state.takenAt = built.takenAt
+
+    def _buildAll(self, jobs: list[tuple[_StoreState, int]]) -> Deferred[list[tuple[bool, Any]]]:
+        """
+        Build the next record of each of C{jobs}' stores in worker threads,
+        a group of stores per hand-off (split so that the build threads
+        share them), at most C{buildConcurrency} hand-offs at once.
+
+        @return: fires with (C{True}, the record or L{None}) or (C{False}, a
+            L{Failure}) per job, in order.
+        """
+        size = min(_GROUP_MAX, max(4, -(-len(jobs) // self._buildConcurrency)))
+        groups: list[Deferred[list[tuple[bool, Any]]]] = []
+        for start in range(0, len(jobs), size):
+            d: Deferred[list[tuple[bool, Any]]] = Deferred()
+            self._buildQueue.append((jobs[start : start + size], d))
+            groups.append(d)
         self._nextBuilds()
-        return d
+
+        def flatten(results: list[list[tuple[bool, Any]]]) -> list[tuple[bool, Any]]:
+            return [outcome for group in results for outcome in group]
+
+        return gatherResults(groups).addCallback(flatten)
 
     def _nextBuilds(self) -> None:
         while self._buildQueue and self._buildsRunning < self._buildConcurrency:
-            group, self._buildQueue = self._buildQueue[:16], self._buildQueue[16:]
+            group, d = self._buildQueue.pop(0)
             self._buildsRunning += 1
             dispatching = [True]
 
-            def work(
-                group: list[tuple[_StoreState, int, Any]] = group,
-            ) -> list[tuple[bool, Any]]:
+            def work(group: list[tuple[_StoreState, int]] = group) -> list[tuple[bool, Any]]:
                 results: list[tuple[bool, Any]] = []
-                for state, epoch, _ in group:
+                for state, epoch in group:
                     try:
                         results.append((True, self._build(state, epoch)))
                     except BaseException:
                         results.append((False, Failure()))  # type: ignore[no-untyped-call]
                 return results
 
-            def done(results: list[tuple[bool, Any]], group: Any = group) -> None:
-                for (_, _, d), (ok, value) in zip(group, results):
-                    if ok:
-                        d.callback(value)
-                    else:
-                        d.errback(value)
+            def failed(
+                failure: Failure, group: list[tuple[_StoreState, int]] = group
+            ) -> list[tuple[bool, Any]]:
+                return [(False, failure)] * len(group)
 
-            def failed(failure: Failure, group: Any = group) -> None:
-                for _, _, d in group:
-                    d.errback(failure)
-
-            def finished(_: object, dispatching: list[bool] = dispatching) -> None:
+            def finished(
+                results: list[tuple[bool, Any]],
+                d: Deferred[list[tuple[bool, Any]]] = d,
+                dispatching: list[bool] = dispatching,
+            ) -> None:
                 self._buildsRunning -= 1
                 if not dispatching[0]:
                     self._nextBuilds()
+                d.callback(results)
 
-            self._run(work).addCallbacks(done, failed).addBoth(finished)
+            self._run(work).addErrback(failed).addCallback(finished)
             dispatching[0] = False
 
     def _build(self, state: _StoreState, epoch: int) -> _Built | None:
@@ -806,32 +905,53 @@ class Shipper(Service):
             state.image, state.imageSeq = image, seq
             self._imageBytes += len(image)
 
-    def _saveState(self, state: _StoreState) -> Deferred[None]:
+    def _saveStates(self, states: list[_StoreState]) -> Deferred[None]:
         """
-        Write C{state}'s state file if it does not describe the newest record
-        shipped.  Never fails.
+        Write the state file of each of C{states} that does not describe the
+        newest record shipped, all in one worker-thread hand-off.  Never
+        fails.
         """
-        if state.savedSeq == state.seq or state.digests is None or state.seq == 0:
+        jobs: list[tuple[_StoreState, FilePath[str], dict[str, Any], tuple[bytes, ...], int]] = []
+        for state in states:
+            if state.savedSeq == state.seq or state.digests is None or state.seq == 0:
+                continue
+            record = self._stateRecord(
+                state.key,
+                RecordInfo(state.name, 0, state.seq, 0, 0, state.headDigest),
+                state.pageSize,
+                state.chainLength,
+                state.chainBytes,
+                state.snapshotBytes,
+                state.takenAt,
+            )
+            jobs.append((state, state.dbdir, record, state.digests, state.seq))
+        if not jobs:
             return succeed(None)
-        record = self._stateRecord(
-            state.key,
-            RecordInfo(state.name, 0, state.seq, 0, 0, state.headDigest),
-            state.pageSize,
-            state.chainLength,
-            state.chainBytes,
-            state.snapshotBytes,
-            state.takenAt,
-        )
-        dbdir, digests, seq = state.dbdir, state.digests, state.seq
 
-        def saved(_: object) -> None:
-            state.savedSeq = seq
-            state.savedAt = self._clock.seconds()
+        def work() -> list[Failure | None]:
+            results: list[Failure | None] = []
+            for _, dbdir, record, digests, _ in jobs:
+                try:
+                    _writeState(dbdir, record, digests)
+                except Exception:
+                    results.append(Failure())  # type: ignore[no-untyped-call]
+                else:
+                    results.append(None)
+            return results
 
-        d: Deferred[None] = self._run(lambda: _writeState(dbdir, record, digests))
+        def saved(results: list[Failure | None]) -> None:
+            now = self._clock.seconds()
+            for (state, _, _, _, seq), failure in zip(jobs, results):
+                if failure is None:
+                    state.savedSeq = seq
+                    state.savedAt = now
+                else:
+                    self.log.failure("Cannot save the shipping state of {store}", failure,
+                                     store=state.name)
+
+        d: Deferred[list[Failure | None]] = self._run(work)
         return d.addCallback(saved).addErrback(
-            lambda f: self.log.failure("Cannot save the shipping state of {store}", f,
-                                       store=state.name)
+            lambda f: self.log.failure("Cannot save shipping states", f)
         )
 
     @staticmethod
@@ -883,7 +1003,8 @@ class Shipper(Service):
         """
         head = await self.backend.head(state.name)
         dbdir = state.dbdir
-        saved = await self._run(lambda: _readState(dbdir))
+        # A store with no record needs no state file: its next is a snapshot.
+        saved = None if head is None else await self._run(lambda: _readState(dbdir))
         if head is None:
             state.seq, state.digests = 0, None
         elif (

@@ -14,6 +14,10 @@ Each append is one transaction that:
     3. checks the sequence against the newest record;
     4. inserts the record and raises the store's fenced epoch.
 
+A batch (L{PostgresBackend.appendMany}) is one transaction doing these steps
+for each of its records in turn; a record refused at step 2 or 3 writes
+nothing and the others go on.
+
 Step 2 is what makes a move of a slot and the durable writes of its stores
 serialise: once the transaction that moves a slot to epoch E+1 has committed,
 no write at epoch E of any store of that slot can commit, even for a store
@@ -23,10 +27,10 @@ slot check is skipped and the backend is a plain, fenced record store.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import psycopg
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from fractal.durable.filesystem import checkInfo, checkStoreName
@@ -71,21 +75,66 @@ def _lockFence(cursor: Cursor, store: str) -> int:
     return int(row[0])
 
 
-def _slotEpoch(cursor: Cursor, store: str) -> int:
+def _slotCount(cursor: Cursor) -> int | None:
     """
-    The current epoch of C{store}'s slot, share-locked for the rest of the
-    transaction; C{0} when there is no cluster or the slot has no owner yet.
+    The cluster's slot count, or L{None} when there is no cluster.
     """
     cursor.execute("SELECT slots FROM cluster WHERE id = 1")
     row = cursor.fetchone()
-    if row is None:
+    return None if row is None else int(row[0])
+
+
+def _slotEpoch(cursor: Cursor, store: str, slots: int | None) -> int:
+    """
+    The current epoch of C{store}'s slot, share-locked for the rest of the
+    transaction; C{0} when there is no cluster (C{slots} is L{None}) or the
+    slot has no owner yet.
+    """
+    if slots is None:
         return 0
     cursor.execute(
         "SELECT epoch FROM slot_owners WHERE slot = %s FOR SHARE",
-        (slotOfStore(store, int(row[0])),),
+        (slotOfStore(store, slots),),
     )
     row = cursor.fetchone()
     return 0 if row is None else int(row[0])
+
+
+def _appendRecord(cursor: Cursor, info: RecordInfo, data: bytes, slots: int | None) -> None:
+    """
+    Check and insert one record inside the caller's transaction (the steps
+    of the module docstring).  Raises before writing anything when refused.
+
+    @raise StaleEpoch: if C{info.epoch} is below the store's fence or slot.
+    @raise SequenceConflict: if C{info.seq} does not follow the newest record.
+    """
+    fenced = _lockFence(cursor, info.store)
+    current = max(fenced, _slotEpoch(cursor, info.store, slots))
+    if info.epoch < current:
+        raise StaleEpoch(info.store, info.epoch, current)
+    cursor.execute(
+        "SELECT seq FROM records WHERE store = %s ORDER BY seq DESC LIMIT 1",
+        (info.store,),
+    )
+    row = cursor.fetchone()
+    if row is not None:
+        if info.seq != int(row[0]) + 1:
+            raise SequenceConflict(
+                f"store {info.store}: record {info.seq} does not follow "
+                f"the newest stored record {row[0]}"
+            )
+    elif not info.isSnapshot:
+        raise SequenceConflict(f"store {info.store}: the first record must be a snapshot")
+    cursor.execute(
+        "INSERT INTO records (store, seq, base_seq, epoch, digest, data) "
+        "VALUES (%s, %s, %s, %s, %s, %s)",
+        (info.store, info.seq, info.baseSeq, info.epoch, info.digest, data),
+    )
+    if info.epoch > fenced:
+        cursor.execute(
+            "UPDATE store_fences SET epoch = %s WHERE store = %s",
+            (info.epoch, info.store),
+        )
 
 
 def _info(store: str, row: tuple[Any, ...]) -> RecordInfo:
@@ -120,39 +169,48 @@ class PostgresBackend:
 
     def append(self, info: RecordInfo, data: bytes) -> Deferred[None]:
         def append(cursor: Cursor) -> None:
-            fenced = _lockFence(cursor, info.store)
-            current = max(fenced, _slotEpoch(cursor, info.store))
-            if info.epoch < current:
-                raise StaleEpoch(info.store, info.epoch, current)
-            cursor.execute(
-                "SELECT seq FROM records WHERE store = %s ORDER BY seq DESC LIMIT 1",
-                (info.store,),
-            )
-            row = cursor.fetchone()
-            if row is not None:
-                if info.seq != int(row[0]) + 1:
-                    raise SequenceConflict(
-                        f"store {info.store}: record {info.seq} does not follow "
-                        f"the newest stored record {row[0]}"
-                    )
-            elif not info.isSnapshot:
-                raise SequenceConflict(f"store {info.store}: the first record must be a snapshot")
-            cursor.execute(
-                "INSERT INTO records (store, seq, base_seq, epoch, digest, data) "
-                "VALUES (%s, %s, %s, %s, %s, %s)",
-                (info.store, info.seq, info.baseSeq, info.epoch, info.digest, data),
-            )
-            if info.epoch > fenced:
-                cursor.execute(
-                    "UPDATE store_fences SET epoch = %s WHERE store = %s",
-                    (info.epoch, info.store),
-                )
+            _appendRecord(cursor, info, data, _slotCount(cursor))
 
         try:
             checkInfo(info, data)
         except ValueError as e:
             return _failed(e)
         return self.database.transact(append)
+
+    def appendMany(
+        self, records: Sequence[tuple[RecordInfo, bytes]]
+    ) -> Deferred[list[BaseException | None]]:
+        """
+        See L{IDurableBackend.appendMany}: one transaction for the batch,
+        each record checked (fence row locked, slot epoch share-locked,
+        sequence) just before its insert, as L{append} does.  The fence rows
+        are locked in store order, so that two batches cannot deadlock.
+        """
+        outcomes: list[BaseException | None] = [None] * len(records)
+        valid: list[int] = []
+        for index, (info, data) in enumerate(records):
+            try:
+                checkInfo(info, data)
+            except ValueError as e:
+                outcomes[index] = e
+            else:
+                valid.append(index)
+        # A stable sort: the records of one store keep their order.
+        valid.sort(key=lambda index: records[index][0].store)
+
+        def appendMany(cursor: Cursor) -> list[BaseException | None]:
+            slots = _slotCount(cursor)
+            for index in valid:
+                info, data = records[index]
+                try:
+                    _appendRecord(cursor, info, data, slots)
+                except (StaleEpoch, SequenceConflict) as e:
+                    outcomes[index] = e
+            return outcomes
+
+        if not valid:
+            return succeed(outcomes)
+        return self.database.transact(appendMany)
 
     def fence(self, store: str, epoch: int) -> Deferred[None]:
         def fence(cursor: Cursor) -> None:
