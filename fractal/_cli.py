@@ -39,13 +39,28 @@ its options class, and a one-line description for C{--help}.
 """
 
 
-def _lazyOptions(qualifiedName: str) -> Callable[[], usage.Options]:
+def _lazyOptions(name: str, qualifiedName: str) -> Callable[[], usage.Options]:
     """
     An options factory that imports C{qualifiedName} only when called.
+
+    Twisted shows a subcommand's synopsis after the command's own and the
+    subcommand's name, so a synopsis written in full (C{"Usage: fractal
+    restore ..."}) would say it twice: that prefix is dropped.  A subcommand
+    without a C{longdesc} gets an empty one rather than the docstring of
+    whatever C{__main__} is.
+
+    @param name: the subcommand's name.
+    @param qualifiedName: the fully qualified name of its options class.
     """
 
     def build() -> usage.Options:
         options: usage.Options = namedAny(qualifiedName)()  # type: ignore[no-untyped-call]
+        synopsis = getattr(options, "synopsis", None)
+        prefix = f"Usage: fractal {name}"
+        if isinstance(synopsis, str) and synopsis.startswith(prefix):
+            setattr(options, "synopsis", synopsis[len(prefix) :].lstrip())
+        if getattr(options, "longdesc", None) is None:
+            setattr(options, "longdesc", "")
         return options
 
     return build
@@ -57,10 +72,22 @@ class FractalOptions(usage.Options):
     """
 
     synopsis = "Usage: fractal [--version] COMMAND [options]"
+    longdesc = ""
     subCommands = [
-        (name, None, _lazyOptions(qualifiedName), description)
+        (name, None, _lazyOptions(name, qualifiedName), description)
         for (name, qualifiedName, description) in SUBCOMMANDS
     ]
+
+    def getSynopsis(self) -> str:
+        """
+        The synopsis: C{"Usage: fractal"} alone once a subcommand is chosen,
+        as the start of that subcommand's synopsis (which Twisted builds as
+        this one, the subcommand's name, then its own).
+        """
+        if self.subCommand is not None:
+            return "Usage: fractal"
+        synopsis: str = super().getSynopsis()
+        return synopsis
 
     def opt_version(self) -> None:
         """
@@ -86,7 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         options.parseOptions(list(sys.argv[1:] if argv is None else argv))  # type: ignore[no-untyped-call]
     except usage.UsageError as e:
-        print(f"{options}\nfractal: {e}", file=sys.stderr)
+        # The usage of the subcommand the error is about, if any, once.
+        shown: usage.Options = getattr(options, "subOptions", None) or options
+        command = " ".join(["fractal"] + ([options.subCommand] if options.subCommand else []))
+        print(f"{shown}\n{command}: {e}", file=sys.stderr)
         return 2
     status: int = options.subOptions.run()
     return status

@@ -56,3 +56,46 @@ class MainTests(SynchronousTestCase):
             options = dict((c[0], c[2]) for c in FractalOptions.subCommands)[name]()
             self.assertTrue(callable(getattr(options, "run", None)), qualifiedName)
             self.assertIn(name, helpText)
+
+    def test_subcommandErrorUsageOnce(self) -> None:
+        """
+        A usage error in C{fractal restore} or C{fractal verify} prints that
+        subcommand's usage once, starting with its own synopsis, then the
+        error, and exits with status 2.
+        """
+        for argv, synopsis in [
+            (["restore"], "Usage: fractal restore [--data DIR] [--durable DIR] USER --to PATH"),
+            (["verify", "extra"], "Usage: fractal verify [--data DIR] [--durable DIR]"),
+            (["verify", "--no-such-option"], "Usage: fractal verify [--data DIR] [--durable DIR]"),
+        ]:
+            self.stderr.seek(0)
+            self.stderr.truncate()
+            self.assertEqual(main(argv), 2)
+            output = self.stderr.getvalue()
+            self.assertEqual(output.count("Usage:"), 1, output)
+            self.assertEqual(output.splitlines()[0], synopsis)
+            self.assertIn(f"\nfractal {argv[0]}: ", output)
+
+    def test_subcommandHelpUsageOnce(self) -> None:
+        """
+        C{fractal SUBCOMMAND --help} shows C{Usage: fractal SUBCOMMAND} once,
+        for every subcommand, and not the top-level synopsis.
+        """
+        for name, _, _ in SUBCOMMANDS:
+            self.stdout.seek(0)
+            self.stdout.truncate()
+            error = self.assertRaises(SystemExit, main, [name, "--help"])
+            self.assertEqual(error.code, 0)
+            output = self.stdout.getvalue()
+            self.assertEqual(output.count("Usage:"), 1, output)
+            self.assertTrue(output.startswith(f"Usage: fractal {name} "), output)
+            self.assertNotIn("COMMAND", output.splitlines()[0])
+
+    def test_topLevelUsageUnchanged(self) -> None:
+        """
+        Without a subcommand, the usage is the command's own.
+        """
+        self.assertEqual(main([]), 2)
+        self.assertTrue(
+            self.stderr.getvalue().startswith("Usage: fractal [--version] COMMAND [options]\n")
+        )

@@ -407,6 +407,19 @@ class FindTests(QueryTestsMixin, SynchronousTestCase):
         self.assertRaises(errors.ItemNotFound, self.store.getItemByID, 999)
         self.assertEqual(self.store.getItemByID(999, default="d"), "d")
 
+    def test_getItemByIDOutOfRange(self) -> None:
+        """
+        A storeID that no SQLite row can have (beyond 64-bit signed integers)
+        is an item that does not exist: ItemNotFound (a KeyError) or the
+        default, not OverflowError.
+        """
+        for storeID in [2**63, 2**63 + 1, 2**100, -(2**63) - 1, -(2**80)]:
+            error = self.assertRaises(errors.ItemNotFound, self.store.getItemByID, storeID)
+            self.assertIsInstance(error, KeyError)
+            self.assertEqual(error.args, (storeID,))
+            self.assertEqual(self.store.getItemByID(storeID, default="d"), "d")
+        self.assertIs(self.store.getItemByID(self.things[0].storeID), self.things[0])
+
 
 class MultipleTests(QueryTestsMixin, SynchronousTestCase):
     """

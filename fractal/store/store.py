@@ -67,6 +67,13 @@ STORE_SELF_ID = -1
 The storeID of a store itself (what a reference to the store holds).
 """
 
+_MIN_STORE_ID = -(2**63)
+_MAX_STORE_ID = 2**63 - 1
+"""
+The range of SQLite's integers, so of storeIDs; sqlite3 cannot even bind an
+int outside it (C{OverflowError}).
+"""
+
 _T = TypeVar("_T")
 _NOTHING: Any = object()
 
@@ -1175,10 +1182,16 @@ class Store(Empowered):
         strong reference to an item exists, this returns that same object.
 
         @raise TypeError: if C{storeID} is not an int.
-        @raise ItemNotFound: if there is no such item and no C{default}.
+        @raise ItemNotFound: if there is no such item and no C{default}
+            (also for an int no SQLite row can have, beyond 64-bit signed
+            integers).
         """
         if not isinstance(storeID, int):
             raise TypeError("storeID must be an int, not %s" % (type(storeID).__name__,))
+        if not _MIN_STORE_ID <= storeID <= _MAX_STORE_ID:
+            if default is _NOTHING:
+                raise ItemNotFound(storeID)
+            return default
         ref = self._cache.get(storeID)
         if ref is not None:
             item = ref()
