@@ -277,6 +277,30 @@ class Options(usage.Options):
             "With --postgres: seconds a node stays a member without a heartbeat (default: 10).",
             _positive(float, "--lease"),
         ],
+        [
+            "handoff-drain",
+            None,
+            None,
+            "With --postgres: seconds a slot handoff waits for the calls running on the "
+            "slot before giving up and trying again later (default: 10).",
+            _positive(float, "--handoff-drain"),
+        ],
+        [
+            "stale-keep",
+            None,
+            None,
+            "With --postgres: seconds the stale local stores set aside in DATA/stale are "
+            "kept for inspection (default: 604800, a week).",
+            _positive(float, "--stale-keep"),
+        ],
+        [
+            "stale-max",
+            None,
+            None,
+            "With --postgres: the most stale local stores kept in DATA/stale; the oldest "
+            "go first (default: 1000).",
+            _positive(int, "--stale-max"),
+        ],
     ]
 
     optFlags: list[list[Any]] = [
@@ -607,7 +631,15 @@ def makeService(options: Options) -> IService:
     if cluster is not None:
         from fractal.postgres.deploy import servePostgres
 
-        servePostgres(node, cluster, shipper)
+        served: dict[str, Any] = {}
+        for option, name in [
+            ("handoff-drain", "handoffDrain"),
+            ("stale-keep", "staleKeep"),
+            ("stale-max", "staleMax"),
+        ]:
+            if options[option] is not None:
+                served[name] = options[option]
+        servePostgres(node, cluster, shipper, **served)
     elif shipper is not None:
         shipper.serveNode(node)
     if options["manhole"] is not None:

@@ -145,3 +145,43 @@ class PostgresTapTests(SynchronousTestCase):
         A lease that is not a positive number is refused at option time.
         """
         self.assertRaises(usage.UsageError, self.options, "--lease", "0")
+
+    def test_handoffAndStaleOptions(self) -> None:
+        """
+        C{--handoff-drain}, C{--stale-keep} and C{--stale-max} take positive
+        numbers (C{stale-max} a whole one), from the command line or the
+        configuration file; a node is built with them.
+        """
+        options = self.options(
+            "--handoff-drain", "2.5", "--stale-keep", "3600", "--stale-max", "7"
+        )
+        self.assertEqual(
+            (options["handoff-drain"], options["stale-keep"], options["stale-max"]),
+            (2.5, 3600.0, 7),
+        )
+        for bad in [("--stale-max", "0"), ("--stale-max", "1.5"), ("--stale-keep", "-1"),
+                    ("--handoff-drain", "0")]:
+            self.assertRaises(usage.UsageError, self.options, *bad)
+        database = makeDatabase(self)
+        config = FilePath(self.mktemp())
+        config.setContent(
+            (
+                f'app = "tests.test_durable_node:application"\n'
+                f'postgres = "{postgresDSN()}"\n'
+                f'postgres-schema = "{database.schema}"\n'
+                f"stale-keep = 60\n"
+                f"stale-max = 3\n"
+                f"handoff-drain = 1.5\n"
+                f"[[node]]\n"
+                f'id = "a1"\n'
+                f'listen = "tcp:7431:interface=127.0.0.1"\n'
+                f'peer = "tcp:host=127.0.0.1:port=7432"\n'
+            ).encode()
+        )
+        options = Options()
+        options.parseOptions(["--config", config.path, "--data", self.mktemp()])
+        self.assertEqual(
+            (options["handoff-drain"], options["stale-keep"], options["stale-max"]),
+            (1.5, 60.0, 3),
+        )
+        self.assertIsInstance(self.service(options).topology, PostgresTopology)
