@@ -1,4 +1,5 @@
 # -*- test-case-name: tests.test_client -*-
+# mypy: disable-error-code="no-untyped-call"
 """
 Calling a fractal node: a reconnecting AMP client with per-call timeouts::
 
@@ -7,6 +8,7 @@ Calling a fractal node: a reconnecting AMP client with per-call timeouts::
     client = connect(reactor, "tcp:host=127.0.0.1:port=7100", timeout=5)
     answer = await client.callRemote(Deliver, user="alice@example.com",
                                      sender="bob", subject="hi", body="...")
+    answer = await client.callRemoteWithTimeout(2.5, Deliver, user=..., ...)
     await client.disconnect()
 
 The client keeps one connection open, reconnecting with back-off whenever it
@@ -15,6 +17,17 @@ connection and waiting for the answer: when it expires the call fails with
 L{CallTimeout}, never hangs, and is never sent afterwards.  Errors a node
 declares (the command's own and L{fractal.protocol}'s) arrive as the typed
 exceptions the command lists.
+
+Every keyword argument of L{FractalClient.callRemote} is an argument of the
+command, C{user} included, with one exception kept for compatibility: a
+C{timeout} keyword sets the call's timeout when the command has no argument
+named C{timeout}.  L{FractalClient.callRemoteWithTimeout} takes the timeout
+as its first positional argument, so it cannot collide with any argument.
+
+Calls are encoded and answers decoded straight from the command's schema
+(made once per command), and answers are read from the connection in one
+loop (L{fractal._framing}); a command whose arguments or methods customise
+AMP's encoding goes through AMP's own C{callRemote} instead.
 """
 
 from __future__ import annotations
@@ -28,7 +41,10 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.compat import nativeString
 from twisted.python.failure import Failure
+
+from fractal._framing import canReadBoxes, readBoxes
 
 if TYPE_CHECKING:
     from fractal.routing.smart import ClusterClient, connectCluster
@@ -74,21 +90,55 @@ class _ClientAMP(amp.AMP):
     """
 
     def __init__(self, client: FractalClient) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self._client = client
 
     def locateResponder(self, name: bytes) -> None:
         return None
 
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Read the complete answers at the start of C{data} in one loop; give
+        the rest (a partial box) to AMP's parser.
+        """
+        if not canReadBoxes(self):
+            super().dataReceived(data)
+            return
+        offset = readBoxes(self, data)
+        if offset < len(data):
+            super().dataReceived(data[offset:])
+
+    def _answerReceived(self, box: amp.AmpBox) -> None:
+        """
+        Fire the call C{box} answers.  Unlike AMP, add no errback that drops
+        the connection: the call's L{Deferred} is the caller's, who handles
+        its result (L{FractalClient} hands every call's to its caller).
+        """
+        self._outstandingRequests.pop(box[amp.ANSWER]).callback(box)
+
+    def _errorReceived(self, box: amp.AmpBox) -> None:
+        """
+        Fail the call C{box} answers with an error, as AMP does, but without
+        AMP's connection-dropping errback (see L{_answerReceived}).
+        """
+        question = self._outstandingRequests.pop(box[amp.ERROR])
+        code = box[amp.ERROR_CODE]
+        description = box[amp.ERROR_DESCRIPTION].decode("utf-8", "replace")
+        errorType = amp.PROTOCOL_ERRORS.get(code)
+        if errorType is not None:
+            question.errback(Failure(errorType(code, description)))
+        else:
+            question.errback(Failure(amp.RemoteAmpError(code, description)))
+
     def connectionMade(self) -> None:
-        super().connectionMade()  # type: ignore[no-untyped-call]
+        super().connectionMade()
         self._client._connectionMade(self)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         # Forget the connection before AMP fails its outstanding calls, so a
         # call made from one of their errbacks waits for the next connection.
         self._client._connectionLost(self)
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        super().connectionLost(reason)
 
 
 class _ClientFactory(Factory):
@@ -99,6 +149,160 @@ class _ClientFactory(Factory):
         protocol = _ClientAMP(self._client)
         protocol.factory = self
         return protocol
+
+
+def _usualArguments(arguments: list[tuple[bytes, amp.Argument]], methods: tuple[str, ...]) -> bool:
+    """
+    Whether none of C{arguments} overrides any of C{methods} of
+    L{amp.Argument}, and their wire names are distinct.
+    """
+    wireNames = [wire for wire, _ in arguments]
+    return len(set(wireNames)) == len(wireNames) and all(
+        getattr(type(argument), method) is getattr(amp.Argument, method)
+        for _, argument in arguments
+        for method in methods
+    )
+
+
+class _Codec:
+    """
+    How the client encodes one command's call and decodes its answer, as
+    AMP's C{Command} does, made once per command.
+
+    @ivar argumentNames: the Python names of the command's arguments.
+    @ivar usual: whether the command encodes and decodes as plain AMP does;
+        for any other command L{send} uses AMP's own C{callRemote}.
+    """
+
+    def __init__(self, command: type[amp.Command]) -> None:
+        self.command = command
+        self.name: bytes = command.commandName
+        self.requiresAnswer: bool = command.requiresAnswer
+        self.reverseErrors: dict[bytes, type[Exception]] = command.reverseErrors  # type: ignore[attr-defined]
+        self.arguments = [
+            (
+                wire,
+                nativeString(wire.replace(b"-", b"_")),
+                argument.optional,
+                argument.toStringProto,
+            )
+            for wire, argument in command.arguments
+        ]
+        self.response = [
+            (
+                wire,
+                nativeString(wire.replace(b"-", b"_")),
+                argument.optional,
+                argument.fromStringProto,
+            )
+            for wire, argument in command.response
+        ]
+        self.argumentNames = frozenset(name for _, name, _, _ in self.arguments)
+        self.usual = (
+            command.__init__ is amp.Command.__init__
+            and all(
+                getattr(command, method).__func__ is getattr(amp.Command, method).__func__
+                for method in ("makeArguments", "parseResponse")
+            )
+            and command._doCommand is amp.Command._doCommand
+            and _usualArguments(command.arguments, ("toBox", "retrieve"))
+            and _usualArguments(command.response, ("fromBox", "retrieve"))
+        )
+
+    def send(self, connection: amp.AMP, arguments: dict[str, Any]) -> Deferred[Any]:
+        """
+        Send a call with C{arguments} on C{connection}.
+
+        @return: fires with the answer as a C{dict} (L{None} for a command
+            that requires no answer), or fails with the command's declared
+            error, L{amp.InvalidSignature} for arguments that do not fit, or
+            the connection's loss.
+        """
+        if not self.usual:
+            answer: Deferred[Any] | None = connection.callRemote(self.command, **arguments)
+            return succeed(None) if answer is None else answer
+        try:
+            box = self.encode(arguments, connection)
+        except Exception:
+            return fail()
+        sent: Deferred[Any] | None = connection._sendBoxCommand(
+            self.name, box, self.requiresAnswer
+        )
+        if sent is None:
+            return succeed(None)
+        return sent.addCallbacks(self.decode, self.translateError, (connection,))
+
+    def encode(self, arguments: dict[str, Any], connection: amp.AMP) -> amp.AmpBox:
+        """
+        The box of a call with C{arguments}.
+
+        @raise amp.InvalidSignature: for an argument the command does not
+            have, or a required one missing.
+        """
+        box = amp.AmpBox()
+        used = 0
+        for wire, name, optional, toString in self.arguments:
+            value = arguments.get(name)
+            if value is None:
+                if name not in arguments:
+                    if optional:
+                        continue
+                    raise amp.InvalidSignature(
+                        f"forgot {name} for {self.name.decode('ascii', 'replace')}"
+                    )
+                used += 1
+                if optional:
+                    continue
+            else:
+                used += 1
+            box[wire] = toString(value, connection)
+        if used != len(arguments):
+            unknown = sorted(set(arguments) - self.argumentNames)
+            raise amp.InvalidSignature(f"{unknown[0]} is not a valid argument")
+        return box
+
+    def decode(self, box: amp.AmpBox, connection: amp.AMP) -> dict[str, Any]:
+        """
+        The answer in C{box}, as a C{dict}.
+        """
+        objects: dict[str, Any] = {}
+        for wire, name, optional, fromString in self.response:
+            if optional:
+                value = box.get(wire)
+                objects[name] = None if value is None else fromString(value, connection)
+            else:
+                objects[name] = fromString(box[wire], connection)
+        return objects
+
+    def timedOut(self, result: object, seconds: float) -> object:
+        """
+        A call of this command was cancelled by its timeout: fail it with
+        L{CallTimeout}.
+        """
+        name = self.name.decode("ascii", "replace")
+        raise CallTimeout(f"{name} got no answer within {seconds:g} seconds")
+
+    def translateError(self, reason: Failure) -> Failure:
+        """
+        A remote error as the command's declared exception.
+        """
+        reason.trap(amp.RemoteAmpError)
+        remote: amp.RemoteAmpError = reason.value  # type: ignore[assignment]
+        errorType = self.reverseErrors.get(remote.errorCode, amp.UnknownRemoteError)
+        return Failure(errorType(remote.description))
+
+
+_codecs: dict[type[amp.Command], _Codec] = {}
+
+
+def _codecFor(command: type[amp.Command]) -> _Codec:
+    """
+    The L{_Codec} of C{command}, made on its first use.
+    """
+    codec = _codecs.get(command)
+    if codec is None:
+        codec = _codecs[command] = _Codec(command)
+    return codec
 
 
 class FractalClient:
@@ -183,45 +387,82 @@ class FractalClient:
         """
         return self._waitForConnection()
 
+    def _connectionNow(self, user: object) -> amp.AMP | None:
+        """
+        The connection L{_connectionFor} would choose for C{user} if it is up
+        now, else L{None}: the fast path of a call.
+        """
+        return self._connection
+
     def callRemote(
-        self,
-        command: type[amp.Command],
-        user: str | None = None,
-        *,
-        timeout: float | None = None,
-        **arguments: Any,
+        self, command: type[amp.Command], user: str | None = None, /, **arguments: Any
     ) -> Deferred[dict[str, Any]]:
         """
         Call C{command} on the node.
 
         @param command: an AMP command, usually a L{fractal.app.UserCommand}.
         @param user: the user key the call is for: the C{user} argument of a
-            L{fractal.app.UserCommand}.
-        @param timeout: seconds before the call fails with L{CallTimeout};
-            L{FractalClient.timeout} by default.
-        @param arguments: the command's other arguments, by name.
+            L{fractal.app.UserCommand}, which may as well be given by keyword.
+        @param arguments: the command's arguments, by name.  For
+            compatibility, C{timeout} is the call's timeout in seconds (see
+            L{callRemoteWithTimeout}) unless the command has an argument
+            named C{timeout}, which it then is.
         @return: a L{Deferred} that fires with the answer as a C{dict}, or
             fails with one of the command's declared errors, L{CallTimeout},
-            L{ClientStopped}, or the connection's loss.
+            L{ClientStopped}, L{amp.InvalidSignature} (arguments that do not
+            fit the command), or the connection's loss.
+        """
+        timeout = None
+        if "timeout" in arguments and "timeout" not in _codecFor(command).argumentNames:
+            timeout = arguments.pop("timeout")
+        return self._call(command, user, timeout, arguments)
+
+    def callRemoteWithTimeout(
+        self,
+        timeout: float | None,
+        command: type[amp.Command],
+        user: str | None = None,
+        /,
+        **arguments: Any,
+    ) -> Deferred[dict[str, Any]]:
+        """
+        Call C{command} on the node within C{timeout} seconds.  Every keyword
+        argument, C{timeout} too, is an argument of the command.
+
+        @param timeout: seconds before the call fails with L{CallTimeout};
+            L{None} for L{FractalClient.timeout}.
+        @param command: see L{callRemote}.
+        @param user: see L{callRemote}.
+        @param arguments: the command's arguments, by name.
+        @return: see L{callRemote}.
+        """
+        return self._call(command, user, timeout, arguments)
+
+    def _call(
+        self,
+        command: type[amp.Command],
+        user: str | None,
+        timeout: float | None,
+        arguments: dict[str, Any],
+    ) -> Deferred[dict[str, Any]]:
+        """
+        Send one call: on the chosen connection at once if it is up, else
+        once it is, all within the call's timeout.
         """
         if self._stopped:
             return fail(ClientStopped("the client is disconnected"))
-        if user is not None:
-            arguments["user"] = user
+        if user is None:
+            user = arguments.get("user")
+        elif arguments.setdefault("user", user) != user:
+            return fail(TypeError("two user keys given, by position and by name"))
+        codec = _codecFor(command)
+        connection = self._connectionNow(user)
+        if connection is not None:
+            call = codec.send(connection, arguments)
+        else:
+            call = self._connectionFor(user).addCallback(codec.send, arguments)
         limit = self.timeout if timeout is None else timeout
-        name = command.commandName.decode("ascii", "replace")
-
-        def send(connection: amp.AMP) -> Deferred[dict[str, Any]]:
-            answer: Deferred[dict[str, Any]] = connection.callRemote(  # type: ignore[no-untyped-call]
-                command, **arguments
-            )
-            return answer
-
-        def timedOut(result: object, seconds: float) -> object:
-            raise CallTimeout(f"{name} got no answer within {seconds:g} seconds")
-
-        call = self._connectionFor(user).addCallback(send)
-        call.addTimeout(limit, self._clock, onTimeoutCancel=timedOut)
+        call.addTimeout(limit, self._clock, onTimeoutCancel=codec.timedOut)
         return call
 
     def whenConnected(self, timeout: float | None = None) -> Deferred[None]:
@@ -277,7 +518,7 @@ def connect(
         is up wait for it (within their timeout).
     @raise ValueError: if C{description} is not a valid endpoint description.
     """
-    endpoint = clientFromString(reactor, description)  # type: ignore[no-untyped-call]
+    endpoint = clientFromString(reactor, description)
     return FractalClient(reactor, endpoint, timeout=timeout, retryPolicy=retryPolicy)
 
 

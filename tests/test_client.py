@@ -42,6 +42,64 @@ class _ServerEcho(amp.Command):
     errors = {Overloaded: b"OVERLOADED"}
 
 
+class Wait(UserCommand):
+    """
+    A user command with an argument named C{timeout}, as applications may
+    declare.
+    """
+
+    arguments = [(b"timeout", amp.Float())]
+    response = [(b"waited", amp.Float())]
+
+
+class _ServerWait(amp.Command):
+    commandName = b"Wait"
+    arguments = [(b"user", amp.Unicode()), (b"timeout", amp.Float())]
+    response = [(b"waited", amp.Float())]
+
+
+class Options(amp.Command):
+    """
+    Optional arguments and answers, a dashed wire name, and an error the
+    command does not declare.
+    """
+
+    arguments = [
+        (b"user", amp.Unicode()),
+        (b"note", amp.Unicode(optional=True)),
+        (b"page-size", amp.Integer(optional=True)),
+    ]
+    response = [(b"note", amp.Unicode(optional=True)), (b"page-size", amp.Integer())]
+
+
+class _Upper(amp.Unicode):
+    """
+    An argument that customises how it is put in a box.
+    """
+
+    def toBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        strings[name] = objects.pop(name.decode("ascii")).upper().encode("utf-8")
+
+
+class Shout(amp.Command):
+    """
+    A command whose argument customises AMP's encoding, so the client sends
+    it through AMP's own C{callRemote}.
+    """
+
+    arguments = [(b"user", amp.Unicode()), (b"text", _Upper())]
+    response = [(b"text", amp.Unicode())]
+
+
+class Note(amp.Command):
+    """
+    A command that asks for no answer.
+    """
+
+    arguments = [(b"user", amp.Unicode()), (b"text", amp.Unicode())]
+    requiresAnswer = False
+
+
 class _Server(amp.AMP):
     """
     A node stand-in: echoes, refuses with a declared error, or holds the
@@ -63,6 +121,27 @@ class _Server(amp.AMP):
             self._held.append(d)
             return d
         return {"user": user, "text": text}
+
+    @_ServerWait.responder
+    def wait(self, user: str, timeout: float) -> Any:
+        self._received.append((user, f"wait {timeout:g}"))
+        return {"waited": timeout}
+
+    @Options.responder
+    def options(self, user: str, note: str | None, page_size: int | None) -> Any:
+        self._received.append((user, f"options {note} {page_size}"))
+        if page_size == 0:
+            raise ZeroDivisionError("undeclared")
+        return {"note": note, "page_size": page_size or 10}
+
+    @Shout.responder
+    def shout(self, user: str, text: str) -> Any:
+        return {"text": text}
+
+    @Note.responder
+    def note(self, user: str, text: str) -> Any:
+        self._received.append((user, text))
+        return {}
 
 
 class ClientTests(SynchronousTestCase):
@@ -298,4 +377,176 @@ class ClientTests(SynchronousTestCase):
         self.assertRaises(
             ValueError, connect, self.reactor, "tcp:host=127.0.0.1:port=1", timeout=0
         )
+        self.stop()
+
+
+class CallArgumentTests(ClientTests):
+    """
+    How L{FractalClient.callRemote} and L{FractalClient.callRemoteWithTimeout}
+    read their arguments, and how calls are encoded and answers decoded.
+    """
+
+    def test_timeoutArgumentOfCommand(self) -> None:
+        """
+        A command argument named C{timeout} reaches the node when the command
+        declares one, and the call keeps the client's own timeout.
+        """
+        pump = self.accept()
+        d = self.client.callRemote(Wait, user="amy", timeout=0.5)
+        self.reactor.advance(1)
+        pump.flush()
+        self.assertEqual(self.successResultOf(d), {"waited": 0.5})
+        self.assertEqual(self.received, [("amy", "wait 0.5")])
+        self.stop()
+
+    def test_timeoutKeywordStillTheCallTimeout(self) -> None:
+        """
+        For a command with no C{timeout} argument, C{timeout=} is still the
+        call's timeout and is not sent.
+        """
+        pump = self.accept()
+        d = self.client.callRemote(Echo, user="bo", text="hold", timeout=1)
+        pump.flush()
+        self.assertEqual(self.received, [("bo", "hold")])
+        self.reactor.advance(1)
+        self.failureResultOf(d, CallTimeout)
+        self.stop()
+
+    def test_callRemoteWithTimeout(self) -> None:
+        """
+        L{FractalClient.callRemoteWithTimeout} takes the call's timeout first
+        and sends every keyword, C{timeout} included, to the command.
+        """
+        pump = self.accept()
+        d = self.client.callRemoteWithTimeout(2, Wait, user="cy", timeout=30.0)
+        pump.flush()
+        self.assertEqual(self.successResultOf(d), {"waited": 30.0})
+        held = self.client.callRemoteWithTimeout(2, Echo, user="cy", text="hold")
+        pump.flush()
+        self.reactor.advance(1.9)
+        self.assertNoResult(held)
+        self.reactor.advance(0.1)
+        failure = self.failureResultOf(held, CallTimeout)
+        self.assertIn("2 seconds", str(failure.value))
+        self.stop()
+
+    def test_userByPosition(self) -> None:
+        """
+        The user key may be given by position; giving two different keys is
+        an error and sends nothing.
+        """
+        pump = self.accept()
+        d = self.client.callRemote(Echo, "dee", text="pos")
+        pump.flush()
+        self.assertEqual(self.successResultOf(d), {"user": "dee", "text": "pos"})
+        twice = self.client.callRemote(Echo, "dee", user="eve", text="x")
+        self.failureResultOf(twice, TypeError)
+        pump.flush()
+        self.assertEqual(self.received, [("dee", "pos")])
+        self.stop()
+
+    def test_badArguments(self) -> None:
+        """
+        An argument the command does not have, or a required one missing,
+        fails the call with L{amp.InvalidSignature} and sends nothing.
+        """
+        pump = self.accept()
+        unknown = self.client.callRemote(Echo, user="fin", text="x", colour="red")
+        self.assertIn("colour", str(self.failureResultOf(unknown, amp.InvalidSignature).value))
+        missing = self.client.callRemote(Echo, user="fin")
+        self.assertIn("text", str(self.failureResultOf(missing, amp.InvalidSignature).value))
+        pump.flush()
+        self.assertEqual(self.received, [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.stop()
+
+    def test_optionalArguments(self) -> None:
+        """
+        Optional arguments may be left out or given as L{None}; dashed wire
+        names are given with underscores; optional answers left out come
+        back as L{None}.
+        """
+        pump = self.accept()
+        bare = self.client.callRemote(Options, user="gil")
+        given = self.client.callRemote(Options, user="gil", note="n", page_size=3)
+        none = self.client.callRemote(Options, user="gil", note=None, page_size=None)
+        pump.flush()
+        self.assertEqual(self.successResultOf(bare), {"note": None, "page_size": 10})
+        self.assertEqual(self.successResultOf(given), {"note": "n", "page_size": 3})
+        self.assertEqual(self.successResultOf(none), {"note": None, "page_size": 10})
+        self.assertEqual(
+            self.received,
+            [("gil", "options None None"), ("gil", "options n 3"), ("gil", "options None None")],
+        )
+        self.stop()
+
+    def test_undeclaredError(self) -> None:
+        """
+        An error the command does not declare arrives as
+        L{amp.UnknownRemoteError}.
+        """
+        pump = self.accept()
+        d = self.client.callRemote(Options, user="hub", page_size=0)
+        pump.flush()
+        self.failureResultOf(d, amp.UnknownRemoteError)
+        self.flushLoggedErrors(ZeroDivisionError)
+        self.stop()
+
+    def test_unhandledCommand(self) -> None:
+        """
+        A command the node does not know fails with AMP's
+        L{amp.UnhandledCommand}.
+        """
+
+        class Unknown(amp.Command):
+            arguments = [(b"user", amp.Unicode())]
+
+        pump = self.accept()
+        d = self.client.callRemote(Unknown, user="ira")
+        pump.flush()
+        self.failureResultOf(d, amp.UnhandledCommand)
+        self.stop()
+
+    def test_customisedEncoding(self) -> None:
+        """
+        A command whose argument customises AMP's encoding is sent as AMP
+        would send it.
+        """
+        pump = self.accept()
+        d = self.client.callRemote(Shout, user="jan", text="quiet")
+        pump.flush()
+        self.assertEqual(self.successResultOf(d), {"text": "QUIET"})
+        self.stop()
+
+    def test_noAnswer(self) -> None:
+        """
+        A command that requires no answer fires with L{None} once sent.
+        """
+        pump = self.accept()
+        d = self.client.callRemote(Note, user="kai", text="fyi")
+        self.assertIsNone(self.successResultOf(d))
+        pump.flush()
+        self.assertEqual(self.received, [("kai", "fyi")])
+        self.stop()
+
+    def test_answersInPieces(self) -> None:
+        """
+        Answers that arrive a byte at a time, or several in one chunk with a
+        partial one after them, are each read whole.
+        """
+        pump = self.accept()
+        calls = [self.client.callRemote(Echo, user="lu", text=str(i)) for i in range(3)]
+        pump.pump()  # the calls reach the server, which answers
+        answers = pump.serverIO.getOutBuffer()
+        assert answers is not None
+        end = answers.index(b"\x00\x00") + 2  # the end of the first answer
+        pump.client.dataReceived(answers[: end + 3])
+        self.assertEqual(self.successResultOf(calls[0])["text"], "0")
+        self.assertNoResult(calls[1])
+        for i in range(end + 3, len(answers)):
+            pump.client.dataReceived(answers[i : i + 1])
+        self.assertEqual([self.successResultOf(d)["text"] for d in calls[1:]], ["1", "2"])
+        after = self.client.callRemote(Echo, user="lu", text="whole")
+        pump.flush()
+        self.assertEqual(self.successResultOf(after)["text"], "whole")
         self.stop()

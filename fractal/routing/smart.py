@@ -55,6 +55,11 @@ Seconds a call waits for a connection to its owner before it is sent to
 another node to forward.
 """
 
+_ROUTES_KEPT = 1 << 16
+"""
+The most user keys whose owner a client remembers.
+"""
+
 DEFAULT_REFRESH_INTERVAL = 30.0
 """
 Seconds between fetches of the shard map, so a client whose calls are all
@@ -105,6 +110,8 @@ class ClusterClient(FractalClient):
             lambda description: clientFromString(clock, description)
         )
         self._owners: dict[str, FractalClient] = {}
+        self._routedMap: ShardMap | None = None
+        self._routes: dict[str, str] = {}
         self._mapWaiters: list[Deferred[ShardMap | None]] = []
         self.refreshMap()
         self._refresher: LoopingCall | None = None
@@ -144,7 +151,9 @@ class ClusterClient(FractalClient):
             for each in waiters:
                 each.callback(result)
 
-        FractalClient.callRemote(self, GetShardMap).addCallbacks(fetched, failed).addCallback(done)
+        FractalClient._call(self, GetShardMap, None, None, {}).addCallbacks(
+            fetched, failed
+        ).addCallback(done)
         return waiter
 
     def _ownerClient(self, node: str) -> FractalClient | None:
@@ -177,17 +186,51 @@ class ClusterClient(FractalClient):
             d.cancel()
         return FractalClient._connectionFor(self, None)
 
+    def _ownerOf(self, user: object) -> str | None:
+        """
+        The node that owns C{user} in the current map, or L{None} if there is
+        no map yet or C{user} is not a valid key.
+
+        The answer for a key is remembered for as long as the map is the same
+        object, so a busy user's calls skip validating and hashing its key.
+        """
+        shardMap = self.shardMap
+        if shardMap is None or type(user) is not str:
+            return None
+        if shardMap is not self._routedMap:
+            self._routedMap = shardMap
+            self._routes.clear()
+        owner = self._routes.get(user)
+        if owner is None:
+            try:
+                owner = shardMap.ownerOfKey(user).node
+            except InvalidUserKey:
+                return None
+            if len(self._routes) >= _ROUTES_KEPT:
+                self._routes.clear()
+            self._routes[user] = owner
+        return owner
+
+    def _connectionNow(self, user: object) -> amp.AMP | None:
+        """
+        The connection to C{user}'s owner if it is up now, else L{None}
+        (and L{_connectionFor} decides).
+        """
+        owner = self._ownerOf(user)
+        if owner is None:
+            return None
+        client = self._owners.get(owner)
+        return None if client is None else client._connection
+
     def _connectionFor(self, user: str | None) -> Deferred[amp.AMP]:
         """
         The owner's connection for a call for C{user}, or any node's when the
         owner is not known or not reachable within C{fallbackAfter}.
         """
-        if user is None or self.shardMap is None:
-            return self._anyConnection()
-        try:
-            owner = self.shardMap.ownerOfKey(user).node
-        except InvalidUserKey:
-            # Let a node answer the error, as it would any bad call.
+        owner = self._ownerOf(user)
+        if owner is None:
+            # No map yet, or no user key; a bad key is answered by a node,
+            # as any bad call is.
             return self._anyConnection()
         client = self._ownerClient(owner)
         if client is None:
@@ -198,13 +241,12 @@ class ClusterClient(FractalClient):
         connected.addTimeout(self.fallbackAfter, self._clock)
         return connected.addErrback(lambda reason: self._anyConnection(exclude=owner))
 
-    def callRemote(
+    def _call(
         self,
         command: type[amp.Command],
-        user: str | None = None,
-        *,
-        timeout: float | None = None,
-        **arguments: Any,
+        user: str | None,
+        timeout: float | None,
+        arguments: dict[str, Any],
     ) -> Deferred[dict[str, Any]]:
         """
         Call C{command} on the owner of C{user}; see
@@ -212,16 +254,13 @@ class ClusterClient(FractalClient):
         and sends the call once more; a second one fails the call.
         """
 
-        def send() -> Deferred[dict[str, Any]]:
-            return FractalClient.callRemote(
-                self, command, user, timeout=timeout, **dict(arguments)
-            )
-
         def notOwner(reason: Failure) -> Deferred[dict[str, Any]]:
             reason.trap(NotOwner)
-            return self.refreshMap().addCallback(lambda _: send())
+            return self.refreshMap().addCallback(
+                lambda _: FractalClient._call(self, command, user, timeout, arguments)
+            )
 
-        return send().addErrback(notOwner)
+        return FractalClient._call(self, command, user, timeout, arguments).addErrback(notOwner)
 
     def disconnect(self) -> Deferred[None]:
         """
