@@ -150,6 +150,28 @@ class CommitTests(SynchronousTestCase):
         q.value = 4
         self.assertEqual(len(calls), 2)
 
+    def test_commitObserverNotForReads(self) -> None:
+        """
+        A transaction that wrote nothing (it only read) is not observed; one
+        that changed an item, created one, ran raw SQL or deleted one is.
+        """
+        s = Store()
+        q = Quiet(store=s)
+        calls: list[int] = []
+        s.addCommitObserver(lambda: calls.append(1))
+        s.transact(lambda: list(s.query(Quiet)))
+        s.transact(lambda: s.count(Quiet))
+        s.transact(lambda: None)
+        self.assertEqual(calls, [])
+        s.transact(setattr, q, "value", 5)
+        self.assertEqual(len(calls), 1)
+        s.transact(lambda: Quiet(store=s))
+        self.assertEqual(len(calls), 2)
+        s.executeSQL("CREATE TABLE raw_only (x INTEGER)")
+        self.assertEqual(len(calls), 3)
+        s.transact(q.deleteFromStore)
+        self.assertEqual(len(calls), 4)
+
     def test_commitObserverErrorLogged(self) -> None:
         """
         An observer's exception is logged, not raised into the writer.

@@ -384,6 +384,11 @@ class Store(Empowered):
         self._deletedItems: list[Any] = []
         self._deletingIDs: set[int] = set()
         self._tablesCreated: list[tuple[str, int]] = []
+        # What SQLite's count of changed rows was at BEGIN, and whether a
+        # statement that may change only the schema ran since: a transaction
+        # that changed neither wrote nothing, and its commit is not observed.
+        self._changesAtBegin = 0
+        self._schemaWritten = False
         self._allocated: int | None = None
         # Inside a transaction, after the first insert has shown the next
         # storeID, new items get their storeIDs here and their rows are
@@ -503,6 +508,7 @@ class Store(Empowered):
         )
 
     def _createBaseSchema(self) -> None:
+        self._schemaWritten = True
         for sql in _BASE_SCHEMA:
             self._cursor.execute(sql)
 
@@ -685,6 +691,7 @@ class Store(Empowered):
 
     def _prepare(self, indexSQL: list[str], pending: list[tuple[int, int]]) -> None:
         cur = self._cursor
+        self._schemaWritten = self._schemaWritten or bool(indexSQL)
         for sql in indexSQL:
             cur.execute(sql)
         for _, typeID in pending:
@@ -820,6 +827,18 @@ class Store(Empowered):
                 ) from e
             raise
         self._txn = True
+        assert self._conn is not None
+        self._changesAtBegin = self._conn.total_changes
+        self._schemaWritten = False
+
+    def _changed(self) -> bool:
+        """
+        Whether the transaction running now wrote anything: a row (SQLite's
+        count of changed rows moved) or the schema (a statement that may
+        change only the schema ran: raw SQL, a new index).
+        """
+        assert self._conn is not None
+        return self._schemaWritten or self._conn.total_changes != self._changesAtBegin
 
     def _commit(self) -> None:
         if self._unflushed:
@@ -922,11 +941,14 @@ class Store(Empowered):
         self._begin()
         try:
             result = f(*a, **kw)
+            if self._unflushed:
+                self._flush()
+            changed = self._changed()
             self._commit()
         except BaseException:
             self._rollback()
             raise
-        self._afterCommit()
+        self._afterCommit(changed)
         return result
 
     def _rollback(self) -> None:
@@ -973,7 +995,7 @@ class Store(Empowered):
                 if self._commitObservers:
                     self._notifyObservers()
 
-    def _afterCommit(self) -> None:
+    def _afterCommit(self, changed: bool = True) -> None:
         touched, deleted, _, _ = self._clearTransaction()
         self._rejecting = True
         try:
@@ -987,7 +1009,7 @@ class Store(Empowered):
             for item in deleted:
                 item.__dict__["_fstore"] = None
             self._rejecting = False
-            if self._commitObservers:
+            if changed and self._commitObservers:
                 self._notifyObservers()
 
     def _notifyObservers(self) -> None:
@@ -999,11 +1021,14 @@ class Store(Empowered):
 
     def addCommitObserver(self, observer: Callable[[], object]) -> Callable[[], None]:
         """
-        Call C{observer()} after every successful commit of this store (each
-        L{transact} and each write made outside one, and the small commit
-        that retires the storeIDs of a rolled-back transaction that created
-        items).  Its exceptions are logged, never raised into the committing
-        code.
+        Call C{observer()} after every successful commit of this store that
+        wrote something (each L{transact} and each write made outside one, and
+        the small commit that retires the storeIDs of a rolled-back
+        transaction that created items).  A transaction that only read (no
+        row inserted, updated or deleted, no schema statement) changed
+        nothing, and its commit is not observed, so an observer that ships
+        changes (L{fractal.durable}) is not woken by reads.  Its exceptions
+        are logged, never raised into the committing code.
 
         @return: a callable that removes the observer.
         """
@@ -1568,6 +1593,7 @@ class Store(Empowered):
         if self._unflushed:
             self._flush()
         self._nextID = None
+        self._schemaWritten = True
         self._cursor.execute(sql, args)
         result: int | None = self._cursor.lastrowid
         return result
