@@ -36,6 +36,7 @@ __all__ = [
     "NotOwner",
     "OwnerUnavailable",
     "CallNotSent",
+    "PeerStopped",
     "CallFailed",
     "FRAMEWORK_ERRORS",
     "RETRYABLE_ERRORS",
@@ -110,6 +111,15 @@ class CallNotSent(OwnerUnavailable):
     owner at all (its peer link is down or did not come up in time, or the
     node has no link to it), so it certainly did not run there and may be
     routed again.
+    """
+
+
+class PeerStopped(CallNotSent):
+    """
+    A L{CallNotSent} from a peer that said it is stopping
+    (L{NodeStopping}): a node that stops gracefully answers every call it
+    accepted before it closes its connections, so a call it left unanswered
+    did not run there either.
     """
 
 

@@ -72,9 +72,10 @@ from fractal.protocol import (
     NotOwner,
     Overloaded,
     OwnerUnavailable,
+    PeerStopped,
     StoreUnavailable,
 )
-from fractal.routing.interfaces import ITopology, SlotOwner
+from fractal.routing.interfaces import ITopology, ShardMap, SlotOwner
 
 __all__ = [
     "ServerLimits",
@@ -125,7 +126,8 @@ class RerouteLimits:
     @ivar within: seconds after the first refusal within which it may be.
     @ivar delay: seconds to wait for a new map before the first retry; each
         retry waits twice as long as the one before, at most C{maxDelay}.
-        A change of the node's map ends the wait at once.
+        A map that changes the owner of the call's slot ends the wait at
+        once.
     @ivar maxDelay: the longest wait before one retry.
     """
 
@@ -809,10 +811,15 @@ class NodeProtocol(BinaryBoxProtocol):
 
         state["waiting"] = True
         state["timer"] = clock.callLater(max(0.0, wait), again)
-        # A new map ends the wait, in a turn of its own (not inside the
-        # topology's notification of its observers).
-        def changed(_: object) -> None:
-            clock.callLater(0, again)
+        # A new owner in the map ends the wait, in a turn of its own (not
+        # inside the topology's notification of its observers).
+        slot = slotForKey(key, refusedOn.slots)
+
+        def changed(shardMap: ShardMap) -> None:
+            # Only a new owner of this call's slot is worth trying at once:
+            # while many slots move, the map changes many times a second.
+            if shardMap.ownerOf(slot) != refusedOn.ownerOf(slot):
+                clock.callLater(0, again)
 
         state["unwatch"] = server.topology.watch(changed)
         return True
@@ -1007,13 +1014,15 @@ class NodeProtocol(BinaryBoxProtocol):
 
         def failed(failure: Failure) -> None:
             # A call that could not be sent is routed again once it is
-            # being routed again already (its slot is changing hands) or the
+            # being routed again already (its slot is changing hands), or its
+            # owner is stopping gracefully (and hands its slots off), or the
             # map has moved its slot meanwhile; a call for an owner that is
             # simply down fails at once.
             if (
                 failure.check(CallNotSent)
                 and (
                     retry is not None
+                    or failure.check(PeerStopped)
                     or self.server.topology.currentMap().ownerOfKey(key).node != owner.node
                 )
                 and self._reroute(box, ask, key, retry, failure.getErrorMessage())

@@ -70,6 +70,7 @@ class _Load:
         self.clients: dict[str, FractalClient] = {}
         self.acked: dict[str, int] = {}
         self.retried = 0
+        self.errors: list[str] = []
         self.calls = 0
         self.turn = 0
 
@@ -95,12 +96,14 @@ class _Load:
         while True:
             names = sorted(self.clients)
             self.turn += 1
-            client = self.clients[names[(self.turn + attempt) % len(names)]]
+            name = names[(self.turn + attempt) % len(names)]
+            client = self.clients[name]
             try:
                 result = await client.callRemote(command, user=user, amount=amount)
             except Exception as e:
                 attempt += 1
                 self.retried += 1
+                self.errors.append(f"{type(e).__name__} via {name}: {e}")
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{user}: no success in {RETRY_SECONDS}s: {e!r}")
                 await _sleep(0.05)
@@ -340,9 +343,10 @@ class PostgresClusterIntegrationTests(TestCase):
         counts, _ = self.owners()
         self.assertGreater(counts["n4"], DEFAULT_SLOTS // 8)
         print(f"\n(c) rebalanced onto n4 in {seconds:.1f}s; {self.load.calls} calls, "
-              f"{self.load.retried} retries")
+              f"{self.load.retried} retries: {self.load.errors}")
 
         # (d) n2 stops gracefully under load.
+        errorsBefore = len(self.load.errors)
         running = True
         writer = _deferred(keepWriting())
         n2 = self.nodes["n2"]
@@ -355,3 +359,14 @@ class PostgresClusterIntegrationTests(TestCase):
         await writer
         await self.load.checkAll(self.users)
         self.assertNotIn("Traceback", n2.describe())
+        # The other nodes route the calls for n2's slots again while they
+        # move: their clients see no error of the handoff.  (Calls a client
+        # had sent to n2 itself are answered NodeStopping: call again.)
+        errors = self.load.errors[errorsBefore:]
+        print(f"\n(d) n2 stopped gracefully; client errors meanwhile: {errors}")
+        self.assertEqual(
+            [e for e in errors
+             if e.startswith(("NotOwner", "NodeStopping", "OwnerUnavailable"))
+             and " via n2: " not in e],
+            [],
+        )

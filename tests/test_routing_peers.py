@@ -9,7 +9,7 @@ from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
-from fractal.protocol import CallNotSent, OwnerUnavailable
+from fractal.protocol import CallNotSent, NodeStopping, OwnerUnavailable, PeerStopped
 from fractal.routing.interfaces import NodeAddress, ShardMap
 from fractal.routing.peers import PeerLink, PeerLinks
 from fractal.routing.simulation import SimulatedNetwork
@@ -23,7 +23,7 @@ class Refused(Exception):
 class Echo(amp.Command):
     arguments = [(b"user", amp.Unicode()), (b"text", amp.Unicode())]
     response = [(b"text", amp.Unicode()), (b"node", amp.Unicode())]
-    errors = {Refused: b"REFUSED"}
+    errors = {Refused: b"REFUSED", NodeStopping: b"NODE_STOPPING"}
 
 
 class _EchoServer(amp.AMP):
@@ -40,6 +40,8 @@ class _EchoServer(amp.AMP):
     def echo(self, user: str, text: str) -> dict[str, str]:
         if text == "refuse":
             raise Refused("no")
+        if text == "stopping":
+            raise NodeStopping("the node is stopping; call again")
         return {"text": text.upper(), "node": self.node}
 
 
@@ -275,6 +277,38 @@ class PeerLinkTests(SynchronousTestCase):
         d = self.link.forward(callBox(b"7"))
         self.network.flush()
         self.assertEqual(self.successResultOf(d)[b"_answer"], b"7")
+
+
+    def test_peerStopping(self) -> None:
+        """
+        Once the peer has answered a call L{NodeStopping}, the calls it
+        leaves unanswered when it closes the connection, and those made
+        until the link is up again, fail with L{PeerStopped} (a
+        L{CallNotSent}: a node stopping gracefully answers every call it
+        accepted before it closes); after it reconnects, calls go through.
+        """
+        self.start()
+        stopping = self.link.forward(callBox(b"1", "stopping"))
+        self.network.flush()
+        refused = self.successResultOf(stopping)
+        self.assertEqual(refused[b"_error_code"], b"NODE_STOPPING")
+        self.network.hold("n2")
+        unanswered = self.link.forward(callBox(b"2"))
+        self.network.cut("n2")
+        self.assertIsInstance(self.failureResultOf(unanswered, OwnerUnavailable).value, PeerStopped)
+        self.failureResultOf(self.link.forward(callBox(b"3")), PeerStopped)
+        self.network.advance(1.0)
+        self.failureResultOf(self.link.forward(callBox(b"4")), PeerStopped)
+        self.network.restore("n2")
+        self.network.advance(1.0)
+        d = self.link.forward(callBox(b"5"))
+        self.network.flush()
+        self.assertEqual(self.successResultOf(d)[b"_answer"], b"5")
+        self.network.hold("n2")
+        lost = self.link.forward(callBox(b"6"))
+        self.network.cut("n2")
+        failure = self.failureResultOf(lost, OwnerUnavailable)
+        self.assertNotIsInstance(failure.value, CallNotSent)
 
 
 class PeerLinksTests(SynchronousTestCase):

@@ -19,7 +19,11 @@ yet (peers start in any order) waits at most C{connectTimeout} for it; a
 call the peer does not answer within C{callTimeout} fails the same way.  A
 call that was never sent fails with L{fractal.protocol.CallNotSent} (an
 L{OwnerUnavailable}), so the forwarding node knows it may route it again; a
-call sent and not answered may have run, and is not.
+call sent and not answered may have run, and is not; except when the peer
+has said it is stopping (it answered a call L{fractal.protocol.NodeStopping}):
+it answers every call it accepted before it closes its connections, so the
+calls it leaves unanswered, and those made until the link is up again, fail
+with L{fractal.protocol.PeerStopped}, a L{CallNotSent}.
 Nothing here waits without a bound, and one slow or dead peer holds up only
 the calls for its own users.
 """
@@ -48,7 +52,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from fractal.certs import NodeCredentials, peerClientCreator
-from fractal.protocol import CallNotSent, OwnerUnavailable
+from fractal.protocol import (
+    FRAMEWORK_ERRORS,
+    CallNotSent,
+    NodeStopping,
+    OwnerUnavailable,
+    PeerStopped,
+)
 from fractal.routing.interfaces import ITopology, NodeAddress, ShardMap
 
 __all__ = [
@@ -103,6 +113,8 @@ EndpointFactory = Callable[[NodeAddress], IStreamClientEndpoint]
 Makes the client endpoint that reaches a peer's peer listener.
 """
 
+_NODE_STOPPING = FRAMEWORK_ERRORS[NodeStopping]
+_ERROR_CODE = b"_error_code"
 _ANSWER = b"_answer"
 _ERROR = b"_error"
 _ASK = b"_ask"
@@ -239,6 +251,7 @@ class PeerLink:
         self._callTimeout = callTimeout
         self._connectTimeout = connectTimeout
         self._receiver: _PeerClientReceiver | None = None
+        self._peerStopping = False
         self._down: str | None = None
         self._everConnected = False
         self._lastError: str | None = None
@@ -340,6 +353,8 @@ class PeerLink:
         return OwnerUnavailable(f"owner node {self.node!r} is unavailable: {why}")
 
     def _notSent(self, why: str) -> CallNotSent:
+        if self._peerStopping:
+            return PeerStopped(f"owner node {self.node!r} is stopping: {why}")
         return CallNotSent(f"owner node {self.node!r} is unavailable: {why}")
 
     def _queueTimedOut(
@@ -359,6 +374,7 @@ class PeerLink:
     def _connected(self, receiver: _PeerClientReceiver) -> None:
         self.log.info("peer link to {node} is up", node=self.node)
         self._receiver = receiver
+        self._peerStopping = False
         self._everConnected = True
         self._down = None
         queued, self._queued = self._queued, []
@@ -395,7 +411,10 @@ class PeerLink:
         backlog, self._backlog = self._backlog, []
         for _, d, timeout in waiting.values():
             timeout.cancel()
-            d.errback(self._unavailable("connection lost before it answered"))
+            if self._peerStopping:
+                d.errback(self._notSent("it closed the connection without running the call"))
+            else:
+                d.errback(self._unavailable("connection lost before it answered"))
         for _, d, timeout in backlog:
             timeout.cancel()
             d.errback(self._notSent("connection lost before the call was sent"))
@@ -412,6 +431,8 @@ class PeerLink:
             return
         originalTag, d, timeout = entry
         timeout.cancel()
+        if key == _ERROR and box.get(_ERROR_CODE) == _NODE_STOPPING:
+            self._peerStopping = True
         answer = amp.AmpBox(box)
         answer[key] = originalTag
         d.callback(answer)
