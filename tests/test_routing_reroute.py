@@ -13,17 +13,25 @@ from __future__ import annotations
 from typing import Any
 
 from attrs import evolve
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
+from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from examples.mailbox import Deliver, Stats, application
-from fractal.keys import storeNameForKey
+from fractal.durable.shipper import Shipper
+from fractal.keys import slotForKey, storeNameForKey
+from fractal.pool import StorePool
 from fractal.protocol import OwnerUnavailable
-from fractal.routing.interfaces import ShardMap
-from fractal.routing.topology import reassign
-from fractal.server import RerouteLimits
-from fractal.testing import SimulatedCluster
+from fractal.routing.interfaces import ShardMap, SlotOwner
+from fractal.routing.topology import ManualTopology, reassign
+from fractal.server import FractalServer, RerouteLimits
+from fractal.testing import MemoryDurableBackend, SimulatedCluster
+from tests.test_server import AddNote, ServerTestNotebook, _twoNodes, callRemote
+from tests.test_server import application as notesApplication
 
 
 def deliver(client: Any, user: str) -> Any:
@@ -198,3 +206,84 @@ class RerouteTests(SynchronousTestCase):
         self.assertEqual(self.cluster.nodes["n3"].server.inFlight, 0)
         self.cluster.setMap(self.moved)
         self.cluster.advance(0)
+
+
+class SlotLeftWhileOpeningTests(SynchronousTestCase):
+    """
+    A call whose store is still being opened when its slot leaves the node
+    (the slot is handed off meanwhile, its stores closed and shipped) does
+    not run here: it is routed to the new owner.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.queued: list[tuple[Any, Deferred[Any]]] = []
+        self.backend = MemoryDurableBackend()
+        dataDir = FilePath(self.mktemp())
+        self.shipper = Shipper(
+            self.backend, self.clock, runInThread=self.later,
+            storesDirectory=dataDir.child("stores"),
+        )
+        self.pool = StorePool(
+            self.clock, dataDir, prepare=notesApplication.installOn, shipper=self.shipper
+        )
+        static = _twoNodes().currentMap()
+        self.topology = ManualTopology("n1", static)
+        self.key = next(
+            k for k in (f"user{i}" for i in range(1000)) if static.ownerOfKey(k).node == "n1"
+        )
+        self.forwarded: list[tuple[amp.AmpBox, SlotOwner]] = []
+        self.server = FractalServer(
+            notesApplication, self.pool, self.topology, forward=self.forward
+        )
+        self.server.clock = self.clock
+
+    def later(self, f: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.queued.append((f, d))
+        return d
+
+    def runQueued(self) -> None:
+        while self.queued:
+            f, d = self.queued.pop(0)
+            d.callback(f())
+
+    def forward(self, box: amp.AmpBox, owner: SlotOwner, key: str) -> Deferred[amp.AmpBox]:
+        self.forwarded.append((box, owner))
+        answer = amp.AmpBox(noteID=b"99")
+        answer[b"_answer"] = box[b"_ask"]
+        return succeed(answer)
+
+    def test_routedToNewOwner(self) -> None:
+        """
+        The store is restored from durable storage (so opening it waits);
+        the map gives the slot to n2 meanwhile; once the store is open the
+        call is not run here but forwarded to n2, and its answer relayed.
+        """
+        lease = self.successResultOf(self.pool.acquire(self.key))
+        lease.release()
+        slot = slotForKey(self.key, self.topology.currentMap().slots)
+        self.pool.closeStoresOf([slot], self.topology.currentMap().slots)
+        self.runQueued()
+        self.pool.pathForKey(self.key).remove()
+        client, _, pump = iosim.connectedServerAndClient(
+            lambda: self.server.buildProtocol(None), amp.AMP, clock=self.clock
+        )
+        call = callRemote(client, AddNote, user=self.key, body="hi")
+        pump.flush()
+        self.assertNoResult(call)
+        self.assertTrue(self.queued)
+        self.topology.setMap(reassign(self.topology.currentMap(), [slot], "n2"))
+        self.runQueued()
+        pump.flush()
+        self.assertEqual(self.forwarded, [])
+        self.clock.advance(RerouteLimits().delay)
+        pump.flush()
+        self.assertEqual(self.successResultOf(call), {"noteID": 99})
+        [(box, owner)] = self.forwarded
+        self.assertEqual((owner.node, box[b"body"]), ("n2", b"hi"))
+        store = self.successResultOf(self.pool.openStore(self.key))
+        self.assertEqual(store.findUnique(ServerTestNotebook).added, 0)
+        self.runQueued()
+        self.pool.close()
+        self.runQueued()
