@@ -5,19 +5,28 @@ to the L{fractal.testing.DurableBackendTestsMixin} contract.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fractal.durable._threads import runSynchronously
 from fractal.durable.filesystem import FilesystemBackend
-from fractal.durable.interfaces import IDurableBackend, SequenceConflict
+from fractal.durable.interfaces import (
+    BrokenChain,
+    IDurableBackend,
+    SequenceConflict,
+    StaleEpoch,
+)
+from fractal.durable.restore import rebuildFromBackend
 from fractal.keys import storeNameForKey
 from fractal.testing import DurableBackendTestsMixin, MemoryDurableBackend, recordInfo
+from tests.test_durable_tool import shipChain
 
 
 class MemoryDurableBackendTests(DurableBackendTestsMixin, TestCase):
@@ -38,42 +47,250 @@ class FilesystemBackendConformanceTests(DurableBackendTestsMixin, TestCase):
         return FilesystemBackend(FilePath(self.mktemp()), runSynchronously)
 
 
+def _segments(root: FilePath[str]) -> list[FilePath[str]]:
+    """
+    The segment files of the filesystem backend at C{root}, oldest first.
+    """
+    return sorted(
+        (p for p in root.child("segments").children() if p.basename().endswith(".seg")),
+        key=lambda p: p.basename(),
+    )
+
+
+def _records(backend: FilesystemBackend, store: str) -> list[tuple[int, int]]:
+    return [
+        (r.seq, r.baseSeq)
+        for r in _synchronously(backend.records(store))
+    ]
+
+
+def _synchronously(d: Deferred[Any]) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    [result] = results
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
 class FilesystemBackendTests(SynchronousTestCase):
     """
-    What the filesystem backend leaves on disk.
+    What the filesystem backend leaves on disk, and how it reads it back.
     """
+
+    def backend(self, root: FilePath[str], **kwargs: Any) -> FilesystemBackend:
+        backend = FilesystemBackend(root, runSynchronously, **kwargs)
+        self.addCleanup(backend.close)
+        return backend
 
     def test_layout(self) -> None:
         """
-        A store's records are files under C{ROOT/<2 digits>/<store name>/},
-        with no temporary files left behind, and a new backend object on the
-        same directory sees them.
+        Records go into a segment file under C{ROOT/segments/}, with no
+        temporary files and no path made of a key or a store name; a new
+        backend object on the same directory sees them.
         """
         root = FilePath(self.mktemp())
-        backend = FilesystemBackend(root, runSynchronously)
+        backend = self.backend(root)
         store = storeNameForKey("../../etc/passwd")
         self.successResultOf(backend.append(recordInfo(store, 3, 1, 0, b"s"), b"s"))
-        directory = root.child(store[:2]).child(store)
-        names = sorted(os.listdir(directory.path))
-        self.assertEqual([n for n in names if n.startswith(".tmp")], [])
-        self.assertIn("epoch", names)
-        self.assertEqual(directory.child("epoch").getContent(), b"3\n")
-        again = FilesystemBackend(root, runSynchronously)
+        self.assertEqual(sorted(os.listdir(root.path)), ["lock", "segments"])
+        self.assertEqual(len(_segments(root)), 1)
+        again = self.backend(root)
         self.assertEqual(self.successResultOf(again.read(store, 1)), b"s")
         self.assertEqual(self.successResultOf(again.head(store)).epoch, 3)  # type: ignore[union-attr]
-        self.assertEqual([p.basename() for p in root.walk() if p.isfile() and "etc" in p.path], [])
+        self.assertEqual([p.path for p in root.walk() if store in p.path or "etc" in p.path], [])
 
     def test_strayFilesIgnored(self) -> None:
         """
-        Files in a store directory that are not records (such as a temporary
-        file left by a crash mid-write) are not listed as records.
+        Files among the segments that are not segments (such as a temporary
+        file left by a crash) are ignored.
         """
         root = FilePath(self.mktemp())
-        backend = FilesystemBackend(root, runSynchronously)
+        backend = self.backend(root)
         store = storeNameForKey("carol")
         self.successResultOf(backend.append(recordInfo(store, 1, 1, 0, b"s"), b"s"))
-        root.child(store[:2]).child(store).child(".tmp-junk").setContent(b"torn")
-        self.assertEqual([r.seq for r in self.successResultOf(backend.records(store))], [1])
+        root.child("segments").child(".tmp-junk").setContent(b"torn")
+        root.child("segments").child("0000000000000099-0123456789abcdef.seg").setContent(b"junk")
+        self.assertEqual(_records(self.backend(root), store), [(1, 0)])
+
+    def _twoBatches(self, root: FilePath[str]) -> tuple[str, int]:
+        """
+        Write two batches for one store into one segment.
+
+        @return: the store's name and the size of the segment after the
+            first batch.
+        """
+        backend = self.backend(root)
+        store = storeNameForKey("dave")
+        self.successResultOf(backend.append(recordInfo(store, 1, 1, 0, b"one"), b"one"))
+        [segment] = _segments(root)
+        size = segment.getsize()
+        self.successResultOf(backend.appendMany([
+            (recordInfo(store, 1, 2, 1, b"two" * 100), b"two" * 100),
+            (recordInfo(store, 1, 3, 2, b"three"), b"three"),
+        ]))
+        backend.close()
+        return store, size
+
+    def test_tornTail(self) -> None:
+        """
+        A batch cut short at the end of its segment, at any length, (a crash
+        while it was written) is ignored: the records before it are served,
+        and a new writer goes on after them.
+        """
+        root = FilePath(self.mktemp())
+        store, size = self._twoBatches(root)
+        [segment] = _segments(root)
+        content = segment.getContent()
+        for cut in [size + 1, size + 20, size + 40, len(content) - 200, len(content) - 1]:
+            with open(segment.path, "r+b") as f:
+                f.truncate(cut)
+            backend = self.backend(root)
+            self.assertEqual(_records(backend, store), [(1, 0)], cut)
+            backend.close()
+            segment.setContent(content)
+        with open(segment.path, "r+b") as f:
+            f.truncate(len(content) - 1)
+        backend = self.backend(root)
+        self.successResultOf(backend.append(recordInfo(store, 1, 2, 1, b"again"), b"again"))
+        self.assertEqual(_records(self.backend(root), store), [(1, 0), (2, 1)])
+        self.assertEqual(self.successResultOf(self.backend(root).read(store, 2)), b"again")
+
+    def test_bitFlippedLastBatch(self) -> None:
+        """
+        A flipped bit anywhere in the last batch of a segment makes it read
+        as torn: it is never served.
+        """
+        root = FilePath(self.mktemp())
+        store, size = self._twoBatches(root)
+        [segment] = _segments(root)
+        content = segment.getContent()
+        for offset in [size, size + 27, size + 40, size + 250, len(content) - 1]:
+            flipped = content[:offset] + bytes([content[offset] ^ 0x10]) + content[offset + 1 :]
+            segment.setContent(flipped)
+            self.assertEqual(_records(self.backend(root), store), [(1, 0)], offset)
+        segment.setContent(content)
+        self.assertEqual(_records(self.backend(root), store), [(1, 0), (2, 1), (3, 2)])
+
+    def test_bitFlippedEarlierRecord(self) -> None:
+        """
+        A flipped bit in the data of a record of an earlier batch is read
+        back as it is on disk, and so no longer matches the digest the
+        backend lists for it: a restore refuses the chain.
+        """
+        root = FilePath(self.mktemp())
+        store, _ = self._twoBatches(root)
+        [segment] = _segments(root)
+        content = segment.getContent()
+        offset = content.index(b"one")
+        segment.setContent(content[:offset] + b"onf" + content[offset + 3 :])
+        backend = self.backend(root)
+        [first] = _synchronously(backend.records(store))[:1]
+        data = self.successResultOf(backend.read(store, 1))
+        self.assertNotEqual(hashlib.sha256(data).digest(), first.digest)
+
+    def test_restoreAcrossSegments(self) -> None:
+        """
+        With small segments, a chain spread over several of them restores
+        exactly; pruning after a new snapshot compacts the segments of the
+        old records away, keeping the epoch, and a new backend object reads
+        the same.
+        """
+        root = FilePath(self.mktemp())
+        backend = self.backend(root, segmentBytes=400)
+        key = "erin"
+        store = storeNameForKey(key)
+        image = shipChain(backend, key, 6)
+        self.assertGreater(len(_segments(root)), 2)
+        rebuilt = self.successResultOf(rebuildFromBackend(backend, store, runSynchronously))
+        self.assertEqual(rebuilt.image, image)
+        old = {p.basename() for p in _segments(root)}
+        head = self.successResultOf(backend.head(store))
+        assert head is not None
+        snapshot = b"snapshot" * 300
+        self.successResultOf(
+            backend.append(recordInfo(store, 2, head.seq + 1, 0, snapshot), snapshot)
+        )
+        self.assertEqual(self.successResultOf(backend.prune(store, head.seq + 1)), head.seq)
+        # More writes, so that the writer moves on and compacts.
+        other = storeNameForKey("frank")
+        for seq in range(1, 4):
+            self.successResultOf(backend.append(
+                recordInfo(other, 1, seq, seq - 1, b"x" * 1500), b"x" * 1500
+            ))
+        # Every segment of the pruned records is gone.
+        self.assertEqual(old & {p.basename() for p in _segments(root)}, set())
+        for reader in [backend, self.backend(root)]:
+            self.assertEqual(_records(reader, store), [(head.seq + 1, 0)])
+            self.assertEqual(self.successResultOf(reader.read(store, head.seq + 1)), snapshot)
+            self.assertEqual(len(_records(reader, other)), 3)
+            self.failureResultOf(
+                reader.append(recordInfo(store, 1, head.seq + 2, head.seq + 1, b"d"), b"d"),
+                StaleEpoch,
+            )
+
+    def test_headerFlipEndsSegment(self) -> None:
+        """
+        A flipped bit in the header of a batch that is not the last of its
+        segment ends what is read of that segment; a chain with later
+        records in another segment then has a gap, and is refused.
+        """
+        root = FilePath(self.mktemp())
+        backend = self.backend(root, segmentBytes=1)
+        key = "grace"
+        store = storeNameForKey(key)
+        shipChain(backend, key, 3)
+        backend.close()
+        segments = _segments(root)
+        self.assertEqual(len(segments), 4)
+        # Segment 2 holds record 2; flip its batch header's count.
+        content = segments[1].getContent()
+        segments[1].setContent(content[:14] + bytes([content[14] ^ 1]) + content[15:])
+        reader = self.backend(root)
+        self.assertEqual([seq for seq, _ in _records(reader, store)], [1, 3, 4])
+        self.failureResultOf(rebuildFromBackend(reader, store, runSynchronously), BrokenChain)
+
+    def test_writersFenceEachOther(self) -> None:
+        """
+        Two writers on one directory (two processes) each see what the
+        other wrote before checking a write: a fence by one refuses the
+        other's older epoch, and a sequence taken by one is refused to the
+        other.
+        """
+        root = FilePath(self.mktemp())
+        first, second = self.backend(root), self.backend(root)
+        store = storeNameForKey("heidi")
+        self.successResultOf(first.append(recordInfo(store, 1, 1, 0, b"s"), b"s"))
+        self.successResultOf(second.fence(store, 2))
+        self.failureResultOf(first.append(recordInfo(store, 1, 2, 1, b"d"), b"d"), StaleEpoch)
+        self.successResultOf(second.append(recordInfo(store, 2, 2, 1, b"d2"), b"d2"))
+        self.failureResultOf(
+            first.append(recordInfo(store, 2, 2, 1, b"d3"), b"d3"), SequenceConflict
+        )
+        self.assertEqual(len(_segments(root)), 2)
+        self.assertEqual(self.successResultOf(first.read(store, 2)), b"d2")
+
+    def test_olderLayoutMoved(self) -> None:
+        """
+        Records of the older one-file-per-record layout are moved into a
+        segment, with their store's fenced epoch, and their files removed.
+        """
+        root = FilePath(self.mktemp())
+        store = storeNameForKey("ivan")
+        directory = root.child(store[:2]).child(store)
+        directory.makedirs()
+        for seq, data in [(1, b"snap"), (2, b"delta")]:
+            info = recordInfo(store, 1, seq, seq - 1, data)
+            directory.child(
+                f"{seq:016d}-{seq - 1:016d}-{1:016d}-{len(data):016d}-{info.digest.hex()}.rec"
+            ).setContent(data)
+        directory.child("epoch").setContent(b"4\n")
+        directory.child("lock").setContent(b"")
+        backend = self.backend(root)
+        self.assertEqual(_records(backend, store), [(1, 0), (2, 1)])
+        self.assertEqual(self.successResultOf(backend.read(store, 2)), b"delta")
+        self.assertFalse(root.child(store[:2]).exists())
+        self.failureResultOf(backend.append(recordInfo(store, 3, 3, 2, b"d"), b"d"), StaleEpoch)
 
 
 class _ManualThreads:

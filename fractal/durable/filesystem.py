@@ -1,39 +1,88 @@
 # -*- test-case-name: tests.test_durable_backend -*-
 """
 The default durable backend: a directory, ideally on another disk or a
-network mount.
+network mount, holding append-only segment files.
 
-Layout: C{ROOT/<first two digits of the store name>/<store name>/} holds the
-store's records, one file each, named
-C{<seq>-<baseSeq>-<epoch>-<size>-<sha256 hex>.rec} (numbers as 16 decimal
-digits), a
-file C{epoch} with the fenced epoch, and a C{lock} file.  Every write goes to
-a temporary file which is flushed, fsynced and renamed into place, and then
-the directory is fsynced, so a record is either wholly there or absent.  The
-check of epoch and sequence and the write happen under an exclusive
-C{flock} of the store's lock file, so writers in several processes (or on
-several machines, on a file system whose locks work across them) cannot both
-succeed.
+Layout::
+
+    ROOT/lock                       taken shared to read, exclusively to write
+    ROOT/segments/<n>-<id>.seg      append-only segments (n: 16 decimal digits)
+
+A writer (a L{FilesystemBackend} that appends) writes batches to a segment of
+its own, made by it and never appended to by anyone else, which it holds an
+exclusive C{flock} on while it uses it.  A batch is made durable by one
+C{fdatasync} of that one file (and, when the segment is new, one C{fsync} of
+the directory), however many records, fences and prunes it holds: group
+commit.  Every write, and every check of epoch and sequence before it, happens
+under an exclusive C{flock} of C{ROOT/lock}, after reading whatever other
+writers appended since, so that writers in several processes (or on several
+machines, on a file system whose locks work across them) can never both
+succeed; readers take the same lock shared.
+
+A segment starts with the 8 bytes C{FXSEG} 0 0 1 and holds batches.  A batch,
+all integers big-endian::
+
+    magic       4 bytes   b"FXSB"
+    version     1 byte    1
+    reserved    3 bytes   0
+    count       4 bytes   the number of entries
+    tableCrc    4 bytes   CRC-32 of the entry table
+    dataLength  8 bytes   the length of the data area
+    dataCrc     4 bytes   CRC-32 of the data area
+    headerCrc   4 bytes   CRC-32 of the 28 bytes before it
+    table       count entries of 96 bytes: kind (1 byte: 1 record, 2 fence,
+                3 prune), 3 bytes 0, epoch, seq, baseSeq (8 bytes each; a
+                prune's seq is the snapshot it prunes before), length (4
+                bytes: the record's length in the data area), store (32 raw
+                bytes), digest (the record's SHA-256, 32 bytes)
+    data        the records' bytes, in the table's order
+
+A crash while a batch is written can leave it torn at the end of its segment
+(a writer never writes after a batch it did not finish, and a new writer
+starts a new segment): a batch that is incomplete, whose header or table
+fails its CRC, or which is the last of its segment and whose data fails its
+CRC, ends what is read of that segment, and is never served.  Such a batch
+was never acknowledged, since a batch is acknowledged only after its
+C{fdatasync}.  Damage to an earlier batch's data (a flipped bit) is caught
+where it matters, when the record is read: its SHA-256 no longer matches, and
+a restore refuses the chain.
+
+What the entries say merges the same whichever order the segments are read
+in: a store's epoch is the highest of its records and fences, its pruned
+floor the highest of its prunes, and its records those at or above the floor
+(the same record copied twice counts once).  A segment no writer holds any
+more whose live records are few is compacted away: the writer first appends
+a checkpoint of every store's epoch and floor and copies of the segment's
+live records, syncs, and only then deletes it.
+
+An older layout of this backend (one file per record, under
+C{ROOT/<2 digits>/<store name>/}) is moved into a segment, then removed,
+the first time a backend is used on its directory.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import errno
 import fcntl
 import hashlib
 import os
 import re
-from typing import Any, Callable, Sequence, TypeVar
+import secrets
+import struct
+import threading
+import zlib
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from fractal.durable._threads import RunInThread, reactorThreads
 from fractal.durable.interfaces import (
+    DurableError,
     IDurableBackend,
     NoSuchRecord,
     RecordInfo,
@@ -41,12 +90,25 @@ from fractal.durable.interfaces import (
     StaleEpoch,
 )
 
-__all__ = ["FilesystemBackend", "checkStoreName"]
+__all__ = ["FilesystemBackend", "checkStoreName", "checkInfo"]
 
 T = TypeVar("T")
 
 _STORE_NAME = re.compile(r"\A[0-9a-f]{64}\Z")
-_RECORD_NAME = re.compile(r"\A(\d{16})-(\d{16})-(\d{16})-(\d{16})-([0-9a-f]{64})\.rec\Z")
+_SEGMENT_NAME = re.compile(r"\A(\d{16})-([0-9a-f]{16})\.seg\Z")
+_LEGACY_RECORD = re.compile(r"\A(\d{16})-(\d{16})-(\d{16})-(\d{16})-([0-9a-f]{64})\.rec\Z")
+
+_SEGMENT_MAGIC = b"FXSEG\x00\x00\x01"
+_BATCH = struct.Struct(">4sB3xIIQI")
+_BATCH_CRC = struct.Struct(">I")
+_BATCH_HEADER_SIZE = _BATCH.size + _BATCH_CRC.size
+_BATCH_MAGIC = b"FXSB"
+_BATCH_VERSION = 1
+_ENTRY = struct.Struct(">B3xQQQI32s32s")
+_RECORD = 1
+_FENCE = 2
+_PRUNE = 3
+_MAX_ENTRIES = 1 << 20
 
 
 def checkStoreName(store: str) -> str:
@@ -74,214 +136,665 @@ def checkInfo(info: RecordInfo, data: bytes) -> None:
         raise ValueError(f"invalid record sequence {info.seq} on base {info.baseSeq}")
 
 
-def _fsyncDirectory(path: FilePath[str]) -> None:
-    fd = os.open(path.path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsyncDirectory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _writeAtomically(path: FilePath[str], data: bytes, sync: bool = True) -> None:
-    """
-    Write C{data} to C{path} so that it is wholly there or absent; durably
-    at once if C{sync}, else once the file system is synced.
-    """
-    temporary = path.sibling(f".tmp-{path.basename()}-{os.getpid()}")
-    # Plain descriptors: a buffered file object costs a few system calls
-    # more per record (and each drops and retakes the GIL).
-    fd = os.open(temporary.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary.path, path.path)
-    if sync:
-        _fsyncDirectory(path.parent())
+def _writeAll(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
-def _loadSyncfs() -> Callable[[int], int] | None:
+def encodeBatch(entries: Sequence[tuple[int, RecordInfo, bytes]]) -> bytes:
     """
-    C{syncfs(2)} from the C library, or L{None} where there is none.
+    Encode one batch of entries (kind, info, data); a fence's or a prune's
+    data is empty and its info's C{size} 0.
     """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        syncfs: Callable[[int], int] = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-    return syncfs
+    table = b"".join(
+        _ENTRY.pack(kind, info.epoch, info.seq, info.baseSeq, len(data),
+                    bytes.fromhex(info.store), info.digest)
+        for kind, info, data in entries
+    )
+    body = b"".join(data for _, _, data in entries)
+    header = _BATCH.pack(
+        _BATCH_MAGIC, _BATCH_VERSION, len(entries), zlib.crc32(table), len(body),
+        zlib.crc32(body),
+    )
+    return b"".join((header, _BATCH_CRC.pack(zlib.crc32(header)), table, body))
 
 
-_syncfs = _loadSyncfs()
+class _Location:
+    """
+    Where a record's bytes are: a segment, an offset and what it is.
+    """
+
+    __slots__ = ("info", "segment", "offset")
+
+    def __init__(self, info: RecordInfo, segment: str, offset: int) -> None:
+        self.info = info
+        self.segment = segment
+        self.offset = offset
+
+
+class _Chain:
+    """
+    What the segments say of one store.
+    """
+
+    __slots__ = ("epoch", "floor", "newest", "records")
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.floor = 0
+        self.newest = 0
+        self.records: dict[int, _Location] = {}
+
+
+class _Segment:
+    """
+    How far one segment has been read, and the bytes of live records in it.
+    """
+
+    __slots__ = ("read", "size", "live")
+
+    def __init__(self) -> None:
+        self.read = 0
+        self.size = -1
+        self.live = 0
+
+
+def _segmentEntries(
+    fd: int, start: int, size: int
+) -> Iterator[tuple[int, list[tuple[int, RecordInfo, int]]]]:
+    """
+    The whole, intact batches of a segment from C{start}: for each, the
+    offset after it and its entries as (kind, info, data offset).  Stops at
+    the first batch that is incomplete or fails a check (a torn tail).
+    """
+    offset = start
+    if offset == 0:
+        if os.pread(fd, len(_SEGMENT_MAGIC), 0) != _SEGMENT_MAGIC:
+            return
+        offset = len(_SEGMENT_MAGIC)
+        yield offset, []
+    while offset + _BATCH_HEADER_SIZE <= size:
+        raw = os.pread(fd, _BATCH_HEADER_SIZE, offset)
+        if len(raw) < _BATCH_HEADER_SIZE:
+            return
+        (crc,) = _BATCH_CRC.unpack_from(raw, _BATCH.size)
+        if zlib.crc32(raw[: _BATCH.size]) != crc:
+            return
+        magic, version, count, tableCrc, dataLength, dataCrc = _BATCH.unpack_from(raw)
+        if magic != _BATCH_MAGIC or version != _BATCH_VERSION or count > _MAX_ENTRIES:
+            return
+        tableStart = offset + _BATCH_HEADER_SIZE
+        dataStart = tableStart + count * _ENTRY.size
+        end = dataStart + dataLength
+        if end > size:
+            return
+        table = os.pread(fd, count * _ENTRY.size, tableStart)
+        if len(table) != count * _ENTRY.size or zlib.crc32(table) != tableCrc:
+            return
+        if end == size:
+            # The last batch of the segment: the one a crash could have torn.
+            crc = 0
+            position = dataStart
+            while position < end:
+                chunk = os.pread(fd, min(1 << 20, end - position), position)
+                if not chunk:
+                    return
+                crc = zlib.crc32(chunk, crc)
+                position += len(chunk)
+            if crc != dataCrc:
+                return
+        entries = []
+        position = dataStart
+        total = 0
+        for i in range(count):
+            kind, epoch, seq, baseSeq, length, store, digest = _ENTRY.unpack_from(
+                table, i * _ENTRY.size
+            )
+            info = RecordInfo(store.hex(), epoch, seq, baseSeq, length, digest)
+            entries.append((kind, info, position))
+            position += length
+            total += length
+        if total != dataLength:
+            return
+        offset = end
+        yield offset, entries
 
 
 @implementer(IDurableBackend)
 class FilesystemBackend:
     """
-    Chains of records kept as files in a directory.
+    Chains of records kept in append-only segment files in a directory.
 
     @ivar root: the directory.
     """
+
+    log = Logger()
 
     def __init__(
         self,
         root: FilePath[str],
         runInThread: RunInThread | None = None,
-        maxBatches: int = 2,
+        maxBatches: int = 1,
         clock: IReactorTime | None = None,
+        segmentBytes: int = 64 * 1024 * 1024,
     ) -> None:
         """
         @param root: the directory; created when first written.
         @param runInThread: runs the blocking file work; the global reactor's
             thread pool by default.
-        @param maxBatches: how many batches of appends are written at the
-            same time, each in its own thread.
+        @param maxBatches: how many batches are handed to threads at the same
+            time (they are written one after the other, under the lock, so
+            more than one only queues a batch earlier).
         @param clock: when given, a batch starts at the end of the reactor
-            turn in which its first append arrived, so that appends made in
-            the same turn (a group of ships finishing together) share it;
-            without one, a batch starts at once.
+            turn in which its first write arrived, so that writes made in
+            the same turn (a ship cycle's records) share it; without one, a
+            batch starts at once.
+        @param segmentBytes: the size past which a writer starts a new
+            segment; segments it leaves behind whose live records fill less
+            than half of them are compacted away.
         """
         self.root = root
         self._run = runInThread if runInThread is not None else reactorThreads()
-        self._pending: list[tuple[RecordInfo, bytes, Deferred[None]]] = []
+        self._pending: list[tuple[tuple[Any, ...], Deferred[Any]]] = []
         self._batching = 0
-        self._maxBatches = maxBatches
+        self._maxBatches = max(1, maxBatches)
         self._clock = clock
         self._gathering: IDelayedCall | None = None
+        self._segmentBytes = segmentBytes
+        self._mutex = threading.Lock()
+        self._chains: dict[str, _Chain] = {}
+        self._segments: dict[str, _Segment] = {}
+        self._fresh = False
+        self._migrated = False
+        self._active: tuple[str, int] | None = None
+        self._activeSize = 0
+        self._compactDue = False
+        self._compacting = False
 
-    def _dir(self, store: str) -> FilePath[str]:
-        checkStoreName(store)
-        return self.root.child(store[:2]).child(store)
+    # Paths and locks
 
-    def _defer(self, f: Callable[[], T]) -> Deferred[T]:
-        return self._run(f)
+    @property
+    def _segmentsPath(self) -> str:
+        return os.path.join(self.root.path, "segments")
 
-    def _locked(self, store: str, f: Callable[[FilePath[str]], T], sync: bool = True) -> T:
+    def _locked(self, exclusive: bool, f: Callable[[], T]) -> T:
         """
-        Call C{f} with C{store}'s directory, created if missing (durably at
-        once if C{sync}, else at the batch's file system sync), under its
-        exclusive lock.
+        Call C{f} holding the in-process mutex and C{ROOT/lock} (shared or
+        exclusive), after reading what was appended since the last call.
+        A reader of a directory that does not exist reads nothing and
+        creates nothing.
         """
-        directory = self._dir(store)
-        lockPath = directory.child("lock").path
-        try:
-            lock = os.open(lockPath, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:
-            directory.makedirs(ignoreExistingDirectory=True)
-            if sync:
-                _fsyncDirectory(directory.parent())
-                _fsyncDirectory(self.root)
-            lock = os.open(lockPath, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self._mutex:
+            if not exclusive and not os.path.isdir(self.root.path):
+                self._reset()
+                return f()
+            if exclusive:
+                self._makeRoot()
+            lock = os.open(os.path.join(self.root.path, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                return f(directory)
+                if not self._migrated:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    self._migrateLegacy()
+                    self._migrated = True
+                    if not exclusive:
+                        fcntl.flock(lock, fcntl.LOCK_SH)
+                else:
+                    fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                try:
+                    self._refresh()
+                    return f()
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
             finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-        finally:
-            os.close(lock)
+                os.close(lock)
 
-    @staticmethod
-    def _epoch(directory: FilePath[str]) -> int:
+    def _makeRoot(self) -> None:
+        if os.path.isdir(self._segmentsPath):
+            return
+        created = []
+        for path in (self.root.path, self._segmentsPath):
+            try:
+                os.makedirs(path)
+            except FileExistsError:
+                pass
+            else:
+                created.append(path)
+        for path in created:
+            _fsyncDirectory(os.path.dirname(path) or ".")
+
+    # Reading the segments
+
+    def _reset(self) -> None:
+        self._chains = {}
+        self._segments = {}
+
+    def _refresh(self) -> None:
+        """
+        Read what other writers appended since the last refresh; read every
+        segment again if one was deleted (compacted away) meanwhile.
+        """
         try:
-            fd = os.open(directory.child("epoch").path, os.O_RDONLY)
+            names = [n for n in os.listdir(self._segmentsPath) if _SEGMENT_NAME.match(n)]
         except FileNotFoundError:
-            return 0
+            names = []
+        present = set(names)
+        if not self._fresh or any(name not in present for name in self._segments):
+            self._reset()
+            self._fresh = True
+        for name in sorted(names):
+            # This writer's own segment is skipped by its size, unless all
+            # is read again.
+            self._scan(name)
+
+    def _scan(self, name: str) -> None:
+        segment = self._segments.get(name)
+        if segment is None:
+            segment = self._segments[name] = _Segment()
+        path = os.path.join(self._segmentsPath, name)
         try:
-            content = os.read(fd, 64)
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size == segment.size:
+                return
+            segment.size = size
+            for end, entries in _segmentEntries(fd, segment.read, size):
+                for kind, info, offset in entries:
+                    self._apply(kind, info, name, offset)
+                segment.read = end
         finally:
             os.close(fd)
-        return int(content.decode("ascii").strip())
+
+    def _chain(self, store: str) -> _Chain:
+        chain = self._chains.get(store)
+        if chain is None:
+            chain = self._chains[store] = _Chain()
+        return chain
+
+    def _apply(self, kind: int, info: RecordInfo, segment: str, offset: int) -> None:
+        """
+        Merge one entry into what is known of its store.
+        """
+        chain = self._chain(info.store)
+        if info.epoch > chain.epoch:
+            chain.epoch = info.epoch
+        if kind == _RECORD:
+            if info.seq < chain.floor or info.seq in chain.records:
+                return
+            chain.records[info.seq] = _Location(info, segment, offset)
+            if info.seq > chain.newest:
+                chain.newest = info.seq
+            self._live(segment, info.size)
+        elif kind == _PRUNE and info.seq > chain.floor:
+            chain.floor = info.seq
+            for seq in [s for s in chain.records if s < info.seq]:
+                location = chain.records.pop(seq)
+                self._live(location.segment, -location.info.size)
+
+    def _live(self, segment: str, size: int) -> None:
+        state = self._segments.get(segment)
+        if state is None:
+            state = self._segments[segment] = _Segment()
+        state.live += size
+
+    # Writing
+
+    def _openActive(self) -> tuple[str, int]:
+        """
+        This writer's segment, made (and locked) if it has none.
+        """
+        if self._active is not None:
+            return self._active
+        numbers = [
+            int(m.group(1))
+            for m in (_SEGMENT_NAME.match(n) for n in os.listdir(self._segmentsPath))
+            if m
+        ]
+        number = max(numbers, default=0) + 1
+        name = f"{number:016d}-{secrets.token_hex(8)}.seg"
+        path = os.path.join(self._segmentsPath, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _writeAll(fd, _SEGMENT_MAGIC)
+            os.fdatasync(fd)
+            _fsyncDirectory(self._segmentsPath)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._active = (name, fd)
+        self._activeSize = len(_SEGMENT_MAGIC)
+        # A new segment: a good time to compact those left behind.
+        self._compactDue = True
+        state = self._segments[name] = _Segment()
+        state.read = state.size = self._activeSize
+        return self._active
+
+    def _closeActive(self) -> None:
+        if self._active is not None:
+            os.close(self._active[1])
+            self._active = None
+
+    def _writeEntries(self, entries: list[tuple[int, RecordInfo, bytes]]) -> None:
+        """
+        Append one batch to this writer's segment and make it durable, then
+        merge its entries.  On an error nothing of it is merged, the segment
+        is left (a new one takes the next batch), and the error is raised.
+        """
+        name, fd = self._openActive()
+        batch = encodeBatch(entries)
+        start = self._activeSize
+        try:
+            _writeAll(fd, batch)
+            os.fdatasync(fd)
+        except BaseException:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            self._closeActive()
+            self._fresh = False
+            raise
+        self._activeSize += len(batch)
+        state = self._segments[name]
+        state.read = state.size = self._activeSize
+        position = start + _BATCH_HEADER_SIZE + len(entries) * _ENTRY.size
+        for kind, info, data in entries:
+            self._apply(kind, info, name, position)
+            position += len(data)
+        if self._activeSize >= self._segmentBytes:
+            self._closeActive()
+        if self._compactDue and not self._compacting:
+            self._compactDue = False
+            self._compacting = True
+            try:
+                self._compact()
+            finally:
+                self._compacting = False
+
+    def _commit(self, ops: list[tuple[Any, ...]]) -> list[tuple[bool, Any]]:
+        """
+        Check every operation of a batch, in order, against the chains and
+        the operations before it, and write those that pass as one batch.
+        Blocking; under the exclusive lock.
+
+        @return: per operation, (C{True}, its result) or (C{False}, the
+            exception refusing it).
+        """
+        results: list[tuple[bool, Any]] = []
+        entries: list[tuple[int, RecordInfo, bytes]] = []
+        # What this batch has done so far, per store: epoch, newest, floor.
+        batch: dict[str, list[int]] = {}
+
+        def view(store: str) -> list[int]:
+            found = batch.get(store)
+            if found is None:
+                chain = self._chains.get(store)
+                found = batch[store] = (
+                    [chain.epoch, chain.newest, chain.floor] if chain else [0, 0, 0]
+                )
+            return found
+
+        for op in ops:
+            try:
+                if op[0] == "records":
+                    outcomes: list[BaseException | None] = []
+                    for info, data in op[1]:
+                        try:
+                            checkInfo(info, data)
+                            state = view(info.store)
+                            self._checkAppend(info, state[0], state[1])
+                        except (ValueError, StaleEpoch, SequenceConflict) as e:
+                            outcomes.append(e)
+                            continue
+                        state[0] = max(state[0], info.epoch)
+                        state[1] = info.seq
+                        entries.append((_RECORD, info, bytes(data)))
+                        outcomes.append(None)
+                    results.append((True, outcomes))
+                elif op[0] == "fence":
+                    store, epoch = op[1], op[2]
+                    state = view(checkStoreName(store))
+                    if epoch < state[0]:
+                        raise StaleEpoch(store, epoch, state[0])
+                    if epoch > state[0]:
+                        state[0] = epoch
+                        entries.append((_FENCE, RecordInfo(store, epoch, 0, 0, 0, b""), b""))
+                    results.append((True, None))
+                else:
+                    store, beforeSeq = op[1], op[2]
+                    state = view(checkStoreName(store))
+                    results.append((True, self._prunable(store, beforeSeq, entries, state)))
+                    if results[-1][1]:
+                        state[2] = max(state[2], beforeSeq)
+                        entries.append(
+                            (_PRUNE, RecordInfo(store, 0, beforeSeq, 0, 0, b""), b"")
+                        )
+            except (ValueError, DurableError) as e:
+                results.append((False, e))
+        if entries:
+            self._writeEntries(entries)
+        return results
 
     @staticmethod
-    def _parse(store: str, name: str) -> RecordInfo | None:
-        match = _RECORD_NAME.match(name)
-        if match is None:
-            return None
-        seq, baseSeq, epoch, size, digest = match.groups()
-        return RecordInfo(
-            store=store,
-            epoch=int(epoch),
-            seq=int(seq),
-            baseSeq=int(baseSeq),
-            size=int(size),
-            digest=bytes.fromhex(digest),
-        )
+    def _checkAppend(info: RecordInfo, epoch: int, newest: int) -> None:
+        if info.epoch < epoch:
+            raise StaleEpoch(info.store, info.epoch, epoch)
+        if newest:
+            if info.seq != newest + 1:
+                raise SequenceConflict(
+                    f"store {info.store}: record {info.seq} does not follow "
+                    f"the newest stored record {newest}"
+                )
+        elif not info.isSnapshot:
+            raise SequenceConflict(f"store {info.store}: the first record must be a snapshot")
 
-    @classmethod
-    def _list(cls, store: str, directory: FilePath[str]) -> list[RecordInfo]:
-        try:
-            names = os.listdir(directory.path)
-        except FileNotFoundError:
-            return []
-        result = [info for info in (cls._parse(store, name) for name in names) if info]
-        result.sort(key=lambda info: info.seq)
-        return result
-
-    @classmethod
-    def _newest(cls, store: str, directory: FilePath[str]) -> RecordInfo | None:
+    def _prunable(
+        self,
+        store: str,
+        beforeSeq: int,
+        entries: list[tuple[int, RecordInfo, bytes]],
+        state: list[int],
+    ) -> int:
         """
-        The newest record, found without parsing every name: record names
-        start with their zero-padded sequence number, so they sort by it.
+        How many records of C{store} a prune before C{beforeSeq} deletes:
+        none unless the record at C{beforeSeq} is a stored snapshot.
+        """
+        chain = self._chains.get(store)
+        stored = {s: loc.info for s, loc in chain.records.items()} if chain else {}
+        for kind, info, _ in entries:
+            if kind == _RECORD and info.store == store:
+                stored[info.seq] = info
+        stored = {s: info for s, info in stored.items() if s >= state[2]}
+        target = stored.get(beforeSeq)
+        if target is None or not target.isSnapshot:
+            return 0
+        return sum(1 for s in stored if s < beforeSeq)
+
+    # Compaction
+
+    def _compact(self) -> None:
+        """
+        Move the live records of segments no writer holds, and which are
+        less than half live, into this writer's segment, and delete them.
+        Blocking; under the exclusive lock.
+        """
+        victims = []
+        for name, state in sorted(self._segments.items()):
+            if self._active is not None and name == self._active[0]:
+                continue
+            small = state.size < self._segmentBytes // 16
+            if (state.live * 2 < state.size or small) and not self._held(name):
+                victims.append(name)
+        if not victims:
+            return
+        checkpoint: list[tuple[int, RecordInfo, bytes]] = []
+        for store, chain in sorted(self._chains.items()):
+            if chain.epoch:
+                checkpoint.append((_FENCE, RecordInfo(store, chain.epoch, 0, 0, 0, b""), b""))
+            if chain.floor:
+                checkpoint.append((_PRUNE, RecordInfo(store, 0, chain.floor, 0, 0, b""), b""))
+        for name in victims:
+            moving = [
+                location
+                for chain in self._chains.values()
+                for location in chain.records.values()
+                if location.segment == name
+            ]
+            entries = list(checkpoint)
+            checkpoint = []
+            path = os.path.join(self._segmentsPath, name)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for location in sorted(moving, key=lambda loc: loc.offset):
+                    data = os.pread(fd, location.info.size, location.offset)
+                    entries.append((_RECORD, location.info, data))
+            finally:
+                os.close(fd)
+            if entries:
+                # Copies of records already indexed: merged as the same ones,
+                # then moved to their new place below.
+                name2, _ = self._openActive()
+                start = self._activeSize
+                self._writeEntries(entries)
+                position = start + _BATCH_HEADER_SIZE + len(entries) * _ENTRY.size
+                for kind, info, data in entries:
+                    if kind == _RECORD:
+                        moved = self._chains[info.store].records.get(info.seq)
+                        if moved is not None and moved.segment == name:
+                            moved.segment, moved.offset = name2, position
+                            self._live(name, -info.size)
+                            self._live(name2, info.size)
+                    position += len(data)
+            os.unlink(path)
+            _fsyncDirectory(self._segmentsPath)
+            del self._segments[name]
+
+    def _held(self, name: str) -> bool:
+        """
+        Whether a live writer holds segment C{name}.
         """
         try:
-            names = os.listdir(directory.path)
+            fd = os.open(os.path.join(self._segmentsPath, name), os.O_RDONLY)
         except FileNotFoundError:
-            return None
-        for name in sorted((n for n in names if n.endswith(".rec")), reverse=True):
-            info = cls._parse(store, name)
-            if info is not None:
-                return info
-        return None
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return True
+            raise
+        finally:
+            os.close(fd)
+        return False
 
-    @staticmethod
-    def _fileName(info: RecordInfo) -> str:
-        return (
-            f"{info.seq:016d}-{info.baseSeq:016d}-{info.epoch:016d}-{info.size:016d}-"
-            f"{info.digest.hex()}.rec"
-        )
+    # The older layout
+
+    def _migrateLegacy(self) -> None:
+        """
+        Move the records of the one-file-per-record layout into a segment,
+        then remove their files.  Blocking; under the exclusive lock.
+        """
+        try:
+            prefixes = [n for n in os.listdir(self.root.path) if re.match(r"\A[0-9a-f]{2}\Z", n)]
+        except FileNotFoundError:
+            return
+        for prefix in sorted(prefixes):
+            parent = os.path.join(self.root.path, prefix)
+            if not os.path.isdir(parent):
+                continue
+            for store in sorted(os.listdir(parent)):
+                directory = os.path.join(parent, store)
+                if not _STORE_NAME.match(store) or store[:2] != prefix:
+                    continue
+                self._migrateStore(store, directory)
+            try:
+                os.rmdir(parent)
+            except OSError:
+                pass
+
+    def _migrateStore(self, store: str, directory: str) -> None:
+        self._makeRoot()
+        self._refresh()
+        entries: list[tuple[int, RecordInfo, bytes]] = []
+        names = os.listdir(directory)
+        try:
+            with open(os.path.join(directory, "epoch"), "rb") as f:
+                epoch = int(f.read(64).decode("ascii").strip())
+        except (OSError, ValueError):
+            epoch = 0
+        if epoch:
+            entries.append((_FENCE, RecordInfo(store, epoch, 0, 0, 0, b""), b""))
+        chain = self._chains.get(store)
+        for name in sorted(names):
+            match = _LEGACY_RECORD.match(name)
+            if match is None:
+                continue
+            seq, baseSeq, recordEpoch, size, digest = match.groups()
+            info = RecordInfo(store, int(recordEpoch), int(seq), int(baseSeq), int(size),
+                              bytes.fromhex(digest))
+            if chain is not None and info.seq in chain.records:
+                continue
+            with open(os.path.join(directory, name), "rb") as f:
+                entries.append((_RECORD, info, f.read()))
+        if entries:
+            self._writeEntries(entries)
+        for name in names:
+            os.unlink(os.path.join(directory, name))
+        os.rmdir(directory)
+        _fsyncDirectory(os.path.dirname(directory))
+        self.log.info("Moved the records of store {store} into a segment", store=store)
+
+    # IDurableBackend
 
     def append(self, info: RecordInfo, data: bytes) -> Deferred[None]:
         """
-        See L{IDurableBackend.append}.
-
-        Appends arriving while C{maxBatches} batches are being written wait
-        and then go together as the next batch, made durable by one C{syncfs(2)} of
-        the backend's file system where there is one (group commit), instead
-        of two C{fsync}s per record.
+        See L{IDurableBackend.append}: written with the other writes
+        pending (see L{appendMany}).
         """
-        d: Deferred[None] = Deferred()
-        self._pending.append((info, data, d))
-        if self._clock is None:
-            self._nextBatch()
-        elif self._gathering is None:
-            self._gathering = self._clock.callLater(0, self._gathered)
-        return d
+
+        def single(outcomes: list[BaseException | None]) -> None:
+            if outcomes[0] is not None:
+                raise outcomes[0]
+
+        return self.appendMany([(info, data)]).addCallback(single)
 
     def appendMany(
         self, records: Sequence[tuple[RecordInfo, bytes]]
     ) -> Deferred[list[BaseException | None]]:
         """
         See L{IDurableBackend.appendMany}.
+
+        The writes arriving while a batch is being written wait and then go
+        together as the next batch, one C{fdatasync} for all (group commit).
         """
-        appends = [self.append(info, data) for info, data in records]
+        return self._enqueue(("records", list(records)))
 
-        def outcomes(results: list[tuple[bool, Any]]) -> list[BaseException | None]:
-            found: list[BaseException | None] = []
-            for ok, result in results:
-                if ok:
-                    found.append(None)
-                elif isinstance(result.value, (ValueError, StaleEpoch, SequenceConflict)):
-                    found.append(result.value)
-                else:
-                    result.raiseException()
-            return found
+    def fence(self, store: str, epoch: int) -> Deferred[None]:
+        return self._enqueue(("fence", store, epoch))
 
-        return DeferredList(appends, consumeErrors=True).addCallback(outcomes)
+    def prune(self, store: str, beforeSeq: int) -> Deferred[int]:
+        return self._enqueue(("prune", store, beforeSeq))
+
+    def _enqueue(self, op: tuple[Any, ...]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self._pending.append((op, d))
+        if self._clock is None:
+            self._nextBatch()
+        elif self._gathering is None:
+            self._gathering = self._clock.callLater(0, self._gathered)
+        return d
 
     def _gathered(self) -> None:
         self._gathering = None
@@ -289,23 +802,23 @@ class FilesystemBackend:
 
     def _nextBatch(self) -> None:
         """
-        Write the pending appends as one batch, if fewer than C{maxBatches}
-        are being written; each batch's end starts the next.
+        Write the pending operations as one batch, if fewer than
+        C{maxBatches} are under way; each batch's end starts the next.
         """
         while self._pending and self._batching < self._maxBatches:
             batch, self._pending = self._pending, []
             self._batching += 1
             state = {"dispatching": True}
 
-            def done(outcomes: list[BaseException | None], batch: Any = batch) -> None:
-                for (_, _, d), outcome in zip(batch, outcomes):
-                    if outcome is None:
-                        d.callback(None)
+            def done(results: list[tuple[bool, Any]], batch: Any = batch) -> None:
+                for (_, d), (ok, value) in zip(batch, results):
+                    if ok:
+                        d.callback(value)
                     else:
-                        d.errback(outcome)
+                        d.errback(value)
 
             def failed(failure: Failure, batch: Any = batch) -> None:
-                for _, _, d in batch:
+                for _, d in batch:
                     d.errback(failure)
 
             def finished(_: object, state: dict[str, bool] = state) -> None:
@@ -313,132 +826,66 @@ class FilesystemBackend:
                 if not state["dispatching"]:
                     self._nextBatch()
 
-            def work(items: list[tuple[RecordInfo, bytes]] = [
-                (info, data) for info, data, _ in batch
-            ]) -> list[BaseException | None]:
-                return self._appendBatch(items)
+            def work(ops: list[tuple[Any, ...]] = [op for op, _ in batch]) -> Any:
+                return self._locked(True, lambda: self._commit(ops))
 
-            self._defer(work).addCallbacks(done, failed).addBoth(finished)
+            self._run(work).addCallbacks(done, failed).addBoth(finished)
             state["dispatching"] = False
-
-    def _appendBatch(self, items: list[tuple[RecordInfo, bytes]]) -> list[BaseException | None]:
-        """
-        Check and write each record; then make them all durable at once.
-        Blocking.
-
-        @return: for each record, L{None} if stored, or the error refusing
-            it.
-        """
-        grouped = _syncfs is not None and len(items) > 1
-
-        def write(item: tuple[RecordInfo, bytes]) -> BaseException | None:
-            info, data = item
-            try:
-                checkInfo(info, data)
-
-                def appendOne(directory: FilePath[str]) -> None:
-                    self._appendOne(directory, info, data, not grouped)
-
-                self._locked(info.store, appendOne, not grouped)
-            except Exception as e:
-                return e
-            return None
-
-        outcomes = [write(item) for item in items]
-        if grouped and None in outcomes:
-            assert _syncfs is not None
-            fd = os.open(self.root.path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                if _syncfs(fd) != 0:
-                    error = ctypes.get_errno()
-                    raise OSError(error, f"syncfs: {os.strerror(error)}")
-            finally:
-                os.close(fd)
-        return outcomes
-
-    def _appendOne(
-        self, directory: FilePath[str], info: RecordInfo, data: bytes, sync: bool
-    ) -> None:
-        current = self._epoch(directory)
-        if info.epoch < current:
-            raise StaleEpoch(info.store, info.epoch, current)
-        newest = self._newest(info.store, directory)
-        if newest is not None:
-            if info.seq != newest.seq + 1:
-                raise SequenceConflict(
-                    f"store {info.store}: record {info.seq} does not follow "
-                    f"the newest stored record {newest.seq}"
-                )
-        elif not info.isSnapshot:
-            raise SequenceConflict(f"store {info.store}: the first record must be a snapshot")
-        if info.epoch > current:
-            _writeAtomically(directory.child("epoch"), b"%d\n" % (info.epoch,), sync)
-        _writeAtomically(directory.child(self._fileName(info)), data, sync)
-
-    def fence(self, store: str, epoch: int) -> Deferred[None]:
-        def fence(directory: FilePath[str]) -> None:
-            current = self._epoch(directory)
-            if epoch < current:
-                raise StaleEpoch(store, epoch, current)
-            if epoch > current:
-                _writeAtomically(directory.child("epoch"), b"%d\n" % (epoch,))
-
-        return self._defer(lambda: self._locked(store, fence))
 
     def head(self, store: str) -> Deferred[RecordInfo | None]:
         def head() -> RecordInfo | None:
-            return self._newest(store, self._dir(store))
+            chain = self._chains.get(store)
+            if chain is None or not chain.records:
+                return None
+            location = chain.records.get(chain.newest) or chain.records[max(chain.records)]
+            return location.info
 
-        return self._defer(head)
+        return self._read(store, head)
 
     def records(self, store: str) -> Deferred[list[RecordInfo]]:
-        return self._defer(lambda: self._list(store, self._dir(store)))
+        def records() -> list[RecordInfo]:
+            chain = self._chains.get(store)
+            if chain is None:
+                return []
+            return [chain.records[seq].info for seq in sorted(chain.records)]
+
+        return self._read(store, records)
 
     def read(self, store: str, seq: int) -> Deferred[bytes]:
         def read() -> bytes:
-            directory = self._dir(store)
-            prefix = f"{seq:016d}-"
+            chain = self._chains.get(store)
+            location = chain.records.get(seq) if chain is not None else None
+            if location is None:
+                raise NoSuchRecord(f"store {store} has no record {seq}")
+            fd = os.open(os.path.join(self._segmentsPath, location.segment), os.O_RDONLY)
             try:
-                names = os.listdir(directory.path)
-            except FileNotFoundError:
-                names = []
-            for name in names:
-                if name.startswith(prefix):
-                    info = self._parse(store, name)
-                    if info is not None and info.seq == seq:
-                        return directory.child(name).getContent()
-            raise NoSuchRecord(f"store {store} has no record {seq}")
+                data = os.pread(fd, location.info.size, location.offset)
+            finally:
+                os.close(fd)
+            if len(data) != location.info.size:
+                raise NoSuchRecord(f"store {store}: record {seq} is cut short")
+            return data
 
-        return self._defer(read)
+        return self._read(store, read)
 
-    def prune(self, store: str, beforeSeq: int) -> Deferred[int]:
-        def prune(directory: FilePath[str]) -> int:
-            records = self._list(store, directory)
-            if not any(info.seq == beforeSeq and info.isSnapshot for info in records):
-                return 0
-            deleted = 0
-            for info in records:
-                if info.seq < beforeSeq:
-                    directory.child(self._fileName(info)).remove()
-                    deleted += 1
-            if deleted:
-                _fsyncDirectory(directory)
-            return deleted
+    def _read(self, store: str, f: Callable[[], T]) -> Deferred[T]:
+        def work() -> T:
+            checkStoreName(store)
+            return self._locked(False, f)
 
-        return self._defer(lambda: self._locked(store, prune))
+        return self._run(work)
 
     def stores(self) -> Deferred[list[str]]:
         def stores() -> list[str]:
-            found = []
-            if not self.root.isdir():
-                return []
-            for prefix in self.root.children():
-                if not prefix.isdir():
-                    continue
-                for child in prefix.children():
-                    name = child.basename()
-                    if _STORE_NAME.match(name) and name[:2] == prefix.basename():
-                        found.append(name)
-            return sorted(found)
+            return sorted(
+                store for store, chain in self._chains.items() if chain.epoch or chain.records
+            )
 
-        return self._defer(stores)
+        return self._run(lambda: self._locked(False, stores))
+
+    def close(self) -> None:
+        """
+        Let go of this writer's segment (another writer may then compact it).
+        """
+        with self._mutex:
+            self._closeActive()
