@@ -29,6 +29,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Collection, Iterator
 
 from attrs import frozen
+from twisted.application.service import IService
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -40,6 +41,7 @@ from fractal.keys import InvalidUserKey, slotForKey, storeNameForKey, validateKe
 from fractal.protocol import Overloaded, StoreUnavailable
 from fractal.store import Item, Store, text
 from fractal.store.errors import StoreOutOfDescriptors
+from fractal.store.interfaces import IScheduler
 
 __all__ = [
     "FDS_PER_STORE",
@@ -480,6 +482,7 @@ class StorePool:
                 self.shipper.storeOpened(key, lease.store)
             except Exception:
                 self.log.failure("Shipper failed to watch the store of {key!r}", key=key)
+        self._startServices(lease)
         lease._busy += len(waiters)
         closeWaiters = self._closeWhenOpened.pop(key, None)
         if closeWaiters is not None:
@@ -559,15 +562,56 @@ class StorePool:
             self._closeLease(lease)
         self._scheduleSweep()
 
+    def _startServices(self, lease: StoreLease) -> None:
+        """
+        Start the services of a store just opened, C{IService(store)}: its
+        scheduler, on the pool's clock, so its timed events run while it is
+        open and overdue ones run now; and its service powerups.  (The shipper
+        watches the store first, so it sees the commits of those events.)
+        """
+        store = lease.store
+        try:
+            scheduler = IScheduler(store, None)
+            if scheduler is not None and getattr(scheduler, "clock", False) is None:
+                scheduler.clock = self._clock  # type: ignore[attr-defined]
+            IService(store).startService()
+        except Exception:
+            self.log.failure("Cannot start the services of the store of {key!r}", key=lease.key)
+
+    def _stopServices(self, lease: StoreLease) -> Deferred[Any]:
+        """
+        Stop the services of a store about to close (its scheduler's timer is
+        cancelled; its events stay in the store for the next open).
+
+        @return: fires when they have stopped; never fails.
+        """
+        try:
+            service = IService(lease.store)
+        except Exception:
+            self.log.failure("Cannot find the services of the store of {key!r}", key=lease.key)
+            return succeed(None)
+        if not service.running:
+            return succeed(None)
+        d = maybeDeferred(service.stopService)
+        d.addErrback(
+            lambda f: self.log.failure(
+                "Cannot stop the services of the store of {key!r}", f, key=lease.key
+            )
+        )
+        return d
+
     def _closeLease(self, lease: StoreLease) -> None:
         """
-        Close an idle store: let the shipper ship it first, then close it.
+        Close an idle store: stop its services, let the shipper ship it, then
+        close it.
         """
         key = lease.key
         del self._open[key]
         self._closing[key] = lease
+        stopped = self._stopServices(lease)
         if self.shipper is not None:
-            d = maybeDeferred(self.shipper.storeClosing, key, lease.store)
+            shipper = self.shipper
+            d = stopped.addCallback(lambda _: shipper.storeClosing(key, lease.store))
             d.addErrback(
                 lambda f: self.log.failure(
                     "Shipper failed before closing the store of {key!r}", f, key=key
@@ -575,7 +619,7 @@ class StorePool:
             )
             d.addCallback(lambda _: self._finishClose(lease))
         else:
-            self._finishClose(lease)
+            stopped.addCallback(lambda _: self._finishClose(lease))
 
     def _finishClose(self, lease: StoreLease) -> None:
         """

@@ -24,7 +24,8 @@ from fractal.pool import (
     defaultMaxOpenStores,
 )
 from fractal.protocol import Overloaded, StoreUnavailable
-from fractal.store import Item, Store, integer
+from fractal.store import Item, Store, Time, TimedEvent, integer
+from fractal.store.interfaces import IScheduler
 from fractal.testing import MemoryDurableBackend
 
 
@@ -547,3 +548,173 @@ class CloseStoresOfTests(SynchronousTestCase):
         self.runQueued()
         self.successResultOf(first.closed)
         self.successResultOf(second.closed)
+
+
+class PoolTestAlarm(Item):
+    """
+    A runnable for timed events: counts its runs.
+    """
+
+    typeName = "test_pool_alarm"
+    runs = integer(default=0)
+
+    def run(self) -> None:
+        self.runs += 1
+
+
+class SchedulerTests(SynchronousTestCase):
+    """
+    The pool runs the scheduler (C{IService(store)}) of every store it holds
+    open, on its own clock.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.dataDir = FilePath(self.mktemp())
+
+    def makePool(self, **kw: Any) -> StorePool:
+        """
+        A pool over C{self.dataDir} on C{self.clock}, closed at the end.
+        """
+        pool = StorePool(self.clock, self.dataDir, prepare=_prepare, **kw)
+        self.addCleanup(pool.close)
+        return pool
+
+    def schedule(self, pool: StorePool, key: str, seconds: float) -> int:
+        """
+        In C{key}'s store, schedule a new alarm C{seconds} from now, through
+        a lease that is released again.
+
+        @return: the alarm's storeID.
+        """
+        lease = self.successResultOf(pool.acquire(key))
+
+        def make() -> int:
+            alarm = PoolTestAlarm(store=lease.store)
+            when = Time.fromPOSIXTimestamp(self.clock.seconds() + seconds)
+            IScheduler(lease.store).schedule(alarm, when)
+            return alarm.storeID
+
+        try:
+            return lease.store.transact(make)
+        finally:
+            lease.release()
+
+    def runs(self, pool: StorePool, key: str, storeID: int) -> int:
+        """
+        How many times the alarm C{storeID} in C{key}'s store has run.
+        """
+        store = self.successResultOf(pool.openStore(key))
+        runs: int = store.getItemByID(storeID).runs
+        return runs
+
+    def test_eventsRunWhileOpen(self) -> None:
+        """
+        A timed event in a store the pool holds open runs when it comes due
+        on the pool's clock, not before.
+        """
+        pool = self.makePool()
+        alarm = self.schedule(pool, "alice", 10)
+        self.clock.advance(9)
+        self.assertEqual(self.runs(pool, "alice", alarm), 0)
+        self.clock.advance(1)
+        self.assertEqual(self.runs(pool, "alice", alarm), 1)
+        self.clock.advance(100)
+        self.assertEqual(self.runs(pool, "alice", alarm), 1)
+
+    def test_closedStoreEventsRunWhenReopened(self) -> None:
+        """
+        Closing a store (here, idle) stops its scheduler: its pending event
+        does not run while it is closed, stays in the store, and runs as soon
+        as the store is opened again after it came due.
+        """
+        pool = self.makePool(idleTimeout=5)
+        alarm = self.schedule(pool, "alice", 100)
+        store = self.successResultOf(pool.openStore("alice"))
+        scheduler = IScheduler(store)
+        self.assertIs(scheduler.clock, self.clock)
+        self.assertTrue(scheduler.running)
+        self.clock.advance(5)
+        self.assertEqual(pool.openKeys(), [])
+        self.assertFalse(scheduler.running)
+        self.assertIsNone(scheduler.timer)
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active()], [])
+        self.clock.advance(200)
+        reopened = self.successResultOf(pool.openStore("alice"))
+        self.assertIsNot(reopened, store)
+        self.assertEqual(reopened.getItemByID(alarm).runs, 0)
+        self.clock.advance(0)
+        self.assertEqual(reopened.getItemByID(alarm).runs, 1)
+        self.assertEqual(reopened.count(TimedEvent), 0)
+
+    def test_poolCloseStopsSchedulers(self) -> None:
+        """
+        Closing the pool stops the scheduler of every store; a new pool over
+        the same directory runs the events that came due meanwhile when it
+        opens their stores, and not those of stores it does not open.
+        """
+        pool = StorePool(self.clock, self.dataDir, prepare=_prepare)
+        alice = self.schedule(pool, "alice", 50)
+        self.schedule(pool, "bob", 50)
+        self.successResultOf(pool.close())
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active()], [])
+        self.clock.advance(60)
+        again = self.makePool()
+        self.assertEqual(self.runs(again, "alice", alice), 0)
+        self.clock.advance(0)
+        self.assertEqual(self.runs(again, "alice", alice), 1)
+        self.assertEqual(again.openKeys(), ["alice"])
+
+    def test_noEventsNoTimer(self) -> None:
+        """
+        Opening a store without timed events arms no timer and runs no
+        transaction on its behalf (its commit observers see nothing).
+        """
+        pool = self.makePool()
+        store = self.successResultOf(pool.openStore("alice"))
+        commits: list[int] = []
+        store.addCommitObserver(lambda: commits.append(1))
+        self.assertTrue(IScheduler(store).running)
+        self.assertIsNone(IScheduler(store).timer)
+        self.clock.advance(0)
+        self.assertEqual(commits, [])
+
+    def test_overdueEventsCommitSeenByShipper(self) -> None:
+        """
+        An overdue event that runs at open commits after the shipper started
+        watching the store, so the store is shipped again.
+        """
+        backend = MemoryDurableBackend()
+        queued: list[Any] = []
+
+        def later(f: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            queued.append((f, d))
+            return d
+
+        def runQueued() -> None:
+            while queued:
+                f, d = queued.pop(0)
+                d.callback(f())
+
+        shipper = Shipper(backend, self.clock, runInThread=later)
+        pool = self.makePool(shipper=shipper, idleTimeout=5)
+        self.schedule(pool, "alice", 100)
+        self.clock.advance(5)
+        runQueued()
+        self.assertEqual(pool.openKeys(), [])
+        head = self.successResultOf(backend.head(storeNameForKey("alice")))
+        assert head is not None
+        self.clock.advance(200)
+        acquiring = pool.openStore("alice")
+        runQueued()
+        store = self.successResultOf(acquiring)
+        self.clock.advance(0)
+        self.assertEqual(store.count(TimedEvent), 0)
+        flushed = shipper.flush()
+        runQueued()
+        self.successResultOf(flushed)
+        newer = self.successResultOf(backend.head(storeNameForKey("alice")))
+        assert newer is not None
+        self.assertGreater(newer.seq, head.seq)

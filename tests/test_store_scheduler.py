@@ -431,6 +431,33 @@ class StartTests(SynchronousTestCase, _SiteFixture):
         self.clock.advance(0)
         self.assertEqual(r.runs, 1)
 
+    def test_startWithoutEvents(self) -> None:
+        """
+        Starting the scheduler of a store without events arms no timer.
+        """
+        self.makeSite(self, start=False)
+        self.scheduler.startService()
+        self.addCleanup(self.scheduler.stopService)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertIsNone(self.scheduler.timer)
+
+    def test_startArmsEarliest(self) -> None:
+        """
+        Starting the scheduler arms its timer for the earliest pending event,
+        which then runs when it comes due.
+        """
+        self.makeSite(self, start=False)
+        r = Runnable(store=self.store)
+        self.scheduler.schedule(r, self.later(30))
+        self.scheduler.schedule(r, self.later(20))
+        self.scheduler.startService()
+        self.addCleanup(self.scheduler.stopService)
+        self.assertEqual(
+            [c.getTime() for c in self.clock.getDelayedCalls()], [self.clock.seconds() + 20]
+        )
+        self.clock.advance(20)
+        self.assertEqual(r.runs, 1)
+
     def test_startedByStoreService(self) -> None:
         """
         The scheduler is part of C{IService(store)}: starting that starts

@@ -342,10 +342,14 @@ class _SiteScheduler(_SchedulerMixin, Service):
 
     def startService(self) -> None:
         """
-        Start ticking: run overdue events at once.
+        Start ticking: arm the timer for the earliest event, so overdue
+        events run at once (in the next reactor turn).  A store with no event
+        (and so, often, no event table) costs no query and no tick.
         """
         super().startService()  # type: ignore[no-untyped-call]
-        self._transientSchedule(self.now(), None)
+        now = self.now()
+        for event in self.store.query(TimedEvent, sort=TimedEvent.time.ascending, limit=1):
+            self._transientSchedule(event.time, now)
 
     def stopService(self) -> None:
         """
