@@ -28,7 +28,14 @@ command does not declare rolls the transaction back and fails that call alone
 Limits, each with a clear answer: the bytes of one box (beyond
 L{ServerLimits.maxBoxBytes} the rest of the box is skipped, not held, and the
 call answered L{InvalidRequest}), the keys of one box (L{InvalidRequest}) and
-the calls outstanding on one connection (L{Overloaded}).
+the calls outstanding on one connection (L{Overloaded}).  And backpressure:
+a client that sends calls without reading their answers does not make the
+node buffer answers without bound.  Each connection is a push producer for
+its transport; when the transport's write buffer passes its bound (64 KiB for
+Twisted's TCP transports), the node stops reading that connection, so it
+takes no new calls from it, until the buffer has drained.  Answers to the
+calls already running are still buffered, at most
+L{ServerLimits.maxOutstanding} of them.  Other connections are not affected.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from typing import Any, Callable, Coroutine, Protocol
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -470,6 +477,33 @@ def _describeArgument(error: BaseException) -> str:
     return f"bad argument: {type(error).__name__}: {error}"
 
 
+@implementer(IPushProducer)
+class _ReadPauser:
+    """
+    The push producer a L{NodeProtocol} registers on its transport: the
+    transport pauses it when its write buffer passes its bound and resumes it
+    once the buffer has drained, and that pauses and resumes reading the
+    connection.
+    """
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: NodeProtocol) -> None:
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self._protocol._pauseReading()
+
+    def resumeProducing(self) -> None:
+        self._protocol._resumeReading()
+
+    def stopProducing(self) -> None:
+        """
+        The connection is going away; L{NodeProtocol.stopReceivingBoxes}
+        sees to the rest.
+        """
+
+
 @implementer(IBoxReceiver)
 class NodeProtocol(BinaryBoxProtocol):
     """
@@ -477,6 +511,8 @@ class NodeProtocol(BinaryBoxProtocol):
     each call through its L{FractalServer}.
 
     @ivar outstanding: the calls of this connection running now.
+    @ivar readingPaused: whether reading is paused because the transport's
+        write buffer is full (the client is not reading its answers).
     """
 
     log = Logger()
@@ -493,6 +529,32 @@ class NodeProtocol(BinaryBoxProtocol):
         self._boxBytes = 0
         self._oversized = False
         self._lost = False
+        self.readingPaused = False
+
+    # -- backpressure -------------------------------------------------------
+
+    def _pauseReading(self) -> None:
+        """
+        The transport's write buffer is over its bound: read nothing more
+        from this connection (the boxes already read but not parsed wait too)
+        until it has drained.
+        """
+        if self.readingPaused or self._lost:
+            return
+        self.readingPaused = True
+        # AMP's framing stops parsing, and the transport stops reading.
+        self.pauseProducing()
+
+    def _resumeReading(self) -> None:
+        """
+        The transport's write buffer has drained: read again, starting with
+        any boxes received before the pause.
+        """
+        if not self.readingPaused:
+            return
+        self.readingPaused = False
+        if not self._lost:
+            self.resumeProducing()
 
     # -- framing ------------------------------------------------------------
 
@@ -585,9 +647,17 @@ class NodeProtocol(BinaryBoxProtocol):
 
     def startReceivingBoxes(self, boxSender: IBoxSender) -> None:
         """
-        The connection is up.
+        The connection is up: register as the transport's push producer, so
+        that a full write buffer pauses reading (see L{_pauseReading}).
         """
         self.server._connections.add(self)
+        register = getattr(self.transport, "registerProducer", None)
+        if register is not None:
+            try:
+                register(_ReadPauser(self), True)
+            except RuntimeError:
+                # Another producer is registered already: that one decides.
+                self.log.warn("Connection has a producer already; no backpressure on it")
 
     def stopReceivingBoxes(self, reason: Failure) -> None:
         """

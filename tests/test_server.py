@@ -12,10 +12,14 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -832,3 +836,146 @@ class ServerTests(SynchronousTestCase):
             FractalServer(durable, self.pool, self.topology)
         self.assertIn("Durably", str(e.exception))
         self.assertIn("no durable shipper", str(e.exception))
+
+
+class _UnreadSocket(FileDescriptor):
+    """
+    Twisted's own buffered writing (L{FileDescriptor}: its C{bufferSize}, and
+    the pausing and resuming of a streaming producer) over a socket whose
+    peer reads only when the test lets it.
+
+    @ivar peerReads: whether the peer reads what is written.
+    @ivar delivered: the bytes the peer has read.
+    """
+
+    def __init__(self, reactor: MemoryReactor, bufferSize: int) -> None:
+        super().__init__(reactor)  # type: ignore[arg-type]
+        self.bufferSize = bufferSize
+        self.connected = 1
+        self.peerReads = False
+        self.delivered = b""
+
+    def writeSomeData(self, data: bytes) -> int:
+        if not self.peerReads:
+            return 0
+        self.delivered += bytes(data)
+        return len(data)
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 40000)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 7100)
+
+
+class BackpressureTests(SynchronousTestCase):
+    """
+    A client that sends calls but does not read the answers makes the node
+    stop reading from it once the connection's write buffer is full, not
+    buffer answers without bound.
+    """
+
+    def setUp(self) -> None:
+        self.pool = StorePool(Clock(), FilePath(self.mktemp()), prepare=application.installOn)
+        self.addCleanup(self.pool.close)
+        self.server = FractalServer(
+            application, self.pool, SingleNodeTopology("n1", "tcp:host=127.0.0.1:port=7100")
+        )
+
+    def calls(self, count: int, first: int = 0) -> bytes:
+        """
+        C{count} serialised CountNotes calls for alice, tagged from C{first}.
+        """
+        return b"".join(
+            amp.AmpBox(_command=b"CountNotes", _ask=b"%d" % n, user=b"alice").serialize()
+            for n in range(first, first + count)
+        )
+
+    def test_registersAsPushProducer(self) -> None:
+        """
+        A connection registers a streaming producer on its transport, and
+        when the transport pauses it, the connection pauses the transport's
+        reading and parses no more calls until it is resumed.
+        """
+        proto = self.server.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        self.assertTrue(transport.streaming)
+        assert transport.producer is not None
+        transport.producer.pauseProducing()
+        self.assertTrue(proto.readingPaused)
+        self.assertEqual(transport.producerState, "paused")
+        proto.dataReceived(self.calls(3))
+        self.assertEqual(transport.value(), b"")
+        transport.producer.resumeProducing()
+        self.assertFalse(proto.readingPaused)
+        self.assertEqual(transport.producerState, "producing")
+        answers = amp.parseString(transport.value())
+        self.assertEqual([a[b"_answer"] for a in answers], [b"0", b"1", b"2"])
+
+    def test_fullBufferPausesReadingUntilDrained(self) -> None:
+        """
+        With a peer that does not read, the answers fill the transport's
+        buffer past its bound: the connection stops reading (the transport
+        leaves the reactor's readers) and runs none of the calls after that
+        point, while another connection is served as usual.  Once the peer
+        reads, reading resumes, and every call is answered, in order.
+        """
+        reactor = MemoryReactor()
+        transport = _UnreadSocket(reactor, bufferSize=2048)
+        proto = self.server.buildProtocol(None)
+        proto.makeConnection(transport)
+        transport.startReading()
+        self.assertIn(transport, reactor.getReaders())
+
+        proto.dataReceived(self.calls(300))
+        self.assertTrue(proto.readingPaused)
+        self.assertNotIn(transport, reactor.getReaders())
+        served = self.server.callsServed
+        self.assertLess(served, 300)
+        buffered = len(transport.dataBuffer) + transport._tempDataLen
+        self.assertGreater(buffered, 2048)
+        # Bytes that were already read wait, unparsed.
+        proto.dataReceived(self.calls(10, first=300))
+        self.assertEqual(self.server.callsServed, served)
+        self.assertEqual(transport.delivered, b"")
+
+        other = self.server.buildProtocol(None)
+        otherTransport = StringTransport()
+        other.makeConnection(otherTransport)
+        other.dataReceived(self.calls(2))
+        self.assertFalse(other.readingPaused)
+        self.assertEqual(len(amp.parseString(otherTransport.value())), 2)
+        self.assertTrue(proto.readingPaused)
+
+        transport.peerReads = True
+        pauses = 0
+        while transport in reactor.getWriters():
+            transport.doWrite()
+            pauses += proto.readingPaused
+        self.assertFalse(proto.readingPaused)
+        self.assertIn(transport, reactor.getReaders())
+        answers = amp.parseString(transport.delivered)
+        self.assertEqual([a[b"_answer"] for a in answers], [b"%d" % n for n in range(310)])
+        self.assertTrue(all(a[b"notes"] == b"0" for a in answers))
+        self.assertGreater(pauses, 0)
+        self.assertEqual(proto.outstanding, 0)
+
+    def test_lostWhilePaused(self) -> None:
+        """
+        A connection lost while its reading is paused is forgotten by the
+        server; nothing is parsed or sent after that.
+        """
+        reactor = MemoryReactor()
+        transport = _UnreadSocket(reactor, bufferSize=512)
+        proto = self.server.buildProtocol(None)
+        proto.makeConnection(transport)
+        proto.dataReceived(self.calls(100))
+        self.assertTrue(proto.readingPaused)
+        served = self.server.callsServed
+        transport.connectionLost(Failure(ConnectionDone()))
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.server.connections, 0)
+        proto._resumeReading()
+        self.assertEqual(self.server.callsServed, served)
+        self.assertEqual(self.server.inFlight, 0)
