@@ -62,6 +62,7 @@ __all__ = [
     "peerClientCreator",
     "clientServerFactory",
     "clientTLSCreator",
+    "anyNodeTLSOptions",
     "checkPeerTransport",
     "endpointHost",
     "CertsOptions",
@@ -207,7 +208,9 @@ def createNodeCertificate(directory: FilePath[str], nodeId: str, days: int = 825
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(nodeId)]), critical=False)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
         .sign(caKey, hashes.SHA256())
@@ -312,7 +315,6 @@ class _IdentityCheckingProtocol(ProtocolWrapper):
             ProtocolWrapper.dataReceived(self, data)  # type: ignore[no-untyped-call]
 
 
-
 class _IdentityCheckingFactory(WrappingFactory):
     protocol = _IdentityCheckingProtocol
 
@@ -373,17 +375,28 @@ def clientServerFactory(
     return TLSMemoryBIOFactory(options, False, factory)
 
 
-def clientTLSCreator(
-    authority: ssl.Certificate, nodeId: str
-) -> IOpenSSLClientConnectionCreator:
+def clientTLSCreator(authority: ssl.Certificate, nodeId: str) -> IOpenSSLClientConnectionCreator:
     """
     TLS settings for a client calling node C{nodeId}: trust only the cluster
     CA and check the node id in the server's certificate.
     """
-    creator: IOpenSSLClientConnectionCreator = ssl.optionsForClientTLS(
-        nodeId, trustRoot=authority
-    )
+    creator: IOpenSSLClientConnectionCreator = ssl.optionsForClientTLS(nodeId, trustRoot=authority)
     return creator
+
+
+def anyNodeTLSOptions(authority: ssl.Certificate) -> ssl.CertificateOptions:
+    """
+    TLS settings for a client that may reach any node of the cluster, such
+    as the first connection of a smart client (which does not know yet which
+    node it reaches): trust only the cluster CA, whichever node id its
+    certificate names.  Once a client knows which node it means to reach,
+    use L{clientTLSCreator}, which checks the id too.
+
+    Use it with L{twisted.internet.endpoints.wrapClientTLS}.
+    """
+    return ssl.CertificateOptions(
+        verify=True, requireCertificate=True, caCerts=[authority.original]
+    )
 
 
 def endpointHost(description: str, server: bool) -> str | None:
@@ -493,4 +506,3 @@ class CertsOptions(usage.Options):
             print(f"fractal certs: {e}", file=sys.stderr)
             return 1
         return 0
-

@@ -37,12 +37,18 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    INegotiated,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.compat import nativeString
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from fractal._framing import canReadBoxes, readBoxes
 
@@ -82,11 +88,14 @@ class ClientStopped(Exception):
     """
 
 
+@implementer(IHandshakeListener)
 class _ClientAMP(amp.AMP):
     """
     The client's side of a connection: it sends calls and answers none, so a
     node cannot call anything on the client (not even AMP's C{StartTLS}), and
-    it tells its client when it connects and when it is lost.
+    it tells its client when it connects and when it is lost.  Over TLS it is
+    connected only once the handshake, with the check of the node's
+    certificate, has succeeded: no call is sent to a node not yet verified.
     """
 
     def __init__(self, client: FractalClient) -> None:
@@ -132,7 +141,16 @@ class _ClientAMP(amp.AMP):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._client._connectionMade(self)
+        if not INegotiated.providedBy(self.transport):
+            self._client._connectionMade(self)
+
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake succeeded, the node's certificate verified: the
+        connection may carry calls.
+        """
+        if self.transport is not None and not getattr(self.transport, "disconnecting", False):
+            self._client._connectionMade(self)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         # Forget the connection before AMP fails its outstanding calls, so a

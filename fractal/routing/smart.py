@@ -16,14 +16,25 @@ answered L{fractal.protocol.NotOwner}: the client fetches the map again and
 sends the call once more.  When the owner cannot be reached from the client
 within C{fallbackAfter} seconds, or before the map is known, the call goes to
 any connected node instead, which forwards it (one hop).
+
+With client-facing TLS (nodes listening with their certificates, see
+L{fractal.certs}), give the cluster CA as C{authority}: the client then
+speaks TLS on every connection, trusts only that CA, and checks that the
+certificate of each owner it connects to names the node id the shard map
+gives for that address; a connection is used only once its check has
+passed.  The first connection (to a node the client cannot name yet) checks
+only that the certificate comes from the cluster CA.  The map's C{client}
+addresses are then the plain C{tcp:} addresses of the nodes' TLS listeners:
+the client adds the TLS.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+from twisted.internet import ssl
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import clientFromString
+from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
@@ -36,6 +47,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from fractal.certs import anyNodeTLSOptions, clientTLSCreator
 from fractal.client import DEFAULT_TIMEOUT, FractalClient, RetryPolicy
 from fractal.keys import InvalidUserKey
 from fractal.protocol import GetShardMap, NotOwner
@@ -87,6 +99,7 @@ class ClusterClient(FractalClient):
         endpointFor: Callable[[str], IStreamClientEndpoint] | None = None,
         fallbackAfter: float = DEFAULT_FALLBACK_AFTER,
         refreshInterval: float | None = DEFAULT_REFRESH_INTERVAL,
+        authority: ssl.Certificate | None = None,
     ) -> None:
         """
         Connect to the seed node at C{endpoint} and ask it for the map.
@@ -101,6 +114,11 @@ class ClusterClient(FractalClient):
         @param fallbackAfter: see L{DEFAULT_FALLBACK_AFTER}.
         @param refreshInterval: see L{DEFAULT_REFRESH_INTERVAL}; L{None}
             fetches the map only at the start and after L{NotOwner}.
+        @param authority: the cluster CA, to call each owner over TLS and
+            check that its certificate names the node the map says; L{None}
+            for no TLS of the client's own (C{endpoint}, and C{endpointFor}'s
+            endpoints, are used as they are).  C{endpoint} is used as given
+            either way (see L{connectCluster}).
         """
         FractalClient.__init__(self, clock, endpoint, timeout, retryPolicy)
         self.shardMap: ShardMap | None = None
@@ -109,6 +127,7 @@ class ClusterClient(FractalClient):
         self._endpointFor = endpointFor or (
             lambda description: clientFromString(clock, description)
         )
+        self._authority = authority
         self._owners: dict[str, FractalClient] = {}
         self._routedMap: ShardMap | None = None
         self._routes: dict[str, str] = {}
@@ -162,12 +181,11 @@ class ClusterClient(FractalClient):
         """
         client = self._owners.get(node)
         if client is None and self.shardMap is not None and node in self.shardMap.nodes:
-            client = FractalClient(
-                self._clock,
-                self._endpointFor(self.shardMap.nodes[node].client),
-                self.timeout,
-                self._retryPolicy,
-            )
+            endpoint = self._endpointFor(self.shardMap.nodes[node].client)
+            if self._authority is not None:
+                # Reach the node only if its certificate names it.
+                endpoint = wrapClientTLS(clientTLSCreator(self._authority, node), endpoint)
+            client = FractalClient(self._clock, endpoint, self.timeout, self._retryPolicy)
             self._owners[node] = client
         return client
 
@@ -325,6 +343,7 @@ def connectCluster(
     retryPolicy: RetryPolicy | None = None,
     fallbackAfter: float = DEFAULT_FALLBACK_AFTER,
     refreshInterval: float | None = DEFAULT_REFRESH_INTERVAL,
+    authority: ssl.Certificate | None = None,
 ) -> ClusterClient:
     """
     Connect to a cluster through any of its nodes.
@@ -337,12 +356,18 @@ def connectCluster(
     @param retryPolicy: see L{FractalClient.__init__}.
     @param fallbackAfter: see L{DEFAULT_FALLBACK_AFTER}.
     @param refreshInterval: see L{DEFAULT_REFRESH_INTERVAL}.
+    @param authority: the cluster CA, for nodes listening for clients with
+        TLS (see L{ClusterClient.__init__}); C{description} is then the
+        plain C{tcp:} address of a TLS listener, and the node there must
+        hold a certificate from this CA.
     @return: a client, already fetching the shard map.
     """
     descriptions = [description] if isinstance(description, str) else list(description)
-    endpoint: IStreamClientEndpoint = AnyOfEndpoints(
-        [clientFromString(reactor, each) for each in descriptions]
-    )
+    seeds = [clientFromString(reactor, each) for each in descriptions]
+    if authority is not None:
+        options = anyNodeTLSOptions(authority)
+        seeds = [wrapClientTLS(options, seed) for seed in seeds]
+    endpoint: IStreamClientEndpoint = AnyOfEndpoints(seeds)
     return ClusterClient(
         reactor,
         endpoint,
@@ -350,4 +375,5 @@ def connectCluster(
         retryPolicy=retryPolicy,
         fallbackAfter=fallbackAfter,
         refreshInterval=refreshInterval,
+        authority=authority,
     )
