@@ -228,10 +228,11 @@ async def failover(reactor: Any, cluster: Cluster, users: list[str]) -> tuple[li
 
 async def rebalance(
     reactor: Any, cluster: Cluster, users: list[str], seconds: float
-) -> tuple[list[float], list[float], float]:
+) -> tuple[list[float], list[float], float, dict[str, int]]:
     """
     Call every user in a loop while n4 joins; the longest pause between two
-    successes of each user, for users that moved and users that did not.
+    successes of each user, for users that moved and users that did not, and
+    the errors the clients saw, by type.
     """
     from fractal.keys import DEFAULT_SLOTS, slotForKey
 
@@ -239,6 +240,7 @@ async def rebalance(
     connections = [await connectAMP(reactor, cluster.nodes[n].port) for n in ["n1", "n2"]]
     lastOk = {u: time.monotonic() for u in users}
     worst = {u: 0.0 for u in users}
+    errors: dict[str, int] = {}
     running = True
 
     async def loop(user: str, index: int) -> None:
@@ -252,7 +254,9 @@ async def rebalance(
                 # A steady load below saturation, so that the pause of a
                 # moved user is its handoff, not a queue.
                 await task.deferLater(reactor, PERIOD, lambda: None)
-            except Exception:
+            except Exception as e:
+                if running:
+                    errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
                 attempt += 1
                 await task.deferLater(reactor, 0.02, lambda: None)
 
@@ -275,7 +279,7 @@ async def rebalance(
         if before[slotForKey(u, DEFAULT_SLOTS)] != after[slotForKey(u, DEFAULT_SLOTS)]
     ]
     stayed = [u for u in users if u not in moved]
-    return sorted(worst[u] for u in moved), sorted(worst[u] for u in stayed), took
+    return sorted(worst[u] for u in moved), sorted(worst[u] for u in stayed), took, errors
 
 
 def _initSchema(dsn: str, schema: str) -> None:
@@ -341,8 +345,11 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
         )
         await cluster.settled(reactor, {"n1", "n2"}, 60)
 
-        movedPauses, stayedPauses, took = await rebalance(reactor, cluster, users[:100], 180)
+        movedPauses, stayedPauses, took, errors = await rebalance(
+            reactor, cluster, users[:100], 180
+        )
         print(f"rebalancing: a node joins 2 under load; settled in {took:.1f}s")
+        print(f"  errors the clients saw (each call retried): {errors or 'none'}")
         print(
             f"  longest pause, {len(movedPauses):3d} moved users:  p50 {_ms(movedPauses, 50)}"
             f"   p99 {_ms(movedPauses, 99)}"
