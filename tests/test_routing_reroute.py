@@ -22,6 +22,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from examples.mailbox import Deliver, Stats, application
+from fractal.durable._threads import runSynchronously
 from fractal.durable.shipper import Shipper
 from fractal.keys import slotForKey, storeNameForKey
 from fractal.pool import StorePool
@@ -287,3 +288,82 @@ class SlotLeftWhileOpeningTests(SynchronousTestCase):
         self.runQueued()
         self.pool.close()
         self.runQueued()
+
+
+class FencedMidCallTests(SynchronousTestCase):
+    """
+    A durable call whose write is refused for a stale epoch (another node
+    took the slot during the call) acknowledges nothing: it is routed to
+    the new owner once the map says so.
+    """
+
+    def test_fencedDurableCallRoutedAgain(self) -> None:
+        """
+        The store's chain is fenced at a newer epoch; a durable call that
+        commits here is not acknowledged, and once the map gives the slot to
+        n2 the call is forwarded there and n2's answer relayed; a client
+        connected over the peer listener is answered L{OwnerUnavailable}
+        instead, for the node that forwarded it to route again.
+        """
+        from tests.test_durable_node import AddDurably
+        from tests.test_durable_node import application as counterApplication
+
+        clock = Clock()
+        backend = MemoryDurableBackend()
+        dataDir = FilePath(self.mktemp())
+        shipper = Shipper(
+            backend, clock, runInThread=runSynchronously,
+            storesDirectory=dataDir.child("stores"),
+        )
+        pool = StorePool(clock, dataDir, prepare=counterApplication.installOn, shipper=shipper)
+        self.addCleanup(pool.close)
+        static = _twoNodes().currentMap()
+        topology = ManualTopology("n1", static)
+        key = next(
+            k for k in (f"user{i}" for i in range(1000)) if static.ownerOfKey(k).node == "n1"
+        )
+        forwarded: list[SlotOwner] = []
+
+        def forward(box: amp.AmpBox, owner: SlotOwner, key: str) -> Deferred[amp.AmpBox]:
+            forwarded.append(owner)
+            answer = amp.AmpBox(value=b"42")
+            answer[b"_answer"] = box[b"_ask"]
+            return succeed(answer)
+
+        server = FractalServer(counterApplication, pool, topology, shipper, forward=forward)
+        server.clock = clock
+        client, _, pump = iosim.connectedServerAndClient(
+            lambda: server.buildProtocol(None), amp.AMP, clock=clock
+        )
+        first = callRemote(client, AddDurably, user=key, amount=1)
+        pump.flush()
+        self.assertEqual(self.successResultOf(first), {"value": 1})
+        self.successResultOf(backend.fence(storeNameForKey(key), 99))
+        fenced = callRemote(client, AddDurably, user=key, amount=1)
+        pump.flush()
+        clock.advance(0)
+        pump.flush()
+        self.assertNoResult(fenced)
+        self.assertEqual(forwarded, [])
+        slot = slotForKey(key, static.slots)
+        topology.setMap(reassign(topology.currentMap(), [slot], "n2"))
+        clock.advance(0)
+        pump.flush()
+        self.assertEqual(self.successResultOf(fenced), {"value": 42})
+        self.assertEqual([owner.node for owner in forwarded], ["n2"])
+
+        # Forwarded to this node (peer listener): answered, not held.
+        topology.setMap(reassign(topology.currentMap(), [slot], "n1"))
+        peer, _, peerPump = iosim.connectedServerAndClient(
+            lambda: server.peerFactory().buildProtocol(None), amp.AMP, clock=clock
+        )
+        results: list[Any] = []
+        callRemote(peer, AddDurably, user=key, amount=1).addBoth(results.append)
+        peerPump.flush()
+        clock.advance(0)
+        peerPump.flush()
+        [failure] = results
+        assert isinstance(failure, Failure)
+        self.assertTrue(failure.check(OwnerUnavailable))
+        self.assertIn("nothing was acknowledged", failure.getErrorMessage())
+        self.flushLoggedErrors()
