@@ -28,7 +28,10 @@ All servers run at once and the rows take turns, a short phase each per
 round, so that other work on the machine weighs on every row alike.  Every
 phase is bounded in calls and in seconds; the whole run takes well under
 three minutes.  Run: C{python3 benchmarks/node.py} (C{--quick} for a shorter
-run).
+run).  C{--cold-only} runs the cold-open phase alone, with and without the
+durable shipper, and C{--cold-only --against TREE} also runs it with the code
+of another source tree (say, C{git archive} of an older commit unpacked
+somewhere), taking turns, for a before/after in one run.
 """
 
 from __future__ import annotations
@@ -182,12 +185,19 @@ class Child:
     A server child process, its port and its log.
     """
 
-    def __init__(self, argv: list[str], port: int, log: str, cwd: str = ROOT) -> None:
+    def __init__(
+        self, argv: list[str], port: int, log: str, cwd: str = ROOT, env: dict[str, str] | None = None
+    ) -> None:
         self.port = port
         self.log = log
         with open(log, "ab") as out:
             self.process = subprocess.Popen(
-                argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                argv,
+                cwd=cwd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
 
     async def ready(self, reactor: Any, seconds: float = 20.0) -> None:
@@ -239,11 +249,12 @@ def twistdCommand() -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
-def fractalNode(data: str, log: str, *extra: str) -> Child:
+def fractalNode(data: str, log: str, *extra: str, tree: str | None = None) -> Child:
     """
     Start a reference mailbox node on a free loopback port, with its data
     under C{data}, its output in C{log} and C{extra} arguments after the
-    rest.
+    rest; with the code of the source tree C{tree} (another checkout, for a
+    before/after comparison) instead of this one's if given.
     """
     port = freePort()
     argv = twistdCommand() + [
@@ -258,7 +269,10 @@ def fractalNode(data: str, log: str, *extra: str) -> Child:
         f"tcp:{port}:interface=127.0.0.1",
         *extra,
     ]
-    return Child(argv, port, log)
+    if tree is None:
+        return Child(argv, port, log)
+    tree = os.path.abspath(tree)
+    return Child(argv, port, log, cwd=tree, env=dict(os.environ, PYTHONPATH=tree))
 
 
 # ---------------------------------------------------------------------------
@@ -412,16 +426,17 @@ class Target:
 
 
 async def coldOpen(
-    reactor: Any, data: str, log: str, users: int
+    reactor: Any, data: str, log: str, users: int, *extra: str, tree: str | None = None
 ) -> tuple[Result, Result, Result]:
     """
     Create C{users} stores (timing the first hundred, one at a time), restart
     the node so none is open, call each user once (cold), then once more
-    (warm).
+    (warm).  C{extra} arguments go to the node's command line; C{tree} is
+    the source tree it runs from (see L{fractalNode}).
     """
     from examples.mailbox import Deliver, Stats
 
-    node = fractalNode(data, log)
+    node = fractalNode(data, log, *extra, tree=tree)
     try:
         await node.ready(reactor)
         connection = await connectAMP(reactor, node.port)
@@ -441,7 +456,7 @@ async def coldOpen(
         await drive(reactor, createRest, 20, 60, users - first)
     finally:
         node.stop()
-    node = fractalNode(data, log)
+    node = fractalNode(data, log, *extra, tree=tree)
     try:
         await node.ready(reactor)
         connection = await connectAMP(reactor, node.port)
@@ -584,6 +599,59 @@ def printVerdicts(checks: list[tuple[str, float | None, float, bool]], width: in
         shown = "n/a" if value is None else f"{value:.2f}"
         bound = ("≥ " if atLeast else "≤ ") + f"{target:g}"
         print(f"{label:{width}} {shown:>9} {bound:>8}  {verdict(value, target, atLeast)}")
+
+
+async def runColdOnly(reactor: Any, options: argparse.Namespace) -> None:
+    """
+    Only the cold-open phase, C{rounds} times, alternating a node with the
+    default durable shipper and one with C{--durable none}, so the share of
+    the shipper's work in a cold open shows; with C{--against TREE}, the same
+    two from that source tree too (a checkout of the code before a change),
+    all taking turns.
+    """
+    rounds = 2 if options.quick else 4
+    users = 100 if options.quick else COLD_USERS
+    workdir = tempfile.mkdtemp(prefix="fractal-bench-")
+    kinds: dict[str, tuple[str, ...]] = {
+        "default (durable: local directory)": (),
+        "--durable none": ("--durable", "none"),
+    }
+    variants: dict[str, tuple[tuple[str, ...], str | None]] = {
+        name: (extra, None) for name, extra in kinds.items()
+    }
+    if options.against:
+        for name, extra in kinds.items():
+            variants[f"{name}, --against"] = (extra, options.against)
+    results: dict[str, list[Result]] = {name: [] for name in variants}
+    loadBefore = os.getloadavg()[0]
+    began = time.monotonic()
+    try:
+        for round in range(rounds):
+            for n, (name, (extra, tree)) in enumerate(variants.items()):
+                where = os.path.join(workdir, f"cold-{round}-{n}")
+                _, cold, _ = await coldOpen(
+                    reactor, where + "-data", where + ".log", users, *extra, tree=tree
+                )
+                results[name].append(cold)
+    finally:
+        if not options.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print(
+        f"txfractal cold open: {rounds} rounds of {users} users each, variants taking "
+        f"turns; load average {loadBefore:.1f} before, {os.getloadavg()[0]:.1f} after"
+    )
+    if options.against:
+        print(f"--against: {os.path.abspath(options.against)}")
+    print(f"{'node':50} {'p50 ms':>8} {'p99 ms':>8} {'calls':>7}")
+    merged = {name: Result.merge(found) for name, found in results.items()}
+    for name, result in merged.items():
+        print(f"{name:50} {result.p50:>8.2f} {result.p99:>8.2f} {result.calls:>7}")
+    printVerdicts(
+        [("cold open p99, ms", merged["default (durable: local directory)"].p99, 5.0, False)],
+        32,
+    )
+    print(f"\n(whole run: {time.monotonic() - began:.0f} s)")
 
 
 async def run(reactor: Any, options: argparse.Namespace) -> None:
@@ -731,13 +799,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="shorter phases")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--cold-only",
+        action="store_true",
+        help="only the cold-open phase, with and without the durable shipper",
+    )
+    parser.add_argument(
+        "--against",
+        metavar="TREE",
+        help="with --cold-only: also run nodes from this source tree, for a before/after",
+    )
     parser.add_argument("--serve", nargs=3, metavar=("KIND", "PORT", "ARG"), help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.serve:
         kind, port, argument = options.serve
         serve(kind, int(port), argument)
         return
-    task.react(lambda reactor: defer.ensureDeferred(run(reactor, options)))
+    runner = runColdOnly if options.cold_only else run
+    task.react(lambda reactor: defer.ensureDeferred(runner(reactor, options)))
 
 
 if __name__ == "__main__":
