@@ -330,6 +330,23 @@ class ShipperTests(SynchronousTestCase):
         self.assertTrue(records[0].isSnapshot)
         self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
 
+    def test_compactionByWeight(self) -> None:
+        """
+        Once the deltas since the snapshot outweigh both the snapshot and
+        C{compactBytes}, the next record is a snapshot; below
+        C{compactBytes}, deltas go on.
+        """
+        for compactBytes, expectSnapshot in [(0, True), (1 << 30, False)]:
+            h = _Harness(self, compactBytes=compactBytes)
+            store = h.open("alice")
+            for i in range(20):
+                write(store, i, f"note {i} " * 50)
+                h.clock.advance(0)
+                self.successResultOf(h.shipper.flush())
+            snapshots = [r.seq for r in h.records("alice") if r.isSnapshot]
+            self.assertEqual(snapshots[-1] > 1, expectSnapshot, (compactBytes, snapshots))
+            self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
+
     def test_closingShipsAndForgets(self) -> None:
         """
         C{storeClosing} ships what is unshipped before it fires, and the

@@ -261,6 +261,7 @@ class Shipper(Service):
         epochForKey: Callable[[str], int] | None = None,
         storesDirectory: FilePath[str] | None = None,
         maxChain: int = 1024,
+        compactBytes: int = 256 * 1024,
         concurrency: int = 64,
         buildConcurrency: int = 2,
         lagWarning: float = 10.0,
@@ -279,6 +280,11 @@ class Shipper(Service):
             (C{DATA/stores}); when given, starting the service looks there
             for stores changed since they were last shipped (after a crash)
             and ships them.
+        @param compactBytes: the deltas since a snapshot may weigh this
+            many bytes, or as much as the snapshot if that is more, before
+            the next record is a new snapshot: fewer snapshots of small
+            stores (each costs compressing the whole store) against a longer
+            chain to store and to restore.
         @param maxChain: the most deltas after a snapshot before the next
             record is a new snapshot.
         @param concurrency: how many stores are shipped at the same time
@@ -308,6 +314,7 @@ class Shipper(Service):
         self._epochForKey = epochForKey if epochForKey is not None else (lambda key: 1)
         self._storesDirectory = storesDirectory
         self._maxChain = maxChain
+        self._compactBytes = compactBytes
         self._concurrency = max(1, concurrency)
         self._inFlight = 0
         self._cycles = 0
@@ -885,7 +892,9 @@ class Shipper(Service):
         # Carried to be kept for the next diff only if small enough.
         kept = image if len(image) <= self._maxImageBytes // 64 else b""
         built = self._encode(state, epoch, pageSize, pages, digests, base is None, takenAt, kept)
-        if base is not None and state.chainBytes + built.info.size > max(state.snapshotBytes, 65536):
+        if base is not None and state.chainBytes + built.info.size > max(
+            state.snapshotBytes, self._compactBytes
+        ):
             # The deltas since the snapshot now outweigh it: compact.
             pages, digests = diffImage(image, pageSize, None)
             built = self._encode(state, epoch, pageSize, pages, digests, True, takenAt, kept)
