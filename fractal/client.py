@@ -32,12 +32,14 @@ AMP's encoding goes through AMP's own C{callRemote} instead.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IHandshakeListener,
     INegotiated,
     IReactorTime,
@@ -313,6 +315,75 @@ class _Codec:
 _codecs: dict[type[amp.Command], _Codec] = {}
 
 
+class _Deadlines:
+    """
+    The timeouts of a client's calls, with one timer for all of them rather
+    than one per call (as C{Deferred.addTimeout} would set): the timer is
+    set for the earliest deadline and, when it fires, cancels every call
+    that is due and is set again for the next.  A call that ends removes
+    itself; when none is left, neither is the timer.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._calls: dict[Deferred[Any], tuple[float, float, Callable[[Any, float], object]]] = {}
+        self._expired: set[Deferred[Any]] = set()
+        self._timer: IDelayedCall | None = None
+        self._timerAt = math.inf
+
+    def add(
+        self,
+        call: Deferred[Any],
+        seconds: float,
+        timedOut: Callable[[Any, float], object],
+    ) -> None:
+        """
+        Cancel C{call} if it has no result within C{seconds}, and then make
+        its result what C{timedOut(failure, seconds)} returns or raises.
+        """
+        if call.called and not isinstance(call.result, Deferred):
+            return
+        deadline = self._clock.seconds() + seconds
+        self._calls[call] = (deadline, seconds, timedOut)
+        call.addBoth(self._ended, call)
+        if deadline < self._timerAt:
+            self._setTimer(deadline)
+
+    def _setTimer(self, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timerAt = deadline
+        self._timer = self._clock.callLater(
+            max(0.0, deadline - self._clock.seconds()), self._expire
+        )
+
+    def _ended(self, result: object, call: Deferred[Any]) -> object:
+        entry = self._calls.pop(call, None)
+        if not self._calls and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timerAt = math.inf
+        if call in self._expired:
+            self._expired.discard(call)
+            if entry is not None and isinstance(result, Failure) and result.check(CancelledError):
+                return entry[2](result, entry[1])
+        return result
+
+    def _expire(self) -> None:
+        """
+        Cancel every call that is due, and set the timer for the next one.
+        """
+        due = max(self._timerAt, self._clock.seconds())
+        self._timer = None
+        self._timerAt = math.inf
+        expired = [call for call, (deadline, _, _) in self._calls.items() if deadline <= due]
+        for call in expired:
+            self._expired.add(call)
+            call.cancel()
+        if self._calls:
+            self._setTimer(min(deadline for deadline, _, _ in self._calls.values()))
+
+
 def _codecFor(command: type[amp.Command]) -> _Codec:
     """
     The L{_Codec} of C{command}, made on its first use.
@@ -353,6 +424,7 @@ class FractalClient:
         if not timeout > 0:
             raise ValueError(f"timeout must be positive, not {timeout!r}")
         self._clock = clock
+        self._deadlines = _Deadlines(clock)
         self.timeout = timeout
         self._stopped = False
         self._connection: _ClientAMP | None = None
@@ -479,8 +551,7 @@ class FractalClient:
             call = codec.send(connection, arguments)
         else:
             call = self._connectionFor(user).addCallback(codec.send, arguments)
-        limit = self.timeout if timeout is None else timeout
-        call.addTimeout(limit, self._clock, onTimeoutCancel=codec.timedOut)
+        self._deadlines.add(call, self.timeout if timeout is None else timeout, codec.timedOut)
         return call
 
     def whenConnected(self, timeout: float | None = None) -> Deferred[None]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
@@ -144,9 +144,9 @@ class _Server(amp.AMP):
         return {}
 
 
-class ClientTests(SynchronousTestCase):
+class _ClientTestCase(SynchronousTestCase):
     """
-    Tests for L{FractalClient} and L{connect}.
+    A client connecting to a node stand-in over an in-memory network.
     """
 
     def setUp(self) -> None:
@@ -181,6 +181,12 @@ class ClientTests(SynchronousTestCase):
         """
         self.client.disconnect()
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class ClientTests(_ClientTestCase):
+    """
+    Tests for L{FractalClient} and L{connect}.
+    """
 
     def test_call(self) -> None:
         """
@@ -380,7 +386,7 @@ class ClientTests(SynchronousTestCase):
         self.stop()
 
 
-class CallArgumentTests(ClientTests):
+class CallArgumentTests(_ClientTestCase):
     """
     How L{FractalClient.callRemote} and L{FractalClient.callRemoteWithTimeout}
     read their arguments, and how calls are encoded and answers decoded.
@@ -410,6 +416,48 @@ class CallArgumentTests(ClientTests):
         self.assertEqual(self.received, [("bo", "hold")])
         self.reactor.advance(1)
         self.failureResultOf(d, CallTimeout)
+        self.stop()
+
+    def test_timeoutsOfManyCalls(self) -> None:
+        """
+        Calls with different timeouts each fail at their own deadline, a
+        shorter one made after a longer one included; one timer serves them
+        all, and none is left once they have ended.
+        """
+        pump = self.accept()
+        slow = [self.client.callRemote(Echo, user="ula", text="hold") for _ in range(3)]
+        self.reactor.advance(1)
+        quick = self.client.callRemoteWithTimeout(1.5, Echo, user="ula", text="hold")
+        answered = self.client.callRemoteWithTimeout(1, Echo, user="ula", text="now")
+        pump.flush()
+        self.assertEqual(self.successResultOf(answered)["text"], "now")
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        self.reactor.advance(1.4)
+        self.assertNoResult(quick)
+        self.reactor.advance(0.1)
+        self.assertIn("1.5 seconds", str(self.failureResultOf(quick, CallTimeout).value))
+        for d in slow:
+            self.assertNoResult(d)
+        self.reactor.advance(2.4)
+        for d in slow:
+            self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        for d in slow:
+            self.assertIn("5 seconds", str(self.failureResultOf(d, CallTimeout).value))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.stop()
+
+    def test_cancelledByCaller(self) -> None:
+        """
+        A call its caller cancels fails with L{CancelledError}, not
+        L{CallTimeout}, and leaves no timer.
+        """
+        pump = self.accept()
+        d = self.client.callRemote(Echo, user="vic", text="hold")
+        pump.flush()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.stop()
 
     def test_callRemoteWithTimeout(self) -> None:
