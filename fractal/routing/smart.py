@@ -271,14 +271,25 @@ class ClusterClient(FractalClient):
         L{FractalClient.callRemote}.  A L{NotOwner} answer refreshes the map
         and sends the call once more; a second one fails the call.
         """
+        call = FractalClient._call(self, command, user, timeout, arguments)
+        return call.addErrback(self._notOwner, command, user, timeout, arguments)
 
-        def notOwner(reason: Failure) -> Deferred[dict[str, Any]]:
-            reason.trap(NotOwner)
-            return self.refreshMap().addCallback(
-                lambda _: FractalClient._call(self, command, user, timeout, arguments)
-            )
-
-        return FractalClient._call(self, command, user, timeout, arguments).addErrback(notOwner)
+    def _notOwner(
+        self,
+        reason: Failure,
+        command: type[amp.Command],
+        user: str | None,
+        timeout: float | None,
+        arguments: dict[str, Any],
+    ) -> Deferred[dict[str, Any]]:
+        """
+        A call was answered L{NotOwner}: fetch the map again and send the
+        call once more.
+        """
+        reason.trap(NotOwner)
+        return self.refreshMap().addCallback(
+            lambda _: FractalClient._call(self, command, user, timeout, arguments)
+        )
 
     def disconnect(self) -> Deferred[None]:
         """
