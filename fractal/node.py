@@ -79,9 +79,13 @@ class FractalNode(MultiService):
         4. close every store (after a drain timeout, also those still held by
            a call), each first shipped by the shipper when there is one
            (L{fractal.durable.interfaces.IShipper.storeClosing});
-        5. close the client connections;
+        5. close the client connections (but not those of peers, which
+           forward calls: they are answered L{fractal.protocol.NodeStopping},
+           so the peers route them again, while the node hands its slots
+           off);
         6. stop the other child services (added by others: shipper, console,
-           peers), in reverse order of addition;
+           peers, topology), in reverse order of addition;
+        7. close the peers' connections;
 
     and then fires.
 
@@ -239,8 +243,9 @@ class FractalNode(MultiService):
         self.server.stopAccepting()
         d.addCallback(lambda _: self._drain())
         d.addCallback(lambda drained: self.pool.close(force=not drained))
-        d.addCallback(lambda _: self.server.disconnectAll())
+        d.addCallback(lambda _: self.server.disconnectAll(peers=False))
         d.addCallback(lambda _: self._stopOthers())
+        d.addCallback(lambda _: self.server.disconnectAll())
         d.addCallback(lambda _: self.log.info("Node {node} stopped", node=self.nodeId))
         return d
 

@@ -348,12 +348,18 @@ class FractalServer:
         self._drainWaiters.append(d)
         return d
 
-    def disconnectAll(self) -> None:
+    def disconnectAll(self, peers: bool = True) -> None:
         """
         Close every client connection.
+
+        @param peers: close the connections of the peer listener too.  A
+            stopping node keeps them open while it hands its slots off, so
+            the calls its peers forward meanwhile are answered
+            L{NodeStopping} (and routed again by them) rather than lost with
+            a closed connection.
         """
         for connection in list(self._connections):
-            if connection.transport is not None:
+            if connection.transport is not None and (peers or connection.forwarding):
                 connection.transport.loseConnection()
 
     def fenceSlot(self, key: str, error: StaleEpoch) -> FencedSlot | None:

@@ -15,6 +15,7 @@ from typing import Any
 from attrs import evolve
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -367,3 +368,31 @@ class FencedMidCallTests(SynchronousTestCase):
         self.assertTrue(failure.check(OwnerUnavailable))
         self.assertIn("nothing was acknowledged", failure.getErrorMessage())
         self.flushLoggedErrors()
+
+
+class StoppingNodeConnectionsTests(SynchronousTestCase):
+    """
+    A stopping node closes its clients' connections before its peers'.
+    """
+
+    def test_peersClosedLast(self) -> None:
+        """
+        L{FractalServer.disconnectAll} with C{peers=False} closes the client
+        listener's connections and keeps the peer listener's, so calls that
+        peers forward while the node hands its slots off are answered
+        L{fractal.protocol.NodeStopping} (and routed again) instead of being
+        lost with the connection; without it, it closes them all.
+        """
+        clock = Clock()
+        pool = StorePool(clock, FilePath(self.mktemp()), prepare=notesApplication.installOn)
+        server = FractalServer(notesApplication, pool, ManualTopology("n1", _twoNodes().currentMap()))
+        client = server.factory().buildProtocol(None)
+        peer = server.peerFactory().buildProtocol(None)
+        transports = [StringTransport(), StringTransport()]
+        client.makeConnection(transports[0])
+        peer.makeConnection(transports[1])
+        server.stopAccepting()
+        server.disconnectAll(peers=False)
+        self.assertEqual([t.disconnecting for t in transports], [True, False])
+        server.disconnectAll()
+        self.assertEqual([t.disconnecting for t in transports], [True, True])
