@@ -28,6 +28,7 @@ __all__ = [
     "DurableError",
     "StaleEpoch",
     "SequenceConflict",
+    "AnotherWriter",
     "NoSuchRecord",
     "CorruptRecord",
     "BrokenChain",
@@ -121,6 +122,32 @@ class RecordInfo:
         Whether the record is a full image rather than a delta.
         """
         return self.baseSeq == 0
+
+
+class AnotherWriter(StaleEpoch):
+    """
+    An append was refused because another writer appended to the store's
+    chain at the writer's own epoch: two nodes believe they own the store's
+    slot at the same epoch (nodes of a static cluster whose configurations
+    differ, say).  Nothing in the backend can fence either of them, so the
+    writer that learns of it refuses as if fenced: it stops shipping the
+    store and stops serving its slot, and an operator must make the nodes
+    agree.
+
+    @ivar head: the newest stored record, the other writer's.
+    """
+
+    def __init__(self, store: str, epoch: int, head: RecordInfo) -> None:
+        DurableError.__init__(
+            self,
+            f"store {store}: record {head.seq} was appended by another writer at "
+            f"epoch {head.epoch}, this node's epoch; two nodes are writing the same "
+            "store (do all nodes have the same cluster configuration?)",
+        )
+        self.store = store
+        self.epoch = epoch
+        self.current = head.epoch
+        self.head = head
 
 
 @frozen

@@ -50,6 +50,7 @@ from zope.interface import implementer
 from fractal.durable._images import ImageReader
 from fractal.durable._threads import RunInThread, reactorThreads
 from fractal.durable.interfaces import (
+    AnotherWriter,
     IDurableBackend,
     IShipper,
     RecordInfo,
@@ -80,6 +81,7 @@ _DIGEST_SIZE = 16
 _MAX_BACKOFF = 30.0
 _GROUP_MAX = 32
 _MAX_CYCLES = 2
+_SENT_KEPT = 8
 
 
 def readImage(database: FilePath[str]) -> bytes | None:
@@ -155,6 +157,9 @@ class _StoreState:
         self.image: bytes | None = None
         self.imageSeq = -1
         self.probing: list[Deferred[None]] | None = None
+        # The digests of the records sent since the last one known stored:
+        # one of them may be stored though its answer was lost.
+        self.sent: list[bytes] = []
 
     @property
     def dirty(self) -> bool:
@@ -747,6 +752,8 @@ class Shipper(Service):
                     toStore.append((state, generation, result))
             if not toStore:
                 return
+            for state, _, built in toStore:
+                state.sent = (state.sent + [built.info.digest])[-_SENT_KEPT:]
             try:
                 outcomes = await self.backend.appendMany(
                     [(built.info, built.data) for _, _, built in toStore]
@@ -757,14 +764,20 @@ class Shipper(Service):
                     self._failed(state, failure)
                 return
             saving = []
+            conflicts = []
             now = self._clock.seconds()
             for (state, generation, built), outcome in zip(toStore, outcomes):
+                if isinstance(outcome, SequenceConflict):
+                    conflicts.append((state, built.info, outcome))
+                    continue
                 if outcome is not None:
                     self._failed(state, Failure(outcome))  # type: ignore[no-untyped-call]
                     continue
                 self._stored(state, generation, built)
                 if not state.opens or now - state.savedAt >= self._saveInterval:
                     saving.append(state)
+            for state, info, conflict in conflicts:
+                await self._conflicted(state, info, conflict)
             if saving:
                 await self._saveStates(saving)
 
@@ -796,11 +809,52 @@ class Shipper(Service):
         ).addBoth(finish)
         return done
 
+    async def _conflicted(
+        self, state: _StoreState, info: RecordInfo, conflict: SequenceConflict
+    ) -> None:
+        """
+        The backend refused C{info}, the next record of C{state}'s chain as
+        this shipper knows it, because its sequence number does not follow
+        the newest stored record: tell whose that record is.
+
+            - This shipper's own (a record sent earlier whose answer was
+              lost), or one older than this shipper's chain (a backend that
+              lost its newest records), or a late record of an older epoch
+              (the slot's previous owner shipping its last changes): start
+              again from the newest record, with a snapshot.
+            - Another writer's at a newer epoch: fenced (L{StaleEpoch}).
+            - Another writer's at this shipper's epoch: two nodes believe they
+              own the store's slot at the same epoch.  Shipping a snapshot
+              over it would throw the other's commits away (and the other
+              would do the same), so this shipper refuses as if fenced
+              (L{AnotherWriter}): it stops shipping the store, and its node
+              stops serving the slot.
+        """
+        try:
+            head = await self.backend.head(state.name)
+        except Exception:
+            self._failed(state, Failure(conflict))  # type: ignore[no-untyped-call]
+            return
+        if (
+            head is None
+            or head.digest in state.sent
+            or head.seq < info.seq
+            or head.epoch < info.epoch
+        ):
+            self._failed(state, Failure(conflict))  # type: ignore[no-untyped-call]
+        elif head.epoch > info.epoch:
+            self._failed(
+                state, Failure(StaleEpoch(state.name, info.epoch, head.epoch))  # type: ignore[no-untyped-call]
+            )
+        else:
+            self._failed(state, Failure(AnotherWriter(state.name, info.epoch, head)))  # type: ignore[no-untyped-call]
+
     def _stored(self, state: _StoreState, generation: int, built: _Built) -> None:
         """
         C{built}, a record of C{state} built from its store at C{generation},
         is stored: it is the new head of the store's chain.
         """
+        state.sent = []
         info = built.info
         if info.isSnapshot:
             chain = (0, 0, info.size)
@@ -1097,13 +1151,26 @@ class Shipper(Service):
             waiters, state.waiters = state.waiters, []
             for _, d in waiters:
                 d.errback(error)
-            self.log.error(
-                "Store {store} (key {key!r}) is fenced: {error}; this node must stop "
-                "serving its slot",
-                store=state.name,
-                key=state.key,
-                error=str(error),
-            )
+            if isinstance(error, AnotherWriter):
+                self.log.error(
+                    "Two nodes write store {store} (key {key!r}) at epoch {epoch}: "
+                    "record {seq} is another writer's.  This node stops shipping the "
+                    "store and serving its slot; make every node's cluster "
+                    "configuration the same, so that one node owns the slot",
+                    store=state.name,
+                    key=state.key,
+                    epoch=error.epoch,
+                    seq=error.head.seq,
+                    error=str(error),
+                )
+            else:
+                self.log.error(
+                    "Store {store} (key {key!r}) is fenced: {error}; this node must stop "
+                    "serving its slot",
+                    store=state.name,
+                    key=state.key,
+                    error=str(error),
+                )
             for observer in self._fencedObservers:
                 try:
                     observer(state.key, error)
@@ -1111,8 +1178,10 @@ class Shipper(Service):
                     self.log.failure("Fenced observer failed")
             return
         if isinstance(error, SequenceConflict):
-            # Someone else's idea of the chain, or a stale state file: start
-            # again from the backend's newest record, with a snapshot.
+            # This shipper's own record whose answer was lost, an older
+            # owner's late one, or a backend that lost records (see
+            # _conflicted): start again from the backend's newest record,
+            # with a snapshot.
             state.loaded = False
         if isinstance(error, FileNotFoundError) and not state.opens:
             # A closed store whose files are gone: there is nothing left to
