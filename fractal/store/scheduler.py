@@ -347,6 +347,10 @@ class _SiteScheduler(_SchedulerMixin, Service):
         (and so, often, no event table) costs no query and no tick.
         """
         super().startService()  # type: ignore[no-untyped-call]
+        if not self.store._hasTable(TimedEvent):
+            # No event was ever scheduled here (a query would say the same,
+            # for the cost of building it).
+            return
         now = self.now()
         for event in self.store.query(TimedEvent, sort=TimedEvent.time.ascending, limit=1):
             self._transientSchedule(event.time, now)
