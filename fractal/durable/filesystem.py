@@ -73,7 +73,7 @@ import threading
 import zlib
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -779,6 +779,8 @@ class FilesystemBackend:
         The writes arriving while a batch is being written wait and then go
         together as the next batch, one C{fdatasync} for all (group commit).
         """
+        if not records:
+            return succeed([])
         return self._enqueue(("records", list(records)))
 
     def fence(self, store: str, epoch: int) -> Deferred[None]:

@@ -8,7 +8,8 @@ caller waits for durability (L{Shipper.whenDurable}), a ship cycle takes a
 consistent image of every dirty store off the reactor thread (a separate
 read-only connection and C{sqlite3.Connection.serialize} inside one read
 transaction), compares its pages' digests with those of the image last
-shipped, and appends one record with the changed pages.  When the deltas since
+shipped, and builds one record per store with the changed pages; the
+cycle's records are stored as one batch (L{IDurableBackend.appendMany}).  When the deltas since
 the last snapshot outweigh the snapshot, or the chain grows past
 C{maxChain}, the next record is a new snapshot and the older records are
 pruned.
@@ -739,7 +740,18 @@ class Shipper(Service):
                 return
             # The generation before the image is read: commits made after
             # this may or may not be in the image, so they stay dirty.
-            jobs = [(state, state.generation, self._epochForKey(state.key)) for state in ready]
+            jobs = []
+            for state in ready:
+                try:
+                    epoch = self._epochForKey(state.key)
+                except Exception:
+                    # StaleEpoch: this node does not own the store's slot
+                    # (now), so it is fenced like a refused write; anything
+                    # else fails this store alone.
+                    raise
+                jobs.append((state, state.generation, epoch))
+            if not jobs:
+                return
             builds = await self._buildAll([(state, epoch) for state, _, epoch in jobs])
             toStore: list[tuple[_StoreState, int, _Built]] = []
             for (state, generation, _), (ok, result) in zip(jobs, builds):
