@@ -212,3 +212,46 @@ class AnotherWriterTests(SynchronousTestCase):
         failure = self.failureResultOf(n1.commit(3, "n1 late"), StaleEpoch)
         self.assertNotIsInstance(failure.value, AnotherWriter)
         self.assertEqual(failure.value.current, 2)
+
+
+class EpochRefusedTests(SynchronousTestCase):
+    """
+    An C{epochForKey} that refuses a key (the node does not own its slot)
+    fences that store alone.
+    """
+
+    def test_refusedKeyFencedAlone(self) -> None:
+        """
+        When C{epochForKey} raises L{StaleEpoch} for alice, alice's store is
+        fenced (its waiters fail, the observers are told) and bob's, in the
+        same cycle, is shipped.
+        """
+        backend = MemoryDurableBackend()
+        owned = {"alice": True, "bob": True}
+
+        def epochForKey(key: str) -> int:
+            if not owned[key]:
+                raise StaleEpoch(storeNameForKey(key), 0, 2)
+            return 1
+
+        clock = Clock()
+        shipper = Shipper(backend, clock, runInThread=runSynchronously, epochForKey=epochForKey)
+        fenced: list[str] = []
+        shipper.addFencedObserver(lambda key, error: fenced.append(key))
+        stores = {}
+        for key in ("alice", "bob"):
+            name = storeNameForKey(key)
+            stores[key] = openStore(FilePath(self.mktemp()).child(name[:2]).child(name))
+            self.addCleanup(stores[key].close)
+            shipper.storeOpened(key, stores[key])
+        owned["alice"] = False
+        write(stores["alice"], 1, "not mine")
+        write(stores["bob"], 1, "mine")
+        waits = [shipper.whenDurable("alice"), shipper.whenDurable("bob")]
+        clock.advance(0)
+        self.failureResultOf(waits[0], StaleEpoch)
+        self.successResultOf(waits[1])
+        self.assertEqual(fenced, ["alice"])
+        self.assertEqual(
+            [info.store for info in backend.appended], [storeNameForKey("bob")]
+        )

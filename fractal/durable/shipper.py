@@ -748,7 +748,8 @@ class Shipper(Service):
                     # StaleEpoch: this node does not own the store's slot
                     # (now), so it is fenced like a refused write; anything
                     # else fails this store alone.
-                    raise
+                    self._failed(state, Failure())  # type: ignore[no-untyped-call]
+                    continue
                 jobs.append((state, state.generation, epoch))
             if not jobs:
                 return
