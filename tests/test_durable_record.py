@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import sqlite3
 import struct
+import sys
+import zlib
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from fractal.durable import record
 from fractal.durable.interfaces import CorruptRecord
 from fractal.durable.record import (
     Delta,
@@ -165,6 +168,35 @@ class RecordFormatTests(SynchronousTestCase):
         applyDelta(image, built, decoded)
         self.assertEqual(bytes(image), second)
         self.assertEqual(built, pageDigests(second, pageSizeOf(first)))
+
+    def test_eitherCompressor(self) -> None:
+        """
+        A record compressed by the standard library's zlib, or by the
+        fastest compressor at hand (ISA-L's, when installed), decodes to the
+        same delta: the body is zlib either way.
+        """
+        image = makeImage(200)
+        fast, _ = recordFor(image, None, 1, 0)
+        self.patch(record, "_compress", zlib.compress)
+        plain, _ = recordFor(image, None, 1, 0)
+        self.assertEqual(decodeRecord(fast), decodeRecord(plain))
+        loaded, _, _ = record._loadCompressor()
+        self.assertEqual(zlib.decompress(loaded(b"page" * 1024, 0)), b"page" * 1024)
+
+    def test_compressorFallback(self) -> None:
+        """
+        Without ISA-L, records are compressed by the standard library's zlib
+        at level 1.
+        """
+        saved = sys.modules.get("isal")
+        sys.modules["isal"] = None  # type: ignore[assignment]
+        try:
+            self.assertEqual(record._loadCompressor(), (zlib.compress, 1, 1))
+        finally:
+            if saved is None:
+                del sys.modules["isal"]
+            else:
+                sys.modules["isal"] = saved
 
     def test_shrink(self) -> None:
         """

@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from attrs import field, frozen
 
@@ -64,7 +64,27 @@ _HEADER = struct.Struct(">4sBBHQQQIII32s32sdI")
 _CHECKSUM_LENGTH = 32
 _KIND_DELTA = 0
 _KIND_SNAPSHOT = 1
-_COMPRESSION_LEVEL = 1
+def _loadCompressor() -> tuple[Callable[[bytes, int], bytes], int, int]:
+    """
+    The fastest zlib-format compressor at hand, and its levels for deltas
+    and for snapshots.
+
+    ISA-L's (the C{isal} package) writes the same zlib format several times
+    faster than the standard library's at its lowest levels (a few
+    microseconds for a four-page delta, against about fifty), for records a
+    third larger; any zlib reads them, so records and restores do not
+    depend on which one wrote them.  Without it, the standard library's
+    level 1.
+    """
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return zlib.compress, 1, 1
+    compress: Callable[[bytes, int], bytes] = isal_zlib.compress
+    return compress, 0, 1
+
+
+_compress, _DELTA_LEVEL, _SNAPSHOT_LEVEL = _loadCompressor()
 _MAX_PAGE_COUNT = 2**31
 
 
@@ -227,9 +247,9 @@ def encodeRecord(delta: Delta) -> bytes:
     for _, page in delta.pages:
         if len(page) != delta.pageSize:
             raise ValueError("every page must be one page long")
-    body = zlib.compress(
+    body = _compress(
         struct.pack(f">{len(numbers)}I", *numbers) + b"".join(page for _, page in delta.pages),
-        _COMPRESSION_LEVEL,
+        _SNAPSHOT_LEVEL if delta.isSnapshot else _DELTA_LEVEL,
     )
     header = _HEADER.pack(
         _MAGIC,
