@@ -16,8 +16,8 @@ reports throughput and p50/p99 latency for:
        two thirds of the calls are forwarded one hop to their owner;
     4. three separate single nodes, each user's calls sent to the node the
        cluster's map would give it (one plain client per node): no cluster
-       code at all, only three node processes sharing the machine, the most
-       (2) could do here.
+       code at all, only three node processes sharing the machine: what
+       (2) is to be compared with to see what the cluster code itself costs.
 
 Targets: (3) p50 at most 2.0x (2) p50 (the cost of one hop); (2) throughput
 per node at least 0.9x (1).  All nodes run with C{--durable none}, so the
