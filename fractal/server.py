@@ -65,6 +65,7 @@ from twisted.python.compat import nativeString
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from fractal._framing import canReadBoxes, readBoxes
 from fractal.app import Application, Responder
 from fractal.durable.interfaces import IShipper, StaleEpoch
 from fractal.keys import InvalidUserKey, slotForKey, validateKey
@@ -572,58 +573,12 @@ class NodeProtocol(BinaryBoxProtocol):
         with all of C{data}: the loop only saves AMP's per-string state
         machine on the common path.
         """
-        if (
-            self.state != "init"
-            or self._unprocessed
-            or self.innerProtocol is not None
-            or self._justStartedTLS
-        ):
+        if not canReadBoxes(self):
             BinaryBoxProtocol.dataReceived(self, data)
             return
-        offset = self._receiveBoxes(data)
+        offset = readBoxes(self, data, self.server.limits.maxBoxBytes)
         if offset < len(data):
             BinaryBoxProtocol.dataReceived(self, data[offset:])
-
-    def _receiveBoxes(self, data: bytes) -> int:
-        """
-        Deliver each complete box at the start of C{data} that is within the
-        limits (keys of at most 255 bytes, L{ServerLimits.maxBoxBytes}).
-
-        @return: the offset of the first byte not consumed: the start of the
-            first box that is incomplete or over a limit.
-        """
-        end = len(data)
-        limit = self.server.limits.maxBoxBytes
-        maxKey = self._MAX_KEY_LENGTH
-        receiver = self.boxReceiver
-        offset = 0
-        while not self.paused:
-            box = AmpBox()
-            position = offset
-            size = 0
-            while True:
-                if position + 2 > end:
-                    return offset
-                keyLength = (data[position] << 8) | data[position + 1]
-                position += 2
-                if not keyLength:
-                    break
-                if keyLength > maxKey:
-                    return offset
-                valueAt = position + keyLength
-                if valueAt + 2 > end:
-                    return offset
-                valueEnd = valueAt + 2 + ((data[valueAt] << 8) | data[valueAt + 1])
-                if valueEnd > end:
-                    return offset
-                size += valueEnd - position + 2
-                if size > limit:
-                    return offset
-                box[data[position:valueAt]] = data[valueAt + 2 : valueEnd]
-                position = valueEnd
-            offset = position
-            receiver.ampBoxReceived(box)
-        return offset
 
     def proto_value(self, string: bytes) -> str:
         """
