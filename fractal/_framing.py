@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client -*-
+# -*- test-case-name: tests.test_client,tests.test_server -*-
 # mypy: disable-error-code="no-untyped-call"
 """
 Reading AMP boxes without AMP's per-string state machine.
@@ -8,7 +8,9 @@ through C{Int16StringReceiver} and a state machine: several method calls per
 string.  L{readBoxes} reads the complete boxes at the start of a chunk in one
 loop and leaves anything else (a partial box, a key longer than AMP allows, a
 box over a size limit) to AMP's own parser, which then does exactly what it
-would have done with the whole chunk.
+would have done with the whole chunk.  The node's front door
+(L{fractal.server.NodeProtocol}) and the client (L{fractal.client}) read
+with it.
 """
 
 from __future__ import annotations
