@@ -227,41 +227,70 @@ class _Codec:
             and command._doCommand is amp.Command._doCommand
             and _usualArguments(command.arguments, ("toBox", "retrieve"))
             and _usualArguments(command.response, ("fromBox", "retrieve"))
+            and all(len(wire) <= amp.MAX_KEY_LENGTH for wire, _ in command.arguments)
+            and 0 < len(self.name) <= amp.MAX_VALUE_LENGTH
         )
+        # The wire form of each key, and of the box's start: its command
+        # name, then the key of its tag (whose value is the call's own).
+        self._keys = [_string(wire) for wire, _, _, _ in self.arguments]
+        self._head = _string(amp.COMMAND) + _string(self.name)
+        if self.requiresAnswer:
+            self._head += _string(amp.ASK)
 
     def send(self, connection: amp.AMP, arguments: dict[str, Any]) -> Deferred[Any]:
         """
         Send a call with C{arguments} on C{connection}.
 
+        The box is written to the connection's transport as AMP's
+        C{_sendBoxCommand} and C{sendBox} would write it (a tag from the
+        connection, the call's L{Deferred} among the connection's
+        outstanding requests), but without building an L{amp.AmpBox} and
+        sorting and framing its keys on every call.  A connection in a state
+        plain AMP calls are not made in (switched protocols, starting TLS)
+        goes through AMP's own C{callRemote}.
+
         @return: fires with the answer as a C{dict} (L{None} for a command
             that requires no answer), or fails with the command's declared
-            error, L{amp.InvalidSignature} for arguments that do not fit, or
-            the connection's loss.
+            error, L{amp.InvalidSignature} for arguments that do not fit,
+            L{amp.TooLong} for a value over 65,535 bytes, or the connection's
+            loss.
         """
-        if not self.usual:
+        if (
+            not self.usual
+            or connection._locked
+            or connection._startingTLSBuffer is not None
+            or connection.transport is None
+        ):
             answer: Deferred[Any] | None = connection.callRemote(self.command, **arguments)
             return succeed(None) if answer is None else answer
+        if connection._failAllReason is not None:
+            return fail(connection._failAllReason)
         try:
-            box = self.encode(arguments, connection)
+            parts = self.encode(arguments, connection)
         except Exception:
             return fail()
-        sent: Deferred[Any] | None = connection._sendBoxCommand(
-            self.name, box, self.requiresAnswer
-        )
-        if sent is None:
+        if not self.requiresAnswer:
+            parts[0] = self._head
+            connection.transport.write(b"".join(parts))
             return succeed(None)
-        return sent.addCallbacks(self.decode, self.translateError, (connection,))
+        tag = connection._nextTag()
+        parts[0] = self._head + _string(tag)
+        connection.transport.write(b"".join(parts))
+        answer = connection._outstandingRequests[tag] = Deferred()
+        return answer.addCallbacks(self.decode, self.translateError, (connection,))
 
-    def encode(self, arguments: dict[str, Any], connection: amp.AMP) -> amp.AmpBox:
+    def encode(self, arguments: dict[str, Any], connection: amp.AMP) -> list[bytes]:
         """
-        The box of a call with C{arguments}.
+        The wire form of a call with C{arguments}: its argument pairs and the
+        box's end, after an empty first item for the box's start.
 
         @raise amp.InvalidSignature: for an argument the command does not
             have, or a required one missing.
+        @raise amp.TooLong: for a value over 65,535 bytes.
         """
-        box = amp.AmpBox()
+        parts = [b""]
         used = 0
-        for wire, name, optional, toString in self.arguments:
+        for key, (wire, name, optional, toString) in zip(self._keys, self.arguments):
             value = arguments.get(name)
             if value is None:
                 if name not in arguments:
@@ -275,11 +304,17 @@ class _Codec:
                     continue
             else:
                 used += 1
-            box[wire] = toString(value, connection)
+            data = toString(value, connection)
+            if isinstance(data, str):
+                raise TypeError(f"argument {name} encodes as str, not bytes")
+            if len(data) > amp.MAX_VALUE_LENGTH:
+                raise amp.TooLong(False, True, data, wire)
+            parts += (key, len(data).to_bytes(2, "big"), data)
         if used != len(arguments):
             unknown = sorted(set(arguments) - self.argumentNames)
             raise amp.InvalidSignature(f"{unknown[0]} is not a valid argument")
-        return box
+        parts.append(b"\x00\x00")
+        return parts
 
     def decode(self, box: amp.AmpBox, connection: amp.AMP) -> dict[str, Any]:
         """
@@ -313,6 +348,14 @@ class _Codec:
 
 
 _codecs: dict[type[amp.Command], _Codec] = {}
+
+
+def _string(data: bytes) -> bytes:
+    """
+    C{data} as AMP frames a key or a value: its length in two bytes, then
+    itself.
+    """
+    return len(data).to_bytes(2, "big") + data
 
 
 class _Deadlines:

@@ -508,6 +508,20 @@ class CallArgumentTests(_ClientTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.stop()
 
+    def test_valueTooLong(self) -> None:
+        """
+        A value over AMP's 65,535 bytes fails the call with L{amp.TooLong}
+        and sends nothing; one of exactly 65,535 bytes goes through.
+        """
+        pump = self.accept()
+        long = self.client.callRemote(Echo, user="mo", text="x" * 65536)
+        self.failureResultOf(long, amp.TooLong)
+        largest = self.client.callRemote(Echo, user="mo", text="y" * 65535)
+        pump.flush()
+        self.assertEqual(len(self.successResultOf(largest)["text"]), 65535)
+        self.assertEqual([text[:1] for _, text in self.received], ["y"])
+        self.stop()
+
     def test_optionalArguments(self) -> None:
         """
         Optional arguments may be left out or given as L{None}; dashed wire
