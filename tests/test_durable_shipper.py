@@ -714,6 +714,52 @@ class BatchedCycleTests(SynchronousTestCase):
             d.callback(f())
         self.successResultOf(stopped)
 
+    def test_intervalShipsEachDirtyStoreOnce(self) -> None:
+        """
+        The stores dirty at an interval that do not fit in one cycle are
+        shipped when it ends; a store shipped in that interval and changed
+        again meanwhile waits for the next interval (so that with many
+        stores, shipping does not run cycle after cycle).
+        """
+        pending: list[tuple[Any, Any]] = []
+
+        def later(f: Any) -> Any:
+            d: Any = Deferred()
+            pending.append((f, d))
+            return d
+
+        def runAll() -> None:
+            while pending:
+                f, d = pending.pop(0)
+                d.callback(f())
+
+        h = _Harness(self)
+        shipper = Shipper(h.backend, h.clock, runInThread=later, concurrency=1)
+        stores = {}
+        for key in ["alice", "bob"]:
+            stores[key] = openStore(h.dbdir(key))
+            self.addCleanup(stores[key].close)
+            shipper.storeOpened(key, stores[key])
+            write(stores[key], 1, key)
+        shipper.startService()
+        h.clock.advance(1)
+        # One store's cycle; the other is owed.
+        self.assertEqual(len(pending), 1)
+        f, d = pending.pop(0)
+        d.callback(f())
+        [first] = [key for key in stores if h.records(key)]
+        [second] = [key for key in stores if key != first]
+        write(stores[first], 2, "again")
+        runAll()
+        self.assertEqual(len(h.records(first)), 1)
+        self.assertEqual(len(h.records(second)), 1)
+        h.clock.advance(1)
+        runAll()
+        self.assertEqual(len(h.records(first)), 2)
+        stopped = shipper.stopService()
+        runAll()
+        self.successResultOf(stopped)
+
     def test_commitsDuringCycleJoinNext(self) -> None:
         """
         A durable waiter for a commit made while its store's ship is under

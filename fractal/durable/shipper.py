@@ -153,6 +153,7 @@ class _StoreState:
         self.savedAt = -1e18
         self.takenAt = 0.0
         self.shipping = False
+        self.due = False
         self.afterShip: list[Callable[[], object]] = []
         self.waiters: list[tuple[int, Deferred[None]]] = []
         self.image: bytes | None = None
@@ -324,8 +325,7 @@ class Shipper(Service):
         self._concurrency = max(1, concurrency)
         self._inFlight = 0
         self._cycles = 0
-        self._owedAll = False
-        self._owedWaited = False
+        self._owed = False
         self._buildConcurrency = buildConcurrency
         self._probes = DeferredSemaphore(buildConcurrency)
         self._buildsRunning = 0
@@ -653,7 +653,7 @@ class Shipper(Service):
         return d.addCallback(lambda _: None)
 
     def _tick(self) -> None:
-        self._shipDue(everything=True)
+        self._shipDue(interval=True)
         self._reportLag()
 
     def _shipSoon(self) -> None:
@@ -662,21 +662,25 @@ class Shipper(Service):
 
     def _immediateDue(self) -> None:
         self._immediate = None
-        self._shipDue(everything=False)
+        self._shipDue()
 
-    def _shipDue(self, everything: bool) -> None:
+    def _shipDue(self, interval: bool = False) -> None:
         """
-        Start one ship cycle for the dirty stores that are due: with
-        C{everything} (the interval), every dirty store; else (somebody
-        waits for durability) the stores that have durable waiters.  Stores
-        being shipped, fenced, being probed or backing off are left out; a
-        store being shipped whose commits are waited on joins the next cycle,
-        started when its ship ends (group commit).  At most C{concurrency}
-        stores are in flight and C{_MAX_CYCLES} cycles run at once; what
-        does not fit is owed, and shipped when a cycle ends.
+        Start one ship cycle for the dirty stores that are due: those with
+        durable waiters, and those dirty at the last interval (C{interval}:
+        this is it) and not shipped since.  Stores being shipped, fenced,
+        being probed or backing off are left out; a store being shipped
+        whose commits are waited on joins the next cycle, started when its
+        ship ends (group commit).  At most C{concurrency} stores are in
+        flight and C{_MAX_CYCLES} cycles run at once; what does not fit is
+        owed, and shipped when a cycle ends (a store shipped meanwhile and
+        dirty again waits for the next interval, unless waited on).
         """
+        if interval:
+            for state in self._dirty.values():
+                state.due = state.dirty
         if self._cycles >= _MAX_CYCLES:
-            self._owe(everything)
+            self._owed = True
             return
         now = self._clock.seconds()
         room = self._concurrency - self._inFlight
@@ -688,20 +692,15 @@ class Shipper(Service):
                 and not state.shipping
                 and state.probing is None
                 and state.retryAt <= now
-                and (everything or state.waiters)
+                and (state.waiters or state.due)
             ):
                 if len(group) >= room:
-                    self._owe(everything)
+                    self._owed = True
                     break
+                state.due = False
                 group.append(state)
         if group:
             self._cycle(group)
-
-    def _owe(self, everything: bool) -> None:
-        if everything:
-            self._owedAll = True
-        else:
-            self._owedWaited = True
 
     def _cycle(self, states: list[_StoreState]) -> Deferred[None]:
         """
@@ -740,6 +739,7 @@ class Shipper(Service):
                 return
             # The generation before the image is read: commits made after
             # this may or may not be in the image, so they stay dirty.
+            capturedAt = self._clock.seconds()
             jobs = []
             for state in ready:
                 try:
@@ -759,7 +759,7 @@ class Shipper(Service):
                 if not ok:
                     self._failed(state, result)
                 elif result is None:
-                    self._shipped(state, generation)
+                    self._shipped(state, generation, capturedAt)
                 else:
                     state.pendingBytes = len(result.data)
                     toStore.append((state, generation, result))
@@ -786,7 +786,7 @@ class Shipper(Service):
                 if outcome is not None:
                     self._failed(state, Failure(outcome))  # type: ignore[no-untyped-call]
                     continue
-                self._stored(state, generation, built)
+                self._stored(state, generation, built, capturedAt)
                 if not state.opens or now - state.savedAt >= self._saveInterval:
                     saving.append(state)
             for state, info, conflict in conflicts:
@@ -808,11 +808,10 @@ class Shipper(Service):
                     # Commits made while this ship was under way are waited
                     # on: they go in the next cycle.
                     waited = True
-            if self._owedAll:
-                self._owedAll = self._owedWaited = False
-                self._shipDue(everything=True)
-            elif self._owedWaited or waited:
-                self._owedWaited = False
+            if self._owed:
+                self._owed = False
+                self._shipDue()
+            elif waited:
                 self._shipSoon()
             done.callback(None)
 
@@ -862,7 +861,9 @@ class Shipper(Service):
         else:
             self._failed(state, Failure(AnotherWriter(state.name, info.epoch, head)))  # type: ignore[no-untyped-call]
 
-    def _stored(self, state: _StoreState, generation: int, built: _Built) -> None:
+    def _stored(
+        self, state: _StoreState, generation: int, built: _Built, capturedAt: float
+    ) -> None:
         """
         C{built}, a record of C{state} built from its store at C{generation},
         is stored: it is the new head of the store's chain.
@@ -875,7 +876,7 @@ class Shipper(Service):
             chain = (state.chainLength + 1, state.chainBytes + info.size, state.snapshotBytes)
         self._adopt(state, info, built.digests, built.pageSize, *chain)
         self._keepImage(state, info.seq, built.image)
-        self._shipped(state, generation)
+        self._shipped(state, generation, capturedAt)
         if info.isSnapshot and info.seq > 1:
             self.backend.prune(state.name, info.seq).addErrback(
                 lambda f: self.log.failure("Cannot prune store {store}", f, store=state.name)
@@ -1142,7 +1143,13 @@ class Shipper(Service):
             "takenAt": takenAt,
         }
 
-    def _shipped(self, state: _StoreState, generation: int) -> None:
+    def _shipped(
+        self, state: _StoreState, generation: int, capturedAt: float | None = None
+    ) -> None:
+        """
+        C{state}'s store is shipped up to C{generation}, which was its
+        generation at C{capturedAt}, just before its image was read.
+        """
         state.shippedGeneration = max(state.shippedGeneration, generation)
         state.pendingBytes = 0
         state.failures = 0
@@ -1151,6 +1158,9 @@ class Shipper(Service):
             state.dirtySince = None
             if self._dirty.get(state.key) is state:
                 del self._dirty[state.key]
+        elif capturedAt is not None and state.dirtySince is not None:
+            # The commits still unshipped were made after the capture.
+            state.dirtySince = max(state.dirtySince, capturedAt)
         ready = [d for (g, d) in state.waiters if g <= generation]
         state.waiters = [(g, d) for (g, d) in state.waiters if g > generation]
         for d in ready:
