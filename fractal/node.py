@@ -3,11 +3,24 @@
 """
 A fractal node: the service that wires the store pool, the AMP front door and
 its listener, with a graceful stop.
+
+The node also keeps its local copies of stores honest as slot ownership
+changes, the same way for every topology whose map can change.  A slot it
+gains (one it did not own in its previous map, or owns now at a newer epoch
+than before) may have been written by another node meanwhile, so its local
+copies of the slot's stores are stale: before serving the slot, the node
+closes them (waiting for the calls that hold them), moves them into
+C{DATA/stale/} (L{fractal.stale}), and serves the slot's users from stores
+restored from durable storage on their first call.  The shipper ships at the
+epoch at which the node's local copies were written (L{FractalNode.epochForKey}),
+never at another owner's.  A slot it loses has its stores closed (and so
+shipped) at once.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable, Iterable, Mapping
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -19,11 +32,14 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from fractal.app import Application
+from fractal.durable._threads import RunInThread, reactorThreads
 from fractal.durable.interfaces import IShipper, StaleEpoch
+from fractal.keys import slotForKey, storeNameForKey
 from fractal.pool import DEFAULT_IDLE_TIMEOUT, StorePool
-from fractal.routing.interfaces import ITopology
+from fractal.routing.interfaces import ITopology, ShardMap
 from fractal.routing.topology import SingleNodeTopology
 from fractal.server import FractalServer, ServerLimits
+from fractal.stale import DEFAULT_STALE_KEEP, DEFAULT_STALE_MAX, pruneStale, setAsideStores
 
 __all__ = ["DEFAULT_DRAIN_TIMEOUT", "FractalNode", "clientDescriptionFor"]
 
@@ -97,11 +113,19 @@ class FractalNode(MultiService):
     @ivar topology: who owns which slot.
     @ivar shipper: the durable shipper, or L{None}.  When it is told a store
         is fenced at a newer epoch, the node stops serving the store's slot
-        (L{FractalServer.fenceSlot}).
+        (L{FractalServer.fenceSlot}) and closes the slot's stores.
     @ivar server: the L{FractalServer} answering client connections; its
         C{forward} attribute is the seam for forwarding calls to other nodes.
     @ivar listen: the server endpoint description listened on.
     @ivar drainTimeout: the most seconds a stop waits for calls in flight.
+    @ivar staleKeep: seconds a set-aside stale store is kept.
+    @ivar staleMax: the most set-aside stale stores kept.
+    @ivar gainsAnnounced: whether the topology tells the node of the slots it
+        gains, by calling L{prepareSlots} before it serves them (as
+        L{fractal.postgres.topology.PostgresTopology} does through its
+        C{slotsGained} hook, connected by
+        L{fractal.postgres.deploy.servePostgres}); otherwise (the default)
+        the node finds them in each new map.
     """
 
     log = Logger()
@@ -119,6 +143,10 @@ class FractalNode(MultiService):
         shipper: IShipper | None = None,
         limits: ServerLimits = ServerLimits(),
         drainTimeout: float = DEFAULT_DRAIN_TIMEOUT,
+        staleKeep: float = DEFAULT_STALE_KEEP,
+        staleMax: int = DEFAULT_STALE_MAX,
+        runInThread: RunInThread | None = None,
+        wallClock: Callable[[], float] = time.time,
     ) -> None:
         """
         @param reactor: the reactor: listening and time.
@@ -135,6 +163,15 @@ class FractalNode(MultiService):
         @param limits: what one client connection may ask.
         @param drainTimeout: the most seconds a stop waits for calls in
             flight before closing their stores anyway.
+        @param staleKeep: seconds a stale store set aside in C{DATA/stale/}
+            is kept (L{fractal.stale.DEFAULT_STALE_KEEP}).
+        @param staleMax: the most stale stores kept there, the newest
+            (L{fractal.stale.DEFAULT_STALE_MAX}).
+        @param runInThread: runs the blocking file work of setting stale
+            stores aside and pruning them; the reactor's thread pool by
+            default.
+        @param wallClock: the time of day, for the names and ages of stale
+            stores.
         @raise ValueError: if the application acknowledges any command
             durably and there is no shipper, or if C{topology} serves another
             node than C{nodeId}.
@@ -154,6 +191,23 @@ class FractalNode(MultiService):
         self.topology = topology
         self.shipper = shipper
         self.drainTimeout = drainTimeout
+        self.staleKeep = staleKeep
+        self.staleMax = staleMax
+        self.gainsAnnounced = False
+        self._run = runInThread if runInThread is not None else reactorThreads(reactor)
+        self._wallClock = wallClock
+        shardMap = topology.currentMap()
+        # The epoch at which this node's local copies of each slot's stores
+        # were written: the slots it owns when it starts (like a PostgreSQL
+        # node's slots at registration, nobody took them meanwhile), then
+        # each slot it gains once its stale copies are set aside.
+        self._slotEpochs: dict[int, int] = {
+            slot: owner.epoch
+            for slot, owner in enumerate(shardMap.owners)
+            if owner.node == nodeId
+        }
+        self._owned = set(self._slotEpochs)
+        self._preparing: dict[int, int] = {}
         self.pool = StorePool(
             reactor,
             dataDir,
@@ -170,6 +224,7 @@ class FractalNode(MultiService):
         )
         self._listener.setName("listener")
         self._listener.setServiceParent(self)
+        topology.watch(self._mapChanged)
 
     def privilegedStartService(self) -> None:
         """
@@ -185,6 +240,7 @@ class FractalNode(MultiService):
         """
         self.dataDir.makedirs(ignoreExistingDirectory=True)
         super().startService()
+        self.reactor.callWhenRunning(self._pruneStale)
 
     def stats(self) -> dict[str, Any]:
         """
@@ -212,15 +268,163 @@ class FractalNode(MultiService):
         """
         The shipper was told that C{key}'s store is fenced at a newer epoch
         (L{IShipper.addFencedObserver}): stop serving the key's slot
-        (L{FractalServer.fenceSlot}), whatever the topology, and have a
-        topology that can reload its map (one with a C{refresh()} method, as
+        (L{FractalServer.fenceSlot}), whatever the topology, close the
+        slot's stores (once the calls holding them are done) rather than
+        leave them open until they idle out, and have a topology that can
+        reload its map (one with a C{refresh()} method, as
         L{fractal.postgres.topology.PostgresTopology} has) learn who owns the
         slot now, so the slot's calls go there.
         """
-        self.server.fenceSlot(key, error)
+        fence = self.server.fenceSlot(key, error)
+        shardMap = self.topology.currentMap()
+        slot = slotForKey(key, shardMap.slots)
+        if fence is not None or shardMap.ownerOf(slot).node != self.nodeId:
+            self.pool.closeStoresOf([slot], shardMap.slots)
         refresh = getattr(self.topology, "refresh", None)
         if callable(refresh):
             refresh()
+
+    # -- slots changing hands ---------------------------------------------
+
+    def epochForKey(self, key: str) -> int:
+        """
+        The epoch at which to ship C{key}'s store: the epoch at which this
+        node's local copies of the slot's stores were written.  While the
+        node owns the slot that is its epoch; for a slot it has lost, the
+        epoch it owned it at (so the last changes of its stores are shipped
+        at it, and refused if the new owner has written); for a slot it has
+        just gained, the epoch before, until its stale copies are set aside;
+        for a slot it never owned, C{0}.  Never another owner's epoch, so a
+        stale copy can never be shipped over another owner's records.  The
+        shipper's C{epochForKey} (L{fractal.durable.shipper.Shipper.serveNode}).
+        """
+        return self._slotEpochs.get(slotForKey(key, self.topology.currentMap().slots), 0)
+
+    def _mapChanged(self, shardMap: ShardMap) -> None:
+        """
+        A new map: close the stores of the slots this node no longer owns
+        (each shipped first), and prepare the slots it has gained
+        (L{prepareSlots}) unless the topology announces them itself.
+        """
+        lost: list[int] = []
+        gained: dict[int, int] = {}
+        owned: set[int] = set()
+        for slot, owner in enumerate(shardMap.owners):
+            if owner.node != self.nodeId:
+                if slot in self._owned:
+                    lost.append(slot)
+                continue
+            owned.add(slot)
+            known = max(self._slotEpochs.get(slot, 0), self._preparing.get(slot, 0))
+            if owner.epoch > known and not self.gainsAnnounced:
+                gained[slot] = owner.epoch
+        self._owned = owned
+        if lost:
+            self.pool.closeStoresOf(lost, shardMap.slots)
+        if gained:
+            self.prepareSlots(gained, gained)
+
+    def prepareSlots(
+        self, slots: Iterable[int], epochs: Mapping[int, int] | None = None
+    ) -> Deferred[None]:
+        """
+        Get ready to serve C{slots}, which this node has gained: their local
+        copies may be older than what another owner has stored since.  No
+        store of theirs is handed out until this is done (calls wait,
+        L{StorePool.holdSlots}); their open stores are closed, once the
+        calls holding them are done (L{StorePool.closeStoresOf}), each
+        shipped at the epoch it was written at; then their local copies are
+        moved into C{DATA/stale/} (L{fractal.stale.setAsideStores}) and that
+        directory pruned.  Their first calls restore them from durable
+        storage.
+
+        @param slots: the gained slots.
+        @param epochs: the epoch at which this node owns each, if known (a
+            topology's hook, called before its map shows them, does not
+            know it; then the next map this node sees gives it).
+        @return: fires when the slots may be served; never fails (a failure
+            is logged).
+        """
+        chosen = sorted(set(slots))
+        slotCount = self.topology.currentMap().slots
+        for slot in chosen:
+            self._preparing[slot] = max(
+                self._preparing.get(slot, 0), epochs.get(slot, 0) if epochs else 0
+            )
+        release = self.pool.holdSlots(chosen, slotCount)
+        stale = self.dataDir.child("stale")
+        pool = self.pool
+
+        def setAside(_: object) -> Deferred[list[str]]:
+            busy = [storeNameForKey(key) for key in pool.openKeys()]
+            return self._run(
+                lambda: setAsideStores(
+                    pool.storesDir, stale, chosen, slotCount, busy, self._wallClock
+                )
+            )
+
+        def report(moved: list[str]) -> Deferred[None]:
+            if moved:
+                self.log.info(
+                    "Node {node} set aside {count} stale local stores of {slots} gained "
+                    "slots into {where}; they are restored from durable storage on "
+                    "their first call",
+                    node=self.nodeId,
+                    count=len(moved),
+                    slots=len(chosen),
+                    where=stale.path,
+                )
+            return self._pruneStale()
+
+        def failed(failure: Failure) -> None:
+            self.log.failure(
+                "Node {node}: cannot set aside the stale stores of {slots} gained slots",
+                failure,
+                node=self.nodeId,
+                slots=len(chosen),
+            )
+
+        def done(_: object) -> None:
+            shardMap = self.topology.currentMap()
+            for slot in chosen:
+                epoch = self._preparing.pop(slot, 0)
+                owner = shardMap.ownerOf(slot)
+                if owner.node == self.nodeId:
+                    epoch = max(epoch, owner.epoch)
+                if epoch:
+                    self._slotEpochs[slot] = max(self._slotEpochs.get(slot, 0), epoch)
+            release()
+
+        d: Deferred[Any] = pool.closeStoresOf(chosen, slotCount).closed
+        d.addCallback(setAside).addCallback(report).addErrback(failed).addBoth(done)
+        return d
+
+    def _pruneStale(self) -> Deferred[None]:
+        """
+        Delete the stale stores set aside longer than L{staleKeep} ago or
+        beyond the newest L{staleMax}; never fails.
+        """
+        stale = self.dataDir.child("stale")
+        now = self._wallClock()
+
+        def report(removed: list[str]) -> None:
+            if removed:
+                self.log.info(
+                    "Deleted {count} stale stores set aside more than {keep:g}s ago "
+                    "or beyond the newest {most} in {where}",
+                    count=len(removed),
+                    keep=self.staleKeep,
+                    most=self.staleMax,
+                    where=stale.path,
+                )
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("Cannot prune the stale stores in {where}", failure, where=stale.path)
+
+        d: Deferred[Any] = maybeDeferred(
+            self._run, lambda: pruneStale(stale, now, self.staleKeep, self.staleMax)
+        )
+        return d.addCallbacks(report, failed)
 
     def stopService(self) -> Deferred[None]:
         """

@@ -219,6 +219,9 @@ class StorePool:
         self._closed = False
         self._closeWaiters: list[Deferred[None]] = []
         self._closeWhenOpened: dict[str, list[Deferred[None]]] = {}
+        self._holds: dict[int, int] = {}
+        self._holdSlotCount = 1
+        self._holdWaiters: dict[int, list[Deferred[None]]] = {}
         self.opened = 0
         self.closedCount = 0
 
@@ -310,6 +313,8 @@ class StorePool:
 
         @param key: a valid user key.
         """
+        if self._holds and self._heldSlot(key) is not None:
+            return None
         lease = self._open.get(key)
         if lease is not None:
             lease._busy += 1
@@ -337,6 +342,12 @@ class StorePool:
             validateKey(key)
         except InvalidUserKey:
             return fail()
+        held = self._heldSlot(key) if self._holds else None
+        if held is not None:
+            # Its slot's local copies are being set aside: open it after.
+            unheld: Deferred[None] = Deferred()
+            self._holdWaiters.setdefault(held, []).append(unheld)
+            return unheld.addCallback(lambda _: self.acquire(key))
         waiters = self._opening.get(key)
         if waiters is not None:
             d: Deferred[StoreLease] = Deferred()
@@ -699,6 +710,54 @@ class StorePool:
         closed: Deferred[None] = Deferred()
         DeferredList(waits, consumeErrors=True).addCallback(lambda _: closed.callback(None))
         return StoresClosing(held, opening, closed)
+
+    def holdSlots(self, slots: Collection[int], slotCount: int) -> Callable[[], None]:
+        """
+        Hand out no store of the users whose slots are in C{slots} until the
+        returned callable is called: L{acquire} (and L{openStore}) wait for
+        it, and L{tryAcquire} answers L{None}.  For a node that has gained
+        slots: no call may open or use their stale local copies while it
+        closes them (L{closeStoresOf}) and sets them aside; the calls that
+        arrive meanwhile run once it is done, on the stores restored from
+        durable storage.  Holds of a slot nest; calling the returned
+        callable again does nothing.
+
+        @param slots: the slots held.
+        @param slotCount: the cluster's slot count, to find each key's slot.
+        @return: the callable that ends this hold.
+        """
+        chosen = set(slots)
+        self._holdSlotCount = slotCount
+        for slot in chosen:
+            self._holds[slot] = self._holds.get(slot, 0) + 1
+        ended = False
+
+        def release() -> None:
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            waiters: list[Deferred[None]] = []
+            for slot in chosen:
+                count = self._holds.pop(slot) - 1
+                if count:
+                    self._holds[slot] = count
+                else:
+                    waiters.extend(self._holdWaiters.pop(slot, []))
+            for waiter in waiters:
+                waiter.callback(None)
+
+        return release
+
+    def _heldSlot(self, key: str) -> int | None:
+        """
+        C{key}'s slot if it is held (L{holdSlots}), else L{None}.
+        """
+        try:
+            slot = slotForKey(key, self._holdSlotCount)
+        except InvalidUserKey:
+            return None
+        return slot if slot in self._holds else None
 
     def close(self, force: bool = False) -> Deferred[None]:
         """

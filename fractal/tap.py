@@ -289,16 +289,16 @@ class Options(usage.Options):
             "stale-keep",
             None,
             None,
-            "With --postgres: seconds the stale local stores set aside in DATA/stale are "
-            "kept for inspection (default: 604800, a week).",
+            "Seconds the stale local stores set aside in DATA/stale (those of slots the "
+            "node gained) are kept for inspection (default: 604800, a week).",
             _positive(float, "--stale-keep"),
         ],
         [
             "stale-max",
             None,
             None,
-            "With --postgres: the most stale local stores kept in DATA/stale; the oldest "
-            "go first (default: 1000).",
+            "The most stale local stores kept in DATA/stale; the oldest go first "
+            "(default: 1000).",
             _positive(int, "--stale-max"),
         ],
     ]
@@ -613,6 +613,10 @@ def makeService(options: Options) -> IService:
         extra["idleTimeout"] = options["idle-timeout"]
     if options["drain-timeout"] is not None:
         extra["drainTimeout"] = options["drain-timeout"]
+    if options["stale-keep"] is not None:
+        extra["staleKeep"] = options["stale-keep"]
+    if options["stale-max"] is not None:
+        extra["staleMax"] = options["stale-max"]
     dataDir = FilePath(os.path.abspath(options["data"]))
     cluster = _postgres(options, reactor)
     shipper = _shipper(options, reactor, dataDir, cluster)
@@ -632,13 +636,8 @@ def makeService(options: Options) -> IService:
         from fractal.postgres.deploy import servePostgres
 
         served: dict[str, Any] = {}
-        for option, name in [
-            ("handoff-drain", "handoffDrain"),
-            ("stale-keep", "staleKeep"),
-            ("stale-max", "staleMax"),
-        ]:
-            if options[option] is not None:
-                served[name] = options[option]
+        if options["handoff-drain"] is not None:
+            served["handoffDrain"] = options["handoff-drain"]
         servePostgres(node, cluster, shipper, **served)
     elif shipper is not None:
         shipper.serveNode(node)

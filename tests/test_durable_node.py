@@ -105,6 +105,7 @@ class _DurableNodeMixin:
             "tcp:7100:interface=127.0.0.1",
             shipper=shipper,
             topology=topology,
+            runInThread=runSynchronously,
         )
         shipper.serveNode(node)
         node.startService()
@@ -400,6 +401,9 @@ class FencingTests(_DurableNodeMixin, SynchronousTestCase):
         A fenced slot is served again once the map gives this node the slot
         at an epoch above the fenced one; when the map gives it to another
         node, its calls are that node's (L{NotOwner} without a forwarder).
+        Served again, alice's store is the durable one (value 1), not the
+        local copy whose last commit (value 2) the backend refused: that
+        copy is set aside in C{DATA/stale/}.
         """
         single = StaticTopology("n1", [NodeAddress("n1", "tcp:host=127.0.0.1:port=7100")])
         topology = ManualTopology("n1", single.currentMap())
@@ -413,8 +417,10 @@ class FencingTests(_DurableNodeMixin, SynchronousTestCase):
         self.assertEqual(node.server.fencedSlots(), [])
         topology.setMap(reassign(topology.currentMap(), [slot], "n1"))
         self.assertEqual(topology.currentMap().ownerOf(slot), SlotOwner("n1", 3))
-        self.assertEqual(self.call(client, pump, "alice"), {"value": 3})
+        self.assertEqual(self.call(client, pump, "alice"), {"value": 2})
         self.assertEqual(node.stats()["fencedSlots"], 0)
+        [stale] = node.dataDir.child("stale").children()
+        self.assertTrue(stale.basename().startswith(storeNameForKey("alice") + "-"))
 
     def test_fencedSlotAtNewerEpochNotRefused(self) -> None:
         """

@@ -16,15 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from fractal.durable._threads import runSynchronously
 from fractal.durable.shipper import Shipper
-from fractal.keys import slotForKey, storeNameForKey
+from fractal.keys import slotForKey
 from fractal.node import FractalNode
-from fractal.postgres.deploy import (
-    HandoffNotDrained,
-    openCluster,
-    pruneStale,
-    servePostgres,
-    setAsideStores,
-)
+from fractal.postgres.deploy import HandoffNotDrained, openCluster, servePostgres
 from fractal.postgres.schema import SchemaError
 from fractal.routing.interfaces import NodeAddress
 from tests._postgres import makeDatabase, postgresDSN
@@ -65,8 +59,11 @@ class _Node:
             nodeId=name,
             topology=self.cluster.topology,
             shipper=self.shipper,
+            runInThread=runSynchronously,
+            **{name: serve.pop(name) for name in ("staleKeep", "staleMax", "wallClock")
+               if name in serve},
         )
-        servePostgres(self.node, self.cluster, self.shipper, runSynchronously, **serve)
+        servePostgres(self.node, self.cluster, self.shipper, **serve)
         self.node.startService()
         self._test = test
         test.addCleanup(self.cluster.database.close)
@@ -296,50 +293,6 @@ class PostgresNodeTests(SynchronousTestCase):
         self.flushLoggedErrors()
 
 
-class SetAsideTests(SynchronousTestCase):
-    """
-    Moving stale local copies out of the way.
-    """
-
-    def test_setAside(self) -> None:
-        """
-        Only the stores of the chosen slots, and not those kept, move to the
-        stale directory.
-        """
-        stores = FilePath(self.mktemp())
-        names = {}
-        for user in [f"u{i}" for i in range(20)]:
-            name = storeNameForKey(user)
-            stores.child(name[:2]).child(name).makedirs()
-            names[name] = slotForKey(user, 4)
-        keep = next(n for n, s in names.items() if s == 1)
-        stale = FilePath(self.mktemp())
-        moved = setAsideStores(stores, stale, [1], 4, keep=[keep])
-        self.assertEqual(sorted(moved), sorted(n for n, s in names.items() if s == 1 and n != keep))
-        left = {p.basename() for prefix in stores.children() for p in prefix.children()}
-        self.assertEqual(left, {n for n, s in names.items() if s != 1} | {keep})
-        self.assertEqual(len(stale.children()), len(moved))
-
-    def test_pruneStale(self) -> None:
-        """
-        L{pruneStale} deletes the stale stores set aside longer ago than the
-        time kept, and the oldest beyond the count kept, whole directories;
-        it leaves alone what it did not name.
-        """
-        stale = FilePath(self.mktemp())
-        for name in ["a-100.0", "b-900.5", "c-950.0", "d-990.0", "notes", "e-soon"]:
-            stale.child(name).makedirs()
-            stale.child(name).child("db.sqlite").setContent(b"x")
-        removed = pruneStale(stale, now=1000.0, keep=500.0, maxCount=2)
-        self.assertEqual(sorted(removed), ["a-100.0", "b-900.5"])
-        self.assertEqual(sorted(c.basename() for c in stale.children()),
-                         ["c-950.0", "d-990.0", "e-soon", "notes"])
-        self.assertEqual(sorted(pruneStale(stale, now=2000.0, keep=500.0, maxCount=2)),
-                         ["c-950.0", "d-990.0"])
-        self.assertEqual(sorted(c.basename() for c in stale.children()), ["e-soon", "notes"])
-        self.assertEqual(pruneStale(FilePath(self.mktemp()), 0.0, 1.0, 1), [])
-
-
 class StalePruningTests(SynchronousTestCase):
     """
     A node on PostgreSQL keeps its set-aside stale stores for a bounded
@@ -355,7 +308,7 @@ class StalePruningTests(SynchronousTestCase):
         database = makeDatabase(self)
         clock = [10_000.0]
         n1 = _Node(self, database.schema, "n1", staleKeep=3600.0, staleMax=2,
-                   now=lambda: clock[0])
+                   wallClock=lambda: clock[0])
         stale = n1.dataDir.child("stale")
         for name in ["old-100.0", "recent-9000.0"]:
             stale.child(name).makedirs()

@@ -348,11 +348,13 @@ class Shipper(Service):
     def serveNode(self, node: Any) -> None:
         """
         Ship for C{node} (a L{fractal.node.FractalNode} built with this
-        shipper): take each key's epoch from the node's topology, and run as
+        shipper): take each key's epoch from the node
+        (L{fractal.node.FractalNode.epochForKey}: the epoch at which the
+        node's local copy was written, never another owner's), and run as
         one of the node's services, so it starts with the node and, when the
         node stops, ships what its closing stores left unshipped.
         """
-        self._epochForKey = lambda key: int(node.topology.currentMap().ownerOfKey(key).epoch)
+        self._epochForKey = node.epochForKey
         if self.parent is None:
             self.setServiceParent(node)  # type: ignore[no-untyped-call]
 

@@ -10,30 +10,27 @@ DSN, and the glue between them and the node's store pool and shipper.
       the node's hooks: before a slot is given up (its calls go elsewhere
       already), the calls running on its stores finish, then its stores are
       closed, each shipped first, and only then does the slot move; before a
-      gained slot is served, the node's old local copies of its stores are
-      moved aside into C{DATA/stale/}, so the stores are restored from their
-      durable chains on their first call.  Stale stores are deleted once
-      older than C{staleKeep} or beyond the newest C{staleMax}
-      (L{pruneStale}), at start-up and after each set-aside.
+      gained slot is served, the node prepares it
+      (L{fractal.node.FractalNode.prepareSlots}, the same for every
+      topology): its old local copies of the slot's stores are set aside
+      into C{DATA/stale/}, so the stores are restored from their durable
+      chains on their first call.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 
-from fractal.durable._threads import RunInThread, reactorThreads
-from fractal.keys import DEFAULT_SLOTS, storeNameForKey
-from fractal.postgres.backend import PostgresBackend, slotOfStore
+from fractal.durable._threads import RunInThread
+from fractal.keys import DEFAULT_SLOTS
+from fractal.postgres.backend import PostgresBackend
 from fractal.postgres.connection import DEFAULT_SCHEMA, Database
 from fractal.postgres.schema import requireSchema
 from fractal.postgres.topology import DEFAULT_LEASE, PostgresTopology
@@ -41,15 +38,11 @@ from fractal.routing.interfaces import NodeAddress
 
 __all__ = [
     "DEFAULT_HANDOFF_DRAIN",
-    "DEFAULT_STALE_KEEP",
-    "DEFAULT_STALE_MAX",
     "HandoffNotDrained",
     "POSTGRES_THREADS",
     "PostgresCluster",
     "openCluster",
-    "pruneStale",
     "servePostgres",
-    "setAsideStores",
 ]
 
 _log = Logger(namespace="fractal.postgres.deploy")
@@ -158,16 +151,6 @@ and hands them off at a later round, so a commit is never left behind the
 final ship.
 """
 
-DEFAULT_STALE_KEEP = 7 * 24 * 3600.0
-"""
-Seconds a set-aside stale store is kept in C{DATA/stale/} for inspection.
-"""
-
-DEFAULT_STALE_MAX = 1000
-"""
-The most set-aside stale stores kept in C{DATA/stale/}; the oldest go first.
-"""
-
 
 class HandoffNotDrained(Exception):
     """
@@ -176,102 +159,11 @@ class HandoffNotDrained(Exception):
     """
 
 
-def setAsideStores(
-    storesDir: FilePath[str],
-    staleDir: FilePath[str],
-    slots: Iterable[int],
-    slotCount: int,
-    keep: Iterable[str] = (),
-    now: Callable[[], float] = time.time,
-) -> list[str]:
-    """
-    Move the local copies of the stores of C{slots} out of C{storesDir} into
-    C{staleDir}, so they are never served and can still be inspected.
-    Blocking.
-
-    @param storesDir: the pool's directory of stores
-        (C{DATA/stores/<2 digits>/<store name>}).
-    @param staleDir: where they go, as C{<store name>-<time>}.
-    @param slots: the slots whose stores go.
-    @param slotCount: the cluster's slot count.
-    @param keep: store names not to move (stores open now).
-    @param now: the wall clock, for the names.
-    @return: the names of the stores moved.
-    """
-    wanted = set(slots)
-    kept = set(keep)
-    moved: list[str] = []
-    if not storesDir.isdir():
-        return moved
-    stamp = f"{now():.6f}"
-    for prefix in storesDir.children():
-        if not prefix.isdir():
-            continue
-        for store in prefix.children():
-            name = store.basename()
-            try:
-                slot = slotOfStore(name, slotCount)
-            except ValueError:
-                continue
-            if slot not in wanted or name in kept:
-                continue
-            staleDir.makedirs(ignoreExistingDirectory=True)
-            os.replace(store.path, staleDir.child(f"{name}-{stamp}").path)
-            moved.append(name)
-    return moved
-
-
-def _staleTime(name: str) -> float | None:
-    """
-    When the stale store C{name} (C{<store name>-<time>}) was set aside.
-    """
-    _, dash, stamp = name.rpartition("-")
-    if not dash:
-        return None
-    try:
-        return float(stamp)
-    except ValueError:
-        return None
-
-
-def pruneStale(staleDir: FilePath[str], now: float, keep: float, maxCount: int) -> list[str]:
-    """
-    Delete the stale stores of C{staleDir} set aside more than C{keep}
-    seconds before C{now}, and the oldest beyond the C{maxCount} newest.
-    Entries whose names are not C{<store name>-<time>} are left alone.
-    Blocking.
-
-    @param staleDir: C{DATA/stale}.
-    @param now: the time now, in seconds since the epoch.
-    @param keep: seconds a stale store is kept.
-    @param maxCount: the most stale stores kept.
-    @return: the names deleted.
-    """
-    if not staleDir.isdir():
-        return []
-    entries: list[tuple[float, FilePath[str]]] = []
-    for child in staleDir.children():
-        stamp = _staleTime(child.basename())
-        if stamp is not None:
-            entries.append((stamp, child))
-    entries.sort(key=lambda e: e[0], reverse=True)
-    removed: list[str] = []
-    for index, (stamp, child) in enumerate(entries):
-        if index >= maxCount or now - stamp > keep:
-            child.remove()
-            removed.append(child.basename())
-    return removed
-
-
 def servePostgres(
     node: Any,
     cluster: PostgresCluster,
     shipper: Any = None,
-    runInThread: RunInThread | None = None,
     handoffDrain: float = DEFAULT_HANDOFF_DRAIN,
-    staleKeep: float = DEFAULT_STALE_KEEP,
-    staleMax: int = DEFAULT_STALE_MAX,
-    now: Callable[[], float] = time.time,
 ) -> None:
     """
     Run C{cluster}'s topology as a service of C{node} (a
@@ -285,37 +177,11 @@ def servePostgres(
     @param node: the node.
     @param cluster: from L{openCluster}.
     @param shipper: the node's L{fractal.durable.shipper.Shipper}, or L{None}.
-    @param runInThread: runs the blocking file moves; the node's reactor's
-        thread pool by default.
     @param handoffDrain: see L{DEFAULT_HANDOFF_DRAIN}.
-    @param staleKeep: see L{DEFAULT_STALE_KEEP}.
-    @param staleMax: see L{DEFAULT_STALE_MAX}.
-    @param now: the wall clock, for the names and ages of stale stores.
     """
     topology = cluster.topology
     pool = node.pool
     slotCount = topology.currentMap().slots
-    run = runInThread if runInThread is not None else reactorThreads(node.reactor)
-    stale = node.dataDir.child("stale")
-
-    def prune() -> Deferred[Any]:
-        def report(removed: list[str]) -> None:
-            if removed:
-                _log.info(
-                    "Deleted {count} stale stores set aside more than {keep:g}s ago "
-                    "or beyond the newest {most} in {where}",
-                    count=len(removed),
-                    keep=staleKeep,
-                    most=staleMax,
-                    where=stale.path,
-                )
-
-        def failed(failure: Failure) -> None:
-            _log.failure("Cannot prune the stale stores in {where}", failure, where=stale.path)
-
-        return run(lambda: pruneStale(stale, now(), staleKeep, staleMax)).addCallbacks(
-            report, failed
-        )
 
     def release(slots: list[int]) -> Deferred[Any]:
         # The map shows these slots elsewhere already, so no new call starts
@@ -338,38 +204,18 @@ def servePostgres(
             done.addCallback(lambda _: shipper.flush())
         return done
 
-    def gained(slots: list[int]) -> Deferred[Any]:
-        chosen = set(slots)
-        # A stale store held by a call (one that began when this node owned
-        # the slot before) closes once the call is done; the slots are not
-        # served until then.
-        d: Deferred[Any] = pool.closeStoresOf(chosen, slotCount).closed
-
-        def setAside(_: object) -> Deferred[Any]:
-            busy = [storeNameForKey(key) for key in pool.openKeys()]
-            return run(lambda: setAsideStores(pool.storesDir, stale, chosen, slotCount, busy, now))
-
-        def report(moved: list[str]) -> Deferred[Any]:
-            if moved:
-                _log.info(
-                    "Set aside {count} stale local stores of gained slots into {where}",
-                    count=len(moved),
-                    where=stale.path,
-                )
-            return prune()
-
-        d.addCallback(setAside).addCallback(report)
-        return d
-
     topology.releaseSlots = release
-    topology.slotsGained = gained
+    # The topology tells the node of the slots it gains before its map shows
+    # them as the node's (so their calls still go to the previous owner, and
+    # its epochForKey refuses their stores, until the node is ready).
+    topology.slotsGained = node.prepareSlots
+    node.gainsAnnounced = True
     if shipper is not None:
         # A store fenced at a newer epoch: the node (which observes its
         # shipper) stops serving the slot and has the topology reload the map.
         if shipper.parent is None:
             shipper.setServiceParent(node)
     topology.setServiceParent(node)  # type: ignore[no-untyped-call]
-    node.reactor.callWhenRunning(prune)
 
 
 def _notDrained(seconds: float) -> Callable[[Any, float], Any]:

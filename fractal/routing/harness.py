@@ -20,6 +20,10 @@ cluster through plain or smart clients that live on the same network::
     cluster.cut("n2")
     ...
     cluster.stop()
+
+With C{durable=} a backend (say a L{fractal.testing.MemoryDurableBackend}),
+every node ships its stores there and restores them from there, so a test can
+move users between nodes (C{manual=True} and L{SimulatedCluster.setMap}).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.filepath import FilePath
 
 from fractal.client import FractalClient
+from fractal.durable._threads import runSynchronously
+from fractal.durable.interfaces import IDurableBackend
 from fractal.keys import DEFAULT_SLOTS, slotForKey
 from fractal.routing.cluster import ClusterService, joinCluster
 from fractal.routing.interfaces import ITopology, NodeAddress, ShardMap
@@ -77,6 +83,7 @@ class SimulatedCluster:
         connectTimeout: float = 2.0,
         retryDelay: float = 1.0,
         manual: bool = False,
+        durable: IDurableBackend | None = None,
         **nodeArguments: Any,
     ) -> None:
         """
@@ -93,9 +100,14 @@ class SimulatedCluster:
         @param manual: give each node a L{ManualTopology}, so the test can
             change the map with L{setMap}; by default each node has the
             L{StaticTopology} of the cluster.
+        @param durable: a durable backend every node ships to (each through
+            a L{fractal.durable.shipper.Shipper} of its own, on the shared
+            clock, its blocking work run synchronously), or L{None} for
+            nodes without durable shipping.
         @param nodeArguments: more keyword arguments for each
             L{fractal.node.FractalNode}.
         """
+        from fractal.durable.shipper import Shipper
         from fractal.node import FractalNode as _FractalNode
 
         ids = [f"n{i}" for i in range(1, nodes + 1)] if isinstance(nodes, int) else list(nodes)
@@ -112,12 +124,24 @@ class SimulatedCluster:
             self._listens[_PEER_PORT + index] = (nodeId, peer)
         self.nodes: dict[str, FractalNode] = {}
         self.clusters: dict[str, ClusterService] = {}
+        # Setting stale copies aside runs at once: the memory reactor has no
+        # thread pool.
+        nodeArguments.setdefault("runInThread", runSynchronously)
         for index, nodeId in enumerate(ids):
             topology: ITopology
             if manual:
                 topology = ManualTopology.fromNodes(nodeId, self.addresses.values(), slots)
             else:
                 topology = StaticTopology(nodeId, self.addresses.values(), slots)
+            shipper = None
+            if durable is not None:
+                shipper = Shipper(
+                    durable,
+                    self.reactor,
+                    runInThread=runSynchronously,
+                    storesDirectory=directory.child(nodeId).child("stores"),
+                )
+                nodeArguments["shipper"] = shipper
             node = _FractalNode(
                 self.reactor,
                 application,
@@ -127,6 +151,8 @@ class SimulatedCluster:
                 topology=topology,
                 **nodeArguments,
             )
+            if shipper is not None:
+                shipper.serveNode(node)
             self.clusters[nodeId] = joinCluster(
                 node,
                 endpointFor=self._peerEndpoints(nodeId),
