@@ -25,9 +25,13 @@ named C{timeout}.  L{FractalClient.callRemoteWithTimeout} takes the timeout
 as its first positional argument, so it cannot collide with any argument.
 
 Calls are encoded and answers decoded straight from the command's schema
-(made once per command), and answers are read from the connection in one
-loop (L{fractal._framing}); a command whose arguments or methods customise
-AMP's encoding goes through AMP's own C{callRemote} instead.
+(made once per command), each call's box is written to the transport
+without building an C{AmpBox}, answers are read from the connection in one
+loop (L{fractal._framing}), and one timer per client times all its calls
+out; a command whose arguments or methods customise AMP's encoding goes
+through AMP's own C{callRemote} instead.  Over TLS, a connection carries
+calls only once its handshake (and the check of the node's certificate)
+has passed.
 """
 
 from __future__ import annotations
