@@ -304,7 +304,9 @@ class FractalNode(MultiService):
         """
         A new map: close the stores of the slots this node no longer owns
         (each shipped first), and prepare the slots it has gained
-        (L{prepareSlots}) unless the topology announces them itself.
+        (L{prepareSlots}) unless the topology announces them itself.  A node
+        without a shipper has no durable copy to restore from: its local
+        copy is the only one, so it keeps serving it.
         """
         lost: list[int] = []
         gained: dict[int, int] = {}
@@ -321,7 +323,9 @@ class FractalNode(MultiService):
         self._owned = owned
         if lost:
             self.pool.closeStoresOf(lost, shardMap.slots)
-        if gained:
+        if gained and self.shipper is None:
+            self._slotEpochs.update(gained)
+        elif gained:
             self.prepareSlots(gained, gained)
 
     def prepareSlots(

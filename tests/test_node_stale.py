@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
+from examples import mailbox
 from fractal.durable._threads import runSynchronously
 from fractal.durable.shipper import Shipper
 from fractal.keys import InvalidUserKey, slotForKey, storeNameForKey
@@ -405,3 +406,36 @@ class SetAsideTests(SynchronousTestCase):
                          ["c-950.0", "d-990.0"])
         self.assertEqual(sorted(c.basename() for c in stale.children()), ["e-soon", "notes"])
         self.assertEqual(pruneStale(FilePath(self.mktemp()), 0.0, 1.0, 1), [])
+
+
+class WithoutShipperTests(SynchronousTestCase):
+    """
+    A node without durable shipping has nothing to restore a gained slot's
+    stores from.
+    """
+
+    def test_localCopyKept(self) -> None:
+        """
+        When a slot comes back to a node without a shipper, its local copy,
+        the only one, is served again, not set aside.
+        """
+        cluster = SimulatedCluster(
+            mailbox.application, FilePath(self.mktemp()), nodes=2, slots=SLOTS, manual=True
+        )
+        cluster.start()
+        self.addCleanup(cluster.stop)
+        user = next(u for u in (f"user{i}" for i in range(200)) if cluster.ownerOf(u) == "n1")
+        slot = cluster.slotOf(user)
+        n1 = cluster.nodes["n1"]
+
+        def call(command: Any, **kw: Any) -> Any:
+            d = cluster.client("n1").callRemote(command, user=user, **kw)
+            cluster.flush()
+            cluster.advance(0)
+            return self.successResultOf(d)
+
+        call(mailbox.Deliver, sender="bob", subject="hi", body="text")
+        cluster.setMap(reassign(n1.topology.currentMap(), [slot], "n2"))
+        cluster.setMap(reassign(n1.topology.currentMap(), [slot], "n1"))
+        self.assertEqual(call(mailbox.Stats)["total"], 1)
+        self.assertFalse(n1.dataDir.child("stale").exists())
