@@ -194,23 +194,28 @@ def diffImage(
     if previous is not None and previousImage is not None and len(previousImage) == len(
         previous
     ) * pageSize:
-        # Compare a run of pages at a time (one memcmp in C), and look at
-        # single pages only inside runs that differ: an unchanged page keeps
-        # its previous digest, a changed one is hashed.
+        # Compare a run of pages at a time (one memcmp in C, without copying
+        # either side: C{startswith} at an offset, with a view of the old
+        # image), and look at single pages only inside runs that differ: an
+        # unchanged page keeps its previous digest, a changed one is hashed.
+        # Page 1 (whose change counter moves at every commit) is a run of
+        # its own, so that it does not make its neighbours look changed.
         view = memoryview(image)
+        old = memoryview(previousImage)
         common = min(len(previous), -(-len(image) // pageSize))
         digests = list(previous[:common])
         changed: list[tuple[int, bytes]] = []
         commonBytes = common * pageSize
         stride = _DIFF_RUN_PAGES * pageSize
-        for start in range(0, commonBytes, stride):
-            stop = min(start + stride, commonBytes)
-            if image[start:stop] == previousImage[start:stop]:
+        runs = [0] + list(range(pageSize, commonBytes, stride))
+        for start in runs:
+            stop = min(pageSize if start == 0 else start + stride, commonBytes)
+            if image.startswith(old[start:stop], start):
                 continue
             for offset in range(start, stop, pageSize):
                 end = offset + pageSize
-                page = image[offset:end]
-                if page != previousImage[offset:end]:
+                if not image.startswith(old[offset:end], offset):
+                    page = image[offset:end]
                     index = offset // pageSize
                     digest = hashlib.blake2b(page, digest_size=16).digest()
                     digests[index] = digest
