@@ -15,10 +15,19 @@ restored from durable storage on their first call.  The shipper ships at the
 epoch at which the node's local copies were written (L{FractalNode.epochForKey}),
 never at another owner's.  A slot it loses has its stores closed (and so
 shipped) at once.
+
+Across restarts, the node keeps in C{DATA/owned-slots} the slots whose local
+copies it may serve, with their epochs.  A slot its first map gives it that
+the file does not list at that epoch (a static configuration that gave the
+slot to another node for a while, a slot failed over to a PostgreSQL node at
+registration) is gained like any other.  Without the file (a node's first
+start) every slot of its first map is taken as its own.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -41,7 +50,13 @@ from fractal.routing.topology import SingleNodeTopology
 from fractal.server import FractalServer, ServerLimits
 from fractal.stale import DEFAULT_STALE_KEEP, DEFAULT_STALE_MAX, pruneStale, setAsideStores
 
-__all__ = ["DEFAULT_DRAIN_TIMEOUT", "FractalNode", "clientDescriptionFor"]
+__all__ = ["DEFAULT_DRAIN_TIMEOUT", "FractalNode", "OWNED_SLOTS_FILE", "clientDescriptionFor"]
+
+OWNED_SLOTS_FILE = "owned-slots"
+"""
+The file in a node's data directory that lists the slots whose local copies
+the node may serve, with the epoch each was written at.
+"""
 
 DEFAULT_DRAIN_TIMEOUT = 30.0
 """
@@ -77,6 +92,50 @@ def clientDescriptionFor(listen: str) -> str:
         return listen
     host = interface.replace(":", "\\:")
     return f"tcp:host={host}:port={port}"
+
+
+def _readOwnedSlots(dataDir: FilePath[str], slotCount: int) -> dict[int, int] | None:
+    """
+    The slots, with their epochs, that C{dataDir}'s L{OWNED_SLOTS_FILE}
+    lists, or L{None} if it is missing, unreadable, not one this version
+    wrote, or for another slot count.  Blocking.
+    """
+    try:
+        state = json.loads(dataDir.child(OWNED_SLOTS_FILE).getContent())
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(state, dict)
+        or state.get("version") != 1
+        or state.get("slots") != slotCount
+        or not isinstance(state.get("owned"), dict)
+    ):
+        return None
+    owned: dict[int, int] = {}
+    for slot, epoch in state["owned"].items():
+        if not (isinstance(slot, str) and slot.isdigit() and int(slot) < slotCount):
+            return None
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            return None
+        owned[int(slot)] = epoch
+    return owned
+
+
+def _writeOwnedSlots(dataDir: FilePath[str], slotCount: int, owned: Mapping[int, int]) -> None:
+    """
+    Replace C{dataDir}'s L{OWNED_SLOTS_FILE} with C{owned}, durably.
+    Blocking.
+    """
+    dataDir.makedirs(ignoreExistingDirectory=True)
+    content = json.dumps(
+        {"version": 1, "slots": slotCount, "owned": {str(s): e for s, e in sorted(owned.items())}}
+    ).encode("ascii")
+    temporary = dataDir.child(OWNED_SLOTS_FILE + ".new").path
+    with open(temporary, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, dataDir.child(OWNED_SLOTS_FILE).path)
 
 
 class FractalNode(MultiService):
@@ -197,17 +256,33 @@ class FractalNode(MultiService):
         self._run = runInThread if runInThread is not None else reactorThreads(reactor)
         self._wallClock = wallClock
         shardMap = topology.currentMap()
-        # The epoch at which this node's local copies of each slot's stores
-        # were written: the slots it owns when it starts (like a PostgreSQL
-        # node's slots at registration, nobody took them meanwhile), then
-        # each slot it gains once its stale copies are set aside.
-        self._slotEpochs: dict[int, int] = {
-            slot: owner.epoch
-            for slot, owner in enumerate(shardMap.owners)
-            if owner.node == nodeId
+        owned = {
+            slot: owner.epoch for slot, owner in enumerate(shardMap.owners) if owner.node == nodeId
         }
-        self._owned = set(self._slotEpochs)
+        saved = _readOwnedSlots(dataDir, shardMap.slots)
+        if saved is None:
+            trusted = dict(owned)
+        else:
+            trusted = {slot: epoch for slot, epoch in owned.items() if saved.get(slot) == epoch}
+        gainedAtStart = {slot: epoch for slot, epoch in owned.items() if slot not in trusted}
+        if shipper is None:
+            # No durable copy to restore from: the local copy is the only one.
+            trusted.update(gainedAtStart)
+            gainedAtStart = {}
+        # The epoch at which this node's local copies of each slot's stores
+        # were written: the slots it owns when it starts and had at that
+        # epoch when it last ran (nobody took them meanwhile), then each slot
+        # it gains once its stale copies are set aside; slots it had before
+        # and not now keep their epoch, so their last changes ship at it.
+        self._slotEpochs: dict[int, int] = {
+            slot: epoch for slot, epoch in (saved or {}).items() if slot not in owned
+        }
+        self._slotEpochs.update(trusted)
+        # The slots OWNED_SLOTS_FILE lists.
+        self._kept = set(trusted)
+        self._owned = set(owned)
         self._preparing: dict[int, int] = {}
+        self._saving: Deferred[None] = succeed(None)
         self.pool = StorePool(
             reactor,
             dataDir,
@@ -225,6 +300,8 @@ class FractalNode(MultiService):
         self._listener.setName("listener")
         self._listener.setServiceParent(self)
         topology.watch(self._mapChanged)
+        if gainedAtStart:
+            self.prepareSlots(gainedAtStart, gainedAtStart)
 
     def privilegedStartService(self) -> None:
         """
@@ -239,6 +316,13 @@ class FractalNode(MultiService):
         binds now unless L{privilegedStartService} bound it).
         """
         self.dataDir.makedirs(ignoreExistingDirectory=True)
+        try:
+            # Before anything is served: once this node has run with a map
+            # that does not give it a slot, it must not trust its copies of
+            # that slot's stores at its next start.
+            _writeOwnedSlots(self.dataDir, self.topology.currentMap().slots, self._keptEpochs())
+        except OSError:
+            self.log.failure("Cannot record the owned slots in {where}", where=self.dataDir.path)
         super().startService()
         self.reactor.callWhenRunning(self._pruneStale)
 
@@ -325,6 +409,8 @@ class FractalNode(MultiService):
             self.pool.closeStoresOf(lost, shardMap.slots)
         if gained and self.shipper is None:
             self._slotEpochs.update(gained)
+            self._kept.update(gained)
+            self._saveOwnedSlots()
         elif gained:
             self.prepareSlots(gained, gained)
 
@@ -343,9 +429,13 @@ class FractalNode(MultiService):
         storage.
 
         @param slots: the gained slots.
-        @param epochs: the epoch at which this node owns each, if known (a
-            topology's hook, called before its map shows them, does not
-            know it; then the next map this node sees gives it).
+        Once their copies are set aside, the slots are recorded in
+        L{OWNED_SLOTS_FILE} with their epochs (before they are served, so
+        that after a crash their new local copies are trusted).
+
+        @param slots: the gained slots.
+        @param epochs: the epoch at which this node owns each; when a slot's
+            is missing, the epoch the map shows once it is done.
         @return: fires when the slots may be served; never fails (a failure
             is logged).
         """
@@ -388,7 +478,7 @@ class FractalNode(MultiService):
                 slots=len(chosen),
             )
 
-        def done(_: object) -> None:
+        def settled(_: object) -> Deferred[None]:
             shardMap = self.topology.currentMap()
             for slot in chosen:
                 epoch = self._preparing.pop(slot, 0)
@@ -397,11 +487,44 @@ class FractalNode(MultiService):
                     epoch = max(epoch, owner.epoch)
                 if epoch:
                     self._slotEpochs[slot] = max(self._slotEpochs.get(slot, 0), epoch)
-            release()
+                    self._kept.add(slot)
+            return self._saveOwnedSlots()
 
         d: Deferred[Any] = pool.closeStoresOf(chosen, slotCount).closed
-        d.addCallback(setAside).addCallback(report).addErrback(failed).addBoth(done)
+        d.addCallback(setAside).addCallback(report).addErrback(failed).addBoth(settled)
+        d.addBoth(lambda _: release())
         return d
+
+    def _keptEpochs(self) -> dict[int, int]:
+        """
+        What L{OWNED_SLOTS_FILE} should list now.
+        """
+        return {slot: self._slotEpochs[slot] for slot in self._kept if slot in self._slotEpochs}
+
+    def _saveOwnedSlots(self) -> Deferred[None]:
+        """
+        Write L{OWNED_SLOTS_FILE} off the reactor thread, after the writes
+        asked before; never fails (a failure is logged).
+
+        @return: fires once written.
+        """
+        slotCount = self.topology.currentMap().slots
+
+        def save(_: object) -> Deferred[None]:
+            owned = self._keptEpochs()
+            d: Deferred[None] = maybeDeferred(
+                self._run, lambda: _writeOwnedSlots(self.dataDir, slotCount, owned)
+            )
+            return d.addErrback(
+                lambda f: self.log.failure(
+                    "Cannot record the owned slots in {where}", f, where=self.dataDir.path
+                )
+            )
+
+        done: Deferred[None] = Deferred()
+        self._saving = self._saving.addCallback(save)
+        self._saving.addCallback(lambda _: done.callback(None))
+        return done
 
     def _pruneStale(self) -> Deferred[None]:
         """

@@ -26,12 +26,19 @@ from examples import mailbox
 from fractal.durable._threads import runSynchronously
 from fractal.durable.shipper import Shipper
 from fractal.keys import InvalidUserKey, slotForKey, storeNameForKey
+from fractal.node import FractalNode
 from fractal.pool import StorePool
 from fractal.protocol import OwnerUnavailable
-from fractal.routing.interfaces import ShardMap
+from fractal.routing.interfaces import NodeAddress, ShardMap
 from fractal.stale import pruneStale, setAsideStores, slotOfStoreName
 from fractal.store import Store
-from fractal.testing import MemoryDurableBackend, SimulatedCluster, reassign
+from fractal.testing import (
+    ManualTopology,
+    MemoryDurableBackend,
+    SimulatedCluster,
+    StaticTopology,
+    reassign,
+)
 from tests.test_durable_node import Add, DurableNodeCounter, _DurableNodeMixin, application
 
 SLOTS = 16
@@ -439,3 +446,115 @@ class WithoutShipperTests(SynchronousTestCase):
         cluster.setMap(reassign(n1.topology.currentMap(), [slot], "n1"))
         self.assertEqual(call(mailbox.Stats)["total"], 1)
         self.assertFalse(n1.dataDir.child("stale").exists())
+
+
+class AcrossRestartsTests(_DurableNodeMixin, SynchronousTestCase):
+    """
+    A node remembers which slots' local copies it may serve
+    (C{DATA/owned-slots}), so a slot its first map gives it after a restart
+    is gained unless it had that slot, at that epoch, when it last ran.
+    """
+
+    def start(self, dataDir: FilePath[str], topology: Any) -> tuple[Any, Callable[[str], Any]]:
+        """
+        Start a node of id C{topology.localNode} with a shipper on
+        C{self.backend}; return it and a function calling L{Add} on it.
+        """
+        shipper = Shipper(
+            self.backend,
+            self.reactor,
+            runInThread=runSynchronously,
+            storesDirectory=dataDir.child("stores"),
+        )
+        self.reactor.tcpServers.clear()
+        node = FractalNode(
+            self.reactor,
+            application,
+            dataDir,
+            "tcp:7100:interface=127.0.0.1",
+            nodeId=topology.localNode,
+            topology=topology,
+            shipper=shipper,
+            runInThread=runSynchronously,
+        )
+        shipper.serveNode(node)
+        node.startService()
+        client, pump = self.connect()
+
+        def add(user: str) -> Any:
+            results: list[Any] = []
+            client.callRemote(Add, user=user, amount=1).addBoth(results.append)
+            pump.flush()
+            self.reactor.advance(0)
+            pump.flush()
+            [result] = results
+            return result
+
+        return node, add
+
+    def stop(self, node: Any) -> None:
+        self.successResultOf(node.stopService())
+
+    def test_staticConfigurationChange(self) -> None:
+        """
+        n1 alone writes alice (1); the static configuration then adds n2,
+        which owns alice's slot: n2 restores her store and writes (2); then
+        n1 is alone again and owns the slot, at epoch 1 as before: it sets
+        its old copy aside and serves n2's write (3), instead of serving its
+        copy (which would give 2) and shipping it over n2's records.
+        """
+        a1 = NodeAddress("n1", "tcp:host=127.0.0.1:port=7100", "tcp:host=127.0.0.1:port=7200")
+        a2 = NodeAddress("n2", "tcp:host=127.0.0.1:port=7101", "tcp:host=127.0.0.1:port=7201")
+        both = StaticTopology("n1", [a1, a2]).currentMap()
+        user = next(u for u in (f"user{i}" for i in range(200)) if both.ownerOfKey(u).node == "n2")
+        d1, d2 = FilePath(self.mktemp()), FilePath(self.mktemp())
+        n1, add = self.start(d1, StaticTopology("n1", [a1]))
+        self.assertEqual(add(user), {"value": 1})
+        self.stop(n1)
+        n1, _ = self.start(d1, StaticTopology("n1", [a1, a2]))
+        n2, add = self.start(d2, StaticTopology("n2", [a1, a2]))
+        self.assertEqual(add(user), {"value": 2})
+        self.stop(n2)
+        self.stop(n1)
+        n1, add = self.start(d1, StaticTopology("n1", [a1]))
+        self.assertEqual(add(user), {"value": 3})
+        self.reactor.advance(1.0)
+        self.assertEqual(_value(self.backend, self, user), 3)
+        [stale] = d1.child("stale").children()
+        self.assertTrue(stale.basename().startswith(storeNameForKey(user) + "-"))
+        self.stop(n1)
+
+    def test_ownSlotsTrusted(self) -> None:
+        """
+        A node restarted with the map it had trusts its local copies, even
+        of a slot it gained back at a newer epoch before it stopped: a
+        commit it made there and did not ship (the backend refused nothing,
+        it was down) is still served.  Restarted with that slot at a newer
+        epoch again, it sets its copy aside.
+        """
+        single = StaticTopology("n1", [NodeAddress("n1", "tcp:host=127.0.0.1:port=7100")])
+        other = NodeAddress("n2", "tcp:host=127.0.0.1:port=7101")
+        slot = slotForKey("alice")
+        dataDir = FilePath(self.mktemp())
+        topology = ManualTopology("n1", single.currentMap())
+        n1, add = self.start(dataDir, topology)
+        self.assertEqual(add("alice"), {"value": 1})
+        self.reactor.advance(1.0)
+        topology.setMap(reassign(topology.currentMap(), [slot], "n2", other))
+        topology.setMap(reassign(topology.currentMap(), [slot], "n1"))
+        regained = topology.currentMap()
+        self.assertEqual(add("alice"), {"value": 2})
+        self.backend.available = False
+        self.assertEqual(add("alice"), {"value": 3})
+        self.stop(n1)
+        self.backend.available = True
+        n1, add = self.start(dataDir, ManualTopology("n1", regained))
+        self.assertEqual(add("alice"), {"value": 4})
+        self.assertEqual(len(dataDir.child("stale").children()), 1)
+        self.reactor.advance(1.0)
+        self.stop(n1)
+        later = reassign(reassign(regained, [slot], "n2", other), [slot], "n1")
+        n1, add = self.start(dataDir, ManualTopology("n1", later))
+        self.assertEqual(add("alice"), {"value": 5})
+        self.assertEqual(len(dataDir.child("stale").children()), 2)
+        self.stop(n1)

@@ -208,7 +208,9 @@ def servePostgres(
     # The topology tells the node of the slots it gains before its map shows
     # them as the node's (so their calls still go to the previous owner, and
     # its epochForKey refuses their stores, until the node is ready).
-    topology.slotsGained = node.prepareSlots
+    topology.slotsGained = lambda slots: node.prepareSlots(
+        slots, {slot: topology.slotEpoch(slot) for slot in slots}
+    )
     node.gainsAnnounced = True
     if shipper is not None:
         # A store fenced at a newer epoch: the node (which observes its

@@ -583,6 +583,18 @@ class PostgresTopology(Service):
         """
         return self._owned
 
+    def slotEpoch(self, slot: int) -> int:
+        """
+        The epoch of C{slot}'s ownership in the database, as of the newest
+        map read (also while this node prepares a slot it has gained, when
+        its published map does not show it yet).
+
+        @raise NotRegistered: before the node has registered.
+        """
+        if self._snapshot is None:
+            raise NotRegistered(f"node {self.localNode!r} has not registered yet")
+        return self._snapshot.slots[slot].epoch
+
     # leases
 
     def _scheduleLeaseTimer(self) -> None:
