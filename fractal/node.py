@@ -428,7 +428,6 @@ class FractalNode(MultiService):
         directory pruned.  Their first calls restore them from durable
         storage.
 
-        @param slots: the gained slots.
         Once their copies are set aside, the slots are recorded in
         L{OWNED_SLOTS_FILE} with their epochs (before they are served, so
         that after a crash their new local copies are trusted).
