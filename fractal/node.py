@@ -301,7 +301,44 @@ class FractalNode(MultiService):
         self._listener.setServiceParent(self)
         topology.watch(self._mapChanged)
         if gainedAtStart:
-            self.prepareSlots(gainedAtStart, gainedAtStart)
+            self._setAsideAtStart(gainedAtStart)
+
+    def _setAsideAtStart(self, gained: dict[int, int]) -> None:
+        """
+        Set aside the stale copies of the slots the node's first map gives
+        it that it did not have when it last ran.  The node is being built
+        (before the reactor runs): this is done at once, blocking, so that
+        neither a call nor the shipper's search for unshipped stores ever
+        sees them.  If it cannot be done now, it is done as for any gained
+        slot (L{prepareSlots}).
+        """
+        stale = self.dataDir.child("stale")
+        slotCount = self.topology.currentMap().slots
+        try:
+            moved = setAsideStores(
+                self.pool.storesDir, stale, gained, slotCount, (), self._wallClock
+            )
+        except OSError:
+            self.log.failure(
+                "Node {node}: cannot set aside the stale stores of {slots} slots at start",
+                node=self.nodeId,
+                slots=len(gained),
+            )
+            self.prepareSlots(gained, gained)
+            return
+        self._slotEpochs.update(gained)
+        self._kept.update(gained)
+        if not moved:
+            return
+        self.log.info(
+            "Node {node} set aside {count} stale local stores of {slots} slots it did not "
+            "have when it last ran into {where}; they are restored from durable storage "
+            "on their first call",
+            node=self.nodeId,
+            count=len(moved),
+            slots=len(gained),
+            where=stale.path,
+        )
 
     def privilegedStartService(self) -> None:
         """
