@@ -110,8 +110,15 @@ class FilesystemBackendTests(SynchronousTestCase):
         store = storeNameForKey("carol")
         self.successResultOf(backend.append(recordInfo(store, 1, 1, 0, b"s"), b"s"))
         root.child("segments").child(".tmp-junk").setContent(b"torn")
-        root.child("segments").child("0000000000000099-0123456789abcdef.seg").setContent(b"junk")
+        junk = root.child("segments").child("0000000000000099-0123456789abcdef.seg")
+        junk.setContent(b"junk")
         self.assertEqual(_records(self.backend(root), store), [(1, 0)])
+        # A new writer compacts the segments left behind, but never one it
+        # cannot read to its end.
+        writer = self.backend(root)
+        self.successResultOf(writer.append(recordInfo(store, 1, 2, 1, b"d"), b"d"))
+        self.assertTrue(junk.exists())
+        self.assertEqual(_records(self.backend(root), store), [(1, 0), (2, 1)])
 
     def _twoBatches(self, root: FilePath[str]) -> tuple[str, int]:
         """

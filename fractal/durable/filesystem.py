@@ -53,7 +53,8 @@ floor the highest of its prunes, and its records those at or above the floor
 (the same record copied twice counts once).  A segment no writer holds any
 more whose live records are few is compacted away: the writer first appends
 a checkpoint of every store's epoch and floor and copies of the segment's
-live records, syncs, and only then deletes it.
+live records, syncs, and only then deletes it.  A segment that cannot be
+read to its end (a torn tail, damage) is never deleted.
 
 An older layout of this backend (one file per record, under
 C{ROOT/<2 digits>/<store name>/}) is moved into a segment, then removed,
@@ -634,8 +635,11 @@ class FilesystemBackend:
         for name, state in sorted(self._segments.items()):
             if self._active is not None and name == self._active[0]:
                 continue
+            # Only a segment read to its end: one with a torn tail or damage
+            # is kept as it is, for what can still be read of it.
+            whole = state.size == state.read
             small = state.size < self._segmentBytes // 16
-            if (state.live * 2 < state.size or small) and not self._held(name):
+            if whole and (state.live * 2 < state.size or small) and not self._held(name):
                 victims.append(name)
         if not victims:
             return
