@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
+from fractal._manholeconfig import _splitDescription
 from fractal.app import Application
 from fractal.durable._threads import RunInThread, reactorThreads
 from fractal.durable.interfaces import IShipper, StaleEpoch
@@ -70,12 +71,25 @@ def clientDescriptionFor(listen: str) -> str:
     as far as it can be told from the description alone.
 
     C{"tcp:7100:interface=127.0.0.1"} gives C{"tcp:host=127.0.0.1:port=7100"};
-    a wildcard or missing interface is taken as loopback.  Other kinds of
-    endpoint are returned unchanged.
+    a wildcard or missing interface is taken as loopback.  A TLS listener
+    (C{"ssl:7100:interface=10.0.0.1:privateKey=...:certKey=..."}) gives the
+    plain C{tcp:} address of its port: clients add the TLS themselves, with
+    the cluster CA, checking the node id (the smart client's C{authority}).
+    Other kinds of endpoint are returned unchanged.
 
     @param listen: a server endpoint description.
     """
     kind, _, rest = listen.partition(":")
+    if kind == "ssl":
+        args, kwargs = _splitDescription(listen)
+        sslPort = kwargs.get("port", args[1] if len(args) > 1 else None)
+        if not sslPort:
+            return listen
+        sslHost = kwargs.get("interface", "")
+        if sslHost in ("", "0.0.0.0", "::"):
+            sslHost = "127.0.0.1"
+        sslHost = sslHost.replace(":", "\\:")
+        return f"tcp:host={sslHost}:port={sslPort}"
     if kind not in ("tcp", "tcp6") or not rest:
         return listen
     port = None

@@ -110,6 +110,27 @@ class ClientDescriptionTests(SynchronousTestCase):
             "tcp:host=10.1.2.3:port=7100",
         )
 
+    def test_ssl(self) -> None:
+        """
+        A TLS listening description gives the plain TCP address of its port,
+        on loopback when the interface is a wildcard or missing, for clients
+        that add the TLS themselves.
+        """
+        self.assertEqual(
+            clientDescriptionFor(
+                "ssl:7101:interface=10.0.0.1:privateKey=certs/n1.key:certKey=certs/n1.crt"
+            ),
+            "tcp:host=10.0.0.1:port=7101",
+        )
+        self.assertEqual(
+            clientDescriptionFor("ssl:port=7102:privateKey=/a\\:b/n2.key:certKey=n2.crt"),
+            "tcp:host=127.0.0.1:port=7102",
+        )
+        self.assertEqual(
+            clientDescriptionFor("ssl:7103:interface=fe80\\:\\:1:privateKey=k:certKey=c"),
+            "tcp:host=fe80\\:\\:1:port=7103",
+        )
+
     def test_other(self) -> None:
         """
         Other descriptions are returned unchanged.
