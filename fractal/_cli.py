@@ -19,7 +19,7 @@ from twisted.python.reflect import namedAny
 
 import fractal
 
-__all__ = ["SUBCOMMANDS", "FractalOptions", "main"]
+__all__ = ["SUBCOMMANDS", "CommandOptions", "FractalOptions", "main"]
 
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     # (name, "module.OptionsClass", one-line description)
@@ -66,28 +66,43 @@ def _lazyOptions(name: str, qualifiedName: str) -> Callable[[], usage.Options]:
     return build
 
 
-class FractalOptions(usage.Options):
+class CommandOptions(usage.Options):
+    """
+    The options of C{fractal} or of one of its subcommands that has
+    subcommands of its own (C{fractal db}).
+
+    Twisted builds a subcommand's synopsis as its parent's synopsis, the
+    subcommand's name, then the subcommand's own synopsis; so once a
+    subcommand is chosen, the synopsis of a command with subcommands is only
+    its path (C{"Usage: fractal db"}), or each level's synopsis would be said
+    again.
+    """
+
+    longdesc = ""
+
+    def getSynopsis(self) -> str:
+        """
+        The synopsis: this command's path alone once a subcommand is chosen,
+        its full synopsis otherwise.
+        """
+        if self.subCommand is None:
+            synopsis: str = super().getSynopsis()
+            return synopsis
+        if self.parent is None:
+            return "Usage: fractal"
+        return f"{self.parent.getSynopsis()} {self.parent.subCommand}"
+
+
+class FractalOptions(CommandOptions):
     """
     The top-level options of the C{fractal} command.
     """
 
     synopsis = "Usage: fractal [--version] COMMAND [options]"
-    longdesc = ""
     subCommands = [
         (name, None, _lazyOptions(name, qualifiedName), description)
         for (name, qualifiedName, description) in SUBCOMMANDS
     ]
-
-    def getSynopsis(self) -> str:
-        """
-        The synopsis: C{"Usage: fractal"} alone once a subcommand is chosen,
-        as the start of that subcommand's synopsis (which Twisted builds as
-        this one, the subcommand's name, then its own).
-        """
-        if self.subCommand is not None:
-            return "Usage: fractal"
-        synopsis: str = super().getSynopsis()
-        return synopsis
 
     def opt_version(self) -> None:
         """
@@ -113,10 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         options.parseOptions(list(sys.argv[1:] if argv is None else argv))  # type: ignore[no-untyped-call]
     except usage.UsageError as e:
-        # The usage of the subcommand the error is about, if any, once.
-        shown: usage.Options = getattr(options, "subOptions", None) or options
-        command = " ".join(["fractal"] + ([options.subCommand] if options.subCommand else []))
-        print(f"{shown}\n{command}: {e}", file=sys.stderr)
+        # The usage of the (sub)command the error is about, once.  An options
+        # object is a dict, false when no option is set: test for None.
+        shown: usage.Options = options
+        command = ["fractal"]
+        while getattr(shown, "subOptions", None) is not None:
+            command.append(str(shown.subCommand))
+            shown = shown.subOptions
+        print(f"{shown}\n{' '.join(command)}: {e}", file=sys.stderr)
         return 2
     status: int = options.subOptions.run()
     return status

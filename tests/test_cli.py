@@ -99,3 +99,32 @@ class MainTests(SynchronousTestCase):
         self.assertTrue(
             self.stderr.getvalue().startswith("Usage: fractal [--version] COMMAND [options]\n")
         )
+
+    def test_nestedSubcommandUsageOnce(self) -> None:
+        """
+        C{fractal db init --help} shows C{Usage: fractal db init} and its
+        synopsis once, with its own description rather than the docstring of
+        C{__main__}; a usage error in C{fractal db init}, or in C{fractal db}
+        without its command, shows the usage of the command it is about, once,
+        then the error named by that command's path.
+        """
+        synopsis = "Usage: fractal db init --postgres DSN [--schema NAME]"
+        error = self.assertRaises(SystemExit, main, ["db", "init", "--help"])
+        self.assertEqual(error.code, 0)
+        output = self.stdout.getvalue()
+        self.assertEqual(output.count("Usage:"), 1, output)
+        self.assertEqual(output.splitlines()[0], synopsis)
+        self.assertIn("--postgres=", output)
+        self.assertNotIn("C{", output)
+        for argv, expected, message in [
+            (["db", "init"], "--postgres=", "\nfractal db init: --postgres DSN is required"),
+            (["db"], "init ", "\nfractal db: a command is required"),
+        ]:
+            self.stderr.seek(0)
+            self.stderr.truncate()
+            self.assertEqual(main(argv), 2)
+            output = self.stderr.getvalue()
+            self.assertEqual(output.count("Usage:"), 1, output)
+            self.assertEqual(output.splitlines()[0], synopsis)
+            self.assertIn(expected, output)
+            self.assertIn(message, output)

@@ -30,6 +30,7 @@ import psycopg
 from psycopg import sql
 from twisted.python import usage
 
+from fractal._cli import CommandOptions
 from fractal.postgres.connection import DEFAULT_SCHEMA, Database, checkSchemaName
 
 __all__ = [
@@ -200,6 +201,10 @@ class _InitOptions(usage.Options):
     """
 
     synopsis = "--postgres DSN [--schema NAME]"
+    longdesc = (
+        "Create the tables of a self-running cluster in the schema, or upgrade them "
+        "to this version's; run again, it changes nothing."
+    )
 
     optParameters = [
         ["postgres", None, None, "The libpq connection string of the database."],
@@ -236,7 +241,7 @@ class _InitOptions(usage.Options):
         return 0
 
 
-class DbOptions(usage.Options):
+class DbOptions(CommandOptions):
     """
     C{fractal db}: the PostgreSQL database of a self-running cluster.
     """
