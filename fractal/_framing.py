@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client,tests.test_server -*-
+# -*- test-case-name: tests.test_framing,tests.test_client,tests.test_server -*-
 # mypy: disable-error-code="no-untyped-call"
 """
 Reading AMP boxes without AMP's per-string state machine.
@@ -11,13 +11,59 @@ box over a size limit) to AMP's own parser, which then does exactly what it
 would have done with the whole chunk.  The node's front door
 (L{fractal.server.NodeProtocol}) and the client (L{fractal.client}) read
 with it.
+
+Reading and writing boxes beside AMP's own code means relying on some of
+Twisted's private names, which a Twisted release may rename or change
+without a deprecation.  They are all listed here, in
+L{AMP_PRIVATE_ATTRIBUTES}, and the client reaches its connection's through
+the functions below rather than by name; C{tests.test_framing} fails if any
+of them is missing from an L{amp.AMP} instance or no longer means what these
+functions assume, so a Twisted upgrade that breaks them fails the tests
+instead of every call.
 """
 
 from __future__ import annotations
 
-from twisted.protocols.amp import AmpBox, BinaryBoxProtocol
+from typing import Any
 
-__all__ = ["readBoxes", "canReadBoxes"]
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITransport
+from twisted.protocols.amp import AMP, AmpBox, BinaryBoxProtocol
+from twisted.python.failure import Failure
+
+__all__ = [
+    "AMP_PRIVATE_ATTRIBUTES",
+    "readBoxes",
+    "canReadBoxes",
+    "writableTransport",
+    "failedReason",
+    "nextTag",
+    "expectAnswer",
+    "takeAnswer",
+]
+
+AMP_PRIVATE_ATTRIBUTES: dict[str, str] = {
+    # BinaryBoxProtocol: its parser's state (readBoxes, canReadBoxes).
+    "_unprocessed": "bytes received and not yet parsed",
+    "_justStartedTLS": "whether TLS has just been started on the connection",
+    "_MAX_KEY_LENGTH": "the longest key AMP reads",
+    # BinaryBoxProtocol: the box being parsed (fractal.server.NodeProtocol.proto_value).
+    "_currentKey": "the key whose value is being read",
+    "_currentBox": "the box being read",
+    # BinaryBoxProtocol: its writing state (writableTransport, failedReason).
+    "_locked": "whether a switch to another protocol has been asked for",
+    "_startingTLSBuffer": "boxes held while TLS starts, or None",
+    # BoxDispatcher: calls awaiting answers (nextTag, expectAnswer, takeAnswer, failedReason).
+    "_failAllReason": "why outstanding calls failed, once the connection is lost",
+    "_nextTag": "a method giving the tag of a new call",
+    "_outstandingRequests": "the Deferred of each unanswered call, by tag",
+    # BoxDispatcher: the methods fractal.client._ClientAMP overrides.
+    "_answerReceived": "the method called with each answer box",
+    "_errorReceived": "the method called with each error box",
+}
+"""
+Each private name of L{amp.AMP} that fractal relies on, and what it holds.
+"""
 
 
 def canReadBoxes(protocol: BinaryBoxProtocol) -> bool:
@@ -78,3 +124,53 @@ def readBoxes(protocol: BinaryBoxProtocol, data: bytes, maxBoxBytes: int | None 
         offset = position
         receiver.ampBoxReceived(box)
     return offset
+
+
+def writableTransport(protocol: AMP) -> ITransport | None:
+    """
+    The transport a box may be written straight to, as C{sendBox} would
+    write it, or L{None} when C{protocol} is not connected or is switching
+    protocols or starting TLS (its boxes must then go through AMP).
+    """
+    if protocol._locked or protocol._startingTLSBuffer is not None:
+        return None
+    return protocol.transport
+
+
+def failedReason(protocol: AMP) -> Failure | None:
+    """
+    Why C{protocol}'s calls fail once its connection is lost, or L{None}
+    while it is up.
+    """
+    reason: Failure | None = protocol._failAllReason
+    return reason
+
+
+def nextTag(protocol: AMP) -> bytes:
+    """
+    The tag of a new call on C{protocol}, as C{callRemote} would use.
+    """
+    tag: bytes = protocol._nextTag()
+    return tag
+
+
+def expectAnswer(protocol: AMP, tag: bytes) -> Deferred[Any]:
+    """
+    Await the answer to the call written with C{tag}.
+
+    @return: fires with the answer box, or fails with the error it carries
+        or the connection's loss, as for a call made with C{callRemote}.
+    """
+    answer: Deferred[Any] = Deferred()
+    protocol._outstandingRequests[tag] = answer
+    return answer
+
+
+def takeAnswer(protocol: AMP, tag: bytes) -> Deferred[Any]:
+    """
+    The L{Deferred} of the call C{tag} answers, no longer outstanding.
+
+    @raise KeyError: if no call with C{tag} is outstanding.
+    """
+    answer: Deferred[Any] = protocol._outstandingRequests.pop(tag)
+    return answer

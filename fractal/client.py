@@ -56,7 +56,15 @@ from twisted.python.compat import nativeString
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from fractal._framing import canReadBoxes, readBoxes
+from fractal._framing import (
+    canReadBoxes,
+    expectAnswer,
+    failedReason,
+    nextTag,
+    readBoxes,
+    takeAnswer,
+    writableTransport,
+)
 
 if TYPE_CHECKING:
     from fractal.routing.smart import ClusterClient, connectCluster
@@ -129,14 +137,14 @@ class _ClientAMP(amp.AMP):
         the connection: the call's L{Deferred} is the caller's, who handles
         its result (L{FractalClient} hands every call's to its caller).
         """
-        self._outstandingRequests.pop(box[amp.ANSWER]).callback(box)
+        takeAnswer(self, box[amp.ANSWER]).callback(box)
 
     def _errorReceived(self, box: amp.AmpBox) -> None:
         """
         Fail the call C{box} answers with an error, as AMP does, but without
         AMP's connection-dropping errback (see L{_answerReceived}).
         """
-        question = self._outstandingRequests.pop(box[amp.ERROR])
+        question = takeAnswer(self, box[amp.ERROR])
         code = box[amp.ERROR_CODE]
         description = box[amp.ERROR_DESCRIPTION].decode("utf-8", "replace")
         errorType = amp.PROTOCOL_ERRORS.get(code)
@@ -259,28 +267,25 @@ class _Codec:
             L{amp.TooLong} for a value over 65,535 bytes, or the connection's
             loss.
         """
-        if (
-            not self.usual
-            or connection._locked
-            or connection._startingTLSBuffer is not None
-            or connection.transport is None
-        ):
+        transport = writableTransport(connection) if self.usual else None
+        if transport is None:
             answer: Deferred[Any] | None = connection.callRemote(self.command, **arguments)
             return succeed(None) if answer is None else answer
-        if connection._failAllReason is not None:
-            return fail(connection._failAllReason)
+        reason = failedReason(connection)
+        if reason is not None:
+            return fail(reason)
         try:
             parts = self.encode(arguments, connection)
         except Exception:
             return fail()
         if not self.requiresAnswer:
             parts[0] = self._head
-            connection.transport.write(b"".join(parts))
+            transport.write(b"".join(parts))
             return succeed(None)
-        tag = connection._nextTag()
+        tag = nextTag(connection)
         parts[0] = self._head + _string(tag)
-        connection.transport.write(b"".join(parts))
-        answer = connection._outstandingRequests[tag] = Deferred()
+        transport.write(b"".join(parts))
+        answer = expectAnswer(connection, tag)
         return answer.addCallbacks(self.decode, self.translateError, (connection,))
 
     def encode(self, arguments: dict[str, Any], connection: amp.AMP) -> list[bytes]:

@@ -1,0 +1,101 @@
+"""
+Tests for L{fractal._framing}'s use of Twisted's private AMP names.
+
+These tests fail when a Twisted release renames or changes one of the private
+names of L{amp.AMP} that fractal relies on, rather than every call failing.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.testing import StringTransport
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from fractal._framing import (
+    AMP_PRIVATE_ATTRIBUTES,
+    expectAnswer,
+    failedReason,
+    nextTag,
+    takeAnswer,
+    writableTransport,
+)
+
+
+class AMPPrivateNamesTests(SynchronousTestCase):
+    """
+    The private names of L{amp.AMP} listed in L{AMP_PRIVATE_ATTRIBUTES} exist
+    and mean what L{fractal._framing}'s functions assume.
+    """
+
+    def test_namesExist(self) -> None:
+        """
+        Every listed name is an attribute of an L{amp.AMP} instance; the ones
+        fractal calls or overrides are methods of AMP's own classes, so an
+        override in L{fractal.client} is still the method AMP calls.
+        """
+        protocol = amp.AMP()
+        missing = [name for name in AMP_PRIVATE_ATTRIBUTES if not hasattr(protocol, name)]
+        self.assertEqual(missing, [])
+        for name in ("_nextTag", "_answerReceived", "_errorReceived"):
+            self.assertTrue(callable(getattr(amp.BoxDispatcher, name)), name)
+        self.assertIsInstance(protocol._outstandingRequests, dict)
+
+    def test_answerAndError(self) -> None:
+        """
+        AMP's dispatch hands an answer box to C{_answerReceived} and an error
+        box to C{_errorReceived} (the methods L{fractal.client} overrides),
+        and L{takeAnswer} there gives the L{Deferred} that L{expectAnswer}
+        registered under the box's tag from L{nextTag}, no longer
+        outstanding.
+        """
+        received: list[tuple[str, amp.AmpBox]] = []
+
+        class Recording(amp.AMP):
+            def _answerReceived(self, box: amp.AmpBox) -> None:
+                received.append(("answer", box))
+                takeAnswer(self, box[amp.ANSWER]).callback(box)
+
+            def _errorReceived(self, box: amp.AmpBox) -> None:
+                received.append(("error", box))
+                takeAnswer(self, box[amp.ERROR]).errback(Failure(ValueError("error box")))
+
+        protocol = Recording()
+        protocol.makeConnection(StringTransport())
+        first, second = nextTag(protocol), nextTag(protocol)
+        self.assertNotEqual(first, second)
+        answered = expectAnswer(protocol, first)
+        failed = expectAnswer(protocol, second)
+        answer = amp.AmpBox({amp.ANSWER: first, b"x": b"1"})
+        error = amp.AmpBox(
+            {amp.ERROR: second, amp.ERROR_CODE: b"BOOM", amp.ERROR_DESCRIPTION: b"it broke"}
+        )
+        protocol.ampBoxReceived(answer)
+        protocol.ampBoxReceived(error)
+        self.assertEqual(received, [("answer", answer), ("error", error)])
+        self.assertIs(self.successResultOf(answered), answer)
+        self.failureResultOf(failed, ValueError)
+        self.assertEqual(protocol._outstandingRequests, {})
+        self.assertRaises(KeyError, takeAnswer, protocol, first)
+
+    def test_writableAndFailed(self) -> None:
+        """
+        L{writableTransport} is the transport of a connected protocol, and
+        L{None} before it connects or while TLS starts; L{failedReason} is
+        L{None} while the connection is up and the reason it was lost after,
+        when the calls still awaited fail with it.
+        """
+        protocol = amp.AMP()
+        self.assertIsNone(writableTransport(protocol))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertIs(writableTransport(protocol), transport)
+        protocol._startingTLSBuffer = []
+        self.assertIsNone(writableTransport(protocol))
+        protocol._startingTLSBuffer = None
+        self.assertIsNone(failedReason(protocol))
+        pending = expectAnswer(protocol, nextTag(protocol))
+        reason = Failure(ConnectionError("gone"))
+        protocol.connectionLost(reason)
+        self.assertIs(failedReason(protocol), reason)
+        self.failureResultOf(pending, ConnectionError)
