@@ -181,14 +181,14 @@ class Options(usage.Options):
             None,
             None,
             "The most user stores kept open at once "
-            "(default: derived from the open file limit).",
+            "(default: derived from the open file limit)",
             _positive(int, "--max-open-stores"),
         ],
         [
             "idle-timeout",
             None,
             None,
-            "Close a user store unused for this many seconds (default: the node's).",
+            "Close a user store unused for this many seconds (default: the node's)",
             _positive(float, "--idle-timeout"),
         ],
         [
@@ -196,7 +196,7 @@ class Options(usage.Options):
             None,
             None,
             "On stop, wait at most this many seconds for calls in flight "
-            "(default: the node's, 30).",
+            "(default: the node's, 30)",
             _positive(float, "--drain-timeout"),
         ],
         [
@@ -210,7 +210,7 @@ class Options(usage.Options):
             "ship-interval",
             None,
             None,
-            "Seconds between ship cycles of changed stores (default: 1).",
+            "Seconds between ship cycles of changed stores (default: 1)",
             _positive(float, "--ship-interval"),
         ],
         ["config", None, None, "A TOML configuration file (see docs/deploying.rst)."],
@@ -233,7 +233,7 @@ class Options(usage.Options):
             None,
             None,
             "Seconds a forwarded call waits for its owner before failing with "
-            "OwnerUnavailable (default: 5).",
+            "OwnerUnavailable (default: 5)",
             _positive(float, "--peer-timeout"),
         ],
         [
@@ -274,7 +274,7 @@ class Options(usage.Options):
             "lease",
             None,
             None,
-            "With --postgres: seconds a node stays a member without a heartbeat (default: 10).",
+            "With --postgres: seconds a node stays a member without a heartbeat (default: 10)",
             _positive(float, "--lease"),
         ],
         [
@@ -282,7 +282,7 @@ class Options(usage.Options):
             None,
             None,
             "With --postgres: seconds a slot handoff waits for the calls running on the "
-            "slot before giving up and trying again later (default: 10).",
+            "slot before giving up and trying again later (default: 10)",
             _positive(float, "--handoff-drain"),
         ],
         [
@@ -290,7 +290,7 @@ class Options(usage.Options):
             None,
             None,
             "Seconds the stale local stores set aside in DATA/stale (those of slots the "
-            "node gained) are kept for inspection (default: 604800, a week).",
+            "node gained) are kept for inspection (default: 604800, a week)",
             _positive(float, "--stale-keep"),
         ],
         [
@@ -298,7 +298,7 @@ class Options(usage.Options):
             None,
             None,
             "The most stale local stores kept in DATA/stale; the oldest go first "
-            "(default: 1000).",
+            "(default: 1000)",
             _positive(int, "--stale-max"),
         ],
     ]

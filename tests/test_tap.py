@@ -563,3 +563,29 @@ class PluginTests(SynchronousTestCase):
         self.patch(twisted.plugins, "__path__", [copy.path])
         makers = self.fractalMakers()
         self.assertEqual([m.module for m in makers], ["fractal.tap"])
+
+
+class HelpTests(SynchronousTestCase):
+    """
+    C{twistd fractal --help} and the option list of C{docs/deploying.rst}.
+    """
+
+    def test_everyOptionDocumented(self) -> None:
+        """
+        Every long option of L{Options} is named in C{docs/deploying.rst}'s
+        list of options, as C{``--name}.
+        """
+        docs = FilePath(__file__).parent().sibling("docs").child("deploying.rst")
+        text = docs.getContent().decode("utf-8")
+        names = [p[0] for p in Options.optParameters] + [f[0] for f in Options.optFlags]
+        missing = [name for name in names if f"``--{name}" not in text]
+        self.assertEqual(missing, [])
+
+    def test_helpSentences(self) -> None:
+        """
+        The help of an option whose value is checked ends its own sentence
+        once before the check's description, not with C{".."}.
+        """
+        usageText = Options().getUsage(width=200)
+        self.assertIn("A positive number.", usageText)
+        self.assertNotIn("..", usageText)
