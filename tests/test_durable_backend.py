@@ -5,6 +5,7 @@ to the L{fractal.testing.DurableBackendTestsMixin} contract.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from typing import Any
@@ -16,7 +17,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fractal.durable._threads import runSynchronously
-from fractal.durable.filesystem import FilesystemBackend
+from fractal.durable.filesystem import FilesystemBackend, encodeBatch
 from fractal.durable.interfaces import (
     BrokenChain,
     IDurableBackend,
@@ -298,6 +299,142 @@ class FilesystemBackendTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(backend.read(store, 2)), b"delta")
         self.assertFalse(root.child(store[:2]).exists())
         self.failureResultOf(backend.append(recordInfo(store, 3, 3, 2, b"d"), b"d"), StaleEpoch)
+
+
+class FilesystemTornTailTests(SynchronousTestCase):
+    """
+    A segment left with a torn tail by a crash mid-append does not stay
+    forever: the next writer's compaction cuts the tail off, or copies the
+    segment's records forward and deletes it, but only when the tail is
+    provably an unacknowledged append, and never when any damage is in the
+    segment.
+    """
+
+    def setUp(self) -> None:
+        self.root = FilePath(self.mktemp())
+        self.store = storeNameForKey("judy")
+        self.snapshot = bytes(range(256)) * 40
+
+    def backend(self, **kwargs: Any) -> FilesystemBackend:
+        backend = FilesystemBackend(self.root, runSynchronously, **kwargs)
+        self.addCleanup(backend.close)
+        return backend
+
+    def crashedSegment(self, **kwargs: Any) -> tuple[FilePath[str], bytes, bytes]:
+        """
+        Write a snapshot and a delta as two batches of one segment, then
+        the start of a third batch that a crash cut short.
+
+        @return: the segment, its acknowledged content, and the whole
+            batch that was being appended.
+        """
+        backend = self.backend(**kwargs)
+        self.successResultOf(backend.append(
+            recordInfo(self.store, 1, 1, 0, self.snapshot), self.snapshot
+        ))
+        self.successResultOf(backend.append(recordInfo(self.store, 1, 2, 1, b"d2"), b"d2"))
+        backend.close()
+        [segment] = _segments(self.root)
+        good = segment.getContent()
+        data = b"never acknowledged" * 20
+        batch = encodeBatch([(1, recordInfo(self.store, 1, 3, 2, data), data)])
+        return segment, good, batch
+
+    def nextWriter(self, **kwargs: Any) -> FilesystemBackend:
+        """
+        A new writer that appends the record after the acknowledged ones
+        (starting a segment, and so compacting).
+        """
+        writer = self.backend(**kwargs)
+        self.assertEqual(_records(writer, self.store), [(1, 0), (2, 1)])
+        self.successResultOf(writer.append(recordInfo(self.store, 1, 3, 2, b"d3"), b"d3"))
+        return writer
+
+    def assertChainServed(self) -> None:
+        for reader in [self.backend(), self.backend()]:
+            self.assertEqual(_records(reader, self.store), [(1, 0), (2, 1), (3, 2)])
+            self.assertEqual(self.successResultOf(reader.read(self.store, 1)), self.snapshot)
+            self.assertEqual(self.successResultOf(reader.read(self.store, 3)), b"d3")
+
+    def test_tornTailCut(self) -> None:
+        """
+        A segment mostly live (so not compacted away) has its torn tail cut
+        off, at any length of the tail: the file is its acknowledged bytes
+        again, and every record is served.
+        """
+        for cut in [1, 31, 32, 200, -1]:
+            if self.root.exists():
+                self.root.remove()
+            segment, good, batch = self.crashedSegment(segmentBytes=1 << 16)
+            segment.setContent(good + batch[:cut])
+            self.nextWriter(segmentBytes=1 << 16)
+            self.assertEqual(segment.getContent(), good, cut)
+            self.assertChainServed()
+            [report, _] = self.successResultOf(self.backend().inspect())
+            self.assertEqual(report.problems, ())
+
+    def test_tornSegmentCompactedAway(self) -> None:
+        """
+        A small segment with a torn tail is cut, then compacted away like any
+        small segment: its records copied forward, the file deleted.  A
+        segment file whose creation was cut short (part of its magic) is
+        deleted too.
+        """
+        segment, good, batch = self.crashedSegment()
+        segment.setContent(good + batch[:100])
+        empty = self.root.child("segments").child("0000000000000002-0123456789abcdef.seg")
+        empty.setContent(b"FXS")
+        self.nextWriter()
+        self.assertFalse(segment.exists())
+        self.assertFalse(empty.exists())
+        self.assertChainServed()
+        self.assertEqual(len(_segments(self.root)), 1)
+
+    def test_damageBeforeTornTailKept(self) -> None:
+        """
+        A torn tail is never cut from a segment whose earlier data is
+        damaged (a flipped bit in the snapshot, which readers do not check
+        the batch CRC of): the segment is kept byte for byte.
+        """
+        segment, good, batch = self.crashedSegment()
+        damaged = bytearray(good + batch[:100])
+        damaged[good.index(self.snapshot) + 100] ^= 0x01
+        segment.setContent(bytes(damaged))
+        self.nextWriter()
+        self.assertEqual(segment.getContent(), bytes(damaged))
+
+    def test_damagedLastBatchKept(self) -> None:
+        """
+        A last batch that is all there but fails its CRC may be an
+        acknowledged one damaged since: it is not cut, and the segment is
+        kept as it is.
+        """
+        segment, good, batch = self.crashedSegment()
+        damaged = bytearray(good)
+        damaged[-1] ^= 0x01
+        segment.setContent(bytes(damaged))
+        writer = self.backend()
+        self.assertEqual(_records(writer, self.store), [(1, 0)])
+        self.successResultOf(writer.append(recordInfo(self.store, 1, 2, 1, b"x"), b"x"))
+        self.assertEqual(segment.getContent(), bytes(damaged))
+
+    def test_heldSegmentKept(self) -> None:
+        """
+        The torn tail of a segment a live writer holds is left alone; once
+        it is let go, the next writer cuts it.
+        """
+        segment, good, batch = self.crashedSegment(segmentBytes=1 << 16)
+        segment.setContent(good + batch[:100])
+        fd = os.open(segment.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.nextWriter(segmentBytes=1 << 16)
+            self.assertEqual(segment.getContent(), good + batch[:100])
+        finally:
+            os.close(fd)
+        writer = self.backend(segmentBytes=1 << 16)
+        self.successResultOf(writer.append(recordInfo(self.store, 1, 4, 3, b"d4"), b"d4"))
+        self.assertEqual(segment.getContent(), good)
 
 
 class _ManualThreads:

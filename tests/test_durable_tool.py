@@ -14,10 +14,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from fractal._cli import main
 from fractal.durable._threads import runSynchronously
-from fractal.durable.filesystem import FilesystemBackend
+from fractal.durable.filesystem import FilesystemBackend, encodeBatch
 from fractal.durable.interfaces import RecordInfo
 from fractal.durable.record import Delta, diffImage, encodeRecord, imageDigest, pageSizeOf
 from fractal.keys import storeNameForKey
+from fractal.testing import recordInfo
 
 
 def shipChain(backend: FilesystemBackend, key: str, rows: int) -> bytes:
@@ -136,3 +137,151 @@ class ToolTests(SynchronousTestCase):
         self.assertEqual(main(["verify", "--durable", self.data.child("durable").path]), 1)
         self.assertIn(f"BROKEN {bob}: store {bob}", self.stdout.getvalue())
         self.assertIn("2 stores, 1 broken", self.stdout.getvalue())
+        self.assertIn("0 with a torn tail (expected after a crash), 1 damaged",
+                      self.stdout.getvalue())
+
+
+class VerifySegmentsTests(SynchronousTestCase):
+    """
+    C{fractal verify} checks every segment in full and tells a torn tail
+    (an unacknowledged append cut short by a crash) from damage inside
+    acknowledged data.
+    """
+
+    def setUp(self) -> None:
+        self.stdout = io.StringIO()
+        self.patch(sys, "stdout", self.stdout)
+        self.patch(sys, "stderr", io.StringIO())
+        self.root = FilePath(self.mktemp())
+        backend = FilesystemBackend(self.root, runSynchronously)
+        self.store = storeNameForKey("alice")
+        # Three batches in one segment: a snapshot, then two deltas.
+        shipChain(backend, "alice", 2)
+        backend.close()
+        [self.segment] = self.root.child("segments").children()
+        self.content = self.segment.getContent()
+        self.second = self.content.index(b"FXSB", self.content.index(b"FXSB") + 1)
+
+    def verify(self) -> int:
+        self.stdout.seek(0)
+        self.stdout.truncate()
+        return main(["verify", "--durable", self.root.path])
+
+    def tornBatch(self) -> bytes:
+        """
+        A batch as a writer would have appended next.
+        """
+        data = b"unacknowledged" * 40
+        return encodeBatch([(1, recordInfo(self.store, 1, 4, 3, data), data)])
+
+    def test_sound(self) -> None:
+        """
+        A sound segment is reported ok, with its batches, and the status is 0.
+        """
+        self.assertEqual(self.verify(), 0)
+        output = self.stdout.getvalue()
+        self.assertIn(
+            f"ok      segment {self.segment.basename()}: {len(self.content)} bytes, "
+            "3 intact batches, 3 entries",
+            output,
+        )
+        self.assertIn("1 segments, 0 with a torn tail (expected after a crash), 0 damaged", output)
+
+    def test_tornTail(self) -> None:
+        """
+        A batch cut short at any point (fewer bytes than a header, or an
+        intact header promising more than was written) is reported as a torn
+        tail of an unacknowledged batch, expected after a crash, with its
+        place and length; the status is 0 and the chain is ok.
+        """
+        batch = self.tornBatch()
+        for cut in [1, 20, 32, 200, len(batch) - 1]:
+            self.segment.setContent(self.content + batch[:cut])
+            self.assertEqual(self.verify(), 0, cut)
+            output = self.stdout.getvalue()
+            self.assertIn(f"torn    segment {self.segment.basename()}", output)
+            self.assertIn(
+                f"  torn tail: {cut} bytes at byte {len(self.content)}: ", output
+            )
+            self.assertIn("an unacknowledged batch cut short by a crash (expected after a crash",
+                          output)
+            self.assertIn("1 with a torn tail (expected after a crash), 0 damaged", output)
+            self.assertIn(f"ok     {self.store}: record 3", output)
+            self.assertNotIn("DAMAGED", output)
+        self.assertIn(f"{len(batch) - 1} of its {len(batch)} bytes were written",
+                      self.stdout.getvalue())
+
+    def test_damageInsideAcknowledged(self) -> None:
+        """
+        A flipped bit in a batch followed by intact batches (so written
+        before them, and acknowledged) is damage: reported as such, with
+        where the intact batches resume, and the status is 1.  The reader
+        does not check the data CRC of such a batch; verify does.
+        """
+        third = self.content.index(b"FXSB", self.second + 1)
+        for offset, reason in [
+            (self.second + 3, "a batch header that fails its CRC"),
+            (self.second + 40, "a batch whose entry table fails its CRC"),
+            (third - 10, "a batch whose records fail their CRC"),
+        ]:
+            flipped = bytearray(self.content)
+            flipped[offset] ^= 0x04
+            self.segment.setContent(bytes(flipped))
+            self.assertEqual(self.verify(), 1, offset)
+            output = self.stdout.getvalue()
+            self.assertIn(f"DAMAGED segment {self.segment.basename()}", output)
+            self.assertIn(
+                f"  DAMAGED: {third - self.second} bytes at byte {self.second}: {reason}, "
+                f"followed by intact batches at byte {third}; damage inside acknowledged data",
+                output,
+            )
+            self.assertIn("0 with a torn tail (expected after a crash), 1 damaged", output)
+
+    def test_damagedLastBatch(self) -> None:
+        """
+        A last batch that is all there but fails a CRC is not provably an
+        unfinished append: it is reported as damage (status 1).
+        """
+        flipped = bytearray(self.content)
+        flipped[-5] ^= 0x01
+        self.segment.setContent(bytes(flipped))
+        self.assertEqual(self.verify(), 1)
+        output = self.stdout.getvalue()
+        self.assertIn("a batch whose records fail their CRC, to the end of the segment", output)
+        self.assertIn("1 damaged", output)
+
+    def test_damageBeforeTornTail(self) -> None:
+        """
+        Damage and a torn tail in one segment are both reported; the damage
+        sets the status, and the torn tail is said to be kept.
+        """
+        flipped = bytearray(self.content + self.tornBatch()[:100])
+        flipped[self.second + 3] ^= 0x01
+        self.segment.setContent(bytes(flipped))
+        self.assertEqual(self.verify(), 1)
+        output = self.stdout.getvalue()
+        self.assertIn("  DAMAGED: ", output)
+        self.assertIn(f"  torn tail: 100 bytes at byte {len(self.content)}", output)
+        self.assertIn("kept, since the segment holds damage", output)
+
+    def test_segmentNotWhole(self) -> None:
+        """
+        A segment file cut short while it was created (part of its magic) is
+        a torn tail; one whose first bytes are not a segment's is damage.
+        """
+        cut = self.root.child("segments").child("0000000000000002-0123456789abcdef.seg")
+        cut.setContent(b"FXSE")
+        self.assertEqual(self.verify(), 0)
+        self.assertIn("a segment whose creation a crash cut short", self.stdout.getvalue())
+        cut.setContent(b"not a segment at all")
+        self.assertEqual(self.verify(), 1)
+        self.assertIn("  DAMAGED: 20 bytes at byte 0: not a segment", self.stdout.getvalue())
+
+    def test_noBackend(self) -> None:
+        """
+        A directory with no segments has nothing to report, and is sound.
+        """
+        self.assertEqual(
+            main(["verify", "--durable", FilePath(self.mktemp()).path]), 0
+        )
+        self.assertIn("0 segments, 0 with a torn tail", self.stdout.getvalue())

@@ -54,7 +54,14 @@ floor the highest of its prunes, and its records those at or above the floor
 more whose live records are few is compacted away: the writer first appends
 a checkpoint of every store's epoch and floor and copies of the segment's
 live records, syncs, and only then deletes it.  A segment that cannot be
-read to its end (a torn tail, damage) is never deleted.
+read to its end is never deleted as it is.  When a full check of it (every
+CRC, see L{inspectSegment}) finds every batch intact up to a torn tail whose
+own framing shows it unfinished (fewer bytes than a batch header, or an
+intact header promising more bytes than the file has), that tail was never
+synced, so never acknowledged: compaction syncs the segment and cuts the
+tail off, and the segment is then compacted like any other.  Any damage
+(a region that fails a check although its batch is whole, or that intact
+batches follow) keeps the whole segment as it is.
 
 An older layout of this backend (one file per record, under
 C{ROOT/<2 digits>/<store name>/}) is moved into a segment, then removed,
@@ -66,13 +73,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import mmap
 import os
 import re
 import secrets
 import struct
 import threading
 import zlib
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, NamedTuple, Sequence, TypeVar, Union
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -91,9 +99,17 @@ from fractal.durable.interfaces import (
     StaleEpoch,
 )
 
-__all__ = ["FilesystemBackend", "checkStoreName", "checkInfo"]
+__all__ = [
+    "FilesystemBackend",
+    "SegmentProblem",
+    "SegmentReport",
+    "checkInfo",
+    "checkStoreName",
+    "inspectSegment",
+]
 
 T = TypeVar("T")
+_Buffer = Union[bytes, mmap.mmap]
 
 _STORE_NAME = re.compile(r"\A[0-9a-f]{64}\Z")
 _SEGMENT_NAME = re.compile(r"\A(\d{16})-([0-9a-f]{16})\.seg\Z")
@@ -268,6 +284,190 @@ def _segmentEntries(
             return
         offset = end
         yield offset, entries
+
+
+class SegmentProblem(NamedTuple):
+    """
+    A region of a segment that cannot be read as intact batches.
+
+    @ivar offset: where the region starts, in bytes from the segment's start.
+    @ivar length: how many bytes it spans.
+    @ivar torn: C{True} when the framing proves it the unfinished tail of a
+        batch a crash cut short, which was never acknowledged (an expected
+        leftover of a crash); C{False} when it is damage, or may be damage,
+        to acknowledged data.
+    @ivar reason: what is wrong with it, for people.
+    """
+
+    offset: int
+    length: int
+    torn: bool
+    reason: str
+
+
+class SegmentReport(NamedTuple):
+    """
+    What a full check of one segment found (see L{inspectSegment}).
+
+    @ivar name: the segment's file name.
+    @ivar size: its size in bytes.
+    @ivar batches: how many intact batches it holds.
+    @ivar entries: how many entries (records, fences, prunes) they hold.
+    @ivar goodEnd: the end of the intact batches before the first problem:
+        everything before it is whole.
+    @ivar problems: the regions that are not intact batches, in order.
+    @ivar held: whether a live writer holds the segment (it may still grow).
+    """
+
+    name: str
+    size: int
+    batches: int
+    entries: int
+    goodEnd: int
+    problems: tuple[SegmentProblem, ...]
+    held: bool = False
+
+    @property
+    def damaged(self) -> list[SegmentProblem]:
+        """
+        The problems that are, or may be, damage to acknowledged data.
+        """
+        return [p for p in self.problems if not p.torn]
+
+    @property
+    def tornTail(self) -> SegmentProblem | None:
+        """
+        The segment's torn tail (the unfinished batch a crash left at its
+        end), if it has one.
+        """
+        if self.problems and self.problems[-1].torn:
+            return self.problems[-1]
+        return None
+
+
+def _checkBatch(buf: _Buffer, offset: int, size: int) -> tuple[str, int, int, str]:
+    """
+    Check the batch at C{offset} of a segment's bytes, all of its CRCs.
+
+    @return: (status, end, entry count, reason): status is C{"ok"},
+        C{"incomplete"} (the framing shows a batch that runs past the end of
+        the file: an unfinished append) or C{"damaged"}.
+    """
+    remaining = size - offset
+    if remaining < _BATCH_HEADER_SIZE:
+        return ("incomplete", size, 0,
+                f"{remaining} bytes, fewer than a batch header ({_BATCH_HEADER_SIZE})")
+    raw = bytes(buf[offset : offset + _BATCH_HEADER_SIZE])
+    (crc,) = _BATCH_CRC.unpack_from(raw, _BATCH.size)
+    if zlib.crc32(raw[: _BATCH.size]) != crc:
+        return ("damaged", 0, 0, "a batch header that fails its CRC")
+    magic, version, count, tableCrc, dataLength, dataCrc = _BATCH.unpack_from(raw)
+    if magic != _BATCH_MAGIC or version != _BATCH_VERSION or count > _MAX_ENTRIES:
+        return ("damaged", 0, 0, "a batch header with an unknown magic, version or count")
+    tableStart = offset + _BATCH_HEADER_SIZE
+    dataStart = tableStart + count * _ENTRY.size
+    end = dataStart + dataLength
+    if end > size:
+        return ("incomplete", size, 0,
+                f"an unfinished batch: {remaining} of its {end - offset} bytes were written")
+    table = bytes(buf[tableStart:dataStart])
+    if zlib.crc32(table) != tableCrc:
+        return ("damaged", 0, 0, "a batch whose entry table fails its CRC")
+    if zlib.crc32(buf[dataStart:end]) != dataCrc:
+        return ("damaged", 0, 0, "a batch whose records fail their CRC")
+    lengths = sum(
+        _ENTRY.unpack_from(table, i * _ENTRY.size)[4] for i in range(count)
+    )
+    if lengths != dataLength:
+        return ("damaged", 0, 0, "a batch whose entries do not add up to its data")
+    return ("ok", end, count, "")
+
+
+def _nextIntactBatch(buf: _Buffer, start: int, size: int) -> int | None:
+    """
+    The offset of the first intact batch at or after C{start}, if any.
+    """
+    position = start
+    while True:
+        found = buf.find(_BATCH_MAGIC, position, size)
+        if found < 0:
+            return None
+        if _checkBatch(buf, found, size)[0] == "ok":
+            return found
+        position = found + 1
+
+
+def _inspect_Buffer(name: str, buf: _Buffer) -> SegmentReport:
+    """
+    Check every batch of a segment's bytes, and classify each region that is
+    not an intact batch.
+    """
+    size = len(buf)
+    head = bytes(buf[: len(_SEGMENT_MAGIC)])
+    if head != _SEGMENT_MAGIC:
+        if size < len(_SEGMENT_MAGIC) and _SEGMENT_MAGIC.startswith(head):
+            problem = SegmentProblem(
+                0, size, True, "a segment whose creation a crash cut short, holding nothing"
+            )
+        else:
+            problem = SegmentProblem(0, size, False, "not a segment: its first bytes are wrong")
+        return SegmentReport(name, size, 0, 0, 0, (problem,))
+    offset = goodEnd = len(_SEGMENT_MAGIC)
+    batches = entries = 0
+    problems: list[SegmentProblem] = []
+    while offset < size:
+        status, end, count, reason = _checkBatch(buf, offset, size)
+        if status == "ok":
+            batches += 1
+            entries += count
+            offset = end
+            if not problems:
+                goodEnd = end
+        elif status == "incomplete":
+            # The last batch of the segment, and its own framing shows that
+            # it was never written in full, so never synced, never
+            # acknowledged: a writer writes nothing after a batch it did
+            # not finish.
+            problems.append(SegmentProblem(offset, size - offset, True, reason))
+            break
+        else:
+            following = _nextIntactBatch(buf, offset + 1, size)
+            if following is None:
+                # Its framing does not show it unfinished: it may have been
+                # acknowledged, so it is taken for damage.
+                problems.append(SegmentProblem(offset, size - offset, False, (
+                    f"{reason}, to the end of the segment (damage, or a crash on a"
+                    " file system that lets a file grow before its data is written)"
+                )))
+                break
+            # Intact batches follow: what is in between was written before
+            # them, so finished and acknowledged.
+            problems.append(SegmentProblem(
+                offset, following - offset, False,
+                f"{reason}, followed by intact batches at byte {following}",
+            ))
+            offset = following
+    return SegmentReport(name, size, batches, entries, goodEnd, tuple(problems))
+
+
+def inspectSegment(fd: int, name: str) -> SegmentReport:
+    """
+    Check every batch of an open segment file, all of its CRCs (a reader
+    checks the data of the last batch only), and find the regions that are
+    not intact batches: a torn tail (an unfinished batch at the end, which
+    its own framing shows incomplete, so never acknowledged) or damage (a
+    region that fails a check although its batch is complete, or followed by
+    intact batches, so once acknowledged).  Reads the file as it is; the
+    caller holds whatever lock keeps writers off it.
+
+    @param fd: the segment, open for reading.
+    @param name: its file name, for the report.
+    """
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return _inspect_Buffer(name, b"")
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as buf:
+        return _inspect_Buffer(name, buf)
 
 
 @implementer(IDurableBackend)
@@ -635,8 +835,11 @@ class FilesystemBackend:
         for name, state in sorted(self._segments.items()):
             if self._active is not None and name == self._active[0]:
                 continue
-            # Only a segment read to its end: one with a torn tail or damage
-            # is kept as it is, for what can still be read of it.
+            if state.size != state.read:
+                self._cutTornTail(name, state)
+            # Only a segment read to its end: one with damage (or a torn
+            # tail that could not be cut) is kept as it is, for what can
+            # still be read of it.
             whole = state.size == state.read
             small = state.size < self._segmentBytes // 16
             if whole and (state.live * 2 < state.size or small) and not self._held(name):
@@ -684,6 +887,54 @@ class FilesystemBackend:
             os.unlink(path)
             _fsyncDirectory(self._segmentsPath)
             del self._segments[name]
+
+    def _cutTornTail(self, name: str, state: _Segment) -> None:
+        """
+        Cut off the torn tail of segment C{name}, if no writer holds it and
+        a full check shows it provably an unfinished append: every batch
+        before it intact (all CRCs) and the tail an unfinished batch whose
+        own framing shows it incomplete (fewer bytes than a header, or an
+        intact header promising more bytes than the file has), so never
+        synced and never acknowledged, where the readers' index stops.  The
+        good part is synced before the cut, and the cut after.  Any damage
+        anywhere, or a tail that may be damage, leaves the segment as it
+        is.  Blocking; under the exclusive lock.
+        """
+        path = os.path.join(self._segmentsPath, name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return
+                raise
+            report = inspectSegment(fd, name)
+            tail = report.tornTail
+            if (
+                tail is None
+                or report.damaged
+                or tail.offset != state.read
+                or tail.offset + tail.length != report.size
+            ):
+                return
+            os.fsync(fd)
+            os.ftruncate(fd, tail.offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        state.size = tail.offset
+        self.log.info(
+            "Cut the torn tail of durable segment {segment}: {length} bytes at "
+            "{offset}, {reason}, which was never acknowledged",
+            segment=name,
+            length=tail.length,
+            offset=tail.offset,
+            reason=tail.reason,
+        )
 
     def _held(self, name: str) -> bool:
         """
@@ -888,6 +1139,39 @@ class FilesystemBackend:
             )
 
         return self._run(lambda: self._locked(False, stores))
+
+    def inspect(self) -> Deferred[list[SegmentReport]]:
+        """
+        Check every segment in full, all of its CRCs (see
+        L{inspectSegment}), under the shared lock, so that no batch is half
+        written while it is read.
+
+        @return: a L{Deferred} firing with one L{SegmentReport} per segment,
+            oldest first.
+        """
+
+        def inspect() -> list[SegmentReport]:
+            try:
+                names = sorted(
+                    n for n in os.listdir(self._segmentsPath) if _SEGMENT_NAME.match(n)
+                )
+            except FileNotFoundError:
+                return []
+            reports = []
+            for name in names:
+                try:
+                    fd = os.open(os.path.join(self._segmentsPath, name), os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    report = inspectSegment(fd, name)
+                finally:
+                    os.close(fd)
+                held = self._active is not None and self._active[0] == name
+                reports.append(report._replace(held=held or self._held(name)))
+            return reports
+
+        return self._run(lambda: self._locked(False, inspect))
 
     def close(self) -> None:
         """
