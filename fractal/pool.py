@@ -640,6 +640,14 @@ class StorePool:
             lease.store.close()
         except Exception:
             self.log.failure("Error closing the store of {key!r}", key=lease.key)
+        else:
+            if self.shipper is not None:
+                try:
+                    self.shipper.storeClosed(lease.key, lease.store)
+                except Exception:
+                    self.log.failure(
+                        "Shipper failed after closing the store of {key!r}", key=lease.key
+                    )
         del self._closing[lease.key]
         self.closedCount += 1
         waiters, lease._whenClosed = lease._whenClosed, []

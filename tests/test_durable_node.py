@@ -251,6 +251,35 @@ class DurableNodeTests(_DurableNodeMixin, SynchronousTestCase):
         pump.flush()
         self.assertEqual([self.successResultOf(d)["value"] for d in calls], [6, 6, 6])
 
+    def test_cleanRestartResumesNothing(self) -> None:
+        """
+        A node stopped cleanly and started again on the same data directory
+        resumes shipping no store (its stores' closes checkpointed them
+        after their last ships, yet their state files say they are
+        unchanged); their next commits ship deltas on their chains.
+        """
+        dataDir = FilePath(self.mktemp())
+        node = self.makeNode(dataDir)
+        client, pump = self.connect()
+        for user in ["a", "b", "c"]:
+            client.callRemote(Add, user=user, amount=5)
+        pump.flush()
+        self.successResultOf(node.stopService())
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        other = self.makeNode(dataDir)
+        self.addCleanup(other.stopService)
+        self.assertEqual([e for e in events if "Resuming" in e.get("log_format", "")], [])
+        client, pump = self.connect()
+        calls = [client.callRemote(Add, user=user, amount=1) for user in ["a", "b", "c"]]
+        pump.flush()
+        self.assertEqual([self.successResultOf(d)["value"] for d in calls], [6, 6, 6])
+        self.reactor.advance(1)
+        for user in ["a", "b", "c"]:
+            records = self.successResultOf(self.backend.records(storeNameForKey(user)))
+            self.assertEqual([(r.seq, r.baseSeq) for r in records], [(1, 0), (2, 1)])
+
     def test_staleEpochRefusesDurableAck(self) -> None:
         """
         When the backend has been fenced at a newer epoch, a durable call is

@@ -308,6 +308,12 @@ class IShipper(Interface):
             is shipped from its file later, and the lag shows it.
         """
 
+    def storeClosed(key: str, store: object) -> None:
+        """
+        The pool has closed C{key}'s store, after L{storeClosing} fired: its
+        files are as the close left them until it is opened again.
+        """
+
     def whenDurable(key: str) -> Deferred[None]:
         """
         The output gate of C{ack="durable"}.

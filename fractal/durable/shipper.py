@@ -159,6 +159,9 @@ class _StoreState:
         self.image: bytes | None = None
         self.imageSeq = -1
         self.probing: list[Deferred[None]] | None = None
+        # Found unchanged since its last ship by its state file's stamp when
+        # opened (L{_closedUnchanged}), and not loaded since.
+        self.stamped = False
         # The digests of the records sent since the last one known stored:
         # one of them may be stored though its answer was lost.
         self.sent: list[bytes] = []
@@ -246,6 +249,87 @@ def _writeState(dbdir: FilePath[str], state: dict[str, Any], digests: tuple[byte
         f.write(json.dumps(dict(state, version=_STATE_VERSION)).encode("utf-8") + b"\n")
         f.write(b"".join(digests))
     os.replace(temporary, dbdir.child(STATE_FILE).path)
+
+
+def _fileStamp(dbdir: FilePath[str]) -> list[int] | None:
+    """
+    The size, modification time (ns) and inode of the database file of the
+    store at C{dbdir}, or L{None} if it cannot be looked at.  Any write to
+    the file (a checkpoint) changes its time; a restore or a store set aside
+    and replaced changes its inode.
+    """
+    try:
+        status = os.stat(os.path.join(dbdir.path, "db.sqlite"))
+    except OSError:
+        return None
+    return [status.st_size, status.st_mtime_ns, status.st_ino]
+
+
+def _closedUnchanged(dbdir: FilePath[str], saved: dict[str, Any] | None, key: str) -> bool:
+    """
+    Whether the store of C{key} at C{dbdir} holds exactly the image its state
+    file C{saved} names, known without reading it: the file says that when
+    the store was last closed, fully shipped to that record, its database
+    file had the stamp (L{_fileStamp}) it has now, and its write-ahead log
+    holds nothing (every commit goes through the log first; only a
+    checkpoint writes the database file).  A few system calls, no read of
+    the store.
+
+    The shipper writes the stamp only after closing a store it has shipped
+    to its last commit, and takes it away before closing one that is not,
+    so a commit of this node is never hidden by it; a write by another
+    process lands at a later modification time (filesystems whose
+    timestamps are coarser than such a write's distance from the stamp
+    could hide it; nodes own their data directories).
+
+    @return: C{False} when in doubt: the store is then compared page by page.
+    """
+    if saved is None or saved.get("key") != key or saved["seq"] == 0:
+        return False
+    stamp = saved.get("closed")
+    if not isinstance(stamp, list) or len(stamp) != 3 or stamp != _fileStamp(dbdir):
+        return False
+    try:
+        return os.stat(os.path.join(dbdir.path, "db.sqlite-wal")).st_size == 0
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def _stampState(dbdir: FilePath[str], seq: int | None, key: str) -> None:
+    """
+    Add to the state file of the store at C{dbdir}, just closed with exactly
+    the image of record C{seq} (L{None}: whichever record the file names,
+    when the store was found unchanged at open and not written since), the
+    database file's stamp (L{_closedUnchanged}); nothing if the file is not
+    that record's or the stamp is there already.  Blocking.
+    """
+    saved = _readState(dbdir)
+    if saved is None or saved["key"] != key or saved["seq"] == 0:
+        return
+    if seq is not None and saved["seq"] != seq:
+        return
+    stamp = _fileStamp(dbdir)
+    if stamp is None or saved.get("closed") == stamp:
+        return
+    digests = saved.pop("digests")
+    saved["closed"] = stamp
+    _writeState(dbdir, saved, digests)
+
+
+def _unstampState(dbdir: FilePath[str]) -> None:
+    """
+    Take the stamp (L{_closedUnchanged}) out of the state file of the store
+    at C{dbdir}, if it has one: the store is closing with commits not
+    shipped, and its close writes them into the database file.  Blocking.
+    """
+    saved = _readState(dbdir)
+    if saved is None or "closed" not in saved:
+        return
+    digests = saved.pop("digests")
+    del saved["closed"]
+    _writeState(dbdir, saved, digests)
 
 
 @implementer(IShipper, IService)
@@ -336,6 +420,12 @@ class Shipper(Service):
         self._saveInterval = saveInterval
         self._states: dict[str, _StoreState] = {}
         self._dirty: dict[str, _StoreState] = {}
+        # Probes put off until the next interval (or until waited on).
+        self._probesDue: dict[str, _StoreState] = {}
+        # Stores closing shipped to their last commit, and the record their
+        # state file must name for L{storeClosed} to stamp it (L{None}: the
+        # one it names).
+        self._closedClean: dict[str, int | None] = {}
         self._fencedObservers: list[Callable[[str, StaleEpoch], None]] = []
         self._loop: LoopingCall | None = None
         self._immediate: IDelayedCall | None = None
@@ -422,17 +512,28 @@ class Shipper(Service):
             state = self._states[key] = _StoreState(key, dbdir)
         state.opens += 1
         state.dbdir = dbdir
+        self._closedClean.pop(key, None)
+        reowned = False
         if state.fenced is not None and self._epochForKey(key) > state.fenced.current:
             # This node owns the slot again, at a newer epoch.
             state.fenced = None
             state.loaded = False
-        if not state.loaded and not state.dirty and state.probing is None:
+            state.stamped = False
+            reowned = True
+        if not state.loaded and not state.dirty and state.probing is None and not state.stamped:
             # Unknown whether it changed since it was last shipped (by an
-            # earlier run of this node): compare it with its state file, in
-            # a worker thread, and ship it only if it did.  A commit
-            # meanwhile marks it dirty anyway.
-            if dbdir.child(STATE_FILE).exists():
-                self._probe(state)
+            # earlier run of this node).  Its state file may say it did not,
+            # from its stamp (a few system calls, here): then nothing is
+            # read, and its chain is looked up when it is next shipped.
+            # Otherwise it is compared with its state file in a worker
+            # thread, from the next interval on (or at once when waited on),
+            # not while this open's first call runs, and shipped only if it
+            # changed.  A commit meanwhile marks it dirty anyway.
+            stateFile = dbdir.child(STATE_FILE)
+            if not reowned and _closedUnchanged(dbdir, _readState(dbdir), key):
+                state.stamped = True
+            elif stateFile.exists():
+                self._probe(state, later=True)
             else:
                 self._markDirty(state)
                 # A new store: name its key next to it at once (a small
@@ -450,17 +551,32 @@ class Shipper(Service):
                                      store=state.name)
         store.addCommitObserver(lambda: self._committed(state))
 
-    def _probe(self, state: _StoreState) -> None:
+    def _probe(self, state: _StoreState, later: bool = False) -> None:
         """
         Learn where C{state}'s chain stands (L{_load}) and mark its store
         dirty unless its state file describes the backend's newest record and
         the store still holds exactly that image (the same digest for every
         page, compared in a worker thread).  Until that is known,
         L{whenDurable}, L{flush}, L{storeClosing} and ships of the store wait
-        for it; a commit meanwhile marks it dirty anyway.
+        for it; a commit meanwhile marks it dirty anyway (and, if the probe
+        has not started, spares it: its ship compares the pages).
+
+        @param later: start at the next interval, or when something waits
+            for it, rather than now.
         """
-        database = state.dbdir.child("db.sqlite")
         state.probing = []
+        if later:
+            self._probesDue[state.key] = state
+        else:
+            self._startProbe(state)
+
+    def _startProbe(self, state: _StoreState) -> None:
+        """
+        Start the probe (L{_probe}) of C{state}.
+        """
+        if self._probesDue.get(state.key) is state:
+            del self._probesDue[state.key]
+        database = state.dbdir.child("db.sqlite")
 
         async def look() -> None:
             await self._load(state)
@@ -491,14 +607,31 @@ class Shipper(Service):
         Fire once it is known whether C{state}'s store changed since its last
         ship (at once, unless L{_probe} is still looking).
         """
+        if self._probesDue.get(state.key) is state:
+            self._startProbe(state)
         if state.probing is None:
             return succeed(None)
         d: Deferred[None] = Deferred()
         state.probing.append(d)
         return d
 
+    def _startDueProbes(self) -> None:
+        """
+        Start every probe put off until this interval.
+        """
+        for state in list(self._probesDue.values()):
+            self._startProbe(state)
+
     def _committed(self, state: _StoreState) -> None:
         self._states.setdefault(state.key, state)
+        if self._probesDue.get(state.key) is state:
+            # Changed anyway: its ship compares its pages with the last ship.
+            del self._probesDue[state.key]
+            waiters, state.probing = state.probing or [], None
+            self._markDirty(state)
+            for d in waiters:
+                d.callback(None)
+            return
         self._markDirty(state)
 
     def _markDirty(self, state: _StoreState) -> None:
@@ -514,16 +647,69 @@ class Shipper(Service):
         if state is None:
             return succeed(None)
 
+        def unstamp(_: object) -> Deferred[None] | None:
+            # Still unshipped (the backend is down, say): the close about to
+            # come writes those commits into the database file, so its state
+            # file must not say the file is unchanged since a ship.
+            if not state.dirty:
+                return None
+            dbdir = state.dbdir
+            d: Deferred[None] = self._run(lambda: _unstampState(dbdir))
+            return d.addErrback(
+                lambda f: self.log.failure("Cannot write the shipping state of {store}", f,
+                                           store=state.name)
+            )
+
         def closed(_: object) -> None:
             state.opens = max(0, state.opens - 1)
             if not state.opens:
                 self._images.discard(state.dbdir.child("db.sqlite"))
+                if (
+                    not state.dirty
+                    and state.fenced is None
+                    and state.probing is None
+                    and not state.shipping
+                ):
+                    if state.stamped:
+                        self._closedClean[key] = None
+                    elif (
+                        state.loaded
+                        and state.seq > 0
+                        and state.digests is not None
+                        and state.savedSeq == state.seq
+                    ):
+                        self._closedClean[key] = state.seq
             self._forgetIfDone(state)
 
         state.retryAt = 0.0
         d = self._afterProbe(state).addCallback(lambda _: self._shipAfterCurrent(state))
         d.addCallback(lambda _: self._saveStates([state]))
+        d.addCallback(unstamp)
         return d.addBoth(closed)
+
+    def storeClosed(self, key: str, store: Any) -> None:
+        """
+        The pool has closed C{key}'s store (after L{storeClosing}).  If it was
+        shipped to its last commit, its state file gets the stamp of the
+        database file as the close left it (the close checkpoints the
+        write-ahead log into it), so that the next open, or the next start
+        of the node, knows without reading the store that it is unchanged
+        (L{_closedUnchanged}).  A few system calls, and a small write when
+        the stamp changed; on the reactor thread, so that nothing else writes
+        the state file meanwhile.
+        """
+        if key not in self._closedClean:
+            return
+        seq = self._closedClean.pop(key)
+        state = self._states.get(key)
+        if state is not None and (state.opens or state.dirty):
+            return
+        dbdir: FilePath[str] = store.dbdir
+        try:
+            _stampState(dbdir, seq, key)
+        except OSError:
+            self.log.failure("Cannot write the shipping state of {store}",
+                             store=storeNameForKey(key))
 
     def _forgetIfDone(self, state: _StoreState) -> None:
         """
@@ -655,6 +841,7 @@ class Shipper(Service):
         return d.addCallback(lambda _: None)
 
     def _tick(self) -> None:
+        self._startDueProbes()
         self._shipDue(interval=True)
         self._reportLag()
 
@@ -1084,6 +1271,7 @@ class Shipper(Service):
         dbdir = state.dbdir
         # A store with no record needs no state file: its next is a snapshot.
         saved = None if head is None else await self._run(lambda: _readState(dbdir))
+        state.stamped = False
         if head is None:
             state.seq, state.digests = 0, None
         elif (
@@ -1274,6 +1462,11 @@ class Shipper(Service):
                 except ValueError:
                     continue
                 if storeNameForKey(saved["key"]) != dbdir.basename():
+                    continue
+                if _closedUnchanged(dbdir, saved, saved["key"]):
+                    # Closed shipped to its last commit, and not written
+                    # since (its close's checkpoint came after that ship, so
+                    # the times alone would say it changed).
                     continue
                 changed = 0.0
                 for name in ("db.sqlite", "db.sqlite-wal"):
