@@ -17,7 +17,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fractal.durable._threads import runSynchronously
-from fractal.durable.filesystem import FilesystemBackend, encodeBatch
+from fractal.durable.filesystem import FilesystemBackend, encodeBatch, inspectSegment
 from fractal.durable.interfaces import (
     BrokenChain,
     IDurableBackend,
@@ -417,6 +417,50 @@ class FilesystemTornTailTests(SynchronousTestCase):
         self.assertEqual(_records(writer, self.store), [(1, 0)])
         self.successResultOf(writer.append(recordInfo(self.store, 1, 2, 1, b"x"), b"x"))
         self.assertEqual(segment.getContent(), bytes(damaged))
+
+    def inspect(self, segment: FilePath[str]) -> Any:
+        fd = os.open(segment.path, os.O_RDONLY)
+        try:
+            return inspectSegment(fd, segment.basename())
+        finally:
+            os.close(fd)
+
+    def test_everyCutTorn(self) -> None:
+        """
+        A segment cut anywhere inside its last batch (a crash mid-append, at
+        every length) is found torn there, with nothing damaged; cut between
+        batches, it is whole.
+        """
+        self.snapshot = b"a small snapshot"
+        segment, good, batch = self.crashedSegment()
+        for cut in range(len(batch) + 1):
+            segment.setContent(good + batch[:cut])
+            report = self.inspect(segment)
+            if cut in (0, len(batch)):
+                self.assertEqual(report.problems, (), cut)
+                continue
+            self.assertEqual(report.damaged, [], cut)
+            self.assertEqual(report.tornTail.offset, len(good), cut)
+            self.assertEqual(report.tornTail.length, cut, cut)
+            self.assertEqual(report.goodEnd, len(good), cut)
+
+    def test_everyFlipDamage(self) -> None:
+        """
+        A flipped bit in any byte after the segment's magic, in any batch,
+        the last included, is found as damage and never as a torn tail, so
+        compaction never cuts it: only a framing that shows a batch
+        unfinished is taken for one.
+        """
+        self.snapshot = b"a small snapshot"
+        segment, good, batch = self.crashedSegment()
+        whole = good + batch
+        for offset in range(8, len(whole)):
+            flipped = bytearray(whole)
+            flipped[offset] ^= 1 << (offset % 8)
+            segment.setContent(bytes(flipped))
+            report = self.inspect(segment)
+            self.assertNotEqual(report.damaged, [], offset)
+            self.assertIsNone(report.tornTail, offset)
 
     def test_heldSegmentKept(self) -> None:
         """

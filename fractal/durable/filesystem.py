@@ -520,6 +520,9 @@ class FilesystemBackend:
         self._activeSize = 0
         self._compactDue = False
         self._compacting = False
+        # Segments a full check found damaged (or not provably torn): no
+        # one writes to them any more, so they are not checked again.
+        self._uncuttable: set[str] = set()
 
     # Paths and locks
 
@@ -835,7 +838,7 @@ class FilesystemBackend:
         for name, state in sorted(self._segments.items()):
             if self._active is not None and name == self._active[0]:
                 continue
-            if state.size != state.read:
+            if state.size != state.read and name not in self._uncuttable:
                 self._cutTornTail(name, state)
             # Only a segment read to its end: one with damage (or a torn
             # tail that could not be cut) is kept as it is, for what can
@@ -920,6 +923,7 @@ class FilesystemBackend:
                 or tail.offset != state.read
                 or tail.offset + tail.length != report.size
             ):
+                self._uncuttable.add(name)
                 return
             os.fsync(fd)
             os.ftruncate(fd, tail.offset)
