@@ -10,31 +10,37 @@ loop and leaves anything else (a partial box, a key longer than AMP allows, a
 box over a size limit) to AMP's own parser, which then does exactly what it
 would have done with the whole chunk.  The node's front door
 (L{fractal.server.NodeProtocol}) and the client (L{fractal.client}) read
-with it.
+with it, and convert a command's values from a box with one
+L{boxParser} per command rather than AMP's per-call copies.
 
 Reading and writing boxes beside AMP's own code means relying on some of
 Twisted's private names, which a Twisted release may rename or change
 without a deprecation.  They are all listed here, in
 L{AMP_PRIVATE_ATTRIBUTES}, and the client reaches its connection's through
-the functions below rather than by name; C{tests.test_framing} fails if any
+the functions below rather than by name.  C{tests.test_framing} fails if any
 of them is missing from an L{amp.AMP} instance or no longer means what these
-functions assume, so a Twisted upgrade that breaks them fails the tests
-instead of every call.
+functions assume, or if C{amp.Command._doCommand} (which the client
+compares with a command's) is missing: a Twisted upgrade that breaks them
+fails the tests instead of every call.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ITransport
-from twisted.protocols.amp import AMP, AmpBox, BinaryBoxProtocol
+from twisted.protocols.amp import AMP, AmpBox, Argument, BinaryBoxProtocol
+from twisted.python.compat import nativeString
 from twisted.python.failure import Failure
 
 __all__ = [
     "AMP_PRIVATE_ATTRIBUTES",
     "readBoxes",
     "canReadBoxes",
+    "usualArguments",
+    "argumentSchema",
+    "boxParser",
     "writableTransport",
     "failedReason",
     "nextTag",
@@ -174,3 +180,67 @@ def takeAnswer(protocol: AMP, tag: bytes) -> Deferred[Any]:
     """
     answer: Deferred[Any] = protocol._outstandingRequests.pop(tag)
     return answer
+
+
+Schema = Sequence[tuple[bytes, Argument]]
+"""
+A command's C{arguments} or C{response}: (wire name, L{Argument}) pairs.
+"""
+
+
+def usualArguments(schema: Schema, methods: tuple[str, ...]) -> bool:
+    """
+    Whether no argument of C{schema} overrides any of C{methods} of
+    L{Argument}, and their wire names are distinct: whether its values can be
+    converted one by one, straight from or to a box, as AMP would.
+    """
+    wireNames = [wire for wire, _ in schema]
+    return len(set(wireNames)) == len(wireNames) and all(
+        getattr(type(argument), method) is getattr(Argument, method)
+        for _, argument in schema
+        for method in methods
+    )
+
+
+def argumentSchema(
+    schema: Schema, conversion: str
+) -> list[tuple[bytes, str, bool, Callable[[Any, Any], Any]]]:
+    """
+    Each argument of C{schema} as its wire name, its Python name, whether it
+    is optional, and its method named C{conversion} (C{"toStringProto"} or
+    C{"fromStringProto"}).
+    """
+    return [
+        (
+            wire,
+            nativeString(wire.replace(b"-", b"_")),
+            argument.optional,
+            getattr(argument, conversion),
+        )
+        for wire, argument in schema
+    ]
+
+
+def boxParser(schema: Schema) -> Callable[[AmpBox, Any], dict[str, Any]]:
+    """
+    A function that reads the values of C{schema} from a box, as
+    C{Command.parseArguments} or C{parseResponse} would, for a schema whose
+    arguments are L{usualArguments} for C{fromBox} and C{retrieve}.
+
+    @return: a function of a box and the protocol that received it,
+        returning a C{dict} by Python name; a required value missing from
+        the box raises C{KeyError(wire name)}, as AMP's does.
+    """
+    spec = argumentSchema(schema, "fromStringProto")
+
+    def parse(box: AmpBox, proto: Any) -> dict[str, Any]:
+        objects: dict[str, Any] = {}
+        for wire, name, optional, convert in spec:
+            if optional:
+                value = box.get(wire)
+                objects[name] = None if value is None else convert(value, proto)
+            else:
+                objects[name] = convert(box[wire], proto)
+        return objects
+
+    return parse

@@ -52,17 +52,19 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
-from twisted.python.compat import nativeString
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from fractal._framing import (
+    argumentSchema,
+    boxParser,
     canReadBoxes,
     expectAnswer,
     failedReason,
     nextTag,
     readBoxes,
     takeAnswer,
+    usualArguments,
     writableTransport,
 )
 
@@ -183,19 +185,6 @@ class _ClientFactory(Factory):
         return protocol
 
 
-def _usualArguments(arguments: list[tuple[bytes, amp.Argument]], methods: tuple[str, ...]) -> bool:
-    """
-    Whether none of C{arguments} overrides any of C{methods} of
-    L{amp.Argument}, and their wire names are distinct.
-    """
-    wireNames = [wire for wire, _ in arguments]
-    return len(set(wireNames)) == len(wireNames) and all(
-        getattr(type(argument), method) is getattr(amp.Argument, method)
-        for _, argument in arguments
-        for method in methods
-    )
-
-
 class _Codec:
     """
     How the client encodes one command's call and decodes its answer, as
@@ -211,24 +200,8 @@ class _Codec:
         self.name: bytes = command.commandName
         self.requiresAnswer: bool = command.requiresAnswer
         self.reverseErrors: dict[bytes, type[Exception]] = command.reverseErrors  # type: ignore[attr-defined]
-        self.arguments = [
-            (
-                wire,
-                nativeString(wire.replace(b"-", b"_")),
-                argument.optional,
-                argument.toStringProto,
-            )
-            for wire, argument in command.arguments
-        ]
-        self.response = [
-            (
-                wire,
-                nativeString(wire.replace(b"-", b"_")),
-                argument.optional,
-                argument.fromStringProto,
-            )
-            for wire, argument in command.response
-        ]
+        self.arguments = argumentSchema(command.arguments, "toStringProto")
+        self._parseAnswer = boxParser(command.response)
         self.argumentNames = frozenset(name for _, name, _, _ in self.arguments)
         self.usual = (
             command.__init__ is amp.Command.__init__
@@ -237,8 +210,8 @@ class _Codec:
                 for method in ("makeArguments", "parseResponse")
             )
             and command._doCommand is amp.Command._doCommand
-            and _usualArguments(command.arguments, ("toBox", "retrieve"))
-            and _usualArguments(command.response, ("fromBox", "retrieve"))
+            and usualArguments(command.arguments, ("toBox", "retrieve"))
+            and usualArguments(command.response, ("fromBox", "retrieve"))
             and all(len(wire) <= amp.MAX_KEY_LENGTH for wire, _ in command.arguments)
             and 0 < len(self.name) <= amp.MAX_VALUE_LENGTH
         )
@@ -329,14 +302,7 @@ class _Codec:
         """
         The answer in C{box}, as a C{dict}.
         """
-        objects: dict[str, Any] = {}
-        for wire, name, optional, fromString in self.response:
-            if optional:
-                value = box.get(wire)
-                objects[name] = None if value is None else fromString(value, connection)
-            else:
-                objects[name] = fromString(box[wire], connection)
-        return objects
+        return self._parseAnswer(box, connection)
 
     def timedOut(self, result: object, seconds: float) -> object:
         """

@@ -61,11 +61,10 @@ from twisted.protocols.amp import (
     IBoxReceiver,
     IBoxSender,
 )
-from twisted.python.compat import nativeString
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from fractal._framing import canReadBoxes, readBoxes
+from fractal._framing import boxParser, canReadBoxes, readBoxes, usualArguments
 from fractal.app import Application, Responder
 from fractal.durable.interfaces import IShipper, StaleEpoch
 from fractal.keys import InvalidUserKey, slotForKey, validateKey
@@ -1170,38 +1169,12 @@ def _argumentParser(command: type[amp.Command]) -> Callable[[AmpBox, Any], dict[
     parser = _parsers.get(command)
     if parser is not None:
         return parser
-    arguments = list(command.arguments)
-    wireNames = [wire for wire, _ in arguments]
     usual = (
         getattr(command.parseArguments, "__func__", None)
         is amp.Command.parseArguments.__func__  # type: ignore[attr-defined]
-        and len(set(wireNames)) == len(wireNames)
-        and all(
-            type(argument).fromBox is amp.Argument.fromBox
-            and type(argument).retrieve is amp.Argument.retrieve
-            for _, argument in arguments
-        )
+        and usualArguments(command.arguments, ("fromBox", "retrieve"))
     )
-    if not usual:
-        parser = command.parseArguments
-    else:
-        spec = [
-            (wire, nativeString(wire.replace(b"-", b"_")), argument.optional,
-             argument.fromStringProto)
-            for wire, argument in arguments
-        ]
-
-        def parser(box: AmpBox, proto: Any) -> dict[str, Any]:
-            objects: dict[str, Any] = {}
-            for wire, name, optional, convert in spec:
-                if optional:
-                    value = box.get(wire)
-                    objects[name] = None if value is None else convert(value, proto)
-                else:
-                    # A missing argument raises KeyError(wire), as AMP's does.
-                    objects[name] = convert(box[wire], proto)
-            return objects
-
+    parser = boxParser(command.arguments) if usual else command.parseArguments
     _parsers[command] = parser
     return parser
 

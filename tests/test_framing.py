@@ -1,7 +1,8 @@
 """
-Tests for L{fractal._framing}'s use of Twisted's private AMP names.
+Tests for L{fractal._framing}: its use of Twisted's private AMP names, and
+its conversion of a command's values from a box.
 
-These tests fail when a Twisted release renames or changes one of the private
+The first tests fail when a Twisted release renames or changes one of the private
 names of L{amp.AMP} that fractal relies on, rather than every call failing.
 """
 
@@ -14,10 +15,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from fractal._framing import (
     AMP_PRIVATE_ATTRIBUTES,
+    boxParser,
     expectAnswer,
     failedReason,
     nextTag,
     takeAnswer,
+    usualArguments,
     writableTransport,
 )
 
@@ -40,6 +43,7 @@ class AMPPrivateNamesTests(SynchronousTestCase):
         for name in ("_nextTag", "_answerReceived", "_errorReceived"):
             self.assertTrue(callable(getattr(amp.BoxDispatcher, name)), name)
         self.assertIsInstance(protocol._outstandingRequests, dict)
+        self.assertTrue(callable(amp.Command._doCommand))
 
     def test_answerAndError(self) -> None:
         """
@@ -99,3 +103,48 @@ class AMPPrivateNamesTests(SynchronousTestCase):
         protocol.connectionLost(reason)
         self.assertIs(failedReason(protocol), reason)
         self.failureResultOf(pending, ConnectionError)
+
+
+class BoxParserTests(SynchronousTestCase):
+    """
+    Tests for L{boxParser} and L{usualArguments}.
+    """
+
+    def test_parse(self) -> None:
+        """
+        L{boxParser} converts each value of the schema from the box by its
+        Python name (a wire name's C{-} read as C{_}), gives L{None} for an
+        optional value the box lacks, and raises C{KeyError} with the wire
+        name of a required one it lacks.
+        """
+        schema = [
+            (b"the-count", amp.Integer()),
+            (b"note", amp.Unicode(optional=True)),
+        ]
+        self.assertTrue(usualArguments(schema, ("fromBox", "retrieve")))
+        parse = boxParser(schema)
+        self.assertEqual(
+            parse(amp.AmpBox({b"the-count": b"7", b"note": b"hi"}), None),
+            {"the_count": 7, "note": "hi"},
+        )
+        self.assertEqual(
+            parse(amp.AmpBox({b"the-count": b"7"}), None), {"the_count": 7, "note": None}
+        )
+        error = self.assertRaises(KeyError, parse, amp.AmpBox({b"note": b"hi"}), None)
+        self.assertEqual(error.args, (b"the-count",))
+
+    def test_unusual(self) -> None:
+        """
+        A schema with an argument that overrides one of the named methods,
+        or with a wire name twice, is not usual.
+        """
+
+        class Custom(amp.Integer):
+            def fromBox(self, *args: object) -> None:
+                pass
+
+        self.assertFalse(usualArguments([(b"a", Custom())], ("fromBox", "retrieve")))
+        self.assertTrue(usualArguments([(b"a", Custom())], ("toBox",)))
+        self.assertFalse(
+            usualArguments([(b"a", amp.Integer()), (b"a", amp.Integer())], ("fromBox",))
+        )
