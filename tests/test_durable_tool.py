@@ -139,6 +139,8 @@ class ToolTests(SynchronousTestCase):
         self.assertIn("2 stores, 1 broken", self.stdout.getvalue())
         self.assertIn("0 with a torn tail (expected after a crash), 1 damaged",
                       self.stdout.getvalue())
+        self.assertIn(f"  stores with entries in or after the damage (1): {bob}\n",
+                      self.stdout.getvalue())
 
 
 class VerifySegmentsTests(SynchronousTestCase):
@@ -186,6 +188,7 @@ class VerifySegmentsTests(SynchronousTestCase):
             output,
         )
         self.assertIn("1 segments, 0 with a torn tail (expected after a crash), 0 damaged", output)
+        self.assertNotIn("stores with entries", output)
 
     def test_tornTail(self) -> None:
         """
@@ -236,6 +239,9 @@ class VerifySegmentsTests(SynchronousTestCase):
                 output,
             )
             self.assertIn("0 with a torn tail (expected after a crash), 1 damaged", output)
+            self.assertIn(
+                f"  stores with entries in or after the damage (1): {self.store}\n", output
+            )
 
     def test_damagedLastBatch(self) -> None:
         """
@@ -248,6 +254,7 @@ class VerifySegmentsTests(SynchronousTestCase):
         self.assertEqual(self.verify(), 1)
         output = self.stdout.getvalue()
         self.assertIn("a batch whose records fail their CRC, to the end of the segment", output)
+        self.assertIn(f"  stores with entries in or after the damage (1): {self.store}\n", output)
         self.assertIn("1 damaged", output)
 
     def test_damageBeforeTornTail(self) -> None:
@@ -276,6 +283,7 @@ class VerifySegmentsTests(SynchronousTestCase):
         cut.setContent(b"not a segment at all")
         self.assertEqual(self.verify(), 1)
         self.assertIn("  DAMAGED: 20 bytes at byte 0: not a segment", self.stdout.getvalue())
+        self.assertNotIn("stores with entries", self.stdout.getvalue())
 
     def test_noBackend(self) -> None:
         """

@@ -317,6 +317,9 @@ class SegmentReport(NamedTuple):
         everything before it is whole.
     @ivar problems: the regions that are not intact batches, in order.
     @ivar held: whether a live writer holds the segment (it may still grow).
+    @ivar affected: the stores with entries in a damaged batch whose entry
+        table is intact, or in an intact batch after damage (which readers
+        may not serve), sorted.
     """
 
     name: str
@@ -326,6 +329,7 @@ class SegmentReport(NamedTuple):
     goodEnd: int
     problems: tuple[SegmentProblem, ...]
     held: bool = False
+    affected: tuple[str, ...] = ()
 
     @property
     def damaged(self) -> list[SegmentProblem]:
@@ -345,42 +349,43 @@ class SegmentReport(NamedTuple):
         return None
 
 
-def _checkBatch(buf: _Buffer, offset: int, size: int) -> tuple[str, int, int, str]:
+def _checkBatch(buf: _Buffer, offset: int, size: int) -> tuple[str, int, bytes, str]:
     """
     Check the batch at C{offset} of a segment's bytes, all of its CRCs.
 
-    @return: (status, end, entry count, reason): status is C{"ok"},
+    @return: (status, end, entry table, reason): status is C{"ok"},
         C{"incomplete"} (the framing shows a batch that runs past the end of
-        the file: an unfinished append) or C{"damaged"}.
+        the file: an unfinished append) or C{"damaged"}; the entry table is
+        given when it passes its CRC.
     """
     remaining = size - offset
     if remaining < _BATCH_HEADER_SIZE:
-        return ("incomplete", size, 0,
+        return ("incomplete", size, b"",
                 f"{remaining} bytes, fewer than a batch header ({_BATCH_HEADER_SIZE})")
     raw = bytes(buf[offset : offset + _BATCH_HEADER_SIZE])
     (crc,) = _BATCH_CRC.unpack_from(raw, _BATCH.size)
     if zlib.crc32(raw[: _BATCH.size]) != crc:
-        return ("damaged", 0, 0, "a batch header that fails its CRC")
+        return ("damaged", 0, b"", "a batch header that fails its CRC")
     magic, version, count, tableCrc, dataLength, dataCrc = _BATCH.unpack_from(raw)
     if magic != _BATCH_MAGIC or version != _BATCH_VERSION or count > _MAX_ENTRIES:
-        return ("damaged", 0, 0, "a batch header with an unknown magic, version or count")
+        return ("damaged", 0, b"", "a batch header with an unknown magic, version or count")
     tableStart = offset + _BATCH_HEADER_SIZE
     dataStart = tableStart + count * _ENTRY.size
     end = dataStart + dataLength
     if end > size:
-        return ("incomplete", size, 0,
+        return ("incomplete", size, b"",
                 f"an unfinished batch: {remaining} of its {end - offset} bytes were written")
     table = bytes(buf[tableStart:dataStart])
     if zlib.crc32(table) != tableCrc:
-        return ("damaged", 0, 0, "a batch whose entry table fails its CRC")
+        return ("damaged", 0, b"", "a batch whose entry table fails its CRC")
     if zlib.crc32(buf[dataStart:end]) != dataCrc:
-        return ("damaged", 0, 0, "a batch whose records fail their CRC")
+        return ("damaged", 0, table, "a batch whose records fail their CRC")
     lengths = sum(
         _ENTRY.unpack_from(table, i * _ENTRY.size)[4] for i in range(count)
     )
     if lengths != dataLength:
-        return ("damaged", 0, 0, "a batch whose entries do not add up to its data")
-    return ("ok", end, count, "")
+        return ("damaged", 0, table, "a batch whose entries do not add up to its data")
+    return ("ok", end, table, "")
 
 
 def _nextIntactBatch(buf: _Buffer, start: int, size: int) -> int | None:
@@ -415,11 +420,17 @@ def _inspect_Buffer(name: str, buf: _Buffer) -> SegmentReport:
     offset = goodEnd = len(_SEGMENT_MAGIC)
     batches = entries = 0
     problems: list[SegmentProblem] = []
+    affected: set[str] = set()
     while offset < size:
-        status, end, count, reason = _checkBatch(buf, offset, size)
+        status, end, table, reason = _checkBatch(buf, offset, size)
+        if status != "incomplete" and (problems or status == "damaged"):
+            affected.update(
+                table[i + 32 : i + 64].hex()
+                for i in range(0, len(table), _ENTRY.size)
+            )
         if status == "ok":
             batches += 1
-            entries += count
+            entries += len(table) // _ENTRY.size
             offset = end
             if not problems:
                 goodEnd = end
@@ -447,7 +458,9 @@ def _inspect_Buffer(name: str, buf: _Buffer) -> SegmentReport:
                 f"{reason}, followed by intact batches at byte {following}",
             ))
             offset = following
-    return SegmentReport(name, size, batches, entries, goodEnd, tuple(problems))
+    return SegmentReport(
+        name, size, batches, entries, goodEnd, tuple(problems), affected=tuple(sorted(affected))
+    )
 
 
 def inspectSegment(fd: int, name: str) -> SegmentReport:

@@ -248,6 +248,14 @@ class VerifyOptions(_BackendOptions):
                         f"segment, may be unreadable: see the chains below)",
                         file=self.out,
                     )
+            if report.damaged and report.affected:
+                shown = ", ".join(report.affected[:8])
+                more = len(report.affected) - 8
+                print(
+                    f"  stores with entries in or after the damage ({len(report.affected)}): "
+                    f"{shown}{f' and {more} more' if more > 0 else ''}",
+                    file=self.out,
+                )
             if report.damaged:
                 damaged += 1
             elif report.tornTail is not None:
