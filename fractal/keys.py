@@ -22,6 +22,7 @@ __all__ = [
     "keyDigest",
     "slotForKey",
     "storeNameForKey",
+    "slotOfStoreName",
 ]
 
 DEFAULT_SLOTS = 4096
@@ -103,9 +104,19 @@ def slotForKey(key: str, slots: int = DEFAULT_SLOTS) -> int:
     @raise InvalidUserKey: if C{key} is not valid.
     @raise ValueError: if C{slots} is not positive.
     """
+    return _slotOfDigest(keyDigest(key), slots)
+
+
+def _slotOfDigest(digest: bytes, slots: int) -> int:
+    """
+    The slot of a key whose digest (L{keyDigest}) is C{digest}: its first 8
+    bytes, modulo C{slots}.
+
+    @raise ValueError: if C{slots} is not positive.
+    """
     if slots < 1:
         raise ValueError(f"slot count must be positive, not {slots!r}")
-    return int.from_bytes(keyDigest(key)[:8], "big") % slots
+    return int.from_bytes(digest[:8], "big") % slots
 
 
 def storeNameForKey(key: str) -> str:
@@ -119,3 +130,22 @@ def storeNameForKey(key: str) -> str:
     @raise InvalidUserKey: if C{key} is not valid.
     """
     return keyDigest(key).hex()
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def slotOfStoreName(store: str, slots: int) -> int:
+    """
+    The slot of the store named C{store}: the same as L{slotForKey} of its
+    key, since a store's name is the hex digest of its key
+    (L{storeNameForKey}).
+
+    @param store: a store name: 64 lowercase hexadecimal digits.
+    @param slots: the cluster's slot count.
+    @raise ValueError: if C{store} is not a store name, or C{slots} is not
+        positive.
+    """
+    if len(store) != 64 or not _HEX.issuperset(store):
+        raise ValueError(f"{store!r} is not a store name")
+    return _slotOfDigest(bytes.fromhex(store), slots)

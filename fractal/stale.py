@@ -23,12 +23,13 @@ from typing import Callable, Iterable
 
 from twisted.python.filepath import FilePath
 
+from fractal.keys import slotOfStoreName
+
 __all__ = [
     "DEFAULT_STALE_KEEP",
     "DEFAULT_STALE_MAX",
     "pruneStale",
     "setAsideStores",
-    "slotOfStoreName",
 ]
 
 DEFAULT_STALE_KEEP = 7 * 24 * 3600.0
@@ -40,24 +41,6 @@ DEFAULT_STALE_MAX = 1000
 """
 The most set-aside stale stores kept in C{DATA/stale/}; the oldest go first.
 """
-
-_HEX = frozenset("0123456789abcdef")
-
-
-def slotOfStoreName(store: str, slots: int) -> int:
-    """
-    The slot of the store named C{store}: the same as
-    L{fractal.keys.slotForKey} of its key, since a store's name is the hex
-    SHA-256 of its key (L{fractal.keys.storeNameForKey}) and a key's slot is
-    taken from the first 8 bytes of that hash.
-
-    @param store: a store name: 64 lowercase hexadecimal digits.
-    @param slots: the cluster's slot count.
-    @raise ValueError: if C{store} is not a store name.
-    """
-    if len(store) != 64 or not _HEX.issuperset(store):
-        raise ValueError(f"{store!r} is not a store name")
-    return int(store[:16], 16) % slots
 
 
 def setAsideStores(

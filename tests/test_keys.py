@@ -12,6 +12,7 @@ from fractal.keys import (
     MAX_KEY_BYTES,
     InvalidUserKey,
     slotForKey,
+    slotOfStoreName,
     storeNameForKey,
     validateKey,
 )
@@ -103,8 +104,22 @@ class SlotTests(SynchronousTestCase):
 
 class StoreNameTests(SynchronousTestCase):
     """
-    Tests for L{storeNameForKey}.
+    Tests for L{storeNameForKey} and L{slotOfStoreName}.
     """
+
+    def test_slotOfStoreName(self) -> None:
+        """
+        L{slotOfStoreName} gives a store's slot from its name, as
+        L{slotForKey} gives it from the key; a name that is not a store's is
+        refused.
+        """
+        for key in ("alice", "bob", "\u00e9t\u00e9"):
+            for slots in (1, 16, 4096):
+                self.assertEqual(
+                    slotOfStoreName(storeNameForKey(key), slots), slotForKey(key, slots)
+                )
+        self.assertRaises(ValueError, slotOfStoreName, "../etc", 4)
+        self.assertRaises(ValueError, slotOfStoreName, "A" * 64, 4)
 
     def test_hostileKeys(self) -> None:
         """

@@ -30,7 +30,7 @@ from fractal.node import FractalNode
 from fractal.pool import StorePool
 from fractal.protocol import OwnerUnavailable
 from fractal.routing.interfaces import NodeAddress, ShardMap
-from fractal.stale import pruneStale, setAsideStores, slotOfStoreName
+from fractal.stale import pruneStale, setAsideStores
 from fractal.store import Store
 from fractal.testing import (
     ManualTopology,
@@ -361,20 +361,6 @@ class SetAsideTests(SynchronousTestCase):
     """
     Moving stale local copies out of the way (L{fractal.stale}).
     """
-
-    def test_slotOfStoreName(self) -> None:
-        """
-        L{slotOfStoreName} gives a store's slot from its name, as
-        L{slotForKey} gives it from the key; a name that is not a store's is
-        refused.
-        """
-        for key in ("alice", "bob", "\u00e9t\u00e9"):
-            for slots in (1, 16, 4096):
-                self.assertEqual(
-                    slotOfStoreName(storeNameForKey(key), slots), slotForKey(key, slots)
-                )
-        self.assertRaises(ValueError, slotOfStoreName, "../etc", 4)
-        self.assertRaises(ValueError, slotOfStoreName, "A" * 64, 4)
 
     def test_setAside(self) -> None:
         """
