@@ -14,13 +14,14 @@ import atexit
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
 from typing import Any, Callable
 
 from twisted.trial.unittest import SkipTest
+
+from tests._ports import freePort
 
 __all__ = ["postgresDSN", "makeDatabase", "dropSchema"]
 
@@ -38,13 +39,6 @@ def _connects(dsn: str) -> bool:
     except psycopg.Error:
         return False
     return True
-
-
-def _freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _privateServer() -> tuple[str | None, str]:
@@ -67,7 +61,7 @@ def _privateServer() -> tuple[str | None, str]:
         wrap = ["runuser", "-u", user, "--"]
     else:
         wrap = []
-    port = _freePort()
+    port = freePort()
     try:
         run(wrap + [initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"])
         run(

@@ -33,6 +33,7 @@ from fractal.protocol import OwnerUnavailable
 from fractal.routing.interfaces import NodeAddress
 from fractal.routing.smart import connectCluster
 from fractal.routing.topology import StaticTopology
+from tests._ports import freePorts
 
 ROOT = FilePath(__file__).parent().parent()
 NODES = ["n1", "n2", "n3"]
@@ -43,18 +44,6 @@ def _reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
-
-
-def _freePorts(count: int) -> list[int]:
-    sockets = []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _twistd() -> list[str]:
@@ -107,7 +96,7 @@ class ClusterIntegrationTests(TestCase):
         createAuthority(self.certs)
         for node in NODES:
             createNodeCertificate(self.certs, node)
-        ports = _freePorts(2 * len(NODES))
+        ports = freePorts(2 * len(NODES))
         self.clientPorts = dict(zip(NODES, ports[: len(NODES)]))
         self.peerPorts = dict(zip(NODES, ports[len(NODES) :]))
         lines = [

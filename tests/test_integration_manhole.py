@@ -29,6 +29,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from examples.mailbox import Deliver
 from fractal.client import connect
 from fractal.keys import slotForKey
+from tests._ports import freePort
 from tests.test_integration_node import MAILBOX, STARTUP_SECONDS, NodeProcess
 
 SSH_SECONDS = 30.0
@@ -41,13 +42,6 @@ def _reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
-
-
-def _freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class _SSHProtocol(ProcessProtocol):
@@ -129,7 +123,7 @@ class ManholeIntegrationTests(TestCase):
         Start a mailbox node with its Manhole on a free loopback port, and
         wait until the Manhole accepts connections.
         """
-        self.manholePort = _freePort()
+        self.manholePort = freePort()
         node = NodeProcess(
             self.base.child("node"),
             MAILBOX,
@@ -387,9 +381,9 @@ class ManholeIntegrationTests(TestCase):
                     "--data",
                     "data",
                     "--listen",
-                    f"tcp:{_freePort()}:interface=127.0.0.1",
+                    f"tcp:{freePort()}:interface=127.0.0.1",
                     "--manhole",
-                    f"tcp:{_freePort()}",
+                    f"tcp:{freePort()}",
                     "--manhole-keys",
                     self.authorizedKeys.path,
                 ],

@@ -39,6 +39,7 @@ from examples.mailbox import (
 from fractal.client import FractalClient, connect
 from fractal.keys import InvalidUserKey, storeNameForKey
 from fractal.protocol import CallFailed, Overloaded
+from tests._ports import freePort
 
 ROOT = FilePath(__file__).parent().parent()
 MAILBOX = "examples.mailbox:application"
@@ -70,13 +71,6 @@ def _twistdCommand() -> list[str]:
     if os.access(script, os.X_OK):
         return [sys.executable, script]
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-def _freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class _NodeProcessProtocol(ProcessProtocol):
@@ -190,7 +184,7 @@ class NodeProcess:
 
     async def _start(self) -> bool:
         reactor = _reactor()
-        self.port = _freePort()
+        self.port = freePort()
         argv = _twistdCommand() + [
             "-n",
             "--pidfile=",

@@ -24,9 +24,10 @@ from twisted.trial.unittest import TestCase
 from fractal.client import FractalClient, connect
 from fractal.keys import DEFAULT_SLOTS, slotForKey
 from fractal.routing.rendezvous import rendezvousOwners
+from tests._ports import freePort
 from tests._postgres import makeDatabase, postgresDSN
 from tests.test_durable_node import Add, AddDurably
-from tests.test_integration_node import NodeProcess, _freePort
+from tests.test_integration_node import NodeProcess
 
 T = TypeVar("T")
 
@@ -167,7 +168,7 @@ class PostgresClusterIntegrationTests(TestCase):
             "--node", name,
             "--postgres", postgresDSN(),
             "--postgres-schema", self.database.schema,
-            "--peer-listen", f"tcp:{_freePort()}:interface=127.0.0.1",
+            "--peer-listen", f"tcp:{freePort()}:interface=127.0.0.1",
             "--lease", str(LEASE),
             "--ship-interval", "0.2",
         )

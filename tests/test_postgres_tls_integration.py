@@ -22,9 +22,10 @@ from twisted.trial.unittest import TestCase
 from fractal.certs import createAuthority, createNodeCertificate, loadCredentials
 from fractal.keys import DEFAULT_SLOTS, slotForKey
 from tests import test_postgres_integration as _integration
+from tests._ports import freePort
 from tests._postgres import makeDatabase, postgresDSN
 from tests.test_durable_node import Add
-from tests.test_integration_node import NodeProcess, _freePort
+from tests.test_integration_node import NodeProcess
 from tests.test_postgres_integration import APP, LEASE, _deferred, _Load, _reactor
 
 
@@ -52,7 +53,7 @@ class PostgresTLSJoinTests(TestCase):
     owners = _integration.PostgresClusterIntegrationTests.owners
 
     async def startNode(self, name: str) -> NodeProcess:
-        self.peerPorts[name] = _freePort()
+        self.peerPorts[name] = freePort()
         process = NodeProcess(
             FilePath(self.mktemp()),
             APP,

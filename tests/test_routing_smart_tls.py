@@ -7,7 +7,6 @@ owner's certificate has been checked to name the node the shard map gives.
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 from twisted.internet import reactor as _globalReactor
@@ -22,21 +21,10 @@ from fractal.routing.cluster import joinCluster
 from fractal.routing.interfaces import NodeAddress
 from fractal.routing.smart import ClusterClient, connectCluster
 from fractal.routing.topology import StaticTopology
+from tests._ports import freePorts
 
 NODES = ("n1", "n2")
 USERS = [f"user{i}@example.com" for i in range(12)]
-
-
-def _freePorts(count: int) -> list[int]:
-    sockets = []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 class SmartClientTLSTests(TestCase):
@@ -50,7 +38,7 @@ class SmartClientTLSTests(TestCase):
         for node in NODES:
             createNodeCertificate(self.certs, node)
         self.authority = loadCredentials(self.certs, "n1").authority
-        ports = _freePorts(2 * len(NODES))
+        ports = freePorts(2 * len(NODES))
         self.addresses = [
             NodeAddress(
                 node,
