@@ -402,7 +402,7 @@ def _nextIntactBatch(buf: _Buffer, start: int, size: int) -> int | None:
         position = found + 1
 
 
-def _inspect_Buffer(name: str, buf: _Buffer) -> SegmentReport:
+def _inspectBytes(name: str, buf: _Buffer) -> SegmentReport:
     """
     Check every batch of a segment's bytes, and classify each region that is
     not an intact batch.
@@ -425,7 +425,7 @@ def _inspect_Buffer(name: str, buf: _Buffer) -> SegmentReport:
         status, end, table, reason = _checkBatch(buf, offset, size)
         if status != "incomplete" and (problems or status == "damaged"):
             affected.update(
-                table[i + 32 : i + 64].hex()
+                table[i + 32 : i + 64].hex()  # the entry's store
                 for i in range(0, len(table), _ENTRY.size)
             )
         if status == "ok":
@@ -478,9 +478,9 @@ def inspectSegment(fd: int, name: str) -> SegmentReport:
     """
     size = os.fstat(fd).st_size
     if size == 0:
-        return _inspect_Buffer(name, b"")
+        return _inspectBytes(name, b"")
     with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as buf:
-        return _inspect_Buffer(name, buf)
+        return _inspectBytes(name, buf)
 
 
 @implementer(IDurableBackend)
