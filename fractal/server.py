@@ -82,6 +82,7 @@ from fractal.protocol import (
     PeerStopped,
     StoreUnavailable,
 )
+from fractal.routing._routes import RouteMemo
 from fractal.routing.interfaces import ITopology, ShardMap, SlotOwner
 
 __all__ = [
@@ -92,11 +93,6 @@ __all__ = [
     "FractalServer",
     "NodeProtocol",
 ]
-
-_ROUTES_KEPT = 1 << 16
-"""
-The most user keys whose routing decision a server remembers.
-"""
 
 _MAX_DESCRIPTION = 1000
 """
@@ -288,8 +284,7 @@ class FractalServer:
         self._stopping = False
         self._drainWaiters: list[Deferred[None]] = []
         self._connections: set[NodeProtocol] = set()
-        self._routedMap: object = None
-        self._routes: dict[bytes, tuple[str, SlotOwner]] = {}
+        self._routes: RouteMemo[bytes, tuple[str, SlotOwner]] = RouteMemo(_routeKey)
         self._fenced: dict[int, FencedSlot] = {}
 
     def buildProtocol(self, addr: object, forwarding: bool = True) -> NodeProtocol:
@@ -434,27 +429,15 @@ class FractalServer:
         refused.
 
         The answer for a key is remembered for as long as the topology's map
-        is the same object, so a busy user's calls skip decoding, validation
-        and hashing.
+        is the same object (L{RouteMemo}), so a busy user's calls skip
+        decoding, validation and hashing.
         """
-        shardMap = self.topology.currentMap()
-        if shardMap is not self._routedMap:
-            self._routedMap = shardMap
-            self._routes.clear()
-        route = self._routes.get(raw)
-        if route is not None:
-            return route
         try:
-            key = validateKey(raw.decode("utf-8"))
+            return self._routes.lookup(self.topology.currentMap(), raw)
         except UnicodeDecodeError:
             return InvalidUserKey("user key is not valid UTF-8")
         except InvalidUserKey as e:
             return e
-        route = (key, shardMap.ownerOfKey(key))
-        if len(self._routes) >= _ROUTES_KEPT:
-            self._routes.clear()
-        self._routes[raw] = route
-        return route
 
     def _callDone(self, failed: bool) -> None:
         """
@@ -1150,6 +1133,17 @@ class NodeProtocol(BinaryBoxProtocol):
             FRAMEWORK_ERRORS[StoreUnavailable],
             "the call was committed locally but could not be stored durably",
         )
+
+
+def _routeKey(shardMap: ShardMap, raw: bytes) -> tuple[str, SlotOwner]:
+    """
+    The user key in C{raw} and the owner of its slot in C{shardMap}.
+
+    @raise UnicodeDecodeError: if C{raw} is not UTF-8.
+    @raise InvalidUserKey: if the key is not valid.
+    """
+    key = validateKey(raw.decode("utf-8"))
+    return key, shardMap.ownerOfKey(key)
 
 
 _parsers: dict[type[amp.Command], Callable[[AmpBox, Any], dict[str, Any]]] = {}

@@ -51,6 +51,7 @@ from fractal.certs import anyNodeTLSOptions, clientTLSCreator
 from fractal.client import DEFAULT_TIMEOUT, FractalClient, RetryPolicy
 from fractal.keys import InvalidUserKey
 from fractal.protocol import GetShardMap, NotOwner
+from fractal.routing._routes import RouteMemo
 from fractal.routing.interfaces import ShardMap
 
 __all__ = [
@@ -65,11 +66,6 @@ DEFAULT_FALLBACK_AFTER = 1.0
 """
 Seconds a call waits for a connection to its owner before it is sent to
 another node to forward.
-"""
-
-_ROUTES_KEPT = 1 << 16
-"""
-The most user keys whose owner a client remembers.
 """
 
 DEFAULT_REFRESH_INTERVAL = 30.0
@@ -129,8 +125,9 @@ class ClusterClient(FractalClient):
         )
         self._authority = authority
         self._owners: dict[str, FractalClient] = {}
-        self._routedMap: ShardMap | None = None
-        self._routes: dict[str, str] = {}
+        self._routes: RouteMemo[str, str] = RouteMemo(
+            lambda shardMap, user: shardMap.ownerOfKey(user).node
+        )
         self._mapWaiters: list[Deferred[ShardMap | None]] = []
         self.refreshMap()
         self._refresher: LoopingCall | None = None
@@ -210,24 +207,16 @@ class ClusterClient(FractalClient):
         no map yet or C{user} is not a valid key.
 
         The answer for a key is remembered for as long as the map is the same
-        object, so a busy user's calls skip validating and hashing its key.
+        object (L{RouteMemo}), so a busy user's calls skip validating and
+        hashing its key.
         """
         shardMap = self.shardMap
         if shardMap is None or type(user) is not str:
             return None
-        if shardMap is not self._routedMap:
-            self._routedMap = shardMap
-            self._routes.clear()
-        owner = self._routes.get(user)
-        if owner is None:
-            try:
-                owner = shardMap.ownerOfKey(user).node
-            except InvalidUserKey:
-                return None
-            if len(self._routes) >= _ROUTES_KEPT:
-                self._routes.clear()
-            self._routes[user] = owner
-        return owner
+        try:
+            return self._routes.lookup(shardMap, user)
+        except InvalidUserKey:
+            return None
 
     def _connectionNow(self, user: object) -> amp.AMP | None:
         """
