@@ -891,6 +891,31 @@ class ClosedStampTests(SynchronousTestCase):
         self.assertEqual([(r.seq, r.baseSeq) for r in h.records("alice")], [(1, 0), (2, 1)])
         self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
 
+    def test_readOnlyReopenStaysStamped(self) -> None:
+        """
+        A store closed clean, then opened, only read and closed again, keeps
+        its stamp without its state file being written again, and a
+        shipper started later finds nothing to resume.
+        """
+        h = _Harness(self)
+        h.shipper.startService()
+        self._closedClean(h, "alice")
+        self.successResultOf(h.shipper.stopService())
+        stateFile = h.dbdir("alice").child(STATE_FILE)
+        before = (stateFile.getContent(), stateFile.getInodeNumber())
+        shipper, clock, handed = self._counting(h)
+        store = openStore(h.dbdir("alice"))
+        shipper.storeOpened("alice", store)
+        self.assertEqual(store.query(DurableTestNote).count(), 1)
+        self.successResultOf(shipper.storeClosing("alice", store))
+        store.close()
+        shipper.storeClosed("alice", store)
+        stateFile.restat()
+        self.assertEqual((stateFile.getContent(), stateFile.getInodeNumber()), before)
+        self.assertEqual(handed, [])
+        shipper, clock, handed = self._counting(h, storesDirectory=h.root)
+        self.assertEqual(list(shipper._states), [])
+
     def test_cleanRestartResumesNothing(self) -> None:
         """
         A shipper started on stores that were closed clean finds none to

@@ -162,6 +162,7 @@ class _StoreState:
         # Found unchanged since its last ship by its state file's stamp when
         # opened (L{_closedUnchanged}), and not loaded since.
         self.stamped = False
+        self.stamp: list[int] | None = None
         # The digests of the records sent since the last one known stored:
         # one of them may be stored though its answer was lost.
         self.sent: list[bytes] = []
@@ -422,10 +423,10 @@ class Shipper(Service):
         self._dirty: dict[str, _StoreState] = {}
         # Probes put off until the next interval (or until waited on).
         self._probesDue: dict[str, _StoreState] = {}
-        # Stores closing shipped to their last commit, and the record their
+        # Stores closing shipped to their last commit: the record their
         # state file must name for L{storeClosed} to stamp it (L{None}: the
-        # one it names).
-        self._closedClean: dict[str, int | None] = {}
+        # one it names), and the stamp it has if known.
+        self._closedClean: dict[str, tuple[int | None, list[int] | None]] = {}
         self._fencedObservers: list[Callable[[str, StaleEpoch], None]] = []
         self._loop: LoopingCall | None = None
         self._immediate: IDelayedCall | None = None
@@ -518,7 +519,7 @@ class Shipper(Service):
             # This node owns the slot again, at a newer epoch.
             state.fenced = None
             state.loaded = False
-            state.stamped = False
+            state.stamped, state.stamp = False, None
             reowned = True
         if not state.loaded and not state.dirty and state.probing is None and not state.stamped:
             # Unknown whether it changed since it was last shipped (by an
@@ -530,8 +531,10 @@ class Shipper(Service):
             # not while this open's first call runs, and shipped only if it
             # changed.  A commit meanwhile marks it dirty anyway.
             stateFile = dbdir.child(STATE_FILE)
-            if not reowned and _closedUnchanged(dbdir, _readState(dbdir), key):
+            saved = None if reowned else _readState(dbdir)
+            if saved is not None and _closedUnchanged(dbdir, saved, key):
                 state.stamped = True
+                state.stamp = saved["closed"]
             elif stateFile.exists():
                 self._probe(state, later=True)
             else:
@@ -671,14 +674,14 @@ class Shipper(Service):
                     and not state.shipping
                 ):
                     if state.stamped:
-                        self._closedClean[key] = None
+                        self._closedClean[key] = (None, state.stamp)
                     elif (
                         state.loaded
                         and state.seq > 0
                         and state.digests is not None
                         and state.savedSeq == state.seq
                     ):
-                        self._closedClean[key] = state.seq
+                        self._closedClean[key] = (state.seq, None)
             self._forgetIfDone(state)
 
         state.retryAt = 0.0
@@ -700,11 +703,14 @@ class Shipper(Service):
         """
         if key not in self._closedClean:
             return
-        seq = self._closedClean.pop(key)
+        seq, stamp = self._closedClean.pop(key)
         state = self._states.get(key)
         if state is not None and (state.opens or state.dirty):
             return
         dbdir: FilePath[str] = store.dbdir
+        if stamp is not None and _fileStamp(dbdir) == stamp:
+            # Opened and closed without a write: its state file says so.
+            return
         try:
             _stampState(dbdir, seq, key)
         except OSError:
@@ -1271,7 +1277,7 @@ class Shipper(Service):
         dbdir = state.dbdir
         # A store with no record needs no state file: its next is a snapshot.
         saved = None if head is None else await self._run(lambda: _readState(dbdir))
-        state.stamped = False
+        state.stamped, state.stamp = False, None
         if head is None:
             state.seq, state.digests = 0, None
         elif (
