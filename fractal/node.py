@@ -305,7 +305,9 @@ class FractalNode(MultiService):
             idleTimeout=idleTimeout,
             shipper=shipper,
         )
-        self.server = FractalServer(application, self.pool, topology, shipper, limits)
+        self.server = FractalServer(
+            application, self.pool, topology, shipper, limits, clock=reactor
+        )
         if shipper is not None:
             shipper.addFencedObserver(self._fenced)
         self._listener = StreamServerEndpointService(

@@ -238,8 +238,9 @@ class FractalServer:
     @ivar responderErrors: calls whose responder raised an undeclared error.
     @ivar inFlight: calls started and not yet answered.
     @ivar clock: the clock of the waits before routing a call again, or
-        L{None} to answer a refused forwarded call at once (a node without
-        peers); L{fractal.routing.cluster.joinCluster} sets it.
+        L{None} to answer a refused call at once.  Calls are routed again
+        only by a node that forwards calls (L{forward}, which
+        L{fractal.routing.cluster.joinCluster} sets).
     @ivar reroute: the L{RerouteLimits}.
     @ivar callsRerouted: how many times calls were routed again.
     """
@@ -254,8 +255,10 @@ class FractalServer:
         shipper: IShipper | None = None,
         limits: ServerLimits = ServerLimits(),
         forward: IForwarder | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         """
+        @param clock: see L{clock}; a node passes its reactor.
         @raise ValueError: if a command of C{application} is acknowledged
             durably and there is no C{shipper}.
         """
@@ -278,7 +281,7 @@ class FractalServer:
         self.callsFailed = 0
         self.responderErrors = 0
         self.inFlight = 0
-        self.clock: IReactorTime | None = None
+        self.clock = clock
         self.reroute = RerouteLimits()
         self.callsRerouted = 0
         self._stopping = False
@@ -777,12 +780,13 @@ class NodeProtocol(BinaryBoxProtocol):
 
         @return: C{False} if the call is not routed again and not answered
             (a peer connection: the forwarding node routes again; or a node
-            without a clock or with no attempts allowed); the caller answers.
+            that forwards nothing, has no clock or allows no attempts); the
+            caller answers.
         """
         server = self.server
         clock = server.clock
         limits = server.reroute
-        if clock is None or not self.forwarding or limits.attempts < 1:
+        if clock is None or server.forward is None or not self.forwarding or limits.attempts < 1:
             return False
         now = clock.seconds()
         started = now if retry is None else retry.started

@@ -27,7 +27,7 @@ from fractal.durable._threads import runSynchronously
 from fractal.durable.shipper import Shipper
 from fractal.keys import slotForKey, storeNameForKey
 from fractal.pool import StorePool
-from fractal.protocol import OwnerUnavailable
+from fractal.protocol import NotOwner, OwnerUnavailable
 from fractal.routing.interfaces import ShardMap, SlotOwner
 from fractal.routing.topology import ManualTopology, reassign
 from fractal.server import FractalServer, RerouteLimits
@@ -236,9 +236,8 @@ class SlotLeftWhileOpeningTests(SynchronousTestCase):
         )
         self.forwarded: list[tuple[amp.AmpBox, SlotOwner]] = []
         self.server = FractalServer(
-            notesApplication, self.pool, self.topology, forward=self.forward
+            notesApplication, self.pool, self.topology, forward=self.forward, clock=self.clock
         )
-        self.server.clock = self.clock
 
     def later(self, f: Any) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
@@ -291,6 +290,37 @@ class SlotLeftWhileOpeningTests(SynchronousTestCase):
         self.runQueued()
 
 
+    def test_noForwarderAnsweredAtOnce(self) -> None:
+        """
+        A node that forwards nothing (no peers) does not route the call
+        again, clock or not: it answers it at once with L{NotOwner}, without
+        running it, and leaves no timer behind.
+        """
+        self.server.forward = None
+        lease = self.successResultOf(self.pool.acquire(self.key))
+        lease.release()
+        slot = slotForKey(self.key, self.topology.currentMap().slots)
+        self.pool.closeStoresOf([slot], self.topology.currentMap().slots)
+        self.runQueued()
+        self.pool.pathForKey(self.key).remove()
+        client, _, pump = iosim.connectedServerAndClient(
+            lambda: self.server.buildProtocol(None), amp.AMP, clock=self.clock
+        )
+        call = callRemote(client, AddNote, user=self.key, body="hi")
+        pump.flush()
+        self.topology.setMap(reassign(self.topology.currentMap(), [slot], "n2"))
+        self.runQueued()
+        pump.flush()
+        self.failureResultOf(call, NotOwner)
+        self.assertEqual(self.server.callsRerouted, 0)
+        store = self.successResultOf(self.pool.openStore(self.key))
+        self.assertEqual(store.findUnique(ServerTestNotebook).added, 0)
+        self.runQueued()
+        self.pool.close()
+        self.runQueued()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
 class FencedMidCallTests(SynchronousTestCase):
     """
     A durable call whose write is refused for a stale epoch (another node
@@ -331,8 +361,9 @@ class FencedMidCallTests(SynchronousTestCase):
             answer[b"_answer"] = box[b"_ask"]
             return succeed(answer)
 
-        server = FractalServer(counterApplication, pool, topology, shipper, forward=forward)
-        server.clock = clock
+        server = FractalServer(
+            counterApplication, pool, topology, shipper, forward=forward, clock=clock
+        )
         client, _, pump = iosim.connectedServerAndClient(
             lambda: server.buildProtocol(None), amp.AMP, clock=clock
         )

@@ -256,9 +256,5 @@ def joinCluster(
     )
     service.setServiceParent(node)
     node.server.forward = service.router
-    # Calls refused by an owner that did not run them (the slot is changing
-    # hands) are routed again, on the node's clock.
-    if node.server.clock is None:
-        node.server.clock = node.reactor
     serveClusterCommands(node.server, service.links)
     return service
