@@ -1208,8 +1208,7 @@ def lag(node: FractalNode, limit: int = 10) -> Summary:
         ("bytes pending", current.bytesPending),
         ("stores behind", len(current.stores)),
     ]
-    server = getattr(node, "server", None)
-    for fence in server.fencedSlots() if server is not None else ():
+    for fence in node.server.fencedSlots():
         rows.append((f"slot {fence.slot}", f"FENCED: {fence.describe()}"))
     behind = sorted(current.stores, key=lambda store: -store.seconds)[:limit]
     for store in behind:
