@@ -269,9 +269,9 @@ def fractalNode(data: str, log: str, *extra: str, tree: str | None = None) -> Ch
         f"tcp:{port}:interface=127.0.0.1",
         *extra,
     ]
-    if tree is None:
-        return Child(argv, port, log)
-    tree = os.path.abspath(tree)
+    # This tree's code unless told otherwise: not whichever C{fractal} the
+    # interpreter would import (an installed or editable copy elsewhere).
+    tree = ROOT if tree is None else os.path.abspath(tree)
     return Child(argv, port, log, cwd=tree, env=dict(os.environ, PYTHONPATH=tree))
 
 
