@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from zope.interface import implementer
 
-from fractal.durable.filesystem import checkInfo, checkStoreName
+from fractal.durable.filesystem import checkAppend, checkInfo, checkStoreName
 from fractal.durable.interfaces import (
     IDurableBackend,
     NoSuchRecord,
@@ -64,18 +64,8 @@ class MemoryDurableBackend:
             raise BackendUnavailable("the in-memory backend is unavailable")
         checkInfo(info, data)
         current = self._epochs.get(info.store, 0)
-        if info.epoch < current:
-            raise StaleEpoch(info.store, info.epoch, current)
         records = self._records.setdefault(info.store, {})
-        newest = max(records, default=None)
-        if newest is not None:
-            if info.seq != newest + 1:
-                raise SequenceConflict(
-                    f"store {info.store}: record {info.seq} does not follow "
-                    f"the newest stored record {newest}"
-                )
-        elif not info.isSnapshot:
-            raise SequenceConflict(f"store {info.store}: the first record must be a snapshot")
+        checkAppend(info, current, max(records, default=0))
         self._epochs[info.store] = max(current, info.epoch)
         records[info.seq] = (info, bytes(data))
         self.appended.append(info)

@@ -104,6 +104,7 @@ __all__ = [
     "SegmentProblem",
     "SegmentReport",
     "checkInfo",
+    "checkAppend",
     "checkStoreName",
     "inspectSegment",
 ]
@@ -151,6 +152,30 @@ def checkInfo(info: RecordInfo, data: bytes) -> None:
         raise ValueError("record info does not match its data")
     if info.epoch < 0 or info.seq < 1 or not 0 <= info.baseSeq < info.seq:
         raise ValueError(f"invalid record sequence {info.seq} on base {info.baseSeq}")
+
+
+def checkAppend(info: RecordInfo, epoch: int, newest: int) -> None:
+    """
+    Check that a backend may append the record C{info} to its store: every
+    backend's rule.
+
+    @param epoch: the store's epoch (its fence, or its slot's).
+    @param newest: the sequence number of the store's newest record, C{0}
+        if it has none.
+    @raise StaleEpoch: if C{info.epoch} is below C{epoch}.
+    @raise SequenceConflict: if C{info.seq} does not follow C{newest}, or
+        the store's first record is not a snapshot.
+    """
+    if info.epoch < epoch:
+        raise StaleEpoch(info.store, info.epoch, epoch)
+    if newest:
+        if info.seq != newest + 1:
+            raise SequenceConflict(
+                f"store {info.store}: record {info.seq} does not follow "
+                f"the newest stored record {newest}"
+            )
+    elif not info.isSnapshot:
+        raise SequenceConflict(f"store {info.store}: the first record must be a snapshot")
 
 
 def _fsyncDirectory(path: str) -> None:
@@ -771,7 +796,7 @@ class FilesystemBackend:
                         try:
                             checkInfo(info, data)
                             state = view(info.store)
-                            self._checkAppend(info, state[0], state[1])
+                            checkAppend(info, state[0], state[1])
                         except (ValueError, StaleEpoch, SequenceConflict) as e:
                             outcomes.append(e)
                             continue
@@ -803,19 +828,6 @@ class FilesystemBackend:
         if entries:
             self._writeEntries(entries)
         return results
-
-    @staticmethod
-    def _checkAppend(info: RecordInfo, epoch: int, newest: int) -> None:
-        if info.epoch < epoch:
-            raise StaleEpoch(info.store, info.epoch, epoch)
-        if newest:
-            if info.seq != newest + 1:
-                raise SequenceConflict(
-                    f"store {info.store}: record {info.seq} does not follow "
-                    f"the newest stored record {newest}"
-                )
-        elif not info.isSnapshot:
-            raise SequenceConflict(f"store {info.store}: the first record must be a snapshot")
 
     def _prunable(
         self,

@@ -33,7 +33,7 @@ import psycopg
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from fractal.durable.filesystem import checkInfo, checkStoreName
+from fractal.durable.filesystem import checkAppend, checkInfo, checkStoreName
 from fractal.durable.interfaces import (
     IDurableBackend,
     NoSuchRecord,
@@ -111,20 +111,14 @@ def _appendRecord(cursor: Cursor, info: RecordInfo, data: bytes, slots: int | No
     fenced = _lockFence(cursor, info.store)
     current = max(fenced, _slotEpoch(cursor, info.store, slots))
     if info.epoch < current:
+        # Refused before reading the newest record.
         raise StaleEpoch(info.store, info.epoch, current)
     cursor.execute(
         "SELECT seq FROM records WHERE store = %s ORDER BY seq DESC LIMIT 1",
         (info.store,),
     )
     row = cursor.fetchone()
-    if row is not None:
-        if info.seq != int(row[0]) + 1:
-            raise SequenceConflict(
-                f"store {info.store}: record {info.seq} does not follow "
-                f"the newest stored record {row[0]}"
-            )
-    elif not info.isSnapshot:
-        raise SequenceConflict(f"store {info.store}: the first record must be a snapshot")
+    checkAppend(info, current, 0 if row is None else int(row[0]))
     cursor.execute(
         "INSERT INTO records (store, seq, base_seq, epoch, digest, data) "
         "VALUES (%s, %s, %s, %s, %s, %s)",
