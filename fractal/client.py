@@ -29,7 +29,9 @@ Calls are encoded and answers decoded straight from the command's schema
 without building an C{AmpBox}, answers are read from the connection in one
 loop (L{fractal._framing}), and one timer per client times all its calls
 out; a command whose arguments or methods customise AMP's encoding goes
-through AMP's own C{callRemote} instead.  Over TLS, a connection carries
+through AMP's own C{callRemote} instead.  Writing boxes beside AMP relies
+on private parts of Twisted's AMP: the client reaches them only through
+L{fractal._framing}, which lists them and whose tests check them.  Over TLS, a connection carries
 calls only once its handshake (and the check of the node's certificate)
 has passed.
 """
