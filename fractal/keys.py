@@ -12,6 +12,7 @@ and to name its store on disk.  The raw key never becomes part of a path.
 from __future__ import annotations
 
 import hashlib
+import re
 import unicodedata
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "keyDigest",
     "slotForKey",
     "storeNameForKey",
+    "isStoreName",
+    "checkStoreName",
     "slotOfStoreName",
 ]
 
@@ -132,7 +135,27 @@ def storeNameForKey(key: str) -> str:
     return keyDigest(key).hex()
 
 
-_HEX = frozenset("0123456789abcdef")
+_STORE_NAME = re.compile(r"\A[0-9a-f]{64}\Z")
+
+
+def isStoreName(name: object) -> bool:
+    """
+    Whether C{name} is a store name: 64 lowercase hexadecimal digits, as made
+    by L{storeNameForKey}.
+    """
+    return isinstance(name, str) and _STORE_NAME.match(name) is not None
+
+
+def checkStoreName(store: str) -> str:
+    """
+    Check that C{store} is a store name (64 lowercase hexadecimal digits, as
+    made by L{storeNameForKey}) and return it.
+
+    @raise ValueError: if it is not.
+    """
+    if not isStoreName(store):
+        raise ValueError(f"not a store name: {store!r:.80}")
+    return store
 
 
 def slotOfStoreName(store: str, slots: int) -> int:
@@ -146,6 +169,4 @@ def slotOfStoreName(store: str, slots: int) -> int:
     @raise ValueError: if C{store} is not a store name, or C{slots} is not
         positive.
     """
-    if len(store) != 64 or not _HEX.issuperset(store):
-        raise ValueError(f"{store!r} is not a store name")
-    return _slotOfDigest(bytes.fromhex(store), slots)
+    return _slotOfDigest(bytes.fromhex(checkStoreName(store)), slots)

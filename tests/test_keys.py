@@ -11,6 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from fractal.keys import (
     MAX_KEY_BYTES,
     InvalidUserKey,
+    checkStoreName,
+    isStoreName,
     slotForKey,
     slotOfStoreName,
     storeNameForKey,
@@ -104,22 +106,25 @@ class SlotTests(SynchronousTestCase):
 
 class StoreNameTests(SynchronousTestCase):
     """
-    Tests for L{storeNameForKey} and L{slotOfStoreName}.
+    Tests for L{storeNameForKey}, L{isStoreName}, L{checkStoreName} and
+    L{slotOfStoreName}.
     """
 
     def test_slotOfStoreName(self) -> None:
         """
         L{slotOfStoreName} gives a store's slot from its name, as
-        L{slotForKey} gives it from the key; a name that is not a store's is
-        refused.
+        L{slotForKey} gives it from the key; a name that is not a store's
+        (L{isStoreName}) is refused by it and by L{checkStoreName}.
         """
-        for key in ("alice", "bob", "\u00e9t\u00e9"):
-            for slots in (1, 16, 4096):
-                self.assertEqual(
-                    slotOfStoreName(storeNameForKey(key), slots), slotForKey(key, slots)
-                )
-        self.assertRaises(ValueError, slotOfStoreName, "../etc", 4)
-        self.assertRaises(ValueError, slotOfStoreName, "A" * 64, 4)
+        for key in ("alice", "bob@example.com", "\u00e9t\u00e9", "x" * 255):
+            for slots in (1, 7, 16, 4096):
+                name = storeNameForKey(key)
+                self.assertTrue(isStoreName(name))
+                self.assertEqual(slotOfStoreName(name, slots), slotForKey(key, slots))
+        for name in ("../etc", "A" * 64, "a" * 63, "a" * 64 + "\n"):
+            self.assertFalse(isStoreName(name))
+            self.assertRaises(ValueError, checkStoreName, name)
+            self.assertRaises(ValueError, slotOfStoreName, name, 4)
 
     def test_hostileKeys(self) -> None:
         """

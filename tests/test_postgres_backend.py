@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from fractal.durable._threads import reactorThreads
 from fractal.durable.interfaces import IDurableBackend, StaleEpoch
 from fractal.keys import slotForKey, storeNameForKey
-from fractal.postgres.backend import PostgresBackend, slotOfStore
+from fractal.postgres.backend import PostgresBackend
 from fractal.testing import DurableBackendTestsMixin, recordInfo
 from tests._postgres import makeDatabase
 
@@ -71,15 +71,6 @@ class SlotFencingTests(SynchronousTestCase):
     Durable writes are checked against the slot ownership table in the write
     transaction.
     """
-
-    def test_slotOfStore(self) -> None:
-        """
-        A store name gives the same slot as its key.
-        """
-        for key in ["alice", "bob@example.com", "\u00e9t\u00e9", "x" * 255]:
-            for slots in [1, 7, 4096]:
-                self.assertEqual(slotOfStore(storeNameForKey(key), slots), slotForKey(key, slots))
-        self.assertRaises(ValueError, slotOfStore, "../etc", 4)
 
     def test_movedSlotRefusesOldEpoch(self) -> None:
         """

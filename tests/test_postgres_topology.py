@@ -18,8 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from fractal.durable.interfaces import StaleEpoch
-from fractal.keys import storeNameForKey
-from fractal.postgres.backend import PostgresBackend, slotOfStore
+from fractal.keys import slotOfStoreName, storeNameForKey
+from fractal.postgres.backend import PostgresBackend
 from fractal.postgres.topology import NotRegistered, PostgresTopology
 from fractal.routing.interfaces import ITopology, NodeAddress, ShardMap
 from fractal.routing.rendezvous import rendezvousOwners
@@ -262,10 +262,10 @@ class FailoverTests(SynchronousTestCase):
         before = _rows(self.database)
         key = next(
             f"user{i}" for i in range(10000)
-            if before[slotOfStore(storeNameForKey(f"user{i}"), SLOTS)][0] == "n2"
+            if before[slotOfStoreName(storeNameForKey(f"user{i}"), SLOTS)][0] == "n2"
         )
         store = storeNameForKey(key)
-        slot = slotOfStore(store, SLOTS)
+        slot = slotOfStoreName(store, SLOTS)
         oldEpoch = before[slot][1]
         self.successResultOf(
             self.backend.append(recordInfo(store, oldEpoch, 1, 0, b"s"), b"s")
@@ -501,7 +501,7 @@ class LocalCopyTests(SynchronousTestCase):
         rows = _rows(self.database)
         for i in range(40):
             key = f"user{i}"
-            node, epoch, _ = rows[slotOfStore(storeNameForKey(key), SLOTS)]
+            node, epoch, _ = rows[slotOfStoreName(storeNameForKey(key), SLOTS)]
             mine, other = (n1, n2) if node == "n1" else (n2, n1)
             self.assertEqual(mine.topology.epochForKey(key), epoch)
             error = self.assertRaises(StaleEpoch, other.topology.epochForKey, key)
@@ -525,7 +525,7 @@ class LocalCopyTests(SynchronousTestCase):
         self.assertEqual({n for n, _, _ in rows.values()}, {"n1"})
         self.assertIn("n2", n1.owners())
         slot = n1.owners().index("n2")
-        key = next(f"u{i}" for i in range(10000) if slotOfStore(storeNameForKey(f"u{i}"), SLOTS) == slot)
+        key = next(f"u{i}" for i in range(10000) if slotOfStoreName(storeNameForKey(f"u{i}"), SLOTS) == slot)
         error = self.assertRaises(StaleEpoch, n1.topology.epochForKey, key)
         self.assertEqual(error.current, rows[slot][1] - 1)
         hold.callback(None)

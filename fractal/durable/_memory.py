@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from zope.interface import implementer
 
-from fractal.durable.filesystem import checkAppend, checkInfo, checkStoreName
+from fractal.durable.filesystem import checkAppend, checkInfo
 from fractal.durable.interfaces import (
     IDurableBackend,
     NoSuchRecord,
@@ -19,6 +19,7 @@ from fractal.durable.interfaces import (
     SequenceConflict,
     StaleEpoch,
 )
+from fractal.keys import checkStoreName
 
 __all__ = ["MemoryDurableBackend", "BackendUnavailable"]
 

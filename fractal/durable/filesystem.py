@@ -98,6 +98,7 @@ from fractal.durable.interfaces import (
     SequenceConflict,
     StaleEpoch,
 )
+from fractal.keys import checkStoreName, isStoreName
 
 __all__ = [
     "FilesystemBackend",
@@ -105,14 +106,12 @@ __all__ = [
     "SegmentReport",
     "checkInfo",
     "checkAppend",
-    "checkStoreName",
     "inspectSegment",
 ]
 
 T = TypeVar("T")
 _Buffer = Union[bytes, mmap.mmap]
 
-_STORE_NAME = re.compile(r"\A[0-9a-f]{64}\Z")
 _SEGMENT_NAME = re.compile(r"\A(\d{16})-([0-9a-f]{16})\.seg\Z")
 _LEGACY_RECORD = re.compile(r"\A(\d{16})-(\d{16})-(\d{16})-(\d{16})-([0-9a-f]{64})\.rec\Z")
 
@@ -127,18 +126,6 @@ _RECORD = 1
 _FENCE = 2
 _PRUNE = 3
 _MAX_ENTRIES = 1 << 20
-
-
-def checkStoreName(store: str) -> str:
-    """
-    Check that C{store} is a store name (64 lowercase hexadecimal digits, as
-    made by L{fractal.keys.storeNameForKey}) and return it.
-
-    @raise ValueError: if it is not.
-    """
-    if not isinstance(store, str) or not _STORE_NAME.match(store):
-        raise ValueError(f"not a store name: {store!r:.80}")
-    return store
 
 
 def checkInfo(info: RecordInfo, data: bytes) -> None:
@@ -1000,7 +987,7 @@ class FilesystemBackend:
                 continue
             for store in sorted(os.listdir(parent)):
                 directory = os.path.join(parent, store)
-                if not _STORE_NAME.match(store) or store[:2] != prefix:
+                if store[:2] != prefix or not isStoreName(store):
                     continue
                 self._migrateStore(store, directory)
             try:

@@ -33,7 +33,7 @@ import psycopg
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from fractal.durable.filesystem import checkAppend, checkInfo, checkStoreName
+from fractal.durable.filesystem import checkAppend, checkInfo
 from fractal.durable.interfaces import (
     IDurableBackend,
     NoSuchRecord,
@@ -41,24 +41,12 @@ from fractal.durable.interfaces import (
     SequenceConflict,
     StaleEpoch,
 )
+from fractal.keys import checkStoreName, slotOfStoreName
 from fractal.postgres.connection import Database
 
-__all__ = ["PostgresBackend", "slotOfStore"]
+__all__ = ["PostgresBackend"]
 
 Cursor = psycopg.Cursor[Any]
-
-
-def slotOfStore(store: str, slots: int) -> int:
-    """
-    The slot of the store named C{store}: the same as
-    L{fractal.keys.slotForKey} of its key, since a store's name is the hex
-    SHA-256 of its key and a key's slot is taken from the first 8 bytes of
-    that hash.
-
-    @param store: a store name (see L{checkStoreName}).
-    @param slots: the cluster's slot count.
-    """
-    return int(checkStoreName(store)[:16], 16) % slots
 
 
 def _lockFence(cursor: Cursor, store: str) -> int:
@@ -94,7 +82,7 @@ def _slotEpoch(cursor: Cursor, store: str, slots: int | None) -> int:
         return 0
     cursor.execute(
         "SELECT epoch FROM slot_owners WHERE slot = %s FOR SHARE",
-        (slotOfStore(store, slots),),
+        (slotOfStoreName(store, slots),),
     )
     row = cursor.fetchone()
     return 0 if row is None else int(row[0])
