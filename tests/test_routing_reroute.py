@@ -255,11 +255,13 @@ class SlotLeftWhileOpeningTests(SynchronousTestCase):
         answer[b"_answer"] = box[b"_ask"]
         return succeed(answer)
 
-    def test_routedToNewOwner(self) -> None:
+    def callWhileOpening(self) -> tuple[Deferred[Any], iosim.IOPump]:
         """
-        The store is restored from durable storage (so opening it waits);
-        the map gives the slot to n2 meanwhile; once the store is open the
-        call is not run here but forwarded to n2, and its answer relayed.
+        Call C{AddNote} for the user, whose store must be restored from
+        durable storage (so opening it waits), and give the user's slot to n2
+        while it opens.
+
+        @return: the call and the pump of its connection.
         """
         lease = self.successResultOf(self.pool.acquire(self.key))
         lease.release()
@@ -277,6 +279,15 @@ class SlotLeftWhileOpeningTests(SynchronousTestCase):
         self.topology.setMap(reassign(self.topology.currentMap(), [slot], "n2"))
         self.runQueued()
         pump.flush()
+        return call, pump
+
+    def test_routedToNewOwner(self) -> None:
+        """
+        The store is restored from durable storage (so opening it waits);
+        the map gives the slot to n2 meanwhile; once the store is open the
+        call is not run here but forwarded to n2, and its answer relayed.
+        """
+        call, pump = self.callWhileOpening()
         self.assertEqual(self.forwarded, [])
         self.clock.advance(RerouteLimits().delay)
         pump.flush()
@@ -297,20 +308,7 @@ class SlotLeftWhileOpeningTests(SynchronousTestCase):
         running it, and leaves no timer behind.
         """
         self.server.forward = None
-        lease = self.successResultOf(self.pool.acquire(self.key))
-        lease.release()
-        slot = slotForKey(self.key, self.topology.currentMap().slots)
-        self.pool.closeStoresOf([slot], self.topology.currentMap().slots)
-        self.runQueued()
-        self.pool.pathForKey(self.key).remove()
-        client, _, pump = iosim.connectedServerAndClient(
-            lambda: self.server.buildProtocol(None), amp.AMP, clock=self.clock
-        )
-        call = callRemote(client, AddNote, user=self.key, body="hi")
-        pump.flush()
-        self.topology.setMap(reassign(self.topology.currentMap(), [slot], "n2"))
-        self.runQueued()
-        pump.flush()
+        call, _ = self.callWhileOpening()
         self.failureResultOf(call, NotOwner)
         self.assertEqual(self.server.callsRerouted, 0)
         store = self.successResultOf(self.pool.openStore(self.key))
