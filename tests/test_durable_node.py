@@ -88,7 +88,8 @@ class _DurableNodeMixin:
         """
         A node with a shipper on C{self.backend}, started.
 
-        @param topology: the node's topology; a lone node's by default.
+        @param topology: the node's topology (the node is its C{localNode});
+            a lone node's by default.
         """
         shipper = Shipper(
             self.backend,
@@ -103,6 +104,7 @@ class _DurableNodeMixin:
             application,
             dataDir,
             "tcp:7100:interface=127.0.0.1",
+            nodeId="n1" if topology is None else topology.localNode,
             shipper=shipper,
             topology=topology,
             runInThread=runSynchronously,
@@ -117,6 +119,18 @@ class _DurableNodeMixin:
             lambda: factory.buildProtocol(None), amp.AMP, clock=self.reactor
         )
         return client, pump
+
+    def call(self, client: amp.AMP, pump: iosim.IOPump, user: str) -> Any:
+        """
+        Call L{Add} for C{user}; the result, or the failure.
+        """
+        results: list[Any] = []
+        client.callRemote(Add, user=user, amount=1).addBoth(results.append)
+        pump.flush()
+        self.reactor.advance(0)
+        pump.flush()
+        [result] = results
+        return result
 
 
 class DurableNodeTests(_DurableNodeMixin, SynchronousTestCase):
@@ -367,18 +381,6 @@ class FencingTests(_DurableNodeMixin, SynchronousTestCase):
         self.addCleanup(node.stopService)
         client, pump = self.connect()
         return node, client, pump
-
-    def call(self, client: amp.AMP, pump: iosim.IOPump, user: str) -> Any:
-        """
-        Call L{Add} for C{user}; the result, or the failure.
-        """
-        results: list[Any] = []
-        client.callRemote(Add, user=user, amount=1).addBoth(results.append)
-        pump.flush()
-        self.reactor.advance(0)
-        pump.flush()
-        [result] = results
-        return result
 
     def fenceAlice(self, node: FractalNode, client: amp.AMP, pump: iosim.IOPump) -> None:
         """

@@ -26,7 +26,6 @@ from examples import mailbox
 from fractal.durable._threads import runSynchronously
 from fractal.durable.shipper import Shipper
 from fractal.keys import InvalidUserKey, slotForKey, storeNameForKey
-from fractal.node import FractalNode
 from fractal.pool import StorePool
 from fractal.protocol import OwnerUnavailable
 from fractal.routing.interfaces import NodeAddress, ShardMap
@@ -446,37 +445,9 @@ class AcrossRestartsTests(_DurableNodeMixin, SynchronousTestCase):
         Start a node of id C{topology.localNode} with a shipper on
         C{self.backend}; return it and a function calling L{Add} on it.
         """
-        shipper = Shipper(
-            self.backend,
-            self.reactor,
-            runInThread=runSynchronously,
-            storesDirectory=dataDir.child("stores"),
-        )
-        self.reactor.tcpServers.clear()
-        node = FractalNode(
-            self.reactor,
-            application,
-            dataDir,
-            "tcp:7100:interface=127.0.0.1",
-            nodeId=topology.localNode,
-            topology=topology,
-            shipper=shipper,
-            runInThread=runSynchronously,
-        )
-        shipper.serveNode(node)
-        node.startService()
+        node = self.makeNode(dataDir, topology=topology)
         client, pump = self.connect()
-
-        def add(user: str) -> Any:
-            results: list[Any] = []
-            client.callRemote(Add, user=user, amount=1).addBoth(results.append)
-            pump.flush()
-            self.reactor.advance(0)
-            pump.flush()
-            [result] = results
-            return result
-
-        return node, add
+        return node, lambda user: self.call(client, pump, user)
 
     def stop(self, node: Any) -> None:
         self.successResultOf(node.stopService())
