@@ -345,6 +345,13 @@ class PostgresClusterIntegrationTests(TestCase):
         self.assertGreater(counts["n4"], DEFAULT_SLOTS // 8)
         print(f"\n(c) rebalanced onto n4 in {seconds:.1f}s; {self.load.calls} calls, "
               f"{self.load.retried} retries: {self.load.errors}")
+        # At most retries: whatever a client saw while slots moved is one of
+        # the retryable refusals (the call did not run), never another error.
+        self.assertEqual(
+            [e for e in self.load.errors
+             if not e.startswith(("NotOwner", "NodeStopping", "OwnerUnavailable"))],
+            [],
+        )
 
         # (d) n2 stops gracefully under load.
         errorsBefore = len(self.load.errors)
