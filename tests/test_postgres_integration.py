@@ -22,7 +22,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from fractal.client import FractalClient, connect
-from fractal.keys import DEFAULT_SLOTS, slotForKey
+from fractal.keys import DEFAULT_SLOTS, slotForKey, storeNameForKey
 from fractal.routing.rendezvous import rendezvousOwners
 from tests._ports import freePort
 from tests._postgres import makeDatabase, postgresDSN
@@ -232,6 +232,18 @@ class PostgresClusterIntegrationTests(TestCase):
         result: list[str] = self.database.transactBlocking(read)
         return result
 
+    def epochsOf(self, store: str) -> list[int]:
+        """
+        The epochs of C{store}'s durable records, in sequence order.
+        """
+
+        def read(cursor: Any) -> list[int]:
+            cursor.execute("SELECT epoch FROM records WHERE store = %s ORDER BY seq", (store,))
+            return [int(row[0]) for row in cursor.fetchall()]
+
+        result: list[int] = self.database.transactBlocking(read)
+        return result
+
     def incarnation(self, name: str) -> int:
         def read(cursor: Any) -> int:
             cursor.execute("SELECT incarnation FROM nodes WHERE node = %s", (name,))
@@ -313,6 +325,12 @@ class PostgresClusterIntegrationTests(TestCase):
         await self.settled({"n1", "n2"})
         await self.load.writeAll(self.users)
         await self.load.checkAll(self.users)
+        # No late write of the paused n2 at its old epoch landed after the
+        # new owner's: along each moved store's chain the epochs never go
+        # down (the backend refuses a write below the store's fence).
+        for user in probes:
+            epochs = self.epochsOf(storeNameForKey(user))
+            self.assertEqual(epochs, sorted(epochs), user)
 
     def test_joinAndLeave(self) -> Deferred[None]:
         """
