@@ -30,7 +30,14 @@ from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ITransport
-from twisted.protocols.amp import AMP, AmpBox, Argument, BinaryBoxProtocol
+from twisted.protocols.amp import (
+    AMP,
+    MAX_KEY_LENGTH,
+    MAX_VALUE_LENGTH,
+    AmpBox,
+    Argument,
+    BinaryBoxProtocol,
+)
 from twisted.python.compat import nativeString
 from twisted.python.failure import Failure
 
@@ -41,6 +48,8 @@ __all__ = [
     "usualArguments",
     "argumentSchema",
     "boxParser",
+    "boxMaker",
+    "WireBox",
     "writableTransport",
     "failedReason",
     "nextTag",
@@ -244,3 +253,56 @@ def boxParser(schema: Schema) -> Callable[[AmpBox, Any], dict[str, Any]]:
         return objects
 
     return parse
+
+
+class WireBox(AmpBox):
+    """
+    An L{AmpBox} that serializes to the same bytes as AMP's, its pairs
+    sorted by key, with one C{join} rather than a C{struct.pack} call per
+    length.  A key or value that is not exactly C{bytes} or is too long is
+    left to L{AmpBox.serialize}, which raises what AMP raises for it.
+    """
+
+    def serialize(self) -> bytes:
+        parts: list[bytes] = []
+        for key, value in sorted(self.items()):
+            if (
+                type(key) is not bytes
+                or type(value) is not bytes
+                or len(key) > MAX_KEY_LENGTH
+                or len(value) > MAX_VALUE_LENGTH
+            ):
+                serialized: bytes = AmpBox.serialize(self)
+                return serialized
+            parts += (len(key).to_bytes(2, "big"), key, len(value).to_bytes(2, "big"), value)
+        parts.append(b"\x00\x00")
+        return b"".join(parts)
+
+
+def boxMaker(schema: Schema) -> Callable[[dict[str, Any], Any], AmpBox]:
+    """
+    A function that writes values into a box by C{schema}, as
+    C{Command.makeArguments} or C{makeResponse} would, for a schema whose
+    arguments are L{usualArguments} for C{toBox} and C{retrieve} and whose
+    Python names are distinct.
+
+    @return: a function of a C{dict} by Python name and the protocol the
+        box is for, returning a L{WireBox}; keys the schema does not name are
+        ignored, an optional value of L{None} or missing is left out, and a
+        required value missing raises C{KeyError(Python name)}, as AMP's
+        do.
+    """
+    spec = argumentSchema(schema, "toStringProto")
+
+    def make(objects: dict[str, Any], proto: Any) -> AmpBox:
+        box = WireBox()
+        for wire, name, optional, convert in spec:
+            if optional:
+                value = objects.get(name)
+                if value is not None:
+                    box[wire] = convert(value, proto)
+            else:
+                box[wire] = convert(objects[name], proto)
+        return box
+
+    return make

@@ -64,7 +64,7 @@ from twisted.protocols.amp import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from fractal._framing import boxParser, canReadBoxes, readBoxes, usualArguments
+from fractal._framing import boxMaker, boxParser, canReadBoxes, readBoxes, usualArguments
 from fractal.app import Application, Responder
 from fractal.durable.interfaces import IShipper, StaleEpoch
 from fractal.keys import InvalidUserKey, slotForKey, validateKey
@@ -899,13 +899,23 @@ class NodeProtocol(BinaryBoxProtocol):
         """
         method = lease.prepared[responder.command.commandName]
         command = responder.command
+        makeResponse = _responseMaker(command)
 
         def serialize(result: Any) -> AmpBox:
-            box: AmpBox = command.makeResponse({} if result is None else result, self)
+            if result is None:
+                result = {}
+            box: AmpBox = (
+                makeResponse(result, self)
+                if type(result) is dict
+                else command.makeResponse(result, self)
+            )
             return box
 
         def call() -> AmpBox | Deferred[Any]:
             result = method(**kwargs)
+            if type(result) is dict:
+                box: AmpBox = makeResponse(result, self)
+                return box
             if isinstance(result, dict):
                 return serialize(result)
             if isinstance(result, Deferred):
@@ -920,7 +930,9 @@ class NodeProtocol(BinaryBoxProtocol):
             lease.release()
             self._finish(ask, self._responderErrorBox(ask, Failure(), responder, key))
             return
-        if isinstance(result, Deferred):
+        # An AmpBox first: Deferred is an abstract class (Awaitable), whose
+        # isinstance check costs several times a plain class's.
+        if not isinstance(result, AmpBox) and isinstance(result, Deferred):
             result.addBoth(_releasing, lease)
             result.addCallback(serialize)
             result.addCallbacks(
@@ -1175,6 +1187,39 @@ def _argumentParser(command: type[amp.Command]) -> Callable[[AmpBox, Any], dict[
     parser = boxParser(command.arguments) if usual else command.parseArguments
     _parsers[command] = parser
     return parser
+
+
+_responseMakers: dict[type[amp.Command], Callable[[Any, Any], Any]] = {}
+
+
+def _responseMaker(command: type[amp.Command]) -> Callable[[dict[str, Any], Any], Any]:
+    """
+    A function making C{command}'s response box from a C{dict}, as
+    C{command.makeResponse} does, made once per command.
+
+    For a command that keeps AMP's C{makeResponse} and response type and
+    whose response arguments are usual (neither override
+    L{amp.Argument.toBox} nor L{amp.Argument.retrieve}, distinct Python
+    names), it converts each value straight into a box that serializes
+    without a C{struct.pack} per length (L{fractal._framing.WireBox}),
+    without copying the C{dict} or converting each argument's wire name on
+    every call; any other command's response is made by its own
+    C{makeResponse}.
+    """
+    maker = _responseMakers.get(command)
+    if maker is not None:
+        return maker
+    names = [wire.replace(b"-", b"_") for wire, _ in command.response]
+    usual = (
+        getattr(command.makeResponse, "__func__", None)
+        is amp.Command.makeResponse.__func__  # type: ignore[attr-defined]
+        and command.responseType is AmpBox
+        and len(set(names)) == len(names)
+        and usualArguments(command.response, ("toBox", "retrieve"))
+    )
+    maker = boxMaker(command.response) if usual else command.makeResponse
+    _responseMakers[command] = maker
+    return maker
 
 
 def _releasing(result: object, lease: StoreLease) -> object:

@@ -15,6 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from fractal._framing import (
     AMP_PRIVATE_ATTRIBUTES,
+    WireBox,
+    boxMaker,
     boxParser,
     expectAnswer,
     failedReason,
@@ -148,3 +150,93 @@ class BoxParserTests(SynchronousTestCase):
         self.assertFalse(
             usualArguments([(b"a", amp.Integer()), (b"a", amp.Integer())], ("fromBox",))
         )
+
+
+class BoxMakerTests(SynchronousTestCase):
+    """
+    Tests for L{boxMaker} and L{WireBox}.
+    """
+
+    schema = [
+        (b"the-count", amp.Integer()),
+        (b"note", amp.Unicode(optional=True)),
+    ]
+
+    def test_make(self) -> None:
+        """
+        L{boxMaker} makes the box AMP's C{_objectsToStrings} makes from the
+        same values: each value by its Python name, an optional one that is
+        L{None} or missing left out, keys the schema does not name ignored,
+        and the values given left as they were.
+        """
+        make = boxMaker(self.schema)
+        for objects in [
+            {"the_count": 7, "note": "h\u00e9"},
+            {"the_count": 7, "note": None},
+            {"the_count": 7},
+            {"the_count": 7, "other": "ignored"},
+        ]:
+            given = dict(objects)
+            box = make(objects, None)
+            self.assertIsInstance(box, WireBox)
+            self.assertEqual(
+                box, amp._objectsToStrings(objects, self.schema, amp.AmpBox(), None)
+            )
+            self.assertEqual(objects, given)
+
+    def test_makeErrors(self) -> None:
+        """
+        A required value missing raises C{KeyError} with its Python name, and
+        a value its argument cannot convert raises what the argument raises,
+        as AMP's C{makeResponse} does.
+        """
+        make = boxMaker(self.schema)
+        error = self.assertRaises(KeyError, make, {"note": "hi"}, None)
+        self.assertEqual(error.args, ("the_count",))
+        self.assertRaises(
+            KeyError, amp._objectsToStrings, {"note": "hi"}, self.schema, amp.AmpBox(), None
+        )
+        expected = self.assertRaises(
+            Exception,
+            amp._objectsToStrings,
+            {"the_count": "seven"},
+            self.schema,
+            amp.AmpBox(),
+            None,
+        )
+        raised = self.assertRaises(type(expected), make, {"the_count": "seven"}, None)
+        self.assertEqual(str(raised), str(expected))
+
+    def test_serialize(self) -> None:
+        """
+        A L{WireBox} serializes to the bytes an L{amp.AmpBox} with the same
+        pairs does, its keys sorted, for empty values and values of the
+        longest length AMP allows too.
+        """
+        pairs = {
+            b"zeta": b"",
+            b"alpha": b"1",
+            b"k" * amp.MAX_KEY_LENGTH: b"v" * amp.MAX_VALUE_LENGTH,
+        }
+        self.assertEqual(WireBox(pairs).serialize(), amp.AmpBox(pairs).serialize())
+        self.assertEqual(WireBox().serialize(), b"\x00\x00")
+
+    def test_serializeErrors(self) -> None:
+        """
+        A key or value that AMP refuses to serialize (too long, or C{str})
+        raises from a L{WireBox} exactly what it raises from an
+        L{amp.AmpBox}.
+        """
+        for pairs in [
+            {b"k" * (amp.MAX_KEY_LENGTH + 1): b"v"},
+            {b"k": b"v" * (amp.MAX_VALUE_LENGTH + 1)},
+            {"k": b"v"},
+            {b"k": "v"},
+        ]:
+            # Around AmpBox's constructor, which encodes str keys.
+            box, wire = amp.AmpBox(), WireBox()
+            dict.update(box, pairs)
+            dict.update(wire, pairs)
+            expected = self.assertRaises(Exception, box.serialize)
+            raised = self.assertRaises(type(expected), wire.serialize)
+            self.assertEqual(str(raised), str(expected))

@@ -81,6 +81,11 @@ class Later(app.UserCommand):
     response = [(b"value", amp.Integer())]
 
 
+class BadAnswer(app.UserCommand):
+    arguments = [(b"body", amp.Unicode())]
+    response = [(b"noteID", amp.Integer())]
+
+
 class Awaiting(app.UserCommand):
     response = [(b"value", amp.Integer())]
 
@@ -144,6 +149,12 @@ class ServerTestNotebook(Item):
         ServerTestNote(store=self.store, body=body)
         self.added += 1
         raise RuntimeError("the responder broke")
+
+    @BadAnswer.responder
+    def badAnswer(self, body: str) -> dict[str, Any]:
+        note = ServerTestNote(store=self.store, body=body)
+        self.added += 1
+        return {"noteID": str(note.storeID)}
 
     @Later.responder
     def later(self) -> Deferred[dict[str, Any]]:
@@ -407,6 +418,23 @@ class ServerTests(SynchronousTestCase):
         self.assertEqual(str(logged.value), "the responder broke")
         self.assertEqual(self.server.responderErrors, 1)
         self.assertEqual(self.server.callsFailed, 1)
+
+    def test_answerThatDoesNotFitRollsBack(self) -> None:
+        """
+        A synchronous responder whose answer does not fit its command's
+        response (a value its argument cannot convert) is rolled back and
+        fails with L{CallFailed}, like a responder that raises; the next
+        call carries on.
+        """
+        client, _, pump = self.connect()
+        bad = callRemote(client, BadAnswer, user="alice", body="lost")
+        good = callRemote(client, AddNote, user="alice", body="kept")
+        after = callRemote(client, CountNotes, user="alice")
+        pump.flush()
+        self.assertIn("BadAnswer failed", str(self.failureResultOf(bad, CallFailed).value))
+        self.assertIsInstance(self.successResultOf(good)["noteID"], int)
+        self.assertEqual(self.successResultOf(after), {"notes": 1, "added": 1})
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
 
     def test_deferredResponder(self) -> None:
         """
