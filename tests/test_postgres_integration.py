@@ -161,16 +161,24 @@ class PostgresClusterIntegrationTests(TestCase):
         self.load = _Load(self)
         self.users = [f"user{i}@example.com" for i in range(USERS)]
 
-    async def startNode(self, name: str) -> NodeProcess:
+    async def startNode(self, name: str, *extra: str, peerPort: int = 0) -> NodeProcess:
+        """
+        Start node C{name} on this test's schema, stopped (and woken, if
+        paused) at cleanup, and give it a client in L{load}.
+
+        @param extra: more command-line arguments.
+        @param peerPort: the peer listener's port; a free one if 0.
+        """
         process = NodeProcess(
             FilePath(self.mktemp()),
             APP,
             "--node", name,
             "--postgres", postgresDSN(),
             "--postgres-schema", self.database.schema,
-            "--peer-listen", f"tcp:{freePort()}:interface=127.0.0.1",
+            "--peer-listen", f"tcp:{peerPort or freePort()}:interface=127.0.0.1",
             "--lease", str(LEASE),
             "--ship-interval", "0.2",
+            *extra,
         )
 
         def cleanup() -> Deferred[Any]:

@@ -6,8 +6,6 @@ PostgreSQL with mutual TLS between nodes: real C{twistd -n fractal --postgres
 
 from __future__ import annotations
 
-import os
-import signal
 from typing import Any
 
 from OpenSSL import SSL
@@ -23,10 +21,10 @@ from fractal.certs import createAuthority, createNodeCertificate, loadCredential
 from fractal.keys import DEFAULT_SLOTS, slotForKey
 from tests import test_postgres_integration as _integration
 from tests._ports import freePort
-from tests._postgres import makeDatabase, postgresDSN
+from tests._postgres import makeDatabase
 from tests.test_durable_node import Add
 from tests.test_integration_node import NodeProcess
-from tests.test_postgres_integration import APP, LEASE, _deferred, _Load, _reactor
+from tests.test_postgres_integration import _deferred, _Load, _reactor
 
 
 class PostgresTLSJoinTests(TestCase):
@@ -54,28 +52,13 @@ class PostgresTLSJoinTests(TestCase):
 
     async def startNode(self, name: str) -> NodeProcess:
         self.peerPorts[name] = freePort()
-        process = NodeProcess(
-            FilePath(self.mktemp()),
-            APP,
-            "--node", name,
-            "--postgres", postgresDSN(),
-            "--postgres-schema", self.database.schema,
-            "--peer-listen", f"tcp:{self.peerPorts[name]}:interface=127.0.0.1",
-            "--certs", self.certs.path,
-            "--lease", str(LEASE),
-            "--ship-interval", "0.2",
+        return await _integration.PostgresClusterIntegrationTests.startNode(
+            self,  # type: ignore[arg-type]
+            name,
+            "--certs",
+            self.certs.path,
+            peerPort=self.peerPorts[name],
         )
-
-        def cleanup() -> Deferred[Any]:
-            if process.protocol is not None and process.protocol.running:
-                os.kill(process.pid, signal.SIGCONT)
-            return _deferred(process.stop())
-
-        self.addCleanup(cleanup)
-        await process.start()
-        self.nodes[name] = process
-        await self.load.add(name, process)
-        return process
 
     async def rejected(self, creator: Any, port: int, user: str) -> None:
         """
