@@ -118,15 +118,11 @@ class SigkillTests(TestCase):
         acknowledged message.
         """
         base = FilePath(self.mktemp())
-        first = NodeProcess(base, "examples.mailbox:application", "--ship-interval", "0.2")
-        self.addCleanup(lambda: Deferred.fromCoroutine(first.stop()))
-        await first.start()
+        first = await _mailboxNode(self, "--ship-interval", "0.2", data=base)
         acknowledged: dict[str, set[str]] = {}
         await self.load(first, acknowledged)
 
-        again = NodeProcess(base, "examples.mailbox:application", "--ship-interval", "0.2")
-        self.addCleanup(lambda: Deferred.fromCoroutine(again.stop()))
-        await again.start()
+        again = await _mailboxNode(self, "--ship-interval", "0.2", data=base)
         # The stores to resume are found by a scan at start-up, and the node
         # logs when it has shipped them all; wait for that (however loaded
         # the machine), within a generous bound.
@@ -190,6 +186,23 @@ _RESTORED = re.compile(
 )
 
 
+async def _mailboxNode(
+    test: TestCase, *arguments: str, data: FilePath[str] | None = None
+) -> NodeProcess:
+    """
+    Start a mailbox node with C{arguments} on C{data} (a new directory if
+    L{None}), stopped when C{test} ends.
+    """
+    node = NodeProcess(
+        data if data is not None else FilePath(test.mktemp()),
+        "examples.mailbox:application",
+        *arguments,
+    )
+    test.addCleanup(lambda: Deferred.fromCoroutine(node.stop()))
+    await node.start()
+    return node
+
+
 async def _connect(test: TestCase, node: NodeProcess) -> amp.AMP:
     """
     An AMP connection to C{node}, closed when C{test} ends.
@@ -236,16 +249,9 @@ class DiskLossTests(TestCase):
         reactor = _reactor()
         durable = FilePath(self.mktemp())
         backend = FilesystemBackend(durable, runInThread=runSynchronously)
-        first = NodeProcess(
-            FilePath(self.mktemp()),
-            "examples.mailbox:application",
-            "--ship-interval",
-            str(SHIP_INTERVAL),
-            "--durable",
-            durable.path,
+        first = await _mailboxNode(
+            self, "--ship-interval", str(SHIP_INTERVAL), "--durable", durable.path
         )
-        self.addCleanup(lambda: Deferred.fromCoroutine(first.stop()))
-        await first.start()
         client = await _connect(self, first)
         users = [f"user{n}" for n in range(USERS)]
         acknowledged: dict[str, dict[str, float]] = {user: {} for user in users}
@@ -308,11 +314,7 @@ class DiskLossTests(TestCase):
         )
         first.data.remove()
 
-        second = NodeProcess(
-            FilePath(self.mktemp()), "examples.mailbox:application", "--durable", durable.path
-        )
-        self.addCleanup(lambda: Deferred.fromCoroutine(second.stop()))
-        await second.start()
+        second = await _mailboxNode(self, "--durable", durable.path)
         client = await _connect(self, second)
         found: dict[str, set[str]] = {}
         for user in users:
@@ -370,16 +372,9 @@ class FencingTests(TestCase):
         reactor = _reactor()
         durable = FilePath(self.mktemp())
         backend = FilesystemBackend(durable, runInThread=runSynchronously)
-        node = NodeProcess(
-            FilePath(self.mktemp()),
-            "examples.mailbox:application",
-            "--ship-interval",
-            str(SHIP_INTERVAL),
-            "--durable",
-            durable.path,
+        node = await _mailboxNode(
+            self, "--ship-interval", str(SHIP_INTERVAL), "--durable", durable.path
         )
-        self.addCleanup(lambda: Deferred.fromCoroutine(node.stop()))
-        await node.start()
         client = await _connect(self, node)
         alice = storeNameForKey("alice")
         slot = slotForKey("alice")
