@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in results:
             print(f"   single-row delta ships on the {r['megabytes']} MB store: "
                   f"{r['shipsPerSecond']:.0f}/s (p50 {r['shipP50'] * 1000:.2f} ms, "
-                  "image + diff + compress + fsync'd write)")
+                  "log read + diff + compress + fsync'd write)")
         print("3. restore throughput")
         r = restoreThroughput(setup, big["key"], repeats)
         print(f"   restore of the {_mb(r['fileSize'])} store from a chain of {r['chain']} records: "

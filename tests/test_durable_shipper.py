@@ -280,38 +280,107 @@ class ShipperTests(SynchronousTestCase):
         self.assertEqual(len(h.backend.appended), count)
         self.flushLoggedErrors()
 
-    def test_keptImagesBounded(self) -> None:
+    def _countImageReads(self, h: _Harness) -> list[str]:
         """
-        The last shipped images kept for diffing never weigh more than
-        C{maxImageBytes}, each at most a 64th of it; a store whose image is
-        not kept is diffed by hashing, and its deltas restore exactly all the
-        same.
+        Record the database of every whole image C{h}'s shipper reads.
         """
-        h = _Harness(self, maxImageBytes=64 * 40000)
+        reads: list[str] = []
+        read = h.shipper._images.read
+
+        def counting(database: FilePath[str], keep: bool = True) -> bytes | None:
+            reads.append(database.path)
+            return read(database, keep)
+
+        h.shipper._images.read = counting  # type: ignore[method-assign]
+        return reads
+
+    def ship(self, h: _Harness, key: str) -> None:
+        """
+        Ship C{key}'s store now and wait for it.
+        """
+        d = h.shipper.whenDurable(key)
+        h.clock.advance(0)
+        self.successResultOf(d)
+
+    def test_deltasFromLog(self) -> None:
+        """
+        After a store's first record, its deltas are built from the pages
+        its write-ahead log committed since, without reading its whole
+        image; the pages it wrote with unchanged content are left out, and
+        the chain restores exactly.
+        """
+        h = _Harness(self)
         h.shipper.startService()
         self.addCleanup(h.shipper.stopService)
-        stores = {key: h.open(key) for key in ("small", "big")}
-        write(stores["small"], 1, "s")
-        write(stores["big"], 1, "b" * 60000)
-        for round in range(3):
-            for key, store in stores.items():
-                write(store, 2, f"{key} {round}")
-                d = h.shipper.whenDurable(key)
-                h.clock.advance(0)
-                self.successResultOf(d)
-                self.assertLessEqual(h.shipper._imageBytes, 64 * 40000)
-        states = h.shipper._states
-        self.assertIsNotNone(states["small"].image)
-        self.assertIsNone(states["big"].image)
+        store = h.open("alice")
+        reads = self._countImageReads(h)
+        for number in range(40):
+            write(store, number, f"note {number} " * 20)
+        self.ship(h, "alice")
+        self.assertEqual(len(reads), 1)
+        for round in range(5):
+            write(store, round, f"changed {round}")
+            write(store, 100 + round, "x" * 3000)
+            self.ship(h, "alice")
+        write(store, 3, "changed 3")
+        self.ship(h, "alice")
+        self.assertEqual(len(reads), 1)
+        records = h.records("alice")
+        self.assertEqual([r.isSnapshot for r in records], [True] + [False] * 5)
+        self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
+
+    def test_logRestartReadsImage(self) -> None:
+        """
+        When the write-ahead log was checkpointed and restarted since the
+        last ship (its pages since then are in the database file, no longer
+        in the log), the next delta is built from the whole image; the one
+        after it from the log again.
+        """
+        h = _Harness(self)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open("alice")
+        reads = self._countImageReads(h)
+        write(store, 1, "one")
+        self.ship(h, "alice")
+        write(store, 2, "two")
+        connection = sqlite3.connect(h.dbdir("alice").child("db.sqlite").path)
         self.assertEqual(
-            h.shipper._imageBytes, sum(len(s.image or b"") for s in states.values())
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0], 0
         )
-        for key in stores:
-            self.assertFalse(h.records(key)[-1].isSnapshot)
-            self.assertEqual(h.restored(key), dump(h.dbdir(key).child("db.sqlite")))
-        for key, store in stores.items():
-            self.successResultOf(h.shipper.storeClosing(key, store))
-        self.assertEqual(h.shipper._imageBytes, 0)
+        connection.close()
+        write(store, 3, "three")
+        self.ship(h, "alice")
+        self.assertEqual(len(reads), 2)
+        write(store, 4, "four")
+        self.ship(h, "alice")
+        self.assertEqual(len(reads), 2)
+        self.assertFalse(h.records("alice")[-1].isSnapshot)
+        self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
+
+    def test_reopenedStoreReadsImage(self) -> None:
+        """
+        A store closed and opened again ships its first change after the
+        open from its whole image: the new open's log is a new one.
+        """
+        h = _Harness(self)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open("alice")
+        reads = self._countImageReads(h)
+        write(store, 1, "one")
+        self.ship(h, "alice")
+        self.successResultOf(h.shipper.storeClosing("alice", store))
+        store.close()
+        h.shipper.storeClosed("alice", store)
+        store = h.open("alice")
+        write(store, 2, "two")
+        self.ship(h, "alice")
+        self.assertEqual(len(reads), 2)
+        write(store, 3, "three")
+        self.ship(h, "alice")
+        self.assertEqual(len(reads), 2)
+        self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
 
     def test_compaction(self) -> None:
         """

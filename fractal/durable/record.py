@@ -149,10 +149,6 @@ def pageSizeOf(image: bytes) -> int:
     return size
 
 
-#: How many pages L{diffImage} compares at once before looking page by page.
-_DIFF_RUN_PAGES = 64
-
-
 def pageDigests(image: bytes, pageSize: int) -> list[bytes]:
     """
     A short digest of every page of C{image}, in page order.
@@ -177,7 +173,6 @@ def diffImage(
     image: bytes,
     pageSize: int,
     previous: Sequence[bytes] | None,
-    previousImage: bytes | None = None,
 ) -> tuple[list[tuple[int, bytes]], list[bytes]]:
     """
     The pages of C{image} that differ from the image whose page digests are
@@ -185,48 +180,9 @@ def diffImage(
 
     @param previous: the page digests of the last shipped image, or L{None} to
         take every page (a snapshot).
-    @param previousImage: that image itself, if known: then a page equal to
-        its page is not hashed again (its digest is the previous one), which
-        costs a comparison instead of a hash per unchanged page.
     @return: the changed pages as (1-based page number, bytes), and the page
         digests of C{image}.
     """
-    if previous is not None and previousImage is not None and len(previousImage) == len(
-        previous
-    ) * pageSize:
-        # Compare a run of pages at a time (one memcmp in C, without copying
-        # either side: C{startswith} at an offset, with a view of the old
-        # image), and look at single pages only inside runs that differ: an
-        # unchanged page keeps its previous digest, a changed one is hashed.
-        # Page 1 (whose change counter moves at every commit) is a run of
-        # its own, so that it does not make its neighbours look changed.
-        view = memoryview(image)
-        old = memoryview(previousImage)
-        common = min(len(previous), -(-len(image) // pageSize))
-        digests = list(previous[:common])
-        changed: list[tuple[int, bytes]] = []
-        commonBytes = common * pageSize
-        stride = _DIFF_RUN_PAGES * pageSize
-        runs = [0] + list(range(pageSize, commonBytes, stride))
-        for start in runs:
-            stop = min(pageSize if start == 0 else start + stride, commonBytes)
-            if image.startswith(old[start:stop], start):
-                continue
-            for offset in range(start, stop, pageSize):
-                end = offset + pageSize
-                if not image.startswith(old[offset:end], offset):
-                    page = image[offset:end]
-                    index = offset // pageSize
-                    digest = hashlib.blake2b(page, digest_size=16).digest()
-                    digests[index] = digest
-                    if digest != previous[index]:
-                        changed.append((index + 1, page))
-        for offset in range(commonBytes, len(image), pageSize):
-            digests.append(
-                hashlib.blake2b(view[offset : offset + pageSize], digest_size=16).digest()
-            )
-            changed.append((offset // pageSize + 1, bytes(image[offset : offset + pageSize])))
-        return changed, digests
     digests = pageDigests(image, pageSize)
     changed = []
     for index, digest in enumerate(digests):

@@ -4,15 +4,18 @@ The shipper: ships every dirty user store's changed pages to a durable
 backend, and restores a store from its chain.
 
 Each commit marks its store dirty.  Every ship interval, and at once when a
-caller waits for durability (L{Shipper.whenDurable}), a ship cycle takes a
-consistent image of every dirty store off the reactor thread (a separate
+caller waits for durability (L{Shipper.whenDurable}), a ship cycle builds the
+next record of every dirty store off the reactor thread: normally from the
+pages its write-ahead log committed since the last record
+(L{fractal.durable._wal}), otherwise (a store just opened, a log restarted
+since, a snapshot) from a consistent image of the whole store (a separate
 read-only connection and C{sqlite3.Connection.serialize} inside one read
-transaction), compares its pages' digests with those of the image last
-shipped, and builds one record per store with the changed pages; the
-cycle's records are stored as one batch (L{IDurableBackend.appendMany}).  When the deltas since
-the last snapshot outweigh the snapshot, or the chain grows past
-C{maxChain}, the next record is a new snapshot and the older records are
-pruned.
+transaction).  The pages read are hashed and compared with the digests of
+the image last shipped, and the record carries those that changed; the
+cycle's records are stored as one batch (L{IDurableBackend.appendMany}).
+When the deltas since the last snapshot outweigh the snapshot, or the chain
+grows past C{maxChain}, the next record is a new snapshot and the older
+records are pruned.
 
 The shipper keeps, next to each store's database, a small state file
 (C{durable-state}) with the key, the last shipped record and its page
@@ -28,7 +31,7 @@ import json
 import os
 import sqlite3
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 from urllib.parse import quote
 
 from attrs import frozen
@@ -50,6 +53,7 @@ from zope.interface import implementer
 
 from fractal.durable._images import ImageReader
 from fractal.durable._threads import RunInThread, reactorThreads
+from fractal.durable._wal import WalChanges, WalPosition, readChanges, walPosition
 from fractal.durable.interfaces import (
     AnotherWriter,
     IDurableBackend,
@@ -119,7 +123,7 @@ class _Built:
     digests: tuple[bytes, ...]
     pageSize: int
     takenAt: float
-    image: bytes
+    wal: WalPosition | None
 
 
 class _StoreState:
@@ -156,8 +160,10 @@ class _StoreState:
         self.due = False
         self.afterShip: list[Callable[[], object]] = []
         self.waiters: list[tuple[int, Deferred[None]]] = []
-        self.image: bytes | None = None
-        self.imageSeq = -1
+        # Where the store's write-ahead log stood when the image of the
+        # newest record was taken (at or before it), while that record is
+        # known to have been built from this open of the store.
+        self.wal: WalPosition | None = None
         self.probing: list[Deferred[None]] | None = None
         # Found unchanged since its last ship by its state file's stamp when
         # opened (L{_closedUnchanged}), and not loaded since.
@@ -358,7 +364,6 @@ class Shipper(Service):
         buildConcurrency: int = 2,
         lagWarning: float = 10.0,
         saveInterval: float = 10.0,
-        maxImageBytes: int = 64 * 1024 * 1024,
     ) -> None:
         """
         @param backend: the durable backend.
@@ -392,12 +397,6 @@ class Shipper(Service):
             state file while it is open (it is always written when the store
             closes and when the service stops); a state file that is behind
             costs a snapshot after a crash, nothing else.
-        @param maxImageBytes: the most bytes of last-shipped images kept in
-            memory, so that the next delta of their stores compares pages
-            instead of hashing them all; only images of at most a 64th of
-            this are kept (so the images of ships in progress weigh at most
-            as much again), and a store whose image is not kept is diffed by
-            hashing every page.
         """
         self.backend = backend
         self.interval = interval
@@ -433,8 +432,6 @@ class Shipper(Service):
         self._lastLagLog = -1e9
         self._lagging = False
         self._images = ImageReader()
-        self._maxImageBytes = maxImageBytes
-        self._imageBytes = 0
 
     def serveNode(self, node: Any) -> None:
         """
@@ -513,6 +510,8 @@ class Shipper(Service):
             state = self._states[key] = _StoreState(key, dbdir)
         state.opens += 1
         state.dbdir = dbdir
+        # A new open may start its write-ahead log afresh.
+        state.wal = None
         self._closedClean.pop(key, None)
         reowned = False
         if state.fenced is not None and self._epochForKey(key) > state.fenced.current:
@@ -667,6 +666,7 @@ class Shipper(Service):
             state.opens = max(0, state.opens - 1)
             if not state.opens:
                 self._images.discard(state.dbdir.child("db.sqlite"))
+                state.wal = None
                 if (
                     not state.dirty
                     and state.fenced is None
@@ -723,7 +723,6 @@ class Shipper(Service):
         memory stays bounded by the open and unshipped stores.
         """
         if not state.dirty and not state.opens and not state.waiters and state.probing is None:
-            self._keepImage(state, -1, None)
             if self._states.get(state.key) is state:
                 del self._states[state.key]
             if self._dirty.get(state.key) is state:
@@ -1070,7 +1069,7 @@ class Shipper(Service):
         else:
             chain = (state.chainLength + 1, state.chainBytes + info.size, state.snapshotBytes)
         self._adopt(state, info, built.digests, built.pageSize, *chain)
-        self._keepImage(state, info.seq, built.image)
+        state.wal = built.wal
         self._shipped(state, generation, capturedAt)
         if info.isSnapshot and info.seq > 1:
             self.backend.prune(state.name, info.seq).addErrback(
@@ -1135,47 +1134,82 @@ class Shipper(Service):
 
     def _build(self, state: _StoreState, epoch: int) -> _Built | None:
         """
-        Read a store's image and build its next record; in a worker thread.
+        Build a store's next record; in a worker thread.  A delta is built
+        from the pages committed since the last record, read from the
+        store's write-ahead log (L{_buildFromLog}) when it can be; otherwise,
+        and for a snapshot, from the store's whole image.
 
         @return: the record, or L{None} if nothing changed since the last one.
         @raise FileNotFoundError: if the store's database is gone.
         """
         takenAt = time.time()
-        image = self._images.read(state.dbdir.child("db.sqlite"), keep=state.opens > 0)
+        database = state.dbdir.child("db.sqlite")
+        delta = state.seq > 0 and state.chainLength < self._maxChain
+        if delta and state.wal is not None and state.digests is not None:
+            changes = readChanges(database.path, state.wal, state.pageSize)
+            if changes is not None:
+                built = self._buildFromLog(state, epoch, changes, takenAt)
+                if built is not False:
+                    return built
+        position = walPosition(database.path)
+        image = self._images.read(database, keep=state.opens > 0)
         if image is None:
             raise FileNotFoundError(f"store {state.name} has no database file to ship")
         pageSize = pageSizeOf(image)
-        base = state.digests if state.pageSize == pageSize else None
-        if state.seq == 0 or state.chainLength >= self._maxChain:
-            base = None
-        previousImage = state.image if state.imageSeq == state.seq else None
-        pages, digests = diffImage(image, pageSize, base, previousImage)
+        base = state.digests if state.pageSize == pageSize and delta else None
+        pages, digests = diffImage(image, pageSize, base)
         if base is not None and not pages and len(digests) == len(base):
             return None
-        # Carried to be kept for the next diff only if small enough.
-        kept = image if len(image) <= self._maxImageBytes // 64 else b""
-        built = self._encode(state, epoch, pageSize, pages, digests, base is None, takenAt, kept)
-        if base is not None and state.chainBytes + built.info.size > max(
-            state.snapshotBytes, self._compactBytes
-        ):
-            # The deltas since the snapshot now outweigh it: compact.
+        built = self._encode(state, epoch, pageSize, pages, digests, base is None, takenAt, position)
+        if base is not None and self._compactionDue(state, built):
             pages, digests = diffImage(image, pageSize, None)
-            built = self._encode(state, epoch, pageSize, pages, digests, True, takenAt, kept)
+            built = self._encode(state, epoch, pageSize, pages, digests, True, takenAt, position)
         return built
 
-    def _keepImage(self, state: _StoreState, seq: int, image: bytes | None) -> None:
+    def _buildFromLog(
+        self, state: _StoreState, epoch: int, changes: WalChanges, takenAt: float
+    ) -> _Built | None | Literal[False]:
         """
-        Keep C{image}, the image of C{state}'s record C{seq}, for diffing its
-        next one, if it fits in C{maxImageBytes} with the others kept; or
-        forget C{state}'s image, if C{image} is L{None}.  On the reactor
-        thread, between ships of the store.
+        Build the delta after C{state}'s last record from C{changes}, the
+        pages its store committed since; in a worker thread.  The pages are
+        compared with the last record's digests, so a page written again
+        with the same content is not shipped.
+
+        @return: the delta, L{None} if nothing changed, or C{False} if the
+            record must be built from the whole image: a snapshot is due, or
+            the changes do not cover every page the store grew by.
         """
-        if state.image is not None:
-            self._imageBytes -= len(state.image)
-        state.image, state.imageSeq = None, -1
-        if image and self._imageBytes + len(image) <= self._maxImageBytes:
-            state.image, state.imageSeq = image, seq
-            self._imageBytes += len(image)
+        assert state.digests is not None
+        pageSize = state.pageSize
+        digests = list(state.digests[: changes.pageCount])
+        grown = changes.pageCount - len(digests)
+        if grown > 0:
+            if any(
+                number not in changes.pages
+                for number in range(len(digests) + 1, changes.pageCount + 1)
+            ):
+                return False
+            digests.extend([b""] * grown)
+        pages: list[tuple[int, bytes]] = []
+        for number in sorted(changes.pages):
+            page = changes.pages[number]
+            digest = hashlib.blake2b(page, digest_size=16).digest()
+            if digest != digests[number - 1]:
+                digests[number - 1] = digest
+                pages.append((number, page))
+        if not pages and len(digests) == len(state.digests):
+            return None
+        built = self._encode(state, epoch, pageSize, pages, digests, False, takenAt, changes.end)
+        if self._compactionDue(state, built):
+            return False
+        return built
+
+    def _compactionDue(self, state: _StoreState, delta: _Built) -> bool:
+        """
+        Whether the deltas since C{state}'s snapshot, with C{delta}, now
+        outweigh the snapshot: then the next record is a snapshot instead.
+        """
+        return state.chainBytes + delta.info.size > max(state.snapshotBytes, self._compactBytes)
 
     def _saveStates(self, states: list[_StoreState]) -> Deferred[None]:
         """
@@ -1235,7 +1269,7 @@ class Shipper(Service):
         digests: list[bytes],
         snapshot: bool,
         takenAt: float,
-        image: bytes,
+        wal: WalPosition | None,
     ) -> _Built:
         seq = state.seq + 1
         data = encodeRecord(
@@ -1265,7 +1299,7 @@ class Shipper(Service):
             digests=tuple(digests),
             pageSize=pageSize,
             takenAt=takenAt,
-            image=image,
+            wal=wal,
         )
 
     async def _load(self, state: _StoreState) -> None:
@@ -1306,13 +1340,12 @@ class Shipper(Service):
         chainBytes: int,
         snapshotBytes: int,
     ) -> None:
-        if state.imageSeq != head.seq:
-            self._keepImage(state, -1, None)
         state.loaded = True
         state.seq = head.seq
         state.headDigest = head.digest
         state.digests = tuple(digests)
         state.pageSize = pageSize
+        state.wal = None
         state.chainLength = chainLength
         state.chainBytes = chainBytes
         state.snapshotBytes = snapshotBytes
@@ -1409,7 +1442,6 @@ class Shipper(Service):
             waiters, state.waiters = state.waiters, []
             for _, d in waiters:
                 d.errback(error)
-            self._keepImage(state, -1, None)
             if self._states.get(state.key) is state:
                 del self._states[state.key]
             if self._dirty.get(state.key) is state:

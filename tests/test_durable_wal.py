@@ -1,0 +1,227 @@
+"""
+Tests for L{fractal.durable._wal}: reading the pages a store committed since
+a position of its write-ahead log, from real SQLite files.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sqlite3
+
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from fractal.durable._wal import WalChanges, WalPosition, readChanges, walPosition
+
+PAGE = 4096
+
+
+def image(path: str) -> bytes:
+    """
+    The committed image of the database at C{path}, through another
+    connection.
+    """
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        connection.execute("BEGIN")
+        connection.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        return connection.serialize()
+    finally:
+        connection.close()
+
+
+def apply(base: bytes, changes: WalChanges) -> bytes:
+    """
+    C{base} with C{changes} written over it.
+    """
+    result = bytearray(base[: changes.pageCount * PAGE].ljust(changes.pageCount * PAGE, b"\0"))
+    for number, page in changes.pages.items():
+        result[(number - 1) * PAGE : number * PAGE] = page
+    return bytes(result)
+
+
+class _Database:
+    """
+    A real WAL database, written through its own connection.
+    """
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        directory = FilePath(case.mktemp())
+        directory.makedirs()
+        self.path = directory.child("db.sqlite").path
+        self.connection = sqlite3.connect(self.path, isolation_level=None)
+        self.connection.execute("PRAGMA journal_mode=WAL")
+        self.connection.execute("PRAGMA synchronous=NORMAL")
+        self.connection.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+        case.addCleanup(self.connection.close)
+
+    def insert(self, size: int = 100) -> None:
+        self.connection.execute("INSERT INTO t (v) VALUES (?)", (os.urandom(size),))
+
+    def copy(self, case: SynchronousTestCase) -> str:
+        """
+        Copy the database's three files elsewhere, as they are.
+        """
+        directory = FilePath(case.mktemp())
+        directory.makedirs()
+        copy = directory.child("db.sqlite").path
+        for suffix in ("", "-wal", "-shm"):
+            shutil.copyfile(self.path + suffix, copy + suffix)
+        return copy
+
+
+class ReadChangesTests(SynchronousTestCase):
+    """
+    L{readChanges} and L{walPosition} on real write-ahead logs.
+    """
+
+    def test_changesRebuildImage(self) -> None:
+        """
+        Through random inserts, deletes, updates, checkpoints and a vacuum,
+        the changes read since each position, written over the image at
+        that position, give exactly the committed image; when the log has
+        restarted since, L{readChanges} says so (L{None}) and a new position
+        is taken with a whole image.
+        """
+        db = _Database(self)
+        rng = random.Random(5)
+        position = walPosition(db.path)
+        base = image(db.path)
+        read = restarts = 0
+        for step in range(600):
+            choice = rng.random()
+            if choice < 0.55:
+                db.insert(rng.randint(10, 6000))
+            elif choice < 0.75:
+                db.connection.execute(
+                    "DELETE FROM t WHERE id IN (SELECT id FROM t ORDER BY random() LIMIT 3)"
+                )
+            elif choice < 0.77:
+                db.connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            elif choice < 0.78:
+                db.connection.execute("VACUUM")
+            else:
+                db.connection.execute(
+                    "UPDATE t SET v = ? WHERE id = (SELECT max(id) FROM t)", (b"u" * 50,)
+                )
+            if rng.random() < 0.3:
+                changes = readChanges(db.path, position, PAGE) if position else None
+                if changes is None:
+                    restarts += 1
+                    position = walPosition(db.path)
+                    base = image(db.path)
+                    continue
+                base = apply(base, changes)
+                self.assertEqual(base, image(db.path), f"step {step}")
+                position = changes.end
+                read += 1
+        self.assertGreater(read, 100)
+        self.assertGreater(restarts, 3)
+
+    def test_nothingSince(self) -> None:
+        """
+        At the log's current position, there are no changes.
+        """
+        db = _Database(self)
+        db.insert()
+        position = walPosition(db.path)
+        assert position is not None
+        self.assertEqual(readChanges(db.path, position, PAGE), WalChanges({}, 2, position))
+
+    def test_emptyLog(self) -> None:
+        """
+        An empty log, or none at all, has no position: the salts of its next
+        generation are unknown.
+        """
+        db = _Database(self)
+        db.connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.assertIsNone(walPosition(db.path))
+        self.assertIsNone(walPosition(db.path + "-missing"))
+        self.assertIsNone(
+            readChanges(db.path + "-missing", WalPosition(b"\0" * 8, 0), PAGE)
+        )
+
+    def test_restarted(self) -> None:
+        """
+        A position of an earlier generation of the log is refused.
+        """
+        db = _Database(self)
+        db.insert()
+        position = walPosition(db.path)
+        assert position is not None
+        db.connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.insert()
+        self.assertIsNone(readChanges(db.path, position, PAGE))
+
+    def test_otherPageSize(self) -> None:
+        """
+        A page size other than the log's is refused.
+        """
+        db = _Database(self)
+        db.insert()
+        position = walPosition(db.path)
+        assert position is not None
+        db.insert()
+        self.assertIsNone(readChanges(db.path, position, 1024))
+
+    def test_uncommittedLeftOut(self) -> None:
+        """
+        Frames of a transaction not yet committed (spilled from a small page
+        cache) are not read: the changes are those of the commits only.
+        """
+        db = _Database(self)
+        db.insert()
+        position = walPosition(db.path)
+        assert position is not None
+        base = image(db.path)
+        db.insert(5000)
+        committed = image(db.path)
+        db.connection.execute("PRAGMA cache_size=2")
+        db.connection.execute("BEGIN")
+        for _ in range(50):
+            db.insert(3000)
+        self.assertGreater(os.path.getsize(db.path + "-wal"), 20 * PAGE)
+        changes = readChanges(db.path, position, PAGE)
+        assert changes is not None
+        self.assertEqual(apply(base, changes), committed)
+        db.connection.execute("ROLLBACK")
+
+    def test_damagedIndexRefused(self) -> None:
+        """
+        An index whose two header copies differ, or whose header checksum
+        is wrong, is refused.
+        """
+        db = _Database(self)
+        db.insert()
+        position = walPosition(db.path)
+        assert position is not None
+        db.insert()
+        for offsets in [(16 + 48,), (16, 16 + 48)]:
+            copy = db.copy(self)
+            with open(copy + "-shm", "r+b") as f:
+                for offset in offsets:
+                    f.seek(offset)
+                    f.write(b"\x7f")
+            self.assertIsNone(readChanges(copy, position, PAGE))
+            self.assertIsNotNone(readChanges(db.copy(self), position, PAGE))
+
+    def test_foreignFrameRefused(self) -> None:
+        """
+        A committed frame whose salts are not its generation's, or a log
+        shorter than its index says, is refused.
+        """
+        db = _Database(self)
+        db.insert()
+        position = walPosition(db.path)
+        assert position is not None
+        db.insert()
+        copy = db.copy(self)
+        with open(copy + "-wal", "r+b") as f:
+            f.seek(32 + position.frames * (24 + PAGE) + 8)
+            f.write(b"\0" * 8)
+        self.assertIsNone(readChanges(copy, position, PAGE))
+        copy = db.copy(self)
+        os.truncate(copy + "-wal", os.path.getsize(copy + "-wal") - 1)
+        self.assertIsNone(readChanges(copy, position, PAGE))
