@@ -25,7 +25,8 @@ answers L{None} and the shipper reads the whole image instead.
 Reading needs no lock: the frames read are committed and stay put while
 their generation lasts, and the header is read again afterwards to check
 that it did (a restart changes the salts in the index before it writes any
-frame).
+frame), unless the reader is the thread that writes the database, which
+cannot restart the log meanwhile.
 """
 
 from __future__ import annotations
@@ -37,9 +38,7 @@ from attrs import frozen
 
 __all__ = ["WalPosition", "WalChanges", "walPosition", "readChanges"]
 
-_WAL_MAGIC = (0x377F0682, 0x377F0683)
 _WAL_VERSION = 3007000
-_WAL_HEADER = struct.Struct(">IIIIII")  # magic, version, page size, checkpoint, salts
 _WAL_HEADER_SIZE = 32
 _FRAME_HEADER = struct.Struct(">II8s")  # page number, size after commit, salts
 _FRAME_HEADER_SIZE = 24
@@ -150,16 +149,27 @@ def walPosition(database: str) -> WalPosition | None:
     return WalPosition(index.salts, index.frames)
 
 
-def readChanges(database: str, since: WalPosition, pageSize: int) -> WalChanges | None:
+def readChanges(
+    database: str,
+    since: WalPosition,
+    pageSize: int,
+    maxFrames: int | None = None,
+    settled: bool = False,
+) -> WalChanges | None:
     """
     The pages the WAL database at C{database} committed after C{since}.
     Blocking; safe while the database's own connection writes.
 
     @param pageSize: the database's page size, as last shipped.
+    @param maxFrames: read at most this many frames.
+    @param settled: whether the caller is the thread that writes the
+        database (so nothing can restart its log while it is read, and the
+        index need not be read again to check).
     @return: the changes (no pages if nothing was committed since), or
         L{None} if they cannot be read from the log: its generation changed
-        since C{since}, the page size changed, or the files do not look
-        exactly as SQLite writes them.
+        since C{since}, the page size changed, the files do not look
+        exactly as SQLite writes them, or there are more than C{maxFrames}
+        frames to read.
     """
     index = _readIndex(database + "-shm")
     if (
@@ -171,22 +181,13 @@ def readChanges(database: str, since: WalPosition, pageSize: int) -> WalChanges 
         return None
     if index.frames == since.frames:
         return WalChanges({}, index.pageCount, since)
+    if maxFrames is not None and index.frames - since.frames > maxFrames:
+        return None
     try:
         fd = os.open(database + "-wal", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
     try:
-        header = os.pread(fd, _WAL_HEADER_SIZE, 0)
-        if len(header) < _WAL_HEADER_SIZE:
-            return None
-        magic, version, walPageSize, _, salt1, salt2 = _WAL_HEADER.unpack_from(header)
-        if (
-            magic not in _WAL_MAGIC
-            or version != _WAL_VERSION
-            or walPageSize != pageSize
-            or struct.pack(">II", salt1, salt2) != since.salts
-        ):
-            return None
         frameSize = _FRAME_HEADER_SIZE + pageSize
         count = index.frames - since.frames
         data = os.pread(fd, count * frameSize, _WAL_HEADER_SIZE + since.frames * frameSize)
@@ -205,10 +206,11 @@ def readChanges(database: str, since: WalPosition, pageSize: int) -> WalChanges 
         # The last committed frame is a commit frame carrying the database's
         # size: anything else is not the log the index describes.
         return None
-    after = _readIndex(database + "-shm")
-    if after is None or after.salts != since.salts:
-        # Restarted while being read: the frames may have been overwritten.
-        return None
+    if not settled:
+        after = _readIndex(database + "-shm")
+        if after is None or after.salts != since.salts:
+            # Restarted while being read: the frames may have been overwritten.
+            return None
     return WalChanges(
         {
             number: data[start : start + pageSize]

@@ -208,10 +208,9 @@ def encodeRecord(delta: Delta) -> bytes:
     for _, page in delta.pages:
         if len(page) != delta.pageSize:
             raise ValueError("every page must be one page long")
-    body = _compress(
-        struct.pack(f">{len(numbers)}I", *numbers) + b"".join(page for _, page in delta.pages),
-        _SNAPSHOT_LEVEL if delta.isSnapshot else _DELTA_LEVEL,
-    )
+    parts = [struct.pack(f">{len(numbers)}I", *numbers)]
+    parts.extend(page for _, page in delta.pages)
+    body = _compress(b"".join(parts), _SNAPSHOT_LEVEL if delta.isSnapshot else _DELTA_LEVEL)
     header = _HEADER.pack(
         _MAGIC,
         FORMAT_VERSION,

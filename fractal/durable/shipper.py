@@ -31,7 +31,7 @@ import json
 import os
 import sqlite3
 import time
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, overload
 from urllib.parse import quote
 
 from attrs import frozen
@@ -87,6 +87,7 @@ _MAX_BACKOFF = 30.0
 _GROUP_MAX = 32
 _MAX_CYCLES = 2
 _SENT_KEPT = 8
+_INLINE_FRAMES = 32
 
 
 def readImage(database: FilePath[str]) -> bytes | None:
@@ -1079,25 +1080,43 @@ class Shipper(Service):
 
     def _buildAll(self, jobs: list[tuple[_StoreState, int]]) -> Deferred[list[tuple[bool, Any]]]:
         """
-        Build the next record of each of C{jobs}' stores in worker threads,
-        a group of stores per hand-off (split so that the build threads
-        share them), at most C{buildConcurrency} hand-offs at once.
+        Build the next record of each of C{jobs}' stores: here, on the
+        reactor thread, when it is a small delta read from the store's
+        write-ahead log (at most C{_INLINE_FRAMES} frames: a few
+        microseconds of reading and hashing, less than a hand-off to a
+        thread costs); otherwise in worker threads, a group of stores per
+        hand-off (split so that the build threads share them), at most
+        C{buildConcurrency} hand-offs at once.
 
         @return: fires with (C{True}, the record or L{None}) or (C{False}, a
             L{Failure}) per job, in order.
         """
-        size = min(_GROUP_MAX, max(4, -(-len(jobs) // self._buildConcurrency)))
+        outcomes: list[tuple[bool, Any] | None] = []
+        threaded: list[tuple[_StoreState, int]] = []
+        for state, epoch in jobs:
+            try:
+                built = self._build(state, epoch, inline=True)
+            except Exception:
+                outcomes.append((False, Failure()))  # type: ignore[no-untyped-call]
+                continue
+            if built is False:
+                outcomes.append(None)
+                threaded.append((state, epoch))
+            else:
+                outcomes.append((True, built))
+        size = min(_GROUP_MAX, max(4, -(-len(threaded) // self._buildConcurrency)))
         groups: list[Deferred[list[tuple[bool, Any]]]] = []
-        for start in range(0, len(jobs), size):
+        for start in range(0, len(threaded), size):
             d: Deferred[list[tuple[bool, Any]]] = Deferred()
-            self._buildQueue.append((jobs[start : start + size], d))
+            self._buildQueue.append((threaded[start : start + size], d))
             groups.append(d)
         self._nextBuilds()
 
-        def flatten(results: list[list[tuple[bool, Any]]]) -> list[tuple[bool, Any]]:
-            return [outcome for group in results for outcome in group]
+        def merge(results: list[list[tuple[bool, Any]]]) -> list[tuple[bool, Any]]:
+            built = iter([outcome for group in results for outcome in group])
+            return [next(built) if outcome is None else outcome for outcome in outcomes]
 
-        return gatherResults(groups).addCallback(flatten)
+        return gatherResults(groups).addCallback(merge)
 
     def _nextBuilds(self) -> None:
         while self._buildQueue and self._buildsRunning < self._buildConcurrency:
@@ -1132,26 +1151,51 @@ class Shipper(Service):
             self._run(work).addErrback(failed).addCallback(finished)
             dispatching[0] = False
 
-    def _build(self, state: _StoreState, epoch: int) -> _Built | None:
-        """
-        Build a store's next record; in a worker thread.  A delta is built
-        from the pages committed since the last record, read from the
-        store's write-ahead log (L{_buildFromLog}) when it can be; otherwise,
-        and for a snapshot, from the store's whole image.
+    @overload
+    def _build(self, state: _StoreState, epoch: int) -> _Built | None: ...
 
-        @return: the record, or L{None} if nothing changed since the last one.
+    @overload
+    def _build(
+        self, state: _StoreState, epoch: int, inline: bool
+    ) -> _Built | None | Literal[False]: ...
+
+    def _build(
+        self, state: _StoreState, epoch: int, inline: bool = False
+    ) -> _Built | None | Literal[False]:
+        """
+        Build a store's next record; in a worker thread, unless C{inline}.
+        A delta is built from the pages committed since the last record,
+        read from the store's write-ahead log (L{_buildFromLog}) when it can
+        be; otherwise, and for a snapshot, from the store's whole image.
+
+        @param inline: build only a delta of at most C{_INLINE_FRAMES}
+            frames of the log, cheap enough for the reactor thread; called on
+            the reactor thread, which is the one that writes the stores, so
+            that no commit or restart of the log can happen meanwhile.
+        @return: the record, L{None} if nothing changed since the last one,
+            or C{False} if C{inline} and the record must be built in a
+            worker thread.
         @raise FileNotFoundError: if the store's database is gone.
         """
         takenAt = time.time()
-        database = state.dbdir.child("db.sqlite")
+        path = os.path.join(state.dbdir.path, "db.sqlite")
         delta = state.seq > 0 and state.chainLength < self._maxChain
         if delta and state.wal is not None and state.digests is not None:
-            changes = readChanges(database.path, state.wal, state.pageSize)
+            changes = readChanges(
+                path,
+                state.wal,
+                state.pageSize,
+                maxFrames=_INLINE_FRAMES if inline else None,
+                settled=inline,
+            )
             if changes is not None:
                 built = self._buildFromLog(state, epoch, changes, takenAt)
                 if built is not False:
                     return built
-        position = walPosition(database.path)
+        if inline:
+            return False
+        database = FilePath(path)
+        position = walPosition(path)
         image = self._images.read(database, keep=state.opens > 0)
         if image is None:
             raise FileNotFoundError(f"store {state.name} has no database file to ship")
@@ -1171,7 +1215,7 @@ class Shipper(Service):
     ) -> _Built | None | Literal[False]:
         """
         Build the delta after C{state}'s last record from C{changes}, the
-        pages its store committed since; in a worker thread.  The pages are
+        pages its store committed since.  The pages are
         compared with the last record's digests, so a page written again
         with the same content is not shipped.
 
