@@ -93,9 +93,8 @@ class _Harness:
         self.clock = Clock()
         self.backend = kwargs.pop("backend", None) or MemoryDurableBackend()
         self.root = kwargs.pop("root", None) or FilePath(case.mktemp())
-        self.shipper = Shipper(
-            self.backend, self.clock, runInThread=runSynchronously, **kwargs
-        )
+        kwargs.setdefault("runInThread", runSynchronously)
+        self.shipper = Shipper(self.backend, self.clock, **kwargs)
         self.fenced: list[tuple[str, StaleEpoch]] = []
         self.shipper.addFencedObserver(lambda key, error: self.fenced.append((key, error)))
 
@@ -356,6 +355,37 @@ class ShipperTests(SynchronousTestCase):
         self.ship(h, "alice")
         self.assertEqual(len(reads), 2)
         self.assertFalse(h.records("alice")[-1].isSnapshot)
+        self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
+
+    def test_smallDeltasBuiltInline(self) -> None:
+        """
+        A delta of a few frames of the log is built on the calling (reactor)
+        thread, without a hand-off to a worker thread; a bigger one, like
+        the first record (read from the whole image), is built in a worker
+        thread.
+        """
+        handedOff: list[object] = []
+
+        def run(f: Any) -> Deferred[Any]:
+            handedOff.append(f)
+            return runSynchronously(f)
+
+        h = _Harness(self, runInThread=run, saveInterval=1e9)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open("alice")
+        write(store, 1, "one")
+        self.ship(h, "alice")
+        self.assertTrue(handedOff)
+        del handedOff[:]
+        for number in range(5):
+            write(store, number, f"note {number}")
+            self.ship(h, "alice")
+        self.assertEqual(handedOff, [])
+        for number in range(40):
+            write(store, 100 + number, "x" * 3000)
+        self.ship(h, "alice")
+        self.assertEqual(len(handedOff), 1)
         self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
 
     def test_reopenedStoreReadsImage(self) -> None:
