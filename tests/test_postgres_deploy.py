@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted._threads import AlreadyQuit
+from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols import amp
 from twisted.python.filepath import FilePath
@@ -330,3 +332,35 @@ class StalePruningTests(SynchronousTestCase):
         self.assertEqual(len(left), 2)
         self.assertNotIn("recent-9000.0", left)
         self.assertTrue(all(name.endswith("-10001.000000") for name in left))
+
+
+class OwnThreadsTests(SynchronousTestCase):
+    """
+    The thread pools L{openCluster} makes when given no runner follow the
+    reactor's start-up and shutdown.
+    """
+
+    def test_shutdownBeforeRunning(self) -> None:
+        """
+        A reactor that shuts down before it ever ran stops the cluster's
+        thread pools and withdraws their pending start: a start-up after it
+        (trial's worker fires C{shutdown} on its global reactor after each
+        test, and start-up again at the next test that runs the reactor) does
+        not try to start a stopped pool.
+        """
+        reactor = SelectReactor()
+        self.addCleanup(reactor.waker.connectionLost, None)
+        database = makeDatabase(self)
+        cluster = openCluster(
+            reactor,
+            postgresDSN(),
+            NodeAddress("n1", "tcp:host=127.0.0.1:port=7301"),
+            schema=database.schema,
+            slots=SLOTS,
+            lease=LEASE,
+        )
+        self.addCleanup(cluster.database.close)
+        self.addCleanup(cluster.backend.database.close)
+        reactor.fireSystemEvent("shutdown")
+        reactor.fireSystemEvent("startup")
+        self.assertEqual(self.flushLoggedErrors(AlreadyQuit), [])

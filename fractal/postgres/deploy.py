@@ -132,10 +132,24 @@ def _ownThreads(reactor: Any, size: int) -> RunInThread:
     """
     A runner on a thread pool of its own, started when C{reactor} runs and
     stopped when it shuts down (after the node's services have stopped).
+
+    A shutdown that comes before the reactor ever ran (a test runner fires
+    C{shutdown} on the global reactor after each test it runs in a worker)
+    also withdraws the pending start: a stopped pool cannot start again, and
+    a later start-up would fail with L{twisted._threads.AlreadyQuit}.
     """
     pool = ThreadPool(1, size, "fractal-postgres")
-    reactor.callWhenRunning(pool.start)
-    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+    starting = reactor.callWhenRunning(pool.start)
+
+    def stop() -> None:
+        if starting is not None and not pool.started:
+            try:
+                reactor.removeSystemEventTrigger(starting)
+            except ValueError:
+                pass  # already fired or withdrawn
+        pool.stop()
+
+    reactor.addSystemEventTrigger("during", "shutdown", stop)
 
     def run(f: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(reactor, pool, f)
