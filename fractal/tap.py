@@ -597,14 +597,19 @@ def _freezeStartupHeap() -> None:
         gc.freeze()
 
 
-def makeService(options: Options) -> IService:
+def makeService(options: Options, reactor: Any = None) -> IService:
     """
     Build the node service from parsed options.
 
     @param options: parsed L{Options}.
+    @param reactor: the node's reactor; the global reactor, imported only
+        then, if L{None} (as C{twistd} calls it).  Tests give their own, so
+        that what the node registers with its reactor (timers, start-up and
+        shutdown triggers) does not outlive them on the global one.
     @return: the node, a L{twisted.application.service.MultiService}.
     """
-    from twisted.internet import reactor
+    if reactor is None:
+        from twisted.internet import reactor
 
     from fractal.node import FractalNode
 

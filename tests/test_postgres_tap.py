@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
@@ -24,24 +25,17 @@ class PostgresTapTests(SynchronousTestCase):
 
     def service(self, options: Options) -> Any:
         """
-        L{makeService}, with the node's database connections closed when
-        the test ends.
+        L{makeService} on a reactor of the test's own, with the node's
+        database connections closed when the test ends.
+
+        Never the global reactor: registering arms the lease timer, and the
+        node's PostgreSQL thread pools add start-up and shutdown triggers,
+        which a node built but never started would leave for later tests.
         """
-        node: Any = makeService(options)
+        node: Any = makeService(options, MemoryReactorClock())
         self.addCleanup(node.shipper.backend.database.close)
         self.addCleanup(node.topology._database.close)
-        self.addCleanup(self._cancelLeaseTimer, node.topology)
         return node
-
-    @staticmethod
-    def _cancelLeaseTimer(topology: Any) -> None:
-        """
-        Registering arms the lease timer on the global reactor; a node that is
-        built but never started must not leave it for the next test.
-        """
-        timer = topology._leaseTimer
-        if timer is not None and timer.active():
-            timer.cancel()
 
     def options(self, *arguments: str) -> Options:
         options = Options()
@@ -120,7 +114,7 @@ class PostgresTapTests(SynchronousTestCase):
         """
         database = makeDatabase(self)
         options = self.options("--postgres", postgresDSN(), "--postgres-schema", database.schema)
-        error = self.assertRaises(usage.UsageError, makeService, options)
+        error = self.assertRaises(usage.UsageError, makeService, options, MemoryReactorClock())
         self.assertIn("--peer-listen", str(error))
 
     def test_needsSchema(self) -> None:
@@ -133,12 +127,12 @@ class PostgresTapTests(SynchronousTestCase):
             "--postgres", postgresDSN(), "--postgres-schema", database.schema,
             "--peer-listen", "tcp:7412:interface=127.0.0.1",
         )
-        self.assertIn("fractal db init", str(self.assertRaises(usage.UsageError, makeService, options)))
+        self.assertIn("fractal db init", str(self.assertRaises(usage.UsageError, makeService, options, MemoryReactorClock())))
         options = self.options(
             "--postgres", "host=127.0.0.1 port=1 dbname=x user=x connect_timeout=1",
             "--peer-listen", "tcp:7412:interface=127.0.0.1",
         )
-        self.assertIn("cannot use the database", str(self.assertRaises(usage.UsageError, makeService, options)))
+        self.assertIn("cannot use the database", str(self.assertRaises(usage.UsageError, makeService, options, MemoryReactorClock())))
 
     def test_badLease(self) -> None:
         """
