@@ -9,11 +9,18 @@ import os
 import random
 import shutil
 import sqlite3
+import struct
 
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from fractal.durable._wal import WalChanges, WalPosition, readChanges, walPosition
+from fractal.durable._wal import (
+    WalChanges,
+    WalPosition,
+    _indexChecksum,
+    readChanges,
+    walPosition,
+)
 
 PAGE = 4096
 
@@ -225,3 +232,25 @@ class ReadChangesTests(SynchronousTestCase):
         copy = db.copy(self)
         os.truncate(copy + "-wal", os.path.getsize(copy + "-wal") - 1)
         self.assertIsNone(readChanges(copy, position, PAGE))
+
+    def test_indexClaimingMoreThanLogRefused(self) -> None:
+        """
+        An index whose header is whole (both copies the same, the checksum
+        right) but counts more committed frames than the log holds is
+        refused before the frames are read: however many it claims, the
+        answer is L{None}, not an attempt to read (and allocate) them all.
+        """
+        db = _Database(self)
+        db.insert()
+        position = walPosition(db.path)
+        assert position is not None
+        db.insert()
+        copy = db.copy(self)
+        with open(copy + "-shm", "r+b") as f:
+            header = bytearray(f.read(48))
+            # szPage 1 means 65536-byte pages; mxFrame the most there can be.
+            struct.pack_into("=HI", header, 14, 1, 0xFFFFFFFF)
+            struct.pack_into("=II", header, 40, *_indexChecksum(bytes(header[:40])))
+            f.seek(0)
+            f.write(header + header)
+        self.assertIsNone(readChanges(copy, position, 65536))

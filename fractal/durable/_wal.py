@@ -190,7 +190,13 @@ def readChanges(
     try:
         frameSize = _FRAME_HEADER_SIZE + pageSize
         count = index.frames - since.frames
-        data = os.pread(fd, count * frameSize, _WAL_HEADER_SIZE + since.frames * frameSize)
+        offset = _WAL_HEADER_SIZE + since.frames * frameSize
+        if os.fstat(fd).st_size < offset + count * frameSize:
+            # A log shorter than its index says is not the one the index
+            # describes: refused before reading, so that a damaged index
+            # cannot make this allocate the frames it claims.
+            return None
+        data = os.pread(fd, count * frameSize, offset)
     finally:
         os.close(fd)
     if len(data) != count * frameSize:
