@@ -294,6 +294,17 @@ class ShipperTests(SynchronousTestCase):
         h.shipper._images.read = counting  # type: ignore[method-assign]
         return reads
 
+    def started(self) -> tuple[_Harness, Any, list[str]]:
+        """
+        A started shipper with the store of C{"alice"} open, and the list of
+        the whole images it reads from then on.
+        """
+        h = _Harness(self)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open("alice")
+        return h, store, self._countImageReads(h)
+
     def ship(self, h: _Harness, key: str) -> None:
         """
         Ship C{key}'s store now and wait for it.
@@ -309,11 +320,7 @@ class ShipperTests(SynchronousTestCase):
         image; the pages it wrote with unchanged content are left out, and
         the chain restores exactly.
         """
-        h = _Harness(self)
-        h.shipper.startService()
-        self.addCleanup(h.shipper.stopService)
-        store = h.open("alice")
-        reads = self._countImageReads(h)
+        h, store, reads = self.started()
         for number in range(40):
             write(store, number, f"note {number} " * 20)
         self.ship(h, "alice")
@@ -336,11 +343,7 @@ class ShipperTests(SynchronousTestCase):
         in the log), the next delta is built from the whole image; the one
         after it from the log again.
         """
-        h = _Harness(self)
-        h.shipper.startService()
-        self.addCleanup(h.shipper.stopService)
-        store = h.open("alice")
-        reads = self._countImageReads(h)
+        h, store, reads = self.started()
         write(store, 1, "one")
         self.ship(h, "alice")
         write(store, 2, "two")
@@ -394,11 +397,7 @@ class ShipperTests(SynchronousTestCase):
         A store closed and opened again ships its first change after the
         open from its whole image: the new open's log is a new one.
         """
-        h = _Harness(self)
-        h.shipper.startService()
-        self.addCleanup(h.shipper.stopService)
-        store = h.open("alice")
-        reads = self._countImageReads(h)
+        h, store, reads = self.started()
         write(store, 1, "one")
         self.ship(h, "alice")
         self.successResultOf(h.shipper.storeClosing("alice", store))

@@ -84,6 +84,17 @@ class ReadChangesTests(SynchronousTestCase):
     L{readChanges} and L{walPosition} on real write-ahead logs.
     """
 
+    def twoCommits(self) -> tuple[_Database, WalPosition]:
+        """
+        A database with two commits, and the position between them.
+        """
+        db = _Database(self)
+        db.insert()
+        position = walPosition(db.path)
+        assert position is not None
+        db.insert()
+        return db, position
+
     def test_changesRebuildImage(self) -> None:
         """
         Through random inserts, deletes, updates, checkpoints and a vacuum,
@@ -166,11 +177,7 @@ class ReadChangesTests(SynchronousTestCase):
         """
         A page size other than the log's is refused.
         """
-        db = _Database(self)
-        db.insert()
-        position = walPosition(db.path)
-        assert position is not None
-        db.insert()
+        db, position = self.twoCommits()
         self.assertIsNone(readChanges(db.path, position, 1024))
 
     def test_uncommittedLeftOut(self) -> None:
@@ -200,11 +207,7 @@ class ReadChangesTests(SynchronousTestCase):
         An index whose two header copies differ, or whose header checksum
         is wrong, is refused.
         """
-        db = _Database(self)
-        db.insert()
-        position = walPosition(db.path)
-        assert position is not None
-        db.insert()
+        db, position = self.twoCommits()
         for offsets in [(16 + 48,), (16, 16 + 48)]:
             copy = db.copy(self)
             with open(copy + "-shm", "r+b") as f:
@@ -219,11 +222,7 @@ class ReadChangesTests(SynchronousTestCase):
         A committed frame whose salts are not its generation's, or a log
         shorter than its index says, is refused.
         """
-        db = _Database(self)
-        db.insert()
-        position = walPosition(db.path)
-        assert position is not None
-        db.insert()
+        db, position = self.twoCommits()
         copy = db.copy(self)
         with open(copy + "-wal", "r+b") as f:
             f.seek(32 + position.frames * (24 + PAGE) + 8)
@@ -240,11 +239,7 @@ class ReadChangesTests(SynchronousTestCase):
         refused before the frames are read: however many it claims, the
         answer is L{None}, not an attempt to read (and allocate) them all.
         """
-        db = _Database(self)
-        db.insert()
-        position = walPosition(db.path)
-        assert position is not None
-        db.insert()
+        db, position = self.twoCommits()
         copy = db.copy(self)
         with open(copy + "-shm", "r+b") as f:
             header = bytearray(f.read(48))
