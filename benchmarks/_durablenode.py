@@ -44,6 +44,11 @@ async def run(reactor: Any, quick: bool) -> None:
             for outstanding in nodebench.CONCURRENCY:
                 for target in targets.values():
                     await target.phase(reactor, outstanding, seconds, maxCalls)
+                    # Let the node ship this phase's writes now (the local
+                    # one ships them at its next interval) rather than
+                    # during the other node's phase, as benchmarks/node.py
+                    # does between rows.
+                    await task.deferLater(reactor, 1.2, lambda: None)
     finally:
         for target in targets.values():
             target.close()
