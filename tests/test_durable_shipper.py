@@ -26,6 +26,7 @@ from zope.interface.verify import verifyObject
 
 from fractal.durable._threads import runSynchronously
 from fractal.durable.interfaces import BrokenChain, IShipper, StaleEpoch
+from fractal.durable.record import decodeRecord
 from fractal.durable.shipper import STATE_FILE, Shipper
 from fractal.keys import storeNameForKey
 from fractal.store import Item, Store, integer, text
@@ -391,6 +392,33 @@ class ShipperTests(SynchronousTestCase):
         self.ship(h, "alice")
         self.assertEqual(len(handedOff), 1)
         self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
+
+    def test_takenAtFromClock(self) -> None:
+        """
+        Every record says its image was taken at the start of its ship
+        cycle, by the shipper's clock (whatever thread read the store), and
+        a restore reports that time, not its own.
+        """
+        h = _Harness(self)
+        h.clock.advance(1000)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open("alice")
+        write(store, 1, "one")
+        self.ship(h, "alice")
+        h.clock.advance(7)
+        write(store, 2, "two")
+        self.ship(h, "alice")
+        name = storeNameForKey("alice")
+        taken = [
+            decodeRecord(self.successResultOf(h.backend.read(name, info.seq))).takenAt
+            for info in h.records("alice")
+        ]
+        self.assertEqual(taken, [1000.0, 1007.0])
+        other = Shipper(h.backend, Clock(), runInThread=runSynchronously)
+        destination = FilePath(self.mktemp())
+        self.assertTrue(self.successResultOf(other.restore("alice", destination)))
+        self.assertEqual(other._states["alice"].takenAt, 1007.0)
 
     def test_reopenedStoreReadsImage(self) -> None:
         """

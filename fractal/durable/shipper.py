@@ -415,7 +415,7 @@ class Shipper(Service):
         self._probes = DeferredSemaphore(buildConcurrency)
         self._buildsRunning = 0
         self._buildQueue: list[
-            tuple[list[tuple[_StoreState, int]], Deferred[list[tuple[bool, Any]]]]
+            tuple[list[tuple[_StoreState, int, float]], Deferred[list[tuple[bool, Any]]]]
         ] = []
         self._lagWarning = lagWarning
         self._saveInterval = saveInterval
@@ -766,7 +766,7 @@ class Shipper(Service):
             if rebuilt is None:
                 return False
             record = self._stateRecord(key, rebuilt.head, rebuilt.pageSize, rebuilt.chainLength,
-                                       rebuilt.chainBytes, rebuilt.snapshotBytes, time.time())
+                                       rebuilt.chainBytes, rebuilt.snapshotBytes, rebuilt.takenAt)
             await self._run(lambda: _writeState(destination, record, rebuilt.digests))
             state = self._states.get(key)
             if state is None:
@@ -786,7 +786,7 @@ class Shipper(Service):
                 seq=rebuilt.head.seq,
                 size=len(rebuilt.image),
                 takenAt=rebuilt.takenAt,
-                age=max(0.0, time.time() - rebuilt.takenAt),
+                age=max(0.0, self._clock.seconds() - rebuilt.takenAt),
             )
             return True
 
@@ -948,7 +948,7 @@ class Shipper(Service):
                 jobs.append((state, state.generation, epoch))
             if not jobs:
                 return
-            builds = await self._buildAll([(state, epoch) for state, _, epoch in jobs])
+            builds = await self._buildAll([(state, epoch, capturedAt) for state, _, epoch in jobs])
             toStore: list[tuple[_StoreState, int, _Built]] = []
             for (state, generation, _), (ok, result) in zip(jobs, builds):
                 if not ok:
@@ -1078,7 +1078,9 @@ class Shipper(Service):
             )
         state.takenAt = built.takenAt
 
-    def _buildAll(self, jobs: list[tuple[_StoreState, int]]) -> Deferred[list[tuple[bool, Any]]]:
+    def _buildAll(
+        self, jobs: list[tuple[_StoreState, int, float]]
+    ) -> Deferred[list[tuple[bool, Any]]]:
         """
         Build the next record of each of C{jobs}' stores: here, on the
         reactor thread, when it is a small delta read from the store's
@@ -1088,20 +1090,21 @@ class Shipper(Service):
         hand-off (split so that the build threads share them), at most
         C{buildConcurrency} hand-offs at once.
 
+        @param jobs: (store, epoch, when its image is taken) per store.
         @return: fires with (C{True}, the record or L{None}) or (C{False}, a
             L{Failure}) per job, in order.
         """
         outcomes: list[tuple[bool, Any] | None] = []
-        threaded: list[tuple[_StoreState, int]] = []
-        for state, epoch in jobs:
+        threaded: list[tuple[_StoreState, int, float]] = []
+        for state, epoch, takenAt in jobs:
             try:
-                built = self._build(state, epoch, inline=True)
+                built = self._build(state, epoch, takenAt, inline=True)
             except Exception:
                 outcomes.append((False, Failure()))  # type: ignore[no-untyped-call]
                 continue
             if built is False:
                 outcomes.append(None)
-                threaded.append((state, epoch))
+                threaded.append((state, epoch, takenAt))
             else:
                 outcomes.append((True, built))
         size = min(_GROUP_MAX, max(4, -(-len(threaded) // self._buildConcurrency)))
@@ -1124,17 +1127,19 @@ class Shipper(Service):
             self._buildsRunning += 1
             dispatching = [True]
 
-            def work(group: list[tuple[_StoreState, int]] = group) -> list[tuple[bool, Any]]:
+            def work(
+                group: list[tuple[_StoreState, int, float]] = group,
+            ) -> list[tuple[bool, Any]]:
                 results: list[tuple[bool, Any]] = []
-                for state, epoch in group:
+                for state, epoch, takenAt in group:
                     try:
-                        results.append((True, self._build(state, epoch)))
+                        results.append((True, self._build(state, epoch, takenAt)))
                     except BaseException:
                         results.append((False, Failure()))  # type: ignore[no-untyped-call]
                 return results
 
             def failed(
-                failure: Failure, group: list[tuple[_StoreState, int]] = group
+                failure: Failure, group: list[tuple[_StoreState, int, float]] = group
             ) -> list[tuple[bool, Any]]:
                 return [(False, failure)] * len(group)
 
@@ -1152,15 +1157,15 @@ class Shipper(Service):
             dispatching[0] = False
 
     @overload
-    def _build(self, state: _StoreState, epoch: int) -> _Built | None: ...
+    def _build(self, state: _StoreState, epoch: int, takenAt: float) -> _Built | None: ...
 
     @overload
     def _build(
-        self, state: _StoreState, epoch: int, inline: bool
+        self, state: _StoreState, epoch: int, takenAt: float, inline: bool
     ) -> _Built | None | Literal[False]: ...
 
     def _build(
-        self, state: _StoreState, epoch: int, inline: bool = False
+        self, state: _StoreState, epoch: int, takenAt: float, inline: bool = False
     ) -> _Built | None | Literal[False]:
         """
         Build a store's next record; in a worker thread, unless C{inline}.
@@ -1168,6 +1173,8 @@ class Shipper(Service):
         read from the store's write-ahead log (L{_buildFromLog}) when it can
         be; otherwise, and for a snapshot, from the store's whole image.
 
+        @param takenAt: the time to record as when the image was taken: the
+            start of the ship cycle, at or before every read of the store.
         @param inline: build only a delta of at most C{_INLINE_FRAMES}
             frames of the log, cheap enough for the reactor thread; called on
             the reactor thread, which is the one that writes the stores, so
@@ -1177,7 +1184,6 @@ class Shipper(Service):
             worker thread.
         @raise FileNotFoundError: if the store's database is gone.
         """
-        takenAt = time.time()
         path = os.path.join(state.dbdir.path, "db.sqlite")
         delta = state.seq > 0 and state.chainLength < self._maxChain
         if delta and state.wal is not None and state.digests is not None:
