@@ -657,7 +657,7 @@ async def runColdOnly(reactor: Any, options: argparse.Namespace) -> None:
 async def run(reactor: Any, options: argparse.Namespace) -> None:
     from examples.mailbox import Deliver
 
-    rounds = 2 if options.quick else 4
+    rounds = options.rounds or (2 if options.quick else 8)
     seconds = 0.5 if options.quick else 0.8
     maxCalls = 4000 if options.quick else 12000
     coldUsers = 100 if options.quick else COLD_USERS
@@ -799,6 +799,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="shorter phases")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds of phases, the rows taking turns (default 8; 2 with --quick): more "
+        "rounds average out more of what else the machine does",
+    )
     parser.add_argument(
         "--cold-only",
         action="store_true",
