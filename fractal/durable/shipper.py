@@ -5,12 +5,13 @@ backend, and restores a store from its chain.
 
 Each commit marks its store dirty.  Every ship interval, and at once when a
 caller waits for durability (L{Shipper.whenDurable}), a ship cycle builds the
-next record of every dirty store off the reactor thread: normally from the
-pages its write-ahead log committed since the last record
-(L{fractal.durable._wal}), otherwise (a store just opened, a log restarted
-since, a snapshot) from a consistent image of the whole store (a separate
-read-only connection and C{sqlite3.Connection.serialize} inside one read
-transaction).  The pages read are hashed and compared with the digests of
+next record of every dirty store: normally from the pages its write-ahead
+log committed since the last record (L{fractal.durable._wal}), on the
+reactor thread when they are a few frames and in a worker thread otherwise;
+and in a worker thread, when the log cannot tell (a store just opened, a log
+restarted since) or for a snapshot, from a consistent image of the whole
+store (a separate read-only connection and C{sqlite3.Connection.serialize}
+inside one read transaction).  The pages read are hashed and compared with the digests of
 the image last shipped, and the record carries those that changed; the
 cycle's records are stored as one batch (L{IDurableBackend.appendMany}).
 When the deltas since the last snapshot outweigh the snapshot, or the chain
