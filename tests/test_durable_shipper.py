@@ -198,6 +198,40 @@ class ShipperTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertIn("'durable'", "\n".join(h.restored("alice")))
 
+    def test_unshipped(self) -> None:
+        """
+        L{Shipper.unshipped} is true for a store with commits not yet
+        stored, and stays true while its ship is under way, even once the
+        backend holds the record (its state file is still being written);
+        it is false once the ship is over, and for a store it does not know.
+        """
+        pending: list[tuple[Any, Deferred[Any]]] = []
+
+        def later(f: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            pending.append((f, d))
+            return d
+
+        h = _Harness(self, interval=60.0, runInThread=later)
+        self.assertFalse(h.shipper.unshipped("alice"))
+        store = h.open("alice")
+        write(store, 1, "one")
+        self.assertTrue(h.shipper.unshipped("alice"))
+        self.assertFalse(h.shipper.unshipped("nobody"))
+        flushed = h.shipper.flush()
+        storedWhileShipping = False
+        while pending:
+            self.assertNoResult(flushed)
+            self.assertTrue(h.shipper.unshipped("alice"))
+            storedWhileShipping = storedWhileShipping or bool(h.records("alice"))
+            f, d = pending.pop(0)
+            d.callback(f())
+        self.successResultOf(flushed)
+        self.assertTrue(storedWhileShipping)
+        self.assertFalse(h.shipper.unshipped("alice"))
+        write(store, 2, "two")
+        self.assertTrue(h.shipper.unshipped("alice"))
+
     def test_groupCommit(self) -> None:
         """
         Durable waiters of several users in the same turn share one ship
@@ -1118,6 +1152,30 @@ class ClosedStampTests(SynchronousTestCase):
         shipper, clock, handed = self._counting(h, storesDirectory=h.root)
         clock.advance(1)
         self.assertIn("'unshipped'", "\n".join(h.restored("alice")))
+
+    def test_unshippedWhileProbing(self) -> None:
+        """
+        L{Shipper.unshipped} is true for a reopened store not yet compared
+        with its last ship (its state file has no stamp), and false once the
+        comparison finds it unchanged, with nothing shipped.
+        """
+        h = _Harness(self)
+        h.shipper.startService()
+        store = openStore(h.dbdir("alice"))
+        h.shipper.storeOpened("alice", store)
+        write(store, 1, "one")
+        self.successResultOf(h.shipper.storeClosing("alice", store))
+        store.close()
+        self.successResultOf(h.shipper.stopService())
+        shipper, clock, handed = self._counting(h)
+        alice = openStore(h.dbdir("alice"))
+        self.addCleanup(alice.close)
+        shipper.storeOpened("alice", alice)
+        self.assertTrue(shipper.unshipped("alice"))
+        clock.advance(1)
+        self.assertNotEqual(handed, [])
+        self.assertFalse(shipper.unshipped("alice"))
+        self.assertEqual([r.seq for r in h.records("alice")], [1])
 
     def test_probePutOff(self) -> None:
         """

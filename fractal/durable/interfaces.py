@@ -314,6 +314,18 @@ class IShipper(Interface):
         files are as the close left them until it is opened again.
         """
 
+    def unshipped(key: str) -> bool:
+        """
+        Whether C{key}'s store has commits not yet stored durably, or is
+        being shipped or compared with its last ship: whether
+        L{storeClosing} may have to wait for a ship.  The pool, making room
+        for another store, closes an idle store for which this is false
+        first, since that close need not wait.
+
+        @param key: a valid user key.
+        @return: C{False} for a store the shipper does not know.
+        """
+
     def whenDurable(key: str) -> Deferred[None]:
         """
         The output gate of C{ack="durable"}.

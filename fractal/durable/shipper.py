@@ -743,6 +743,12 @@ class Shipper(Service):
             return succeed(None)
         return self._cycle([state])
 
+    def unshipped(self, key: str) -> bool:
+        state = self._states.get(key)
+        return state is not None and (
+            state.dirty or state.shipping or state.probing is not None
+        )
+
     def whenDurable(self, key: str) -> Deferred[None]:
         state = self._states.get(key)
         if state is None:
