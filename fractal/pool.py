@@ -17,7 +17,8 @@ L{UserKey} item, and checked each time the store is opened.
 With a durable shipper (L{fractal.durable.interfaces.IShipper}), a store whose
 local copy is missing is first restored from durable storage, the shipper
 watches every store the pool opens, and the pool waits for the shipper to ship
-a store before closing it.
+a store before closing it; so to make room it closes first an idle store that
+is shipped already (L{IShipper.unshipped}), which closes at once.
 """
 
 from __future__ import annotations
@@ -401,12 +402,22 @@ class StorePool:
 
     def _makeRoom(self) -> bool:
         """
-        Close least recently used idle stores until one more may be opened.
+        Close least recently used idle stores until one more may be opened:
+        with a shipper, first those it has shipped already, which close at
+        once (the close of another waits for its ship: a cycle of worker
+        thread hand-offs and a flush), then the others.
 
         @return: whether there is room now.
         """
         if self._count() < self.maxOpenStores:
             return True
+        shipper = self.shipper
+        if shipper is not None:
+            for lease in list(self._open.values()):
+                if lease._busy == 0 and not shipper.unshipped(lease.key):
+                    self._closeLease(lease)
+                    if self._count() < self.maxOpenStores:
+                        return True
         for lease in list(self._open.values()):
             if lease._busy == 0:
                 self._closeLease(lease)

@@ -550,6 +550,118 @@ class CloseStoresOfTests(SynchronousTestCase):
         self.successResultOf(second.closed)
 
 
+class ShippedFirstTests(SynchronousTestCase):
+    """
+    Tests for making room in a pool with a shipper: the idle stores the
+    shipper has shipped already close first, since they close at once.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.dataDir = FilePath(self.mktemp())
+        self.backend = MemoryDurableBackend()
+        self.queued: list[tuple[Any, Deferred[Any]]] = []
+        # "c" has a local copy, so opening it needs no worker thread.
+        plain = StorePool(self.clock, self.dataDir, prepare=_prepare)
+        self.successResultOf(plain.acquire("c")).release()
+        self.successResultOf(plain.close())
+        self.shipper = Shipper(self.backend, self.clock, runInThread=self.later)
+        self.pool = StorePool(
+            self.clock, self.dataDir, prepare=_prepare, maxOpenStores=2, shipper=self.shipper
+        )
+        self.addCleanup(lambda: self.runQueued() or self.pool.close())
+
+    def later(self, f: Any) -> Deferred[Any]:
+        """
+        A C{runInThread} that runs C{f} only when the test calls L{runQueued}.
+        """
+        d: Deferred[Any] = Deferred()
+        self.queued.append((f, d))
+        return d
+
+    def runQueued(self) -> None:
+        """
+        Run the work queued by L{later}, and what it queues in turn.
+        """
+        while self.queued:
+            f, d = self.queued.pop(0)
+            d.callback(f())
+
+    def openShipped(self, *keys: str) -> dict[str, StoreLease]:
+        """
+        Open the stores of C{keys}, in order, and ship them all.
+        """
+        leases = {}
+        for key in keys:
+            acquiring = self.pool.acquire(key)
+            self.runQueued()
+            leases[key] = self.successResultOf(acquiring)
+            leases[key].release()
+        flushed = self.shipper.flush()
+        self.runQueued()
+        self.successResultOf(flushed)
+        for key in keys:
+            self.assertFalse(self.shipper.unshipped(key))
+        return leases
+
+    def commit(self, key: str, value: int) -> None:
+        """
+        Commit a change to C{key}'s open store in a call, leaving it idle.
+        """
+        lease = self.pool.tryAcquire(key)
+        assert lease is not None
+        lease.store.transact(lambda: setattr(lease.prepared, "value", value))
+        lease.release()
+
+    def test_shippedClosedFirst(self) -> None:
+        """
+        At the limit, with an idle unshipped store least recently used and
+        an idle shipped one used since, a cold open closes the shipped one
+        and completes at once, without waiting for (or starting) a ship; the
+        unshipped store stays open.
+        """
+        self.openShipped("a", "b")
+        self.commit("a", 1)
+        self.pool.tryAcquire("b").release()  # type: ignore[union-attr]
+        self.assertEqual(self.pool.openKeys(), ["a", "b"])
+        self.assertTrue(self.shipper.unshipped("a"))
+        shipped = self.successResultOf(self.backend.head(storeNameForKey("a")))
+        lease = self.successResultOf(self.pool.acquire("c"))
+        self.assertEqual(self.pool.openKeys(), ["a", "c"])
+        self.assertEqual(self.pool._count(), 2)
+        self.assertEqual(self.queued, [])
+        self.assertTrue(self.shipper.unshipped("a"))
+        self.assertEqual(self.successResultOf(self.backend.head(storeNameForKey("a"))), shipped)
+        lease.release()
+
+    def test_unshippedClosedWhenNoOther(self) -> None:
+        """
+        When the only idle store is unshipped (a shipped one is held by a
+        call), a cold open closes it, least recently used, and completes
+        once it is shipped and closed; the held store stays open, and no
+        more stores than the limit are ever open, opening or closing.
+        """
+        self.openShipped("a", "b")
+        self.commit("a", 1)
+        held = self.pool.tryAcquire("b")
+        assert held is not None
+        self.assertTrue(self.shipper.unshipped("a"))
+        acquiring = self.pool.acquire("c")
+        self.assertNoResult(acquiring)
+        self.assertEqual(self.pool.openKeys(), ["b"])
+        self.assertEqual(self.pool._count(), 2)
+        self.runQueued()
+        lease = self.successResultOf(acquiring)
+        self.assertEqual(self.pool.openKeys(), ["b", "c"])
+        self.assertEqual(self.pool._count(), 2)
+        self.assertFalse(self.shipper.unshipped("a"))
+        held.release()
+        lease.release()
+        reopened = self.successResultOf(self.pool.acquire("a"))
+        self.assertEqual(reopened.prepared.value, 1)
+        reopened.release()
+
+
 class PoolTestAlarm(Item):
     """
     A runnable for timed events: counts its runs.
