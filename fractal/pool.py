@@ -405,24 +405,32 @@ class StorePool:
         Close least recently used idle stores until one more may be opened:
         with a shipper, first those it has shipped already, which close at
         once (the close of another waits for its ship: a cycle of worker
-        thread hand-offs and a flush), then the others.
+        thread hand-offs and a flush), then the others.  Once a close is
+        under way, no more stores are closed for this open: it waits for
+        that one (so one cold open does not close every idle store whose
+        commits are unshipped), as it does when an earlier close will free
+        a slot no other open is waiting for.
 
         @return: whether there is room now.
         """
         if self._count() < self.maxOpenStores:
             return True
+        if len(self._closing) > len(self._roomWaiters):
+            # A close under way will free a slot that no other open waits
+            # for: wait for it rather than close one more store.
+            return False
+        idle = [lease for lease in self._open.values() if lease._busy == 0]
         shipper = self.shipper
         if shipper is not None:
-            for lease in list(self._open.values()):
-                if lease._busy == 0 and not shipper.unshipped(lease.key):
-                    self._closeLease(lease)
-                    if self._count() < self.maxOpenStores:
-                        return True
-        for lease in list(self._open.values()):
-            if lease._busy == 0:
-                self._closeLease(lease)
-                if self._count() < self.maxOpenStores:
-                    return True
+            shipped = [lease for lease in idle if not shipper.unshipped(lease.key)]
+            idle = shipped + [lease for lease in idle if lease not in shipped]
+        for lease in idle:
+            self._closeLease(lease)
+            if self._count() < self.maxOpenStores:
+                return True
+            if lease.key in self._closing:
+                # Its close waits for its ship: the slot comes when it ends.
+                return False
         return False
 
     def _startOpening(self, key: str) -> None:

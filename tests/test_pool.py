@@ -661,6 +661,22 @@ class ShippedFirstTests(SynchronousTestCase):
         self.assertEqual(reopened.prepared.value, 1)
         reopened.release()
 
+    def test_oneCloseForOneOpen(self) -> None:
+        """
+        When every idle store is unshipped, a cold open closes one of them,
+        the least recently used, and waits for it; the others stay open.
+        """
+        self.openShipped("a", "b")
+        self.commit("a", 1)
+        self.commit("b", 2)
+        acquiring = self.pool.acquire("c")
+        self.assertNoResult(acquiring)
+        self.assertEqual(self.pool.openKeys(), ["b"])
+        self.runQueued()
+        lease = self.successResultOf(acquiring)
+        self.assertEqual(self.pool.openKeys(), ["b", "c"])
+        self.assertTrue(self.shipper.unshipped("b"))
+        lease.release()
 
 class PoolTestAlarm(Item):
     """
