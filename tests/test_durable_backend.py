@@ -27,7 +27,7 @@ from fractal.durable.interfaces import (
 from fractal.durable.restore import rebuildFromBackend
 from fractal.keys import storeNameForKey
 from fractal.testing import DurableBackendTestsMixin, MemoryDurableBackend, recordInfo
-from tests.test_durable_tool import shipChain
+from tests.test_durable_tool import chainRecords, shipChain
 
 
 class MemoryDurableBackendTests(DurableBackendTestsMixin, TestCase):
@@ -257,6 +257,126 @@ class FilesystemBackendTests(SynchronousTestCase):
         reader = self.backend(root)
         self.assertEqual([seq for seq, _ in _records(reader, store)], [1, 3, 4])
         self.failureResultOf(rebuildFromBackend(reader, store, runSynchronously), BrokenChain)
+
+    def _batchStarts(self, content: bytes) -> list[int]:
+        """
+        Where the batches of a segment's bytes start (records here hold no
+        batch magic).
+        """
+        starts = []
+        position = content.find(b"FXSB")
+        while position >= 0:
+            starts.append(position)
+            position = content.find(b"FXSB", position + 1)
+        return starts
+
+    def test_damagedMiddleBatchSkipped(self) -> None:
+        """
+        A batch in the middle of a segment whose header or entry table fails
+        its CRC (damage to an acknowledged batch, not a torn tail) hides only
+        itself: the intact batches after it are read, so a store whose newest
+        records follow the damage has that head, and its chain restores.
+        """
+        root = FilePath(self.mktemp())
+        backend = self.backend(root)
+        alice, image = chainRecords("alice", 2)
+        bob, _ = chainRecords("bob", 0)
+        for info, data in [alice[0], bob[0], alice[1], alice[2]]:
+            self.successResultOf(backend.append(info, data))
+        backend.close()
+        [segment] = _segments(root)
+        content = segment.getContent()
+        bobBatch = self._batchStarts(content)[1]
+        store = alice[0][0].store
+        for where in [bobBatch + 14, bobBatch + 30, bobBatch + 40]:
+            flipped = bytearray(content)
+            flipped[where] ^= 0x08
+            segment.setContent(bytes(flipped))
+            reader = self.backend(root)
+            self.assertEqual(_records(reader, store), [(1, 0), (2, 1), (3, 2)], where)
+            head = self.successResultOf(reader.head(store))
+            self.assertEqual(head, alice[2][0], where)
+            rebuilt = self.successResultOf(rebuildFromBackend(reader, store, runSynchronously))
+            self.assertEqual(rebuilt.image, image, where)
+            self.assertIsNone(self.successResultOf(reader.head(bob[0][0].store)), where)
+
+    def test_damagedMiddleBatchGap(self) -> None:
+        """
+        A store with a record in a damaged middle batch and later records
+        after it has a gap: its chain is refused, never restored to the
+        record before the damage.
+        """
+        root = FilePath(self.mktemp())
+        backend = self.backend(root)
+        key = "carol"
+        store = storeNameForKey(key)
+        shipChain(backend, key, 2)
+        backend.close()
+        [segment] = _segments(root)
+        content = segment.getContent()
+        second = self._batchStarts(content)[1]
+        segment.setContent(content[:second + 3] + b"X" + content[second + 4 :])
+        reader = self.backend(root)
+        self.assertEqual([seq for seq, _ in _records(reader, store)], [1, 3])
+        self.assertEqual(self.successResultOf(reader.head(store)).seq, 3)  # type: ignore[union-attr]
+        self.failureResultOf(rebuildFromBackend(reader, store, runSynchronously), BrokenChain)
+
+    def test_damagedSegmentKept(self) -> None:
+        """
+        A segment read past damage is never compacted away, although every
+        intact batch of it was read: a writer's compaction leaves it byte for
+        byte, and its records after the damage are still served.
+        """
+        root = FilePath(self.mktemp())
+        backend = self.backend(root)
+        key = "dan"
+        store = storeNameForKey(key)
+        shipChain(backend, key, 2)
+        backend.close()
+        [segment] = _segments(root)
+        content = bytearray(segment.getContent())
+        content[self._batchStarts(bytes(content))[1] + 3] ^= 0x01
+        segment.setContent(bytes(content))
+        writer = self.backend(root)
+        other = storeNameForKey("erin")
+        self.successResultOf(writer.append(recordInfo(other, 1, 1, 0, b"s"), b"s"))
+        self.assertEqual(segment.getContent(), bytes(content))
+        self.assertEqual([seq for seq, _ in _records(self.backend(root), store)], [1, 3])
+
+    def test_resyncNeedsIntactBatches(self) -> None:
+        """
+        Going on past a damaged batch header never takes for a batch bytes
+        inside the damaged batch that look like one (a record holding an
+        encoded batch, all of its CRCs good): only an intact batch followed
+        by intact batches to the segment's end (or its torn tail) is read.
+        Nor does it take a batch that runs past the end of the file.
+        """
+        root = FilePath(self.mktemp())
+        backend = self.backend(root)
+        victim = storeNameForKey("victim")
+        mallory = storeNameForKey("mallory")
+        forged = encodeBatch([
+            (2, recordInfo(victim, 99, 0, 0, b""), b""),
+            (1, recordInfo(victim, 99, 7, 0, b"forged"), b"forged"),
+        ])
+        payload = b"x" * 50 + forged + b"y" * 50
+        self.successResultOf(backend.append(recordInfo(victim, 1, 1, 0, b"v1"), b"v1"))
+        self.successResultOf(backend.append(recordInfo(mallory, 1, 1, 0, payload), payload))
+        self.successResultOf(backend.append(recordInfo(victim, 1, 2, 1, b"v2"), b"v2"))
+        backend.close()
+        [segment] = _segments(root)
+        content = bytearray(segment.getContent())
+        starts = [s for s in self._batchStarts(bytes(content)) if s != content.find(forged)]
+        self.assertEqual(len(starts), 3)
+        content[starts[1] + 5] ^= 0x01
+        segment.setContent(bytes(content))
+        reader = self.backend(root)
+        self.assertEqual(_records(reader, victim), [(1, 0), (2, 1)])
+        self.assertEqual(self.successResultOf(reader.head(victim)).epoch, 1)  # type: ignore[union-attr]
+        self.assertEqual(_records(reader, mallory), [])
+        # The last batch cut short: nothing after the damage is whole.
+        segment.setContent(bytes(content[:-1]))
+        self.assertEqual(_records(self.backend(root), victim), [(1, 0)])
 
     def test_writersFenceEachOther(self) -> None:
         """

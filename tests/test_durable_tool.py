@@ -21,18 +21,19 @@ from fractal.keys import storeNameForKey
 from fractal.testing import recordInfo
 
 
-def shipChain(backend: FilesystemBackend, key: str, rows: int) -> bytes:
+def chainRecords(key: str, rows: int) -> tuple[list[tuple[RecordInfo, bytes]], bytes]:
     """
-    Store a chain for C{key}: a snapshot of a database, then one delta per
-    added row, as a shipper would.
+    The records of a chain for C{key}: a snapshot of a database, then one
+    delta per added row, as a shipper would make them.
 
-    @return: the final image.
+    @return: the records, in order, and the final image.
     """
     store = storeNameForKey(key)
     connection = sqlite3.connect(":memory:")
     connection.execute("CREATE TABLE notes (n INTEGER PRIMARY KEY, body TEXT)")
     previous = None
     image = b""
+    records = []
     for seq in range(1, rows + 2):
         if seq > 1:
             connection.execute("INSERT INTO notes VALUES (?, ?)", (seq, f"note {seq}" * 20))
@@ -60,8 +61,20 @@ def shipChain(backend: FilesystemBackend, key: str, rows: int) -> bytes:
             size=len(data),
             digest=hashlib.sha256(data).digest(),
         )
-        backend.append(info, data)
+        records.append((info, data))
         previous = digests
+    return records, image
+
+
+def shipChain(backend: FilesystemBackend, key: str, rows: int) -> bytes:
+    """
+    Store a chain for C{key} (see L{chainRecords}), one record per batch.
+
+    @return: the final image.
+    """
+    records, image = chainRecords(key, rows)
+    for info, data in records:
+        backend.append(info, data)
     return image
 
 
@@ -242,6 +255,32 @@ class VerifySegmentsTests(SynchronousTestCase):
             self.assertIn(
                 f"  stores with entries in or after the damage (1): {self.store}\n", output
             )
+
+    def test_readableAfterDamage(self) -> None:
+        """
+        Damage to a batch in the middle of a segment is still reported
+        (status 1), and the intact batches after it are reported readable:
+        readers serve them, so the chain of a store with a record in the
+        damaged batch and one after it has a gap and is reported broken,
+        instead of passing as sound at the record before the damage.
+        """
+        third = self.content.index(b"FXSB", self.second + 1)
+        for offset in [self.second + 3, self.second + 40]:
+            flipped = bytearray(self.content)
+            flipped[offset] ^= 0x04
+            self.segment.setContent(bytes(flipped))
+            self.assertEqual(self.verify(), 1, offset)
+            output = self.stdout.getvalue()
+            self.assertIn(f"  DAMAGED: {third - self.second} bytes at byte {self.second}: ",
+                          output)
+            self.assertIn(
+                f"  readable: 1 intact batches after it, from byte {third}; readers go on "
+                "there and serve their records\n",
+                output,
+            )
+            self.assertIn(f"BROKEN {self.store}: ", output)
+            self.assertNotIn(f"ok     {self.store}", output)
+            self.assertIn("1 stores, 1 broken", output)
 
     def test_damagedLastBatch(self) -> None:
         """

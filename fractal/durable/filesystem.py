@@ -47,6 +47,20 @@ C{fdatasync}.  Damage to an earlier batch's data (a flipped bit) is caught
 where it matters, when the record is read: its SHA-256 no longer matches, and
 a restore refuses the chain.
 
+A batch that fails a check but is not a torn tail (intact batches follow it:
+damage to an acknowledged batch) hides only itself: readers go on at the
+next intact batch, so the records after it are still served, and a store
+with a record in the damaged batch has a gap, which a restore refuses.
+When the damaged batch's header is intact, its own framing says where the
+next batch starts.  When it is not, the segment is scanned forward, never
+past its end, for the first offset where a batch starts that passes every
+check (magic, version, header, table and data CRCs, fits in the file) and
+is followed by such batches to the end of the segment or to its torn tail;
+an intact-looking batch that stops short of that lies inside the damaged
+batch's records (which can hold any bytes, an encoded batch included) and
+is never read as one.  A damaged batch at the end with nothing intact
+after it ends what is read of the segment, as a torn tail does.
+
 What the entries say merges the same whichever order the segments are read
 in: a store's epoch is the highest of its records and fences, its pruned
 floor the highest of its prunes, and its records those at or above the floor
@@ -54,7 +68,7 @@ floor the highest of its prunes, and its records those at or above the floor
 more whose live records are few is compacted away: the writer first appends
 a checkpoint of every store's epoch and floor and copies of the segment's
 live records, syncs, and only then deletes it.  A segment that cannot be
-read to its end is never deleted as it is.  When a full check of it (every
+read to its end, or was read past damage, is never deleted as it is.  When a full check of it (every
 CRC, see L{inspectSegment}) finds every batch intact up to a torn tail whose
 own framing shows it unfinished (fewer bytes than a batch header, or an
 intact header promising more bytes than the file has), that tail was never
@@ -226,76 +240,124 @@ class _Chain:
 
 class _Segment:
     """
-    How far one segment has been read, and the bytes of live records in it.
+    How far one segment has been read, the bytes of live records in it, and
+    whether reading it went on past damage.
     """
 
-    __slots__ = ("read", "size", "live")
+    __slots__ = ("read", "size", "live", "damaged")
 
     def __init__(self) -> None:
         self.read = 0
         self.size = -1
         self.live = 0
+        self.damaged = False
+
+
+def _readBatch(
+    fd: int, offset: int, size: int
+) -> tuple[int, list[tuple[int, RecordInfo, int]]] | str:
+    """
+    Read the batch at C{offset} of a segment as a reader does: every check
+    but the data CRC of a batch that is not the last of the segment (damage
+    there is caught by the records' digests when they are read).
+
+    @return: the offset after it and its entries as (kind, info, data
+        offset); or C{"incomplete"} when its framing shows it unfinished (a
+        torn tail), C{"damaged"} when it fails a check.
+    """
+    raw = os.pread(fd, _BATCH_HEADER_SIZE, offset)
+    if len(raw) < _BATCH_HEADER_SIZE:
+        return "incomplete"
+    (crc,) = _BATCH_CRC.unpack_from(raw, _BATCH.size)
+    if zlib.crc32(raw[: _BATCH.size]) != crc:
+        return "damaged"
+    magic, version, count, tableCrc, dataLength, dataCrc = _BATCH.unpack_from(raw)
+    if magic != _BATCH_MAGIC or version != _BATCH_VERSION or count > _MAX_ENTRIES:
+        return "damaged"
+    tableStart = offset + _BATCH_HEADER_SIZE
+    dataStart = tableStart + count * _ENTRY.size
+    end = dataStart + dataLength
+    if end > size:
+        return "incomplete"
+    table = os.pread(fd, count * _ENTRY.size, tableStart)
+    if len(table) != count * _ENTRY.size or zlib.crc32(table) != tableCrc:
+        return "damaged"
+    if end == size:
+        # The last batch of the segment: the one a crash could have torn.
+        crc = 0
+        position = dataStart
+        while position < end:
+            chunk = os.pread(fd, min(1 << 20, end - position), position)
+            if not chunk:
+                return "damaged"
+            crc = zlib.crc32(chunk, crc)
+            position += len(chunk)
+        if crc != dataCrc:
+            return "damaged"
+    entries = []
+    position = dataStart
+    total = 0
+    for i in range(count):
+        kind, epoch, seq, baseSeq, length, store, digest = _ENTRY.unpack_from(
+            table, i * _ENTRY.size
+        )
+        info = RecordInfo(store.hex(), epoch, seq, baseSeq, length, digest)
+        entries.append((kind, info, position))
+        position += length
+        total += length
+    if total != dataLength:
+        return "damaged"
+    return end, entries
+
+
+def _resync(fd: int, offset: int, size: int) -> int | None:
+    """
+    Where a reader goes on after the damaged batch at C{offset} of a
+    segment (see L{_resumeAfter}): the offset of an intact batch (every CRC
+    checked), or C{None} when none follows.
+    """
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as buf:
+        following = _resumeAfter(buf, offset, size)
+        while following is not None:
+            status = _checkBatch(buf, following, size)[0]
+            if status == "ok":
+                return following
+            if status == "incomplete":
+                return None
+            following = _resumeAfter(buf, following, size)
+    return None
 
 
 def _segmentEntries(
     fd: int, start: int, size: int
-) -> Iterator[tuple[int, list[tuple[int, RecordInfo, int]]]]:
+) -> Iterator[tuple[int, list[tuple[int, RecordInfo, int]], bool]]:
     """
     The whole, intact batches of a segment from C{start}: for each, the
-    offset after it and its entries as (kind, info, data offset).  Stops at
-    the first batch that is incomplete or fails a check (a torn tail).
+    offset after it, its entries as (kind, info, data offset), and whether
+    damage was skipped before it.  Stops at a torn tail (an unfinished
+    batch) and at damage that no intact batch follows; goes on past damage
+    at the next intact batch (see L{_resumeAfter}).
     """
     offset = start
     if offset == 0:
         if os.pread(fd, len(_SEGMENT_MAGIC), 0) != _SEGMENT_MAGIC:
             return
         offset = len(_SEGMENT_MAGIC)
-        yield offset, []
+        yield offset, [], False
+    resumed = False
     while offset + _BATCH_HEADER_SIZE <= size:
-        raw = os.pread(fd, _BATCH_HEADER_SIZE, offset)
-        if len(raw) < _BATCH_HEADER_SIZE:
+        batch = _readBatch(fd, offset, size)
+        if batch == "incomplete":
             return
-        (crc,) = _BATCH_CRC.unpack_from(raw, _BATCH.size)
-        if zlib.crc32(raw[: _BATCH.size]) != crc:
-            return
-        magic, version, count, tableCrc, dataLength, dataCrc = _BATCH.unpack_from(raw)
-        if magic != _BATCH_MAGIC or version != _BATCH_VERSION or count > _MAX_ENTRIES:
-            return
-        tableStart = offset + _BATCH_HEADER_SIZE
-        dataStart = tableStart + count * _ENTRY.size
-        end = dataStart + dataLength
-        if end > size:
-            return
-        table = os.pread(fd, count * _ENTRY.size, tableStart)
-        if len(table) != count * _ENTRY.size or zlib.crc32(table) != tableCrc:
-            return
-        if end == size:
-            # The last batch of the segment: the one a crash could have torn.
-            crc = 0
-            position = dataStart
-            while position < end:
-                chunk = os.pread(fd, min(1 << 20, end - position), position)
-                if not chunk:
-                    return
-                crc = zlib.crc32(chunk, crc)
-                position += len(chunk)
-            if crc != dataCrc:
+        if isinstance(batch, str):
+            following = _resync(fd, offset, size)
+            if following is None:
                 return
-        entries = []
-        position = dataStart
-        total = 0
-        for i in range(count):
-            kind, epoch, seq, baseSeq, length, store, digest = _ENTRY.unpack_from(
-                table, i * _ENTRY.size
-            )
-            info = RecordInfo(store.hex(), epoch, seq, baseSeq, length, digest)
-            entries.append((kind, info, position))
-            position += length
-            total += length
-        if total != dataLength:
-            return
-        offset = end
-        yield offset, entries
+            offset = following
+            resumed = True
+            continue
+        offset, entries = batch
+        yield offset, entries, resumed
 
 
 class SegmentProblem(NamedTuple):
@@ -309,12 +371,15 @@ class SegmentProblem(NamedTuple):
         leftover of a crash); C{False} when it is damage, or may be damage,
         to acknowledged data.
     @ivar reason: what is wrong with it, for people.
+    @ivar following: how many intact batches follow it, before the next
+        problem or the end of the segment; readers serve them.
     """
 
     offset: int
     length: int
     torn: bool
     reason: str
+    following: int = 0
 
 
 class SegmentReport(NamedTuple):
@@ -331,7 +396,7 @@ class SegmentReport(NamedTuple):
     @ivar held: whether a live writer holds the segment (it may still grow).
     @ivar affected: the stores with entries in a damaged batch whose entry
         table is intact, or in an intact batch after damage (which readers
-        may not serve), sorted.
+        serve, but whose chains may have a gap at the damage), sorted.
     """
 
     name: str
@@ -390,7 +455,7 @@ def _checkBatch(buf: _Buffer, offset: int, size: int) -> tuple[str, int, bytes, 
     table = bytes(buf[tableStart:dataStart])
     if zlib.crc32(table) != tableCrc:
         return ("damaged", 0, b"", "a batch whose entry table fails its CRC")
-    if zlib.crc32(buf[dataStart:end]) != dataCrc:
+    if _crc(buf, dataStart, end) != dataCrc:
         return ("damaged", 0, table, "a batch whose records fail their CRC")
     lengths = sum(
         _ENTRY.unpack_from(table, i * _ENTRY.size)[4] for i in range(count)
@@ -400,16 +465,84 @@ def _checkBatch(buf: _Buffer, offset: int, size: int) -> tuple[str, int, bytes, 
     return ("ok", end, table, "")
 
 
-def _nextIntactBatch(buf: _Buffer, start: int, size: int) -> int | None:
+def _crc(buf: _Buffer, start: int, end: int) -> int:
     """
-    The offset of the first intact batch at or after C{start}, if any.
+    The CRC-32 of C{buf[start:end]}, read a megabyte at a time.
     """
+    crc = 0
+    for position in range(start, end, 1 << 20):
+        crc = zlib.crc32(buf[position : min(position + (1 << 20), end)], crc)
+    return crc
+
+
+def _framedEnd(buf: _Buffer, offset: int, size: int) -> int | None:
+    """
+    The end of the batch at C{offset} as its header says, when its header
+    is intact (CRC, magic, version and count) and the batch fits in the
+    segment; C{None} otherwise.
+    """
+    if size - offset < _BATCH_HEADER_SIZE:
+        return None
+    raw = bytes(buf[offset : offset + _BATCH_HEADER_SIZE])
+    (crc,) = _BATCH_CRC.unpack_from(raw, _BATCH.size)
+    if zlib.crc32(raw[: _BATCH.size]) != crc:
+        return None
+    magic, version, count, _, dataLength, _ = _BATCH.unpack_from(raw)
+    if magic != _BATCH_MAGIC or version != _BATCH_VERSION or count > _MAX_ENTRIES:
+        return None
+    end: int = offset + _BATCH_HEADER_SIZE + count * _ENTRY.size + dataLength
+    return end if end <= size else None
+
+
+def _runsToEnd(buf: _Buffer, start: int, size: int, known: dict[int, bool]) -> bool:
+    """
+    Whether an intact batch (every CRC) starts at C{start}, followed by
+    intact batches to the end of the segment or to an unfinished last batch
+    (a torn tail).  C{known} remembers the answer for each batch start
+    walked, so that a scan walks each batch once.
+    """
+    walked = []
     position = start
+    answer = True
+    while position < size:
+        if position in known:
+            answer = known[position]
+            break
+        status, end, _, _ = _checkBatch(buf, position, size)
+        if status != "ok":
+            answer = status == "incomplete" and position != start
+            break
+        walked.append(position)
+        position = end
+    for position in walked:
+        known[position] = answer
+    return answer
+
+
+def _resumeAfter(buf: _Buffer, offset: int, size: int) -> int | None:
+    """
+    Where reading a segment goes on after the batch at C{offset}, which
+    fails a check but is not an unfinished tail, or C{None} if nowhere.
+
+    When the batch's header is intact, its own framing says where the next
+    batch starts, and that is the answer (the caller checks what is there).
+    Otherwise the segment is scanned forward for the first offset where a
+    batch starts that is intact (every CRC, the data's included) and
+    followed by intact batches to the end of the segment or to its torn
+    tail: an intact batch stopping short of that is taken for bytes inside
+    the damaged batch's records (which could hold anything, a batch's bytes
+    included), never for a batch.
+    """
+    framed = _framedEnd(buf, offset, size)
+    if framed is not None:
+        return framed if framed < size else None
+    known: dict[int, bool] = {}
+    position = offset + 1
     while True:
         found = buf.find(_BATCH_MAGIC, position, size)
         if found < 0:
             return None
-        if _checkBatch(buf, found, size)[0] == "ok":
+        if _runsToEnd(buf, found, size, known):
             return found
         position = found + 1
 
@@ -446,6 +579,9 @@ def _inspectBytes(name: str, buf: _Buffer) -> SegmentReport:
             offset = end
             if not problems:
                 goodEnd = end
+            else:
+                last = problems[-1]
+                problems[-1] = last._replace(following=last.following + 1)
         elif status == "incomplete":
             # The last batch of the segment, and its own framing shows that
             # it was never written in full, so never synced, never
@@ -454,7 +590,7 @@ def _inspectBytes(name: str, buf: _Buffer) -> SegmentReport:
             problems.append(SegmentProblem(offset, size - offset, True, reason))
             break
         else:
-            following = _nextIntactBatch(buf, offset + 1, size)
+            following = _resumeAfter(buf, offset, size)
             if following is None:
                 # Its framing does not show it unfinished: it may have been
                 # acknowledged, so it is taken for damage.
@@ -463,11 +599,15 @@ def _inspectBytes(name: str, buf: _Buffer) -> SegmentReport:
                     " file system that lets a file grow before its data is written)"
                 )))
                 break
-            # Intact batches follow: what is in between was written before
-            # them, so finished and acknowledged.
+            # Batches follow: what is in between was written before them,
+            # so finished and acknowledged.
+            after = {
+                "ok": "intact batches",
+                "incomplete": "an unfinished batch",
+            }.get(_checkBatch(buf, following, size)[0], "another damaged batch")
             problems.append(SegmentProblem(
                 offset, following - offset, False,
-                f"{reason}, followed by intact batches at byte {following}",
+                f"{reason}, followed by {after} at byte {following}",
             ))
             offset = following
     return SegmentReport(
@@ -638,10 +778,12 @@ class FilesystemBackend:
             if size == segment.size:
                 return
             segment.size = size
-            for end, entries in _segmentEntries(fd, segment.read, size):
+            for end, entries, resumed in _segmentEntries(fd, segment.read, size):
                 for kind, info, offset in entries:
                     self._apply(kind, info, name, offset)
                 segment.read = end
+                if resumed:
+                    segment.damaged = True
         finally:
             os.close(fd)
 
@@ -852,10 +994,10 @@ class FilesystemBackend:
                 continue
             if state.size != state.read and name not in self._uncuttable:
                 self._cutTornTail(name, state)
-            # Only a segment read to its end: one with damage (or a torn
-            # tail that could not be cut) is kept as it is, for what can
-            # still be read of it.
-            whole = state.size == state.read
+            # Only a segment read to its end without skipping damage: one
+            # with damage (or a torn tail that could not be cut) is kept as
+            # it is, for what can still be read of it.
+            whole = state.size == state.read and not state.damaged
             small = state.size < self._segmentBytes // 16
             if whole and (state.live * 2 < state.size or small) and not self._held(name):
                 victims.append(name)

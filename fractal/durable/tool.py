@@ -244,10 +244,17 @@ class VerifyOptions(_BackendOptions):
                 else:
                     print(
                         f"  DAMAGED: {span}: {problem.reason}; damage inside "
-                        f"acknowledged data (its records, and those after it in this "
-                        f"segment, may be unreadable: see the chains below)",
+                        f"acknowledged data (its records may be unreadable: see the "
+                        f"chains below)",
                         file=self.out,
                     )
+                    if problem.following:
+                        print(
+                            f"  readable: {problem.following} intact batches after it, "
+                            f"from byte {problem.offset + problem.length}; readers "
+                            f"go on there and serve their records",
+                            file=self.out,
+                        )
             if report.damaged and report.affected:
                 shown = ", ".join(report.affected[:8])
                 more = len(report.affected) - 8
