@@ -41,6 +41,31 @@ def _prepare(store: Store) -> PoolTestCounter:
     return store.findOrCreate(PoolTestCounter)
 
 
+class _QueuedThreads:
+    """
+    A C{runInThread} for tests that runs the work handed to it only when the
+    test says so; C{setUp} starts C{queued} empty.
+    """
+
+    queued: list[tuple[Any, Deferred[Any]]]
+
+    def later(self, f: Any) -> Deferred[Any]:
+        """
+        A C{runInThread} that runs C{f} only when the test calls L{runQueued}.
+        """
+        d: Deferred[Any] = Deferred()
+        self.queued.append((f, d))
+        return d
+
+    def runQueued(self) -> None:
+        """
+        Run the work queued by L{later}, and what it queues in turn.
+        """
+        while self.queued:
+            f, d = self.queued.pop(0)
+            d.callback(f())
+
+
 class DefaultMaxOpenStoresTests(SynchronousTestCase):
     """
     Tests for L{defaultMaxOpenStores}.
@@ -404,7 +429,7 @@ class StorePoolTests(SynchronousTestCase):
         self.assertRaises(ValueError, StorePool, self.clock, self.dataDir, idleTimeout=0)
 
 
-class CloseStoresOfTests(SynchronousTestCase):
+class CloseStoresOfTests(_QueuedThreads, SynchronousTestCase):
     """
     Tests for L{StorePool.closeStoresOf}: closing the stores of chosen slots
     for a handoff.
@@ -419,23 +444,7 @@ class CloseStoresOfTests(SynchronousTestCase):
         self.bySlot: dict[int, list[str]] = {}
         for key in self.keys:
             self.bySlot.setdefault(slotForKey(key, self.slots), []).append(key)
-        self.queued: list[tuple[Any, Deferred[Any]]] = []
-
-    def later(self, f: Any) -> Deferred[Any]:
-        """
-        A C{runInThread} that runs C{f} only when the test calls L{runQueued}.
-        """
-        d: Deferred[Any] = Deferred()
-        self.queued.append((f, d))
-        return d
-
-    def runQueued(self) -> None:
-        """
-        Run the work queued by L{later}, and what it queues in turn.
-        """
-        while self.queued:
-            f, d = self.queued.pop(0)
-            d.callback(f())
+        self.queued = []
 
     def makePool(self, shipper: Any = None) -> StorePool:
         pool = StorePool(self.clock, self.dataDir, prepare=_prepare, shipper=shipper)
@@ -550,7 +559,7 @@ class CloseStoresOfTests(SynchronousTestCase):
         self.successResultOf(second.closed)
 
 
-class ShippedFirstTests(SynchronousTestCase):
+class ShippedFirstTests(_QueuedThreads, SynchronousTestCase):
     """
     Tests for making room in a pool with a shipper: the idle stores the
     shipper has shipped already close first, since they close at once.
@@ -560,7 +569,7 @@ class ShippedFirstTests(SynchronousTestCase):
         self.clock = Clock()
         self.dataDir = FilePath(self.mktemp())
         self.backend = MemoryDurableBackend()
-        self.queued: list[tuple[Any, Deferred[Any]]] = []
+        self.queued = []
         # "c" has a local copy, so opening it needs no worker thread.
         plain = StorePool(self.clock, self.dataDir, prepare=_prepare)
         self.successResultOf(plain.acquire("c")).release()
@@ -570,22 +579,6 @@ class ShippedFirstTests(SynchronousTestCase):
             self.clock, self.dataDir, prepare=_prepare, maxOpenStores=2, shipper=self.shipper
         )
         self.addCleanup(lambda: self.runQueued() or self.pool.close())
-
-    def later(self, f: Any) -> Deferred[Any]:
-        """
-        A C{runInThread} that runs C{f} only when the test calls L{runQueued}.
-        """
-        d: Deferred[Any] = Deferred()
-        self.queued.append((f, d))
-        return d
-
-    def runQueued(self) -> None:
-        """
-        Run the work queued by L{later}, and what it queues in turn.
-        """
-        while self.queued:
-            f, d = self.queued.pop(0)
-            d.callback(f())
 
     def openShipped(self, *keys: str) -> dict[str, StoreLease]:
         """
