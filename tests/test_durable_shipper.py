@@ -1029,6 +1029,17 @@ class ClosedStampTests(SynchronousTestCase):
         self.addCleanup(shipper.stopService)
         return shipper, clock, handed
 
+    def _reopen(self, h: _Harness) -> tuple[Shipper, Clock, list[Any], Any]:
+        """
+        A new shipper as L{_counting} makes, and C{"alice"}'s store opened
+        again for it.
+        """
+        shipper, clock, handed = self._counting(h)
+        store = openStore(h.dbdir("alice"))
+        self.addCleanup(store.close)
+        shipper.storeOpened("alice", store)
+        return shipper, clock, handed, store
+
     def test_reopenReadsNothing(self) -> None:
         """
         Opening a store closed clean hands no work to a worker thread and
@@ -1039,10 +1050,7 @@ class ClosedStampTests(SynchronousTestCase):
         h.shipper.startService()
         self._closedClean(h, "alice")
         self.successResultOf(h.shipper.stopService())
-        shipper, clock, handed = self._counting(h)
-        store = openStore(h.dbdir("alice"))
-        self.addCleanup(store.close)
-        shipper.storeOpened("alice", store)
+        shipper, clock, handed, store = self._reopen(h)
         self.successResultOf(shipper.whenDurable("alice"))
         clock.advance(5)
         self.assertEqual((handed, shipper.lag().stores), ([], ()))
@@ -1167,10 +1175,7 @@ class ClosedStampTests(SynchronousTestCase):
         self.successResultOf(h.shipper.storeClosing("alice", store))
         store.close()
         self.successResultOf(h.shipper.stopService())
-        shipper, clock, handed = self._counting(h)
-        alice = openStore(h.dbdir("alice"))
-        self.addCleanup(alice.close)
-        shipper.storeOpened("alice", alice)
+        shipper, clock, handed, alice = self._reopen(h)
         self.assertTrue(shipper.unshipped("alice"))
         clock.advance(1)
         self.assertNotEqual(handed, [])
@@ -1192,10 +1197,7 @@ class ClosedStampTests(SynchronousTestCase):
             self.successResultOf(h.shipper.storeClosing(key, store))
             store.close()
         self.successResultOf(h.shipper.stopService())
-        shipper, clock, handed = self._counting(h)
-        alice = openStore(h.dbdir("alice"))
-        self.addCleanup(alice.close)
-        shipper.storeOpened("alice", alice)
+        shipper, clock, handed, alice = self._reopen(h)
         bob = openStore(h.dbdir("bob"))
         self.addCleanup(bob.close)
         shipper.storeOpened("bob", bob)
