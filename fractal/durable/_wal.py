@@ -52,6 +52,20 @@ _INDEX_CHECKSUMMED = struct.Struct("=10I")
 _MASK = 0xFFFFFFFF
 
 _MAX_TRIES = 4
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+
+# After the headers, the WAL index holds, per 32 KiB block, the page number
+# of each frame (native 32-bit integers: 4062 frames in the first block,
+# after the two headers and the checkpoint information, 4096 in each next
+# one), then a hash table of them.
+_INDEX_BLOCK = 32768
+_INDEX_HEADERS = 136
+_FIRST_BLOCK_FRAMES = 4062
+_BLOCK_FRAMES = 4096
+
+# Up to this many bytes of frames are read in one go; past it, only the
+# newest frame of each page, found from the index's page numbers.
+_DENSE_BYTES = 64 * 1024
 
 
 @frozen
@@ -109,7 +123,7 @@ def _readIndex(shm: str) -> _Index | None:
     the same in both its copies (a writer updates them one after the other).
     """
     try:
-        fd = os.open(shm, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(shm, _READ_FLAGS)
     except OSError:
         return None
     try:
@@ -130,6 +144,37 @@ def _readIndex(shm: str) -> _Index | None:
             pageSize = 65536 if szPage == 1 else szPage
             return _Index(salts, mxFrame, nPage, pageSize)
         return None
+    finally:
+        os.close(fd)
+
+
+def _framePages(shm: str, first: int, last: int) -> list[int] | None:
+    """
+    The page numbers of frames C{first} to C{last} (counted from 1), from
+    the WAL index at C{shm}: where SQLite itself looks a page up in the log.
+    """
+    try:
+        fd = os.open(shm, _READ_FLAGS)
+    except OSError:
+        return None
+    try:
+        numbers: list[int] = []
+        frame = first
+        while frame <= last:
+            if frame <= _FIRST_BLOCK_FRAMES:
+                offset = _INDEX_HEADERS + (frame - 1) * 4
+                left = _FIRST_BLOCK_FRAMES - frame + 1
+            else:
+                block, slot = divmod(frame - _FIRST_BLOCK_FRAMES - 1, _BLOCK_FRAMES)
+                offset = (block + 1) * _INDEX_BLOCK + slot * 4
+                left = _BLOCK_FRAMES - slot
+            count = min(left, last - frame + 1)
+            data = os.pread(fd, count * 4, offset)
+            if len(data) != count * 4:
+                return None
+            numbers.extend(struct.unpack(f"={count}I", data))
+            frame += count
+        return numbers
     finally:
         os.close(fd)
 
@@ -183,22 +228,43 @@ def readChanges(
         return WalChanges({}, index.pageCount, since)
     if maxFrames is not None and index.frames - since.frames > maxFrames:
         return None
+    frameSize = _FRAME_HEADER_SIZE + pageSize
+    count = index.frames - since.frames
     try:
-        fd = os.open(database + "-wal", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(database + "-wal", _READ_FLAGS)
     except OSError:
         return None
     try:
-        frameSize = _FRAME_HEADER_SIZE + pageSize
-        count = index.frames - since.frames
-        offset = _WAL_HEADER_SIZE + since.frames * frameSize
-        if os.fstat(fd).st_size < offset + count * frameSize:
+        if os.fstat(fd).st_size < _WAL_HEADER_SIZE + index.frames * frameSize:
             # A log shorter than its index says is not the one the index
             # describes: refused before reading, so that a damaged index
             # cannot make this allocate the frames it claims.
             return None
-        data = os.pread(fd, count * frameSize, offset)
+        if count * frameSize <= _DENSE_BYTES:
+            pages = _readFrames(fd, since, count, frameSize, index.pageCount)
+        else:
+            pages = _readNewest(fd, database + "-shm", since, index, frameSize)
     finally:
         os.close(fd)
+    if pages is None:
+        return None
+    if not settled:
+        after = _readIndex(database + "-shm")
+        if after is None or after.salts != since.salts:
+            # Restarted while being read: the frames may have been overwritten.
+            return None
+    return WalChanges(pages, index.pageCount, WalPosition(since.salts, index.frames))
+
+
+def _readFrames(
+    fd: int, since: WalPosition, count: int, frameSize: int, pageCount: int
+) -> dict[int, bytes] | None:
+    """
+    Read the C{count} frames after C{since} in one go, and keep the newest
+    of each page up to C{pageCount}; L{None} if a frame is not of the
+    generation, or the last is not a commit frame of C{pageCount} pages.
+    """
+    data = os.pread(fd, count * frameSize, _WAL_HEADER_SIZE + since.frames * frameSize)
     if len(data) != count * frameSize:
         return None
     starts: dict[int, int] = {}
@@ -208,21 +274,48 @@ def readChanges(
         if salts != since.salts or pageNumber == 0:
             return None
         starts[pageNumber] = offset + _FRAME_HEADER_SIZE
-    if commit != index.pageCount:
+    if commit != pageCount:
         # The last committed frame is a commit frame carrying the database's
         # size: anything else is not the log the index describes.
         return None
-    if not settled:
-        after = _readIndex(database + "-shm")
-        if after is None or after.salts != since.salts:
-            # Restarted while being read: the frames may have been overwritten.
+    size = frameSize - _FRAME_HEADER_SIZE
+    return {
+        number: data[start : start + size]
+        for number, start in starts.items()
+        if number <= pageCount
+    }
+
+
+def _readNewest(
+    fd: int, shm: str, since: WalPosition, index: _Index, frameSize: int
+) -> dict[int, bytes] | None:
+    """
+    Read only the newest frame of each page written after C{since}, found
+    from the index's page numbers (a page written many times since is read
+    once), checking that each frame read, and the last, are what the index
+    says; L{None} otherwise.
+    """
+    numbers = _framePages(shm, since.frames + 1, index.frames)
+    if numbers is None or 0 in numbers:
+        return None
+    newest: dict[int, int] = {}
+    for frame, number in enumerate(numbers, since.frames):
+        newest[number] = frame
+    pages: dict[int, bytes] = {}
+    for number, frame in newest.items():
+        if number > index.pageCount:
+            continue
+        data = os.pread(fd, frameSize, _WAL_HEADER_SIZE + frame * frameSize)
+        if len(data) != frameSize:
             return None
-    return WalChanges(
-        {
-            number: data[start : start + pageSize]
-            for number, start in starts.items()
-            if number <= index.pageCount
-        },
-        index.pageCount,
-        WalPosition(since.salts, index.frames),
-    )
+        pageNumber, _, salts = _FRAME_HEADER.unpack_from(data)
+        if pageNumber != number or salts != since.salts:
+            return None
+        pages[number] = data[_FRAME_HEADER_SIZE:]
+    last = os.pread(fd, _FRAME_HEADER_SIZE, _WAL_HEADER_SIZE + (index.frames - 1) * frameSize)
+    if len(last) != _FRAME_HEADER_SIZE:
+        return None
+    pageNumber, commit, salts = _FRAME_HEADER.unpack_from(last)
+    if pageNumber != numbers[-1] or salts != since.salts or commit != index.pageCount:
+        return None
+    return pages
