@@ -492,11 +492,15 @@ class TapDurableOptionsTests(SynchronousTestCase):
     """
 
     def makeNode(self, *arguments: str) -> Any:
+        """
+        The node C{twistd fractal} builds from C{arguments}, on a memory
+        reactor of its own, so that nothing it registers outlives the test.
+        """
         from fractal.tap import Options, makeService
 
         options = Options()
         options.parseOptions(["--app", "tests.test_durable_node:application", *arguments])
-        return makeService(options)
+        return makeService(options, MemoryReactorClock())
 
     def test_shipsByDefault(self) -> None:
         """

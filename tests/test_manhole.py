@@ -713,7 +713,7 @@ class TapOptionsTests(SynchronousTestCase):
         """
         Without C{--manhole} the node has no Manhole.
         """
-        node: Any = makeService(self.parse())
+        node: Any = makeService(self.parse(), MemoryReactorClock())
         self.assertRaises(KeyError, node.getServiceNamed, "manhole")
 
     def test_manholeChild(self) -> None:
@@ -725,7 +725,7 @@ class TapOptionsTests(SynchronousTestCase):
         options = self.parse(
             "--manhole", "tcp:2222:interface=127.0.0.1", "--manhole-keys", keysFile.path
         )
-        node: Any = makeService(options)
+        node: Any = makeService(options, MemoryReactorClock())
         manhole = node.getServiceNamed("manhole")
         self.assertIsInstance(manhole, ManholeService)
         self.assertEqual(manhole.endpoint, "tcp:2222:interface=127.0.0.1")

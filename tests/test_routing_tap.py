@@ -5,6 +5,7 @@ C{--config} describing several nodes makes the chosen node a cluster member.
 
 from __future__ import annotations
 
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
@@ -40,9 +41,13 @@ class ClusterTapTests(SynchronousTestCase):
         )
 
     def build(self, *argv: str) -> object:
+        """
+        The node C{twistd fractal} builds from C{argv}, on a memory reactor
+        of its own, so that nothing it registers outlives the test.
+        """
         options = Options()
         options.parseOptions(list(argv))
-        return makeService(options)
+        return makeService(options, MemoryReactorClock())
 
     def test_clusterNode(self) -> None:
         """
