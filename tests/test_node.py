@@ -32,6 +32,21 @@ def callRemote(client: amp.AMP, command: type[amp.Command], **kw: Any) -> Deferr
     client.callRemote(command, **kw).chainDeferred(result)
     return result
 
+
+def _registrations(reactor: Any) -> tuple[list[object], list[object], set[object]]:
+    """
+    What is registered with a real reactor to run later: its system event
+    triggers, by event and phase, its delayed calls, and what it reads
+    (listening ports among them).
+    """
+    triggers: list[object] = [
+        (event, phase, list(getattr(three, phase)))
+        for event, three in sorted(reactor._eventTriggers.items())
+        for phase in ("before", "during", "after")
+    ]
+    return triggers, list(reactor.getDelayedCalls()), set(reactor.getReaders())
+
+
 class Bump(app.UserCommand):
     response = [(b"value", amp.Integer())]
 
@@ -313,7 +328,7 @@ class FractalNodeTests(SynchronousTestCase):
                 "7",
             ]
         )
-        node = makeService(options)
+        node = makeService(options, self.reactor)
         assert isinstance(node, FractalNode)
         self.assertEqual(node.drainTimeout, 7.0)
         self.assertIs(node.application, application)
@@ -332,8 +347,35 @@ class FractalNodeTests(SynchronousTestCase):
         options.parseOptions(
             ["--app", "tests.test_node:application", "--data", self.mktemp(), "--durable", "none"]
         )
-        makeService(options)
+        makeService(options, self.reactor)
         self.assertGreater(gc.get_freeze_count(), 0)
+
+    def test_makeServiceRegistersOnItsReactor(self) -> None:
+        """
+        A node built by L{fractal.tap.makeService} with a reactor of its own
+        listens and registers its start-up work (pruning stale copies) on
+        that reactor, and registers nothing with the global reactor from
+        being built to being stopped: a synchronous test that passes its
+        reactor leaves nothing behind to run in a later test.
+        """
+        from twisted.internet import reactor as globalReactor
+
+        from fractal.tap import Options, makeService
+
+        before = _registrations(globalReactor)
+        options = Options()
+        options.parseOptions(
+            ["--app", "tests.test_node:application", "--data", self.mktemp(), "--durable", "none"]
+        )
+        node = makeService(options, self.reactor)
+        assert isinstance(node, FractalNode)
+        node.startService()
+        self.assertIn(node._pruneStale, [hook[0] for hook in self.reactor.whenRunningHooks])
+        listening = [(server[0], server[3]) for server in self.reactor.tcpServers]
+        self.assertEqual(listening, [(7100, "127.0.0.1")])
+        self.assertEqual(_registrations(globalReactor), before)
+        self.successResultOf(node.stopService())
+        self.assertEqual(_registrations(globalReactor), before)
 
     def test_dataSurvivesRestart(self) -> None:
         """
