@@ -22,6 +22,13 @@ the file does not list at that epoch (a static configuration that gave the
 slot to another node for a while, a slot failed over to a PostgreSQL node at
 registration) is gained like any other.  Without the file (a node's first
 start) every slot of its first map is taken as its own.
+
+It keeps in C{DATA/fenced-slots} the slots it was fenced out of
+(L{FractalServer.fenceSlot}), so that a restart does not serve a fenced slot
+from its stale local copy until its next write is refused: at start, before
+serving, it stops serving again each recorded slot its map still gives it at
+an epoch not above the one it was fenced at (L{FractalServer.restoreFence}),
+and forgets the others.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeGuard
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -44,19 +51,32 @@ from fractal._manholeconfig import _splitDescription
 from fractal.app import Application
 from fractal.durable._threads import RunInThread, reactorThreads
 from fractal.durable.interfaces import IShipper, StaleEpoch
-from fractal.keys import slotForKey, storeNameForKey
+from fractal.keys import isStoreName, slotForKey, slotOfStoreName, storeNameForKey
 from fractal.pool import DEFAULT_IDLE_TIMEOUT, StorePool
 from fractal.routing.interfaces import ITopology, ShardMap
 from fractal.routing.topology import SingleNodeTopology
-from fractal.server import FractalServer, ServerLimits
+from fractal.server import FencedSlot, FractalServer, ServerLimits
 from fractal.stale import DEFAULT_STALE_KEEP, DEFAULT_STALE_MAX, pruneStale, setAsideStores
 
-__all__ = ["DEFAULT_DRAIN_TIMEOUT", "FractalNode", "OWNED_SLOTS_FILE", "clientDescriptionFor"]
+__all__ = [
+    "DEFAULT_DRAIN_TIMEOUT",
+    "FENCED_SLOTS_FILE",
+    "FractalNode",
+    "OWNED_SLOTS_FILE",
+    "clientDescriptionFor",
+]
 
 OWNED_SLOTS_FILE = "owned-slots"
 """
 The file in a node's data directory that lists the slots whose local copies
 the node may serve, with the epoch each was written at.
+"""
+
+FENCED_SLOTS_FILE = "fenced-slots"
+"""
+The file in a node's data directory that lists the slots the node was fenced
+out of: for each, the store whose write was refused, the epoch the node owned
+the slot at and the newer epoch the backend holds.
 """
 
 DEFAULT_DRAIN_TIMEOUT = 30.0
@@ -152,6 +172,95 @@ def _writeOwnedSlots(dataDir: FilePath[str], slotCount: int, owned: Mapping[int,
     os.replace(temporary, dataDir.child(OWNED_SLOTS_FILE).path)
 
 
+def _isCount(value: object) -> TypeGuard[int]:
+    """
+    Whether C{value} is a non-negative JSON integer.
+    """
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _readFencedSlots(dataDir: FilePath[str], slotCount: int) -> list[FencedSlot]:
+    """
+    The fences C{dataDir}'s L{FENCED_SLOTS_FILE} lists, by slot; none if it
+    is missing.  Blocking.
+
+    @raise ValueError: if the file cannot be read, is not one this version
+        wrote, is for another slot count, or lists a fence that cannot be
+        (saying which).
+    """
+    path = dataDir.child(FENCED_SLOTS_FILE)
+    try:
+        content = path.getContent()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise ValueError(f"cannot be read: {e}") from None
+    try:
+        state = json.loads(content)
+    except ValueError:
+        raise ValueError("is not JSON") from None
+    if not isinstance(state, dict) or state.get("version") != 1:
+        raise ValueError("is not a version 1 fenced slots file")
+    if state.get("slots") != slotCount:
+        raise ValueError(f"is not for {slotCount} slots")
+    entries = state.get("fenced")
+    if not isinstance(entries, list):
+        raise ValueError("has no list of fenced slots")
+    fences: dict[int, FencedSlot] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ValueError("lists a fence that is not an object")
+        slot, store = entry.get("slot"), entry.get("store")
+        epoch, current = entry.get("epoch"), entry.get("current")
+        if not (
+            _isCount(slot)
+            and _isCount(epoch)
+            and _isCount(current)
+            and isinstance(store, str)
+            and isStoreName(store)
+            and slot < slotCount
+            and epoch <= current
+            and slotOfStoreName(store, slotCount) == slot
+            and slot not in fences
+        ):
+            raise ValueError(f"lists a fence that cannot be: {entry!r}")
+        fences[slot] = FencedSlot(slot, store, epoch, current)
+    return [fences[slot] for slot in sorted(fences)]
+
+
+def _writeFencedSlots(
+    dataDir: FilePath[str], slotCount: int, fences: Iterable[FencedSlot]
+) -> None:
+    """
+    Replace C{dataDir}'s L{FENCED_SLOTS_FILE} with C{fences}, durably: a
+    temporary file, written and synced, renamed over it, then the directory
+    synced.  Blocking.
+    """
+    dataDir.makedirs(ignoreExistingDirectory=True)
+    content = json.dumps(
+        {
+            "version": 1,
+            "slots": slotCount,
+            "fenced": [
+                {"slot": f.slot, "store": f.store, "epoch": f.epoch, "current": f.current}
+                for f in sorted(fences, key=lambda f: f.slot)
+            ],
+        },
+        indent=1,
+    ).encode("ascii")
+    temporary = dataDir.child(FENCED_SLOTS_FILE + ".new").path
+    with open(temporary, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, dataDir.child(FENCED_SLOTS_FILE).path)
+    fd = os.open(dataDir.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class FractalNode(MultiService):
     """
     One fractal node.
@@ -175,6 +284,8 @@ class FractalNode(MultiService):
         6. stop the other child services (added by others: shipper, console,
            peers, topology), in reverse order of addition;
         7. close the peers' connections;
+        8. wait for the records of its owned and fenced slots
+           (L{OWNED_SLOTS_FILE}, L{FENCED_SLOTS_FILE}) being written;
 
     and then fires.
 
@@ -186,7 +297,8 @@ class FractalNode(MultiService):
     @ivar topology: who owns which slot.
     @ivar shipper: the durable shipper, or L{None}.  When it is told a store
         is fenced at a newer epoch, the node stops serving the store's slot
-        (L{FractalServer.fenceSlot}) and closes the slot's stores.
+        (L{FractalServer.fenceSlot}), closes the slot's stores and records
+        the fence in L{FENCED_SLOTS_FILE}, so that it holds across restarts.
     @ivar server: the L{FractalServer} answering client connections; its
         C{forward} attribute is the seam for forwarding calls to other nodes.
     @ivar listen: the server endpoint description listened on.
@@ -308,6 +420,9 @@ class FractalNode(MultiService):
         self.server = FractalServer(
             application, self.pool, topology, shipper, limits, clock=reactor
         )
+        # The fences FENCED_SLOTS_FILE lists (or is being written to list).
+        self._fences: dict[int, FencedSlot] = {}
+        self._fencesMovedPast = self._restoreFences(shardMap.slots)
         if shipper is not None:
             shipper.addFencedObserver(self._fenced)
         self._listener = StreamServerEndpointService(
@@ -356,6 +471,46 @@ class FractalNode(MultiService):
             where=stale.path,
         )
 
+    def _restoreFences(self, slotCount: int) -> bool:
+        """
+        Stop serving again the slots L{FENCED_SLOTS_FILE} lists whose fences
+        still hold in the first map (L{FractalServer.restoreFence}).  The
+        node is being built (before the reactor runs): this is done at once,
+        blocking, so that no call is served from a fenced slot's stale local
+        copy.  A file that cannot be read or understood is reported and
+        ignored (it is replaced when the fences next change).
+
+        @return: whether the file lists fences the map has moved past (the
+            slot is another node's, or this node's at a newer epoch), so
+            that it must be written again without them.
+        """
+        where = self.dataDir.child(FENCED_SLOTS_FILE).path
+        try:
+            recorded = _readFencedSlots(self.dataDir, slotCount)
+        except ValueError as e:
+            self.log.error(
+                "Node {node}: ignoring {where}, which {problem}: the slots it records as "
+                "fenced are served (until their next write is refused) unless the map "
+                "moved them; it is replaced when a slot is next fenced",
+                node=self.nodeId,
+                where=where,
+                problem=str(e),
+            )
+            return False
+        for fence in recorded:
+            if self.server.restoreFence(fence):
+                self._fences[fence.slot] = fence
+        movedPast = [fence for fence in recorded if fence.slot not in self._fences]
+        if movedPast:
+            self.log.info(
+                "Node {node}: forgetting the fences of slots {slots} recorded in {where}: "
+                "the map now gives them to another node or to this one at a newer epoch",
+                node=self.nodeId,
+                slots=", ".join(str(fence.slot) for fence in movedPast),
+                where=where,
+            )
+        return bool(movedPast)
+
     def privilegedStartService(self) -> None:
         """
         Create the data directory, then bind the listener.
@@ -369,13 +524,22 @@ class FractalNode(MultiService):
         binds now unless L{privilegedStartService} bound it).
         """
         self.dataDir.makedirs(ignoreExistingDirectory=True)
+        slotCount = self.topology.currentMap().slots
         try:
             # Before anything is served: once this node has run with a map
             # that does not give it a slot, it must not trust its copies of
             # that slot's stores at its next start.
-            _writeOwnedSlots(self.dataDir, self.topology.currentMap().slots, self._keptEpochs())
+            _writeOwnedSlots(self.dataDir, slotCount, self._keptEpochs())
         except OSError:
             self.log.failure("Cannot record the owned slots in {where}", where=self.dataDir.path)
+        if self._fencesMovedPast:
+            try:
+                _writeFencedSlots(self.dataDir, slotCount, self._fences.values())
+                self._fencesMovedPast = False
+            except OSError:
+                self.log.failure(
+                    "Cannot record the fenced slots in {where}", where=self.dataDir.path
+                )
         super().startService()
         self.reactor.callWhenRunning(self._pruneStale)
 
@@ -410,9 +574,11 @@ class FractalNode(MultiService):
         leave them open until they idle out, and have a topology that can
         reload its map (one with a C{refresh()} method, as
         L{fractal.postgres.topology.PostgresTopology} has) learn who owns the
-        slot now, so the slot's calls go there.
+        slot now, so the slot's calls go there.  The fence is recorded in
+        L{FENCED_SLOTS_FILE}, so that it holds across a restart.
         """
         fence = self.server.fenceSlot(key, error)
+        self._recordFences()
         shardMap = self.topology.currentMap()
         slot = slotForKey(key, shardMap.slots)
         if fence is not None or shardMap.ownerOf(slot).node != self.nodeId:
@@ -445,6 +611,7 @@ class FractalNode(MultiService):
         without a shipper has no durable copy to restore from: its local
         copy is the only one, so it keeps serving it.
         """
+        self._recordFences()
         lost: list[int] = []
         gained: dict[int, int] = {}
         owned: set[int] = set()
@@ -578,6 +745,50 @@ class FractalNode(MultiService):
         self._saving.addCallback(lambda _: done.callback(None))
         return done
 
+    def _recordFences(self) -> None:
+        """
+        Have L{FENCED_SLOTS_FILE} list the fences that hold now
+        (L{FractalServer.fencedSlots}), if they changed: a slot fenced, or a
+        fence the map has moved past.
+        """
+        fences = {fence.slot: fence for fence in self.server.fencedSlots()}
+        if fences != self._fences:
+            self._fences = fences
+            self._saveFences()
+
+    def _saveFences(self) -> Deferred[None]:
+        """
+        Write L{FENCED_SLOTS_FILE} off the reactor thread, after the writes
+        asked before; never fails (a failure is logged, and the fences hold
+        in memory).
+
+        @return: fires once written.
+        """
+        slotCount = self.topology.currentMap().slots
+
+        def save(_: object) -> Deferred[None]:
+            fences = list(self._fences.values())
+            d: Deferred[None] = maybeDeferred(
+                self._run, lambda: _writeFencedSlots(self.dataDir, slotCount, fences)
+            )
+            return d.addErrback(
+                lambda f: self.log.failure(
+                    "Cannot record the fenced slots in {where}", f, where=self.dataDir.path
+                )
+            )
+
+        self._saving = self._saving.addCallback(save)
+        return self._savesDone()
+
+    def _savesDone(self) -> Deferred[None]:
+        """
+        @return: fires once the writes of L{OWNED_SLOTS_FILE} and
+            L{FENCED_SLOTS_FILE} asked so far are done.
+        """
+        done: Deferred[None] = Deferred()
+        self._saving.addCallback(lambda _: done.callback(None))
+        return done
+
     def _pruneStale(self) -> Deferred[None]:
         """
         Delete the stale stores set aside longer than L{staleKeep} ago or
@@ -629,6 +840,9 @@ class FractalNode(MultiService):
         d.addCallback(lambda _: self.server.disconnectAll(peers=False))
         d.addCallback(lambda _: self._stopOthers())
         d.addCallback(lambda _: self.server.disconnectAll())
+        # A fence learnt while the stores were shipped is on disk before the
+        # node reports itself stopped.
+        d.addCallback(lambda _: self._savesDone())
         d.addCallback(lambda _: self.log.info("Node {node} stopped", node=self.nodeId))
         return d
 

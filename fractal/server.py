@@ -391,6 +391,34 @@ class FractalServer:
             )
         return fence
 
+    def restoreFence(self, fence: FencedSlot) -> bool:
+        """
+        Stop serving C{fence.slot} again, as L{fenceSlot} did before this
+        node restarted (L{fractal.node.FENCED_SLOTS_FILE}): its calls are
+        answered L{OwnerUnavailable} on the same terms, and
+        L{fencedSlots} lists it.
+
+        @return: whether the fence holds: C{False}, and nothing changes, if
+            the current map gives the slot to another node or to this one
+            at an epoch above C{fence.current}.
+        """
+        owner = self.topology.currentMap().ownerOf(fence.slot)
+        if owner.node != self.topology.localNode or owner.epoch > fence.current:
+            return False
+        self._fenced[fence.slot] = fence
+        self.log.error(
+            "Not serving slot {slot}: store {store} was fenced at epoch {current} while "
+            "this node owned the slot at epoch {epoch}, before it restarted; its calls are "
+            "refused until the slot is this node's at a newer epoch",
+            slot=fence.slot,
+            store=fence.store,
+            epoch=fence.epoch,
+            current=fence.current,
+            fenced=fence,
+            restored=True,
+        )
+        return True
+
     def fencedSlots(self) -> list[FencedSlot]:
         """
         The slots this node does not serve now because it was fenced out of

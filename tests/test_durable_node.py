@@ -8,6 +8,7 @@ in-memory one, and the shipper's blocking work runs synchronously.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
@@ -19,12 +20,13 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from fractal import app
+from fractal.durable._memory import BackendUnavailable
 from fractal.durable._threads import runSynchronously
 from fractal.durable.interfaces import StaleEpoch
 from fractal.durable.record import decodeRecord
 from fractal.durable.shipper import Shipper
 from fractal.keys import DEFAULT_SLOTS, slotForKey, storeNameForKey
-from fractal.node import FractalNode
+from fractal.node import FENCED_SLOTS_FILE, FractalNode
 from fractal.protocol import NotOwner, OwnerUnavailable, StoreUnavailable
 from fractal.routing.interfaces import NodeAddress, ShardMap, SlotOwner
 from fractal.server import FencedSlot
@@ -484,6 +486,181 @@ class FencingTests(_DurableNodeMixin, SynchronousTestCase):
         failure.trap(NotOwner)
         self.assertEqual(failure.value.owner, "n2")
         self.assertEqual(node.server.fencedSlots(), [])
+
+
+class FencesAcrossRestartsTests(_DurableNodeMixin, SynchronousTestCase):
+    """
+    A node records the slots it was fenced out of in C{DATA/fenced-slots},
+    so a restart does not serve a fenced slot from its stale local copy.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def start(self, dataDir: FilePath[str], topology: Any) -> tuple[FractalNode, Any]:
+        """
+        Start a node on C{dataDir}; return it and a function calling L{Add}
+        for a user on it.
+        """
+        node = self.makeNode(dataDir, topology=topology)
+        client, pump = self.connect()
+        return node, lambda user: self.call(client, pump, user)
+
+    def startFenced(self, dataDir: FilePath[str], topology: Any) -> None:
+        """
+        Start a node, have alice's store shipped at epoch 1 and then fenced
+        at epoch 2 by another writer, have the node's next ship refused, and
+        stop the node: its local copy of alice's store (value 2) is stale.
+        A user of another slot has a store of value 1.
+        """
+        node, add = self.start(dataDir, topology)
+        self.assertEqual(add(_otherSlot("alice")), {"value": 1})
+        self.assertEqual(add("alice"), {"value": 1})
+        self.reactor.advance(1.0)
+        self.successResultOf(self.backend.fence(storeNameForKey("alice"), 2))
+        self.assertEqual(add("alice"), {"value": 2})
+        self.reactor.advance(1.0)
+        add("alice").trap(OwnerUnavailable)
+        self.successResultOf(node.stopService())
+        self.flushLoggedErrors(StaleEpoch)
+
+    def recorded(self, dataDir: FilePath[str]) -> list[Any]:
+        """
+        The fences C{DATA/fenced-slots} lists.
+        """
+        state = json.loads(dataDir.child(FENCED_SLOTS_FILE).getContent())
+        fenced: list[Any] = state["fenced"]
+        return fenced
+
+    def test_fenceHoldsAcrossRestart(self) -> None:
+        """
+        A node fenced out of alice's slot on a static topology and restarted
+        on the same data directory refuses the slot's calls with
+        L{OwnerUnavailable} at once, with no write of its refused first (the
+        backend is out of reach, so the shipper cannot even try to resume
+        alice's unshipped commit), rather than serve its stale copy (which
+        would answer 3); it lists the fence in C{fencedSlots()} and its
+        stats, and logs it as a fence.
+        """
+        single = [NodeAddress("n1", "tcp:host=127.0.0.1:port=7100")]
+        dataDir = FilePath(self.mktemp())
+        slot, store = slotForKey("alice"), storeNameForKey("alice")
+        self.startFenced(dataDir, StaticTopology("n1", single))
+        self.assertEqual(
+            self.recorded(dataDir), [{"slot": slot, "store": store, "epoch": 1, "current": 2}]
+        )
+        del self.events[:]
+        self.backend.available = False
+        node, add = self.start(dataDir, StaticTopology("n1", single))
+        self.addCleanup(node.stopService)
+        refused = add("alice")
+        self.assertIsInstance(refused, Failure)
+        refused.trap(OwnerUnavailable)
+        self.assertIn(f"no longer serves slot {slot}", str(refused.value))
+        add(_sameSlot("alice")).trap(OwnerUnavailable)
+        self.assertEqual(add(_otherSlot("alice")), {"value": 2})
+        self.assertEqual(
+            [e for e in self.events if "is fenced" in e.get("log_format", "")], []
+        )
+        self.assertEqual(node.server.fencedSlots(), [FencedSlot(slot, store, 1, 2)])
+        self.assertEqual(node.stats()["fencedSlots"], 1)
+        [event] = [e for e in self.events if e.get("fenced") is not None]
+        self.assertEqual(event["fenced"], FencedSlot(slot, store, 1, 2))
+        self.assertEqual(event["log_level"], LogLevel.error)
+        self.flushLoggedErrors(BackendUnavailable)
+
+    def test_newerEpochAtRestartServes(self) -> None:
+        """
+        Restarted with a map that gives it alice's slot at an epoch above the
+        fenced one, the node serves the slot, from durable storage (value 1,
+        plus 1), and the record of the fence is removed.
+        """
+        single = StaticTopology("n1", [NodeAddress("n1", "tcp:host=127.0.0.1:port=7100")])
+        other = NodeAddress("n2", "tcp:host=127.0.0.1:port=7200")
+        slot = slotForKey("alice")
+        dataDir = FilePath(self.mktemp())
+        self.startFenced(dataDir, ManualTopology("n1", single.currentMap()))
+        self.assertEqual(len(self.recorded(dataDir)), 1)
+        later = reassign(reassign(single.currentMap(), [slot], "n2", other), [slot], "n1")
+        self.assertEqual(later.ownerOf(slot), SlotOwner("n1", 3))
+        node, add = self.start(dataDir, ManualTopology("n1", later))
+        self.addCleanup(node.stopService)
+        self.assertEqual(node.server.fencedSlots(), [])
+        self.assertEqual(self.recorded(dataDir), [])
+        self.assertEqual(add("alice"), {"value": 2})
+
+    def test_liftedFenceForgotten(self) -> None:
+        """
+        A fence lifted while the node runs (its map gives it the slot at a
+        newer epoch) is removed from the record, so a restart on that map
+        serves the slot.
+        """
+        single = StaticTopology("n1", [NodeAddress("n1", "tcp:host=127.0.0.1:port=7100")])
+        other = NodeAddress("n2", "tcp:host=127.0.0.1:port=7200")
+        slot = slotForKey("alice")
+        dataDir = FilePath(self.mktemp())
+        topology = ManualTopology("n1", single.currentMap())
+        node, add = self.start(dataDir, topology)
+        self.addCleanup(node.stopService)
+        self.assertEqual(add("alice"), {"value": 1})
+        self.reactor.advance(1.0)
+        self.successResultOf(self.backend.fence(storeNameForKey("alice"), 2))
+        self.assertEqual(add("alice"), {"value": 2})
+        self.reactor.advance(1.0)
+        self.flushLoggedErrors(StaleEpoch)
+        self.assertEqual(len(self.recorded(dataDir)), 1)
+        topology.setMap(reassign(topology.currentMap(), [slot], "n2", other))
+        self.assertEqual(self.recorded(dataDir), [])
+        topology.setMap(reassign(topology.currentMap(), [slot], "n1"))
+        self.assertEqual(add("alice"), {"value": 2})
+
+    def test_damagedRecordIgnored(self) -> None:
+        """
+        A C{DATA/fenced-slots} that is not JSON, not this version's, for
+        another slot count, or lists a fence that cannot be (a slot out of
+        range, a store name that is a user key or a path, a store of another
+        slot) is reported in an error event naming the file and ignored: the
+        node starts and serves; the file is left as it was, and nothing is
+        written outside the data directory.
+        """
+        slot = slotForKey("alice")
+        store = storeNameForKey("alice")
+
+        def fence(**changes: Any) -> bytes:
+            entry = {"slot": slot, "store": store, "epoch": 1, "current": 2, **changes}
+            state = {"version": 1, "slots": DEFAULT_SLOTS, "fenced": [entry]}
+            return json.dumps(state).encode("ascii")
+
+        damaged = [
+            b"\x00{not json",
+            b'{"version": 2, "slots": 4096, "fenced": []}',
+            fence().replace(b"4096", b"16"),
+            fence(slot=DEFAULT_SLOTS),
+            fence(store="alice"),
+            fence(store="../../alice"),
+            fence(store=storeNameForKey(_otherSlot("alice"))),
+            fence(epoch=3),
+            fence(current=True),
+        ]
+        for content in damaged:
+            del self.events[:]
+            self.backend = MemoryDurableBackend()
+            dataDir = FilePath(self.mktemp())
+            dataDir.makedirs()
+            dataDir.child(FENCED_SLOTS_FILE).setContent(content)
+            node, add = self.start(dataDir, None)
+            self.assertEqual(add("alice"), {"value": 1}, content)
+            self.assertEqual(node.server.fencedSlots(), [])
+            [event] = [e for e in self.events if e.get("problem") is not None]
+            self.assertEqual(event["log_level"], LogLevel.error)
+            self.assertEqual(event["where"], dataDir.child(FENCED_SLOTS_FILE).path)
+            self.assertIn("ignoring", formatEvent(event))
+            self.successResultOf(node.stopService())
+            self.assertEqual(dataDir.child(FENCED_SLOTS_FILE).getContent(), content)
+            self.assertEqual(dataDir.parent().listdir(), [dataDir.basename()])
 
 
 class TapDurableOptionsTests(SynchronousTestCase):
