@@ -160,16 +160,30 @@ def _writeOwnedSlots(dataDir: FilePath[str], slotCount: int, owned: Mapping[int,
     Replace C{dataDir}'s L{OWNED_SLOTS_FILE} with C{owned}, durably.
     Blocking.
     """
-    dataDir.makedirs(ignoreExistingDirectory=True)
     content = json.dumps(
         {"version": 1, "slots": slotCount, "owned": {str(s): e for s, e in sorted(owned.items())}}
     ).encode("ascii")
-    temporary = dataDir.child(OWNED_SLOTS_FILE + ".new").path
+    _replaceDurably(dataDir, OWNED_SLOTS_FILE, content)
+
+
+def _replaceDurably(dataDir: FilePath[str], name: str, content: bytes) -> None:
+    """
+    Replace the file C{name} of C{dataDir} with C{content}, durably: a
+    temporary file, written and synced, renamed over it, then the directory
+    synced.  Blocking.
+    """
+    dataDir.makedirs(ignoreExistingDirectory=True)
+    temporary = dataDir.child(name + ".new").path
     with open(temporary, "wb") as f:
         f.write(content)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(temporary, dataDir.child(OWNED_SLOTS_FILE).path)
+    os.replace(temporary, dataDir.child(name).path)
+    fd = os.open(dataDir.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _isCount(value: object) -> TypeGuard[int]:
@@ -232,11 +246,9 @@ def _writeFencedSlots(
     dataDir: FilePath[str], slotCount: int, fences: Iterable[FencedSlot]
 ) -> None:
     """
-    Replace C{dataDir}'s L{FENCED_SLOTS_FILE} with C{fences}, durably: a
-    temporary file, written and synced, renamed over it, then the directory
-    synced.  Blocking.
+    Replace C{dataDir}'s L{FENCED_SLOTS_FILE} with C{fences}, durably
+    (L{_replaceDurably}).  Blocking.
     """
-    dataDir.makedirs(ignoreExistingDirectory=True)
     content = json.dumps(
         {
             "version": 1,
@@ -248,17 +260,7 @@ def _writeFencedSlots(
         },
         indent=1,
     ).encode("ascii")
-    temporary = dataDir.child(FENCED_SLOTS_FILE + ".new").path
-    with open(temporary, "wb") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, dataDir.child(FENCED_SLOTS_FILE).path)
-    fd = os.open(dataDir.path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _replaceDurably(dataDir, FENCED_SLOTS_FILE, content)
 
 
 class FractalNode(MultiService):
