@@ -253,6 +253,21 @@ class _Segment:
         self.damaged = False
 
 
+def _batchHeader(raw: bytes) -> tuple[int, int, int, int] | str:
+    """
+    Parse a batch header: its entry count, table CRC, data length and data
+    CRC; or, when it fails its CRC or is not a header this version writes,
+    why, for people.
+    """
+    (crc,) = _BATCH_CRC.unpack_from(raw, _BATCH.size)
+    if zlib.crc32(raw[: _BATCH.size]) != crc:
+        return "a batch header that fails its CRC"
+    magic, version, count, tableCrc, dataLength, dataCrc = _BATCH.unpack_from(raw)
+    if magic != _BATCH_MAGIC or version != _BATCH_VERSION or count > _MAX_ENTRIES:
+        return "a batch header with an unknown magic, version or count"
+    return count, tableCrc, dataLength, dataCrc
+
+
 def _readBatch(
     fd: int, offset: int, size: int
 ) -> tuple[int, list[tuple[int, RecordInfo, int]]] | str:
@@ -268,12 +283,10 @@ def _readBatch(
     raw = os.pread(fd, _BATCH_HEADER_SIZE, offset)
     if len(raw) < _BATCH_HEADER_SIZE:
         return "incomplete"
-    (crc,) = _BATCH_CRC.unpack_from(raw, _BATCH.size)
-    if zlib.crc32(raw[: _BATCH.size]) != crc:
+    header = _batchHeader(raw)
+    if isinstance(header, str):
         return "damaged"
-    magic, version, count, tableCrc, dataLength, dataCrc = _BATCH.unpack_from(raw)
-    if magic != _BATCH_MAGIC or version != _BATCH_VERSION or count > _MAX_ENTRIES:
-        return "damaged"
+    count, tableCrc, dataLength, dataCrc = header
     tableStart = offset + _BATCH_HEADER_SIZE
     dataStart = tableStart + count * _ENTRY.size
     end = dataStart + dataLength
@@ -439,13 +452,10 @@ def _checkBatch(buf: _Buffer, offset: int, size: int) -> tuple[str, int, bytes, 
     if remaining < _BATCH_HEADER_SIZE:
         return ("incomplete", size, b"",
                 f"{remaining} bytes, fewer than a batch header ({_BATCH_HEADER_SIZE})")
-    raw = bytes(buf[offset : offset + _BATCH_HEADER_SIZE])
-    (crc,) = _BATCH_CRC.unpack_from(raw, _BATCH.size)
-    if zlib.crc32(raw[: _BATCH.size]) != crc:
-        return ("damaged", 0, b"", "a batch header that fails its CRC")
-    magic, version, count, tableCrc, dataLength, dataCrc = _BATCH.unpack_from(raw)
-    if magic != _BATCH_MAGIC or version != _BATCH_VERSION or count > _MAX_ENTRIES:
-        return ("damaged", 0, b"", "a batch header with an unknown magic, version or count")
+    header = _batchHeader(bytes(buf[offset : offset + _BATCH_HEADER_SIZE]))
+    if isinstance(header, str):
+        return ("damaged", 0, b"", header)
+    count, tableCrc, dataLength, dataCrc = header
     tableStart = offset + _BATCH_HEADER_SIZE
     dataStart = tableStart + count * _ENTRY.size
     end = dataStart + dataLength
@@ -483,13 +493,10 @@ def _framedEnd(buf: _Buffer, offset: int, size: int) -> int | None:
     """
     if size - offset < _BATCH_HEADER_SIZE:
         return None
-    raw = bytes(buf[offset : offset + _BATCH_HEADER_SIZE])
-    (crc,) = _BATCH_CRC.unpack_from(raw, _BATCH.size)
-    if zlib.crc32(raw[: _BATCH.size]) != crc:
+    header = _batchHeader(bytes(buf[offset : offset + _BATCH_HEADER_SIZE]))
+    if isinstance(header, str):
         return None
-    magic, version, count, _, dataLength, _ = _BATCH.unpack_from(raw)
-    if magic != _BATCH_MAGIC or version != _BATCH_VERSION or count > _MAX_ENTRIES:
-        return None
+    count, _, dataLength, _ = header
     end: int = offset + _BATCH_HEADER_SIZE + count * _ENTRY.size + dataLength
     return end if end <= size else None
 
