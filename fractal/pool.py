@@ -419,12 +419,7 @@ class StorePool:
             # A close under way will free a slot that no other open waits
             # for: wait for it rather than close one more store.
             return False
-        idle = [lease for lease in self._open.values() if lease._busy == 0]
-        shipper = self.shipper
-        if shipper is not None:
-            shipped = [lease for lease in idle if not shipper.unshipped(lease.key)]
-            idle = shipped + [lease for lease in idle if lease not in shipped]
-        for lease in idle:
+        for lease in self._idleShippedFirst():
             self._closeLease(lease)
             if self._count() < self.maxOpenStores:
                 return True
@@ -432,6 +427,23 @@ class StorePool:
                 # Its close waits for its ship: the slot comes when it ends.
                 return False
         return False
+
+    def _idleShippedFirst(self) -> Iterator[StoreLease]:
+        """
+        The idle stores, least recently used first: those the shipper (if
+        any) has shipped already, then the others.  Lazily, since the first
+        is usually the one closed.
+        """
+        shipper = self.shipper
+        unshipped: list[StoreLease] = []
+        for lease in list(self._open.values()):
+            if lease._busy:
+                continue
+            if shipper is not None and shipper.unshipped(lease.key):
+                unshipped.append(lease)
+            else:
+                yield lease
+        yield from unshipped
 
     def _startOpening(self, key: str) -> None:
         """
