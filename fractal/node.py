@@ -128,6 +128,13 @@ def clientDescriptionFor(listen: str) -> str:
     return f"tcp:host={host}:port={port}"
 
 
+def _isCount(value: object) -> TypeGuard[int]:
+    """
+    Whether C{value} is a non-negative JSON integer.
+    """
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _readOwnedSlots(dataDir: FilePath[str], slotCount: int) -> dict[int, int] | None:
     """
     The slots, with their epochs, that C{dataDir}'s L{OWNED_SLOTS_FILE}
@@ -149,7 +156,7 @@ def _readOwnedSlots(dataDir: FilePath[str], slotCount: int) -> dict[int, int] | 
     for slot, epoch in state["owned"].items():
         if not (isinstance(slot, str) and slot.isdigit() and int(slot) < slotCount):
             return None
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        if not _isCount(epoch):
             return None
         owned[int(slot)] = epoch
     return owned
@@ -184,13 +191,6 @@ def _replaceDurably(dataDir: FilePath[str], name: str, content: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _isCount(value: object) -> TypeGuard[int]:
-    """
-    Whether C{value} is a non-negative JSON integer.
-    """
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _readFencedSlots(dataDir: FilePath[str], slotCount: int) -> list[FencedSlot]:
