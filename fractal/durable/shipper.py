@@ -11,9 +11,10 @@ reactor thread when they are a few frames and in a worker thread otherwise;
 and in a worker thread, when the log cannot tell (a store just opened, a log
 restarted since) or for a snapshot, from a consistent image of the whole
 store (a separate read-only connection and C{sqlite3.Connection.serialize}
-inside one read transaction).  The pages read are hashed and compared with the digests of
-the image last shipped, and the record carries those that changed; the
-cycle's records are stored as one batch (L{IDurableBackend.appendMany}).
+inside one read transaction).  The pages read are hashed and compared with
+the digests of the image last shipped, and the record carries those that
+changed; the cycle's records are stored as one batch
+(L{IDurableBackend.appendMany}).
 When the deltas since the last snapshot outweigh the snapshot, or the chain
 grows past C{maxChain}, the next record is a new snapshot and the older
 records are pruned.
