@@ -117,66 +117,54 @@ def _indexChecksum(data: bytes) -> tuple[int, int]:
     return s1, s2
 
 
-def _readIndex(shm: str) -> _Index | None:
+def _readIndex(shm: int) -> _Index | None:
     """
-    The header of the WAL index at C{shm}, if it is initialised and reads
-    the same in both its copies (a writer updates them one after the other).
+    The header of the WAL index open as C{shm}, if it is initialised and
+    reads the same in both its copies (a writer updates them one after the
+    other).
     """
-    try:
-        fd = os.open(shm, _READ_FLAGS)
-    except OSError:
-        return None
-    try:
-        for _ in range(_MAX_TRIES):
-            data = os.pread(fd, 2 * _INDEX_HEADER_SIZE, 0)
-            if len(data) < 2 * _INDEX_HEADER_SIZE:
-                return None
-            first, second = data[:_INDEX_HEADER_SIZE], data[_INDEX_HEADER_SIZE:]
-            if first != second:
-                continue
-            (version, _, _, isInit, _, szPage, mxFrame, nPage, salts, c1, c2) = (
-                _INDEX_HEADER.unpack(first)
-            )
-            if version != _WAL_VERSION or not isInit:
-                return None
-            if _indexChecksum(first[:40]) != (c1, c2):
-                continue
-            pageSize = 65536 if szPage == 1 else szPage
-            return _Index(salts, mxFrame, nPage, pageSize)
-        return None
-    finally:
-        os.close(fd)
+    for _ in range(_MAX_TRIES):
+        data = os.pread(shm, 2 * _INDEX_HEADER_SIZE, 0)
+        if len(data) < 2 * _INDEX_HEADER_SIZE:
+            return None
+        first, second = data[:_INDEX_HEADER_SIZE], data[_INDEX_HEADER_SIZE:]
+        if first != second:
+            continue
+        (version, _, _, isInit, _, szPage, mxFrame, nPage, salts, c1, c2) = (
+            _INDEX_HEADER.unpack(first)
+        )
+        if version != _WAL_VERSION or not isInit:
+            return None
+        if _indexChecksum(first[:40]) != (c1, c2):
+            continue
+        pageSize = 65536 if szPage == 1 else szPage
+        return _Index(salts, mxFrame, nPage, pageSize)
+    return None
 
 
-def _framePages(shm: str, first: int, last: int) -> list[int] | None:
+def _framePages(shm: int, first: int, last: int) -> list[int] | None:
     """
     The page numbers of frames C{first} to C{last} (counted from 1), from
-    the WAL index at C{shm}: where SQLite itself looks a page up in the log.
+    the WAL index open as C{shm}: where SQLite itself looks a page up in the
+    log.
     """
-    try:
-        fd = os.open(shm, _READ_FLAGS)
-    except OSError:
-        return None
-    try:
-        numbers: list[int] = []
-        frame = first
-        while frame <= last:
-            if frame <= _FIRST_BLOCK_FRAMES:
-                offset = _INDEX_HEADERS + (frame - 1) * 4
-                left = _FIRST_BLOCK_FRAMES - frame + 1
-            else:
-                block, slot = divmod(frame - _FIRST_BLOCK_FRAMES - 1, _BLOCK_FRAMES)
-                offset = (block + 1) * _INDEX_BLOCK + slot * 4
-                left = _BLOCK_FRAMES - slot
-            count = min(left, last - frame + 1)
-            data = os.pread(fd, count * 4, offset)
-            if len(data) != count * 4:
-                return None
-            numbers.extend(struct.unpack(f"={count}I", data))
-            frame += count
-        return numbers
-    finally:
-        os.close(fd)
+    numbers: list[int] = []
+    frame = first
+    while frame <= last:
+        if frame <= _FIRST_BLOCK_FRAMES:
+            offset = _INDEX_HEADERS + (frame - 1) * 4
+            left = _FIRST_BLOCK_FRAMES - frame + 1
+        else:
+            block, slot = divmod(frame - _FIRST_BLOCK_FRAMES - 1, _BLOCK_FRAMES)
+            offset = (block + 1) * _INDEX_BLOCK + slot * 4
+            left = _BLOCK_FRAMES - slot
+        count = min(left, last - frame + 1)
+        data = os.pread(shm, count * 4, offset)
+        if len(data) != count * 4:
+            return None
+        numbers.extend(struct.unpack(f"={count}I", data))
+        frame += count
+    return numbers
 
 
 def walPosition(database: str) -> WalPosition | None:
@@ -188,7 +176,14 @@ def walPosition(database: str) -> WalPosition | None:
         WAL index or an empty log (the next commit may start a generation
         whose salts cannot be known yet).
     """
-    index = _readIndex(database + "-shm")
+    try:
+        shm = os.open(database + "-shm", _READ_FLAGS)
+    except OSError:
+        return None
+    try:
+        index = _readIndex(shm)
+    finally:
+        os.close(shm)
     if index is None or index.frames == 0:
         return None
     return WalPosition(index.salts, index.frames)
@@ -216,7 +211,28 @@ def readChanges(
         exactly as SQLite writes them, or there are more than C{maxFrames}
         frames to read.
     """
-    index = _readIndex(database + "-shm")
+    try:
+        shm = os.open(database + "-shm", _READ_FLAGS)
+    except OSError:
+        return None
+    try:
+        return _readChanges(shm, database, since, pageSize, maxFrames, settled)
+    finally:
+        os.close(shm)
+
+
+def _readChanges(
+    shm: int,
+    database: str,
+    since: WalPosition,
+    pageSize: int,
+    maxFrames: int | None,
+    settled: bool,
+) -> WalChanges | None:
+    """
+    L{readChanges}, with the WAL index open as C{shm}.
+    """
+    index = _readIndex(shm)
     if (
         index is None
         or index.salts != since.salts
@@ -243,13 +259,13 @@ def readChanges(
         if count * frameSize <= _DENSE_BYTES:
             pages = _readFrames(fd, since, count, frameSize, index.pageCount)
         else:
-            pages = _readNewest(fd, database + "-shm", since, index, frameSize)
+            pages = _readNewest(fd, shm, since, index, frameSize)
     finally:
         os.close(fd)
     if pages is None:
         return None
     if not settled:
-        after = _readIndex(database + "-shm")
+        after = _readIndex(shm)
         if after is None or after.salts != since.salts:
             # Restarted while being read: the frames may have been overwritten.
             return None
@@ -287,7 +303,7 @@ def _readFrames(
 
 
 def _readNewest(
-    fd: int, shm: str, since: WalPosition, index: _Index, frameSize: int
+    fd: int, shm: int, since: WalPosition, index: _Index, frameSize: int
 ) -> dict[int, bytes] | None:
     """
     Read only the newest frame of each page written after C{since}, found
