@@ -151,6 +151,7 @@ class Application:
     @ivar name: the application's name, for logs and consoles.
     @ivar powerups: the powerup classes installed in every user store.
     @ivar ack: the default acknowledgement mode.
+    @ivar pageSize: the SQLite page size of the user stores it creates.
     @ivar responders: for each command name, its L{Responder}.
     """
 
@@ -160,6 +161,7 @@ class Application:
         powerups: Iterable[type[Item]],
         ack: Ack = "local",
         commands: Iterable[type[UserCommand]] | None = None,
+        pageSize: int | None = None,
     ) -> None:
         """
         @param name: the application's name.
@@ -170,15 +172,24 @@ class Application:
         @param commands: if given, the commands the application promises to
             answer: each must have exactly one responder, and no other command
             may have one.
+        @param pageSize: the SQLite page size of new user stores;
+            L{fractal.store.store.DEFAULT_PAGE_SIZE} (1 KiB) if not given,
+            which suits small items.  Stores that exist keep theirs.
         @raise ValueError: if C{ack} or a command's C{ack} is unknown, a
-            command has several responders, or a promised command has none.
+            command has several responders, a promised command has none, or
+            C{pageSize} is not a power of two from 512 to 65536.
         @raise TypeError: if a powerup is not an L{Item} class.
         """
         from fractal.store import Item
+        from fractal.store.store import DEFAULT_PAGE_SIZE, _checkPageSize
 
         _checkAck(ack, f"application {name!r}")
+        if pageSize is None:
+            pageSize = DEFAULT_PAGE_SIZE
+        _checkPageSize(pageSize)
         self.name = name
         self.ack: Ack = ack
+        self.pageSize = pageSize
         self.powerups: tuple[type[Item], ...] = tuple(powerups)
         seen: set[type[Item]] = set()
         for powerup in self.powerups:

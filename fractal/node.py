@@ -415,6 +415,7 @@ class FractalNode(MultiService):
             reactor,
             dataDir,
             prepare=application.installOn,
+            pageSize=application.pageSize,
             maxOpenStores=maxOpenStores,
             idleTimeout=idleTimeout,
             shipper=shipper,

@@ -43,6 +43,7 @@ from fractal.protocol import Overloaded, StoreUnavailable
 from fractal.store import Item, Store, text
 from fractal.store.errors import StoreOutOfDescriptors
 from fractal.store.interfaces import IScheduler
+from fractal.store.store import DEFAULT_PAGE_SIZE
 
 __all__ = [
     "FDS_PER_STORE",
@@ -185,6 +186,7 @@ class StorePool:
         maxOpenStores: int | None = None,
         idleTimeout: float = DEFAULT_IDLE_TIMEOUT,
         shipper: IShipper | None = None,
+        pageSize: int = DEFAULT_PAGE_SIZE,
     ) -> None:
         """
         @param clock: the time source for idle closing.
@@ -197,6 +199,8 @@ class StorePool:
             L{defaultMaxOpenStores}.
         @param idleTimeout: seconds after which an unused store is closed.
         @param shipper: the durable shipper, or L{None}.
+        @param pageSize: the SQLite page size of the stores it creates (see
+            L{Store}).
         @raise ValueError: if C{maxOpenStores} or C{idleTimeout} is not
             positive.
         """
@@ -209,6 +213,7 @@ class StorePool:
         self._clock = clock
         self.dataDir = dataDir
         self._prepare = prepare
+        self._pageSize = pageSize
         self.maxOpenStores = maxOpenStores
         self.idleTimeout = idleTimeout
         self.shipper = shipper
@@ -471,7 +476,7 @@ class StorePool:
             another key.
         """
         try:
-            store = Store(dbdir)
+            store = Store(dbdir, pageSize=self._pageSize)
             try:
                 prepared = self._checkStore(store, key)
             except BaseException:

@@ -15,6 +15,7 @@ from fractal import app
 from fractal.protocol import FRAMEWORK_ERRORS, NotOwner
 from fractal.store import Item, Store, integer, text
 from fractal.store.dependency import dependsOn
+from fractal.store.store import DEFAULT_PAGE_SIZE
 
 
 class NoSuchMessage(Exception):
@@ -230,6 +231,22 @@ class ApplicationTests(SynchronousTestCase):
             .ack,
             "durable",
         )
+
+    def test_pageSize(self) -> None:
+        """
+        An application's user stores get L{DEFAULT_PAGE_SIZE}-byte pages
+        unless it names another size; a size SQLite does not support is
+        refused when the application is defined.
+        """
+        self.assertEqual(
+            app.Application("mail", powerups=[AppTestMailbox]).pageSize, DEFAULT_PAGE_SIZE
+        )
+        self.assertEqual(
+            app.Application("mail", powerups=[AppTestMailbox], pageSize=4096).pageSize, 4096
+        )
+        with self.assertRaises(ValueError) as e:
+            app.Application("mail", powerups=[AppTestMailbox], pageSize=3000)
+        self.assertIn("3000", str(e.exception))
 
     def test_duplicateResponders(self) -> None:
         """

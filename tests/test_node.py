@@ -202,6 +202,24 @@ class FractalNodeTests(SynchronousTestCase):
             node.topology.currentMap().nodes["n7"].client, "tcp:host=127.0.0.1:port=7100"
         )
 
+    def test_applicationPageSize(self) -> None:
+        """
+        A node creates user stores with its application's page size.
+        """
+        sized = app.Application("counter", powerups=[NodeTestCounter], pageSize=2048)
+        node = FractalNode(self.reactor, sized, self.dataDir, "tcp:7100:interface=127.0.0.1")
+        node.startService()
+        self.addCleanup(node.stopService)
+        client, pump = self.connect(node)
+        d = callRemote(client, Bump, user="a")
+        pump.flush()
+        self.assertEqual(self.successResultOf(d)["value"], 1)
+        lease = self.successResultOf(node.pool.acquire("a"))
+        self.assertEqual(
+            lease.store._cursor.execute("PRAGMA page_size").fetchone(), (2048,)
+        )
+        lease.release()
+
     def test_topologyOfAnotherNode(self) -> None:
         """
         A topology serving another node id is refused.

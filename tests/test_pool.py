@@ -26,6 +26,7 @@ from fractal.pool import (
 from fractal.protocol import Overloaded, StoreUnavailable
 from fractal.store import Item, Store, Time, TimedEvent, integer
 from fractal.store.interfaces import IScheduler
+from fractal.store.store import DEFAULT_PAGE_SIZE
 from fractal.testing import MemoryDurableBackend
 
 
@@ -131,6 +132,20 @@ class StorePoolTests(SynchronousTestCase):
         Acquire C{key}'s store, which must be possible at once.
         """
         return self.successResultOf(pool.acquire(key))
+
+    def test_pageSize(self) -> None:
+        """
+        The pool creates stores with its C{pageSize}, L{DEFAULT_PAGE_SIZE}
+        unless told otherwise.
+        """
+        for kw, expected in [({}, DEFAULT_PAGE_SIZE), ({"pageSize": 8192}, 8192)]:
+            self.dataDir = self.root.child(str(expected))
+            pool = self.makePool(**kw)
+            lease = self.acquire(pool, "alice")
+            self.assertEqual(
+                lease.store._cursor.execute("PRAGMA page_size").fetchone(), (expected,)
+            )
+            lease.release()
 
     def test_path(self) -> None:
         """

@@ -11,6 +11,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from fractal.store import Item, Store, errors, integer, text
+from fractal.store.store import DEFAULT_PAGE_SIZE
 
 
 class Note(Item):
@@ -61,6 +62,61 @@ class OpenTests(SynchronousTestCase):
         self.assertEqual(s.filesdir, path.child("files"))
         self.assertEqual(path.parent().listdir(), [path.basename()])
         s.close()
+
+    def pageSize(self, store: Store) -> int:
+        """
+        The page size of C{store}'s database.
+        """
+        [(size,)] = store._cursor.execute("PRAGMA page_size").fetchall()
+        assert isinstance(size, int)
+        return size
+
+    def test_pageSize(self) -> None:
+        """
+        A new store's database has L{DEFAULT_PAGE_SIZE}-byte pages (not
+        SQLite's default of 4096), or C{pageSize}'s; in memory too.
+        """
+        self.assertEqual(DEFAULT_PAGE_SIZE, 1024)
+        for store in [Store(self.mktemp()), Store()]:
+            self.assertEqual(self.pageSize(store), DEFAULT_PAGE_SIZE)
+            store.close()
+        for store in [Store(self.mktemp(), pageSize=8192), Store(pageSize=512)]:
+            Note(store=store, title="x" * 2000)
+            self.assertIn(self.pageSize(store), (8192, 512))
+            self.assertEqual(store.findUnique(Note).title, "x" * 2000)
+            store.close()
+
+    def test_existingKeepsItsPageSize(self) -> None:
+        """
+        An existing database keeps its page size, whatever C{pageSize} says;
+        so does one laid out by another program (Axiom's, SQLite's default).
+        """
+        path = self.mktemp()
+        Store(path, pageSize=2048).close()
+        s = Store(path, pageSize=4096)
+        self.assertEqual(self.pageSize(s), 2048)
+        s.close()
+        other = FilePath(self.mktemp())
+        other.makedirs()
+        sqlite3.connect(other.child("db.sqlite").path).execute(
+            "CREATE TABLE t (x)"
+        ).connection.close()
+        s = Store(other)
+        Note(store=s, title="x")
+        self.assertEqual(self.pageSize(s), 4096)
+        s.close()
+
+    def test_invalidPageSize(self) -> None:
+        """
+        A page size SQLite does not support is refused before anything is
+        created.
+        """
+        path = FilePath(self.mktemp())
+        for bad in [0, 256, 1000, 131072, "1024"]:
+            with self.assertRaises(ValueError) as e:
+                Store(path, pageSize=bad)  # type: ignore[arg-type]
+            self.assertIn("power of two from 512 to 65536", str(e.exception))
+        self.assertFalse(path.exists())
 
     def test_strPath(self) -> None:
         """
