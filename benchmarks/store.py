@@ -3,7 +3,8 @@
 fractal.store against raw C{sqlite3}, in one run on one machine.
 
 Each workload runs through raw C{sqlite3} (the same pragmas: WAL,
-C{synchronous=NORMAL}, C{trusted_schema=OFF}; the same columns and index)
+C{synchronous=NORMAL}, C{trusted_schema=OFF}, a store's page size; the same
+columns and index)
 and through L{fractal.store}, and prints operations per second for both and
 their ratio (fractal / raw):
 
@@ -35,6 +36,7 @@ from typing import Callable
 from twisted.python.filepath import FilePath
 
 from fractal.store import AND, Item, Store, integer, text
+from fractal.store.store import DEFAULT_PAGE_SIZE
 
 __all__ = ["main", "BenchItem"]
 
@@ -59,6 +61,7 @@ _RAW_SCHEMA = (
 
 def _raw(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA page_size={DEFAULT_PAGE_SIZE}")
     conn.execute("PRAGMA trusted_schema=OFF")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
