@@ -106,6 +106,25 @@ class OpenTests(SynchronousTestCase):
         self.assertEqual(self.pageSize(s), 4096)
         s.close()
 
+    def test_pageSizeInExistingDirectory(self) -> None:
+        """
+        A database created in a directory that exists already (without one,
+        or with an empty C{db.sqlite}) is new too: it gets C{pageSize}, or
+        L{DEFAULT_PAGE_SIZE}, not SQLite's default, which switching it to WAL
+        mode would otherwise fix before the first table is made.
+        """
+        for pageSize, emptyFile in [(None, False), (2048, False), (8192, True)]:
+            path = FilePath(self.mktemp())
+            path.makedirs()
+            if emptyFile:
+                path.child("db.sqlite").touch()
+            s = Store(path) if pageSize is None else Store(path, pageSize=pageSize)
+            Note(store=s, title="x")
+            self.assertEqual(
+                self.pageSize(s), DEFAULT_PAGE_SIZE if pageSize is None else pageSize
+            )
+            s.close()
+
     def test_invalidPageSize(self) -> None:
         """
         A page size SQLite does not support is refused before anything is

@@ -308,6 +308,20 @@ def _checkPageSize(pageSize: int) -> None:
         )
 
 
+def _isNewDatabase(dbpath: str) -> bool:
+    """
+    Whether the database file C{dbpath} is missing or empty: SQLite makes a
+    new database there, whose page size is still free.
+    """
+    try:
+        return os.stat(dbpath).st_size == 0
+    except FileNotFoundError:
+        return True
+    except OSError:
+        # SQLite will say what is wrong with it.
+        return False
+
+
 def _createStoreDirectory(dbdir: FilePath[str], pageSize: int) -> None:
     """
     Build a new store directory in a temporary sibling, then rename it into
@@ -460,10 +474,13 @@ class Store(Empowered):
         self._cache: dict[int, weakref.ref[Any]] = {}
         self._sweepAt = 1024
 
+        # The page size to give the database: only a new one takes it.
+        newPageSize: int | None = pageSize
         if dbdirPath is not None:
             if not dbdirPath.exists():
                 if not create:
                     raise StoreNotFound("No store at %s" % (dbdirPath.path,))
+                newPageSize = None
                 try:
                     _createStoreDirectory(dbdirPath, pageSize)
                 except sqlite3.Error as e:
@@ -481,6 +498,8 @@ class Store(Empowered):
             self.filesdir: FilePath[str] | None = dbdirPath.preauthChild("files")
             self._tempdir: FilePath[str] | None = dbdirPath.preauthChild("temp")
             dbpath = os.path.join(base, "db.sqlite")
+            if newPageSize is not None and not _isNewDatabase(dbpath):
+                newPageSize = None
             key = os.path.realpath(dbpath)
             existing = _openStores.get(key)
             if existing is not None and existing() is not None:
@@ -502,10 +521,7 @@ class Store(Empowered):
             self._tempdir = filesdirPath.child("temp") if filesdirPath is not None else None
             dbpath = ":memory:"
         try:
-            self._connect(dbpath)
-            if dbdirPath is None:
-                # A new database, always: its page size is still free.
-                self._cursor.execute("PRAGMA page_size=%d" % (pageSize,))
+            self._connect(dbpath, newPageSize)
             self._startup()
         except sqlite3.DatabaseError as e:
             try:
@@ -520,7 +536,14 @@ class Store(Empowered):
     # ------------------------------------------------------------------
     # Opening and closing
 
-    def _connect(self, dbpath: str) -> None:
+    def _connect(self, dbpath: str, pageSize: int | None) -> None:
+        """
+        Connect to the database at C{dbpath} and set up the connection.
+
+        @param pageSize: the page size to give a new database, or L{None}
+            for an existing one.  It is set before the journal mode: turning
+            WAL on writes the database's header, which fixes its page size.
+        """
         conn = sqlite3.connect(
             dbpath, isolation_level=None, timeout=self.lockTimeout, cached_statements=512
         )
@@ -531,6 +554,8 @@ class Store(Empowered):
         cur = self._cursor
         try:
             cur.execute("PRAGMA trusted_schema=OFF")
+            if pageSize is not None:
+                cur.execute("PRAGMA page_size=%d" % (pageSize,))
             if self.journalMode is not None:
                 cur.execute("PRAGMA journal_mode=%s" % (self.journalMode.upper(),))
                 if self.journalMode.upper() == "WAL":
