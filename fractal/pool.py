@@ -43,7 +43,7 @@ from fractal.protocol import Overloaded, StoreUnavailable
 from fractal.store import Item, Store, text
 from fractal.store.errors import StoreOutOfDescriptors
 from fractal.store.interfaces import IScheduler
-from fractal.store.store import DEFAULT_PAGE_SIZE
+from fractal.store.store import DEFAULT_PAGE_SIZE, _checkPageSize
 
 __all__ = [
     "FDS_PER_STORE",
@@ -202,7 +202,7 @@ class StorePool:
         @param pageSize: the SQLite page size of the stores it creates (see
             L{Store}).
         @raise ValueError: if C{maxOpenStores} or C{idleTimeout} is not
-            positive.
+            positive, or C{pageSize} is not a power of two from 512 to 65536.
         """
         if maxOpenStores is None:
             maxOpenStores = defaultMaxOpenStores()
@@ -210,6 +210,7 @@ class StorePool:
             raise ValueError(f"maxOpenStores must be at least 1, not {maxOpenStores!r}")
         if not idleTimeout > 0:
             raise ValueError(f"idleTimeout must be positive, not {idleTimeout!r}")
+        _checkPageSize(pageSize)
         self._clock = clock
         self.dataDir = dataDir
         self._prepare = prepare

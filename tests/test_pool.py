@@ -443,6 +443,14 @@ class StorePoolTests(SynchronousTestCase):
         self.assertRaises(ValueError, StorePool, self.clock, self.dataDir, maxOpenStores=0)
         self.assertRaises(ValueError, StorePool, self.clock, self.dataDir, idleTimeout=0)
 
+    def test_badPageSize(self) -> None:
+        """
+        A page size SQLite does not support is refused when the pool is made,
+        not by every open of a store after.
+        """
+        for bad in [3000, True]:
+            self.assertRaises(ValueError, StorePool, self.clock, self.dataDir, pageSize=bad)
+
 
 class CloseStoresOfTests(_QueuedThreads, SynchronousTestCase):
     """
