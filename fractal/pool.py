@@ -41,7 +41,7 @@ from fractal.durable.interfaces import IShipper
 from fractal.keys import InvalidUserKey, slotForKey, storeNameForKey, validateKey
 from fractal.protocol import Overloaded, StoreUnavailable
 from fractal.store import Item, Store, text
-from fractal.store.errors import StoreOutOfDescriptors
+from fractal.store.errors import StoreNotFound, StoreOutOfDescriptors
 from fractal.store.interfaces import IScheduler
 from fractal.store.store import DEFAULT_PAGE_SIZE, _checkPageSize
 
@@ -301,7 +301,12 @@ class StorePool:
             if self.pathForKey(waiting) == dbdir:
                 return None
         try:
-            store = Store(dbdir)
+            # Never create one: the directory may have been moved away (set
+            # aside, handed off) since it was listed, and an empty store in
+            # its place would look like the user's own.
+            store = Store(dbdir, create=False)
+        except StoreNotFound:
+            return None
         except Exception:
             self.log.failure("Cannot open store {path} to read its key", path=dbdir.path)
             return None

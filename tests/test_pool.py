@@ -339,6 +339,24 @@ class StorePoolTests(SynchronousTestCase):
         self.assertEqual(pool.openKeys(), ["ünïcode"])
         self.assertEqual(StorePool(self.clock, self.root.child("empty")).knownKeys(), [])
 
+    def test_knownKeysNeverCreates(self) -> None:
+        """
+        A store directory that is gone by the time L{StorePool.knownKeys}
+        reads its key (moved away since it was listed) is skipped, quietly,
+        and never made again as an empty store that would pass for the
+        user's.
+        """
+        pool = self.makePool()
+        self.acquire(pool, "alice").release()
+        [listed] = pool._storeDirectories()
+        gone = listed.sibling(listed.basename() + "-moved")
+        self.successResultOf(pool.close())
+        self.patch(pool, "_storeDirectories", lambda: iter([listed]))
+        listed.moveTo(gone)
+        self.assertEqual(pool.knownKeys(), [])
+        self.assertFalse(listed.exists())
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_close(self) -> None:
         """
         L{StorePool.close} closes idle stores at once and held ones when they
