@@ -474,13 +474,10 @@ class Store(Empowered):
         self._cache: dict[int, weakref.ref[Any]] = {}
         self._sweepAt = 1024
 
-        # The page size to give the database: only a new one takes it.
-        newPageSize: int | None = pageSize
         if dbdirPath is not None:
             if not dbdirPath.exists():
                 if not create:
                     raise StoreNotFound("No store at %s" % (dbdirPath.path,))
-                newPageSize = None
                 try:
                     _createStoreDirectory(dbdirPath, pageSize)
                 except sqlite3.Error as e:
@@ -498,8 +495,8 @@ class Store(Empowered):
             self.filesdir: FilePath[str] | None = dbdirPath.preauthChild("files")
             self._tempdir: FilePath[str] | None = dbdirPath.preauthChild("temp")
             dbpath = os.path.join(base, "db.sqlite")
-            if newPageSize is not None and not _isNewDatabase(dbpath):
-                newPageSize = None
+            # The page size to give the database: only a new one takes it.
+            newPageSize = pageSize if _isNewDatabase(dbpath) else None
             key = os.path.realpath(dbpath)
             existing = _openStores.get(key)
             if existing is not None and existing() is not None:
@@ -520,6 +517,7 @@ class Store(Empowered):
             self.filesdir = filesdirPath
             self._tempdir = filesdirPath.child("temp") if filesdirPath is not None else None
             dbpath = ":memory:"
+            newPageSize = pageSize
         try:
             self._connect(dbpath, newPageSize)
             self._startup()
