@@ -270,6 +270,23 @@ class FilesystemBackendTests(SynchronousTestCase):
             position = content.find(b"FXSB", position + 1)
         return starts
 
+    def _damagedSecondBatch(self, key: str) -> tuple[FilePath[str], FilePath[str], str]:
+        """
+        Ship three records of C{key}'s store (a batch each) into a new
+        backend, then flip a bit of the second batch's header.
+
+        @return: the backend's root, its one segment and the store's name.
+        """
+        root = FilePath(self.mktemp())
+        backend = self.backend(root)
+        shipChain(backend, key, 2)
+        backend.close()
+        [segment] = _segments(root)
+        content = bytearray(segment.getContent())
+        content[self._batchStarts(bytes(content))[1] + 3] ^= 0x01
+        segment.setContent(bytes(content))
+        return root, segment, storeNameForKey(key)
+
     def test_damagedMiddleBatchSkipped(self) -> None:
         """
         A batch in the middle of a segment whose header or entry table fails
@@ -306,16 +323,7 @@ class FilesystemBackendTests(SynchronousTestCase):
         after it has a gap: its chain is refused, never restored to the
         record before the damage.
         """
-        root = FilePath(self.mktemp())
-        backend = self.backend(root)
-        key = "carol"
-        store = storeNameForKey(key)
-        shipChain(backend, key, 2)
-        backend.close()
-        [segment] = _segments(root)
-        content = segment.getContent()
-        second = self._batchStarts(content)[1]
-        segment.setContent(content[:second + 3] + b"X" + content[second + 4 :])
+        root, segment, store = self._damagedSecondBatch("carol")
         reader = self.backend(root)
         self.assertEqual([seq for seq, _ in _records(reader, store)], [1, 3])
         self.assertEqual(self.successResultOf(reader.head(store)).seq, 3)  # type: ignore[union-attr]
@@ -327,16 +335,8 @@ class FilesystemBackendTests(SynchronousTestCase):
         intact batch of it was read: a writer's compaction leaves it byte for
         byte, and its records after the damage are still served.
         """
-        root = FilePath(self.mktemp())
-        backend = self.backend(root)
-        key = "dan"
-        store = storeNameForKey(key)
-        shipChain(backend, key, 2)
-        backend.close()
-        [segment] = _segments(root)
-        content = bytearray(segment.getContent())
-        content[self._batchStarts(bytes(content))[1] + 3] ^= 0x01
-        segment.setContent(bytes(content))
+        root, segment, store = self._damagedSecondBatch("dan")
+        content = segment.getContent()
         writer = self.backend(root)
         other = storeNameForKey("erin")
         self.successResultOf(writer.append(recordInfo(other, 1, 1, 0, b"s"), b"s"))
