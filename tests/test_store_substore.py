@@ -17,7 +17,7 @@ from fractal.store.attributes import inmemory, integer, text
 from fractal.store.errors import StoreNotFound
 from fractal.store.interfaces import IPowerupIndirector
 from fractal.store.item import Item
-from fractal.store.store import Store
+from fractal.store.store import DEFAULT_PAGE_SIZE, Store
 from fractal.store.substore import SubStore
 
 
@@ -284,6 +284,27 @@ class OpenCloseTests(SynchronousTestCase):
         ss = SubStore.createNew(site, ["u.axiom"])
         self.addCleanup(ss.close)
         self.assertIsNone(ss.open().journalMode)
+
+    def test_pageSizeInherited(self) -> None:
+        """
+        A substore's new database gets the page size of its parent's
+        database, whether the parent chose one or kept its own; a substore
+        that already exists keeps its page size.
+        """
+        for size in (4096, 2048):
+            site = Store(self.mktemp(), pageSize=size)
+            self.addCleanup(site.close)
+            ss = SubStore.createNew(site, ["u.axiom"])
+            self.addCleanup(ss.close)
+            self.assertEqual(ss.open().querySQL("PRAGMA page_size"), [(size,)])
+        self.assertEqual(
+            self.ss.open().querySQL("PRAGMA page_size"), [(DEFAULT_PAGE_SIZE,)]
+        )
+        existing = self.site.newFilePath("existing.axiom")
+        Store(existing, pageSize=512).close()
+        ss = SubStore(store=self.site, storepath=existing)
+        self.addCleanup(ss.close)
+        self.assertEqual(ss.open().querySQL("PRAGMA page_size"), [(512,)])
 
     def test_deleteCloses(self) -> None:
         """

@@ -95,8 +95,9 @@ class SubStore(Item):
         Open the substore, or return it if it is already open.
 
         The store's C{parent} is this item's store and its C{idInParent} this
-        item's storeID; it inherits the parent's C{debug} and C{journalMode}.
-        While it is open, the store keeps this item in memory, so every
+        item's storeID; it inherits the parent's C{debug} and C{journalMode},
+        and, when this open creates its database, the page size of the
+        parent's database.  While it is open, the store keeps this item in memory, so every
         lookup of the item finds the same open store.
 
         @param debug: whether the substore prints its SQL; by default the
@@ -119,7 +120,11 @@ class SubStore(Item):
         if debug is None:
             debug = parent.debug
         kw: dict[str, Any] = dict(
-            parent=parent, idInParent=self.storeID, debug=debug, journalMode=parent.journalMode
+            parent=parent,
+            idInParent=self.storeID,
+            debug=debug,
+            journalMode=parent.journalMode,
+            pageSize=parent.querySQL("PRAGMA page_size")[0][0],
         )
         if self.storepath is None:
             filesdir = parent.filesdir
