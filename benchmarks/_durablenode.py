@@ -70,9 +70,10 @@ async def run(reactor: Any, quick: bool) -> None:
         # Each round's pair of phases ran back to back: their ratios show how
         # much of the figure is the machine's noise.
         rounds = " ".join(
-            f"{d.rate / l.rate:.2f}"
-            for d, l in zip(targets["durable"].results[outstanding],
-                            targets["local"].results[outstanding])
+            f"{durable.rate / local.rate:.2f}"
+            for durable, local in zip(
+                targets["durable"].results[outstanding], targets["local"].results[outstanding]
+            )
         )
         print(f"   durable/local throughput at {outstanding}: {ratio:.2f}x{target}"
               f"  (round by round: {rounds})")
