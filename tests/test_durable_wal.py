@@ -262,6 +262,7 @@ class ReadChangesTests(SynchronousTestCase):
         copy = db.copy(self)
         os.truncate(copy + "-wal", os.path.getsize(copy + "-wal") - 1)
         self.assertIsNone(readChanges(copy, position, PAGE))
+        self.assertIsNone(readChanges(copy, position, PAGE, maxFrames=32, settled=True))
 
     def test_indexClaimingMoreThanLogRefused(self) -> None:
         """
@@ -280,3 +281,24 @@ class ReadChangesTests(SynchronousTestCase):
             f.seek(0)
             f.write(header + header)
         self.assertIsNone(readChanges(copy, position, 65536))
+
+    def test_indexClaimingAFewMoreRefused(self) -> None:
+        """
+        An index whose header is whole but counts a few more committed
+        frames than the log holds is refused by a bounded read too, which
+        reads the log without first checking its size.
+        """
+        db, position = self.twoCommits()
+        copy = db.copy(self)
+        with open(copy + "-shm", "r+b") as f:
+            header = bytearray(f.read(48))
+            (frames,) = struct.unpack_from("=I", header, 16)
+            struct.pack_into("=I", header, 16, frames + 2)
+            struct.pack_into("=II", header, 40, *_indexChecksum(bytes(header[:40])))
+            f.seek(0)
+            f.write(header + header)
+        self.assertIsNone(readChanges(copy, position, PAGE, maxFrames=32, settled=True))
+        self.assertIsNone(readChanges(copy, position, PAGE))
+        self.assertIsNotNone(
+            readChanges(db.copy(self), position, PAGE, maxFrames=32, settled=True)
+        )

@@ -251,10 +251,12 @@ def _readChanges(
     except OSError:
         return None
     try:
-        if os.fstat(fd).st_size < _WAL_HEADER_SIZE + index.frames * frameSize:
+        if maxFrames is None and os.fstat(fd).st_size < _WAL_HEADER_SIZE + index.frames * frameSize:
             # A log shorter than its index says is not the one the index
             # describes: refused before reading, so that a damaged index
-            # cannot make this allocate the frames it claims.
+            # cannot make this allocate the frames it claims.  (A read of at
+            # most C{maxFrames} frames allocates no more than that, and a
+            # short log reads short and is refused below.)
             return None
         if count * frameSize <= _DENSE_BYTES:
             pages = _readFrames(fd, since, count, frameSize, index.pageCount)
