@@ -5,6 +5,7 @@ refusal of damaged records.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import struct
 import sys
@@ -17,14 +18,18 @@ from twisted.trial.unittest import SynchronousTestCase
 from fractal.durable import record
 from fractal.durable.interfaces import CorruptRecord
 from fractal.durable.record import (
+    GROUP_PAGES,
     Delta,
+    _imageDigestV1,
     applyDelta,
     decodeRecord,
     diffImage,
     encodeRecord,
+    groupDigests,
     imageDigest,
     pageDigests,
     pageSizeOf,
+    regroup,
 )
 from fractal.keys import storeNameForKey
 
@@ -154,7 +159,7 @@ class RecordFormatTests(SynchronousTestCase):
         carries when its image was taken.
         """
         record, _ = recordFor(makeImage(1), None, 1, 0)
-        self.assertEqual(record[:6], b"FXDR\x01\x01")
+        self.assertEqual(record[:6], b"FXDR\x02\x01")
         self.assertIn(bytes.fromhex(STORE), record[:200])
         image = makeImage(1)
         size = pageSizeOf(image)
@@ -170,9 +175,9 @@ class RecordFormatTests(SynchronousTestCase):
         A record of an unknown format version is refused by name.
         """
         record = bytearray(recordFor(makeImage(1), None, 1, 0)[0])
-        record[4] = 2
+        record[4] = 3
         error = self.assertRaises(CorruptRecord, decodeRecord, bytes(record))
-        self.assertIn("version 2", str(error))
+        self.assertIn("version 3", str(error))
 
     def test_notARecord(self) -> None:
         """
@@ -191,6 +196,139 @@ class RecordFormatTests(SynchronousTestCase):
         self.assertRaises(ValueError, encodeRecord, Delta(pages=[(2, page), (1, page)], **base))  # type: ignore[arg-type]
         self.assertRaises(ValueError, encodeRecord, Delta(pages=[(4, page)], **base))  # type: ignore[arg-type]
         self.assertRaises(ValueError, encodeRecord, Delta(pages=[(1, b"x")], **base))  # type: ignore[arg-type]
+
+
+def _digest(n: int) -> bytes:
+    return n.to_bytes(16, "big")
+
+
+class ImageDigestTests(SynchronousTestCase):
+    """
+    The image digest of format version 2, over groups of page digests, and
+    reading version 1 records.
+    """
+
+    def test_groups(self) -> None:
+        """
+        A version 2 image digest hashes the page size, the page count and
+        the group size, then the digest of each group of L{GROUP_PAGES} page
+        digests; given the groups, it is the same digest.
+        """
+        digests = [_digest(n) for n in range(2 * GROUP_PAGES + 3)]
+        groups = groupDigests(digests)
+        self.assertEqual(len(groups), 3)
+        expected = hashlib.sha256(
+            struct.pack(">III", 4096, len(digests), GROUP_PAGES) + b"".join(groups)
+        ).digest()
+        self.assertEqual(imageDigest(digests, 4096), expected)
+        self.assertEqual(imageDigest(digests, 4096, groups), expected)
+        self.assertEqual(
+            groups[2], hashlib.blake2b(b"".join(digests[-3:]), digest_size=16).digest()
+        )
+
+    def test_everyPageCounts(self) -> None:
+        """
+        Changing, moving or dropping any page digest, or the page size,
+        changes the image digest.
+        """
+        digests = [_digest(n) for n in range(GROUP_PAGES + 5)]
+        original = imageDigest(digests, 1024)
+        changed = digests[:]
+        changed[GROUP_PAGES + 2] = _digest(10**6)
+        swapped = digests[:]
+        swapped[0], swapped[1] = swapped[1], swapped[0]
+        others = {
+            imageDigest(changed, 1024),
+            imageDigest(swapped, 1024),
+            imageDigest(digests[:-1], 1024),
+            imageDigest(digests, 2048),
+        }
+        self.assertNotIn(original, others)
+        self.assertEqual(len(others), 4)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.data())
+    def test_regroup(self, data: st.DataObject) -> None:
+        """
+        L{regroup} gives the group digests of any new image made from an old
+        one by changing some pages and growing or shrinking it, from the old
+        groups and the pages changed.
+        """
+        maximum = 3 * GROUP_PAGES + 10
+        before = data.draw(st.integers(0, maximum))
+        after = data.draw(st.integers(0, maximum))
+        old = [_digest(n) for n in range(before)]
+        new = old[:after] + [_digest(10**6 + n) for n in range(after - len(old[:after]))]
+        changed = data.draw(st.sets(st.integers(1, maximum), max_size=20))
+        for number in changed:
+            if number <= after:
+                new[number - 1] = _digest(10**7 + number)
+        grown = set(range(before + 1, after + 1))
+        self.assertEqual(
+            regroup(groupDigests(old), new, changed | grown, before), groupDigests(new)
+        )
+
+    def test_restoreKeepsGroups(self) -> None:
+        """
+        L{applyDelta} given the image's group digests keeps them up to date
+        through snapshots, deltas, growth and shrinking.
+        """
+        images = [makeImage(300), makeImage(320), makeImage(40), makeImage(330)]
+        image = bytearray()
+        built: list[bytes] = []
+        groups: list[bytes] = []
+        previous: list[bytes] | None = None
+        for seq, source in enumerate(images, 1):
+            data, previous = recordFor(source, previous, seq, 0 if seq == 1 else seq - 1)
+            applyDelta(image, built, decodeRecord(data), groups)
+            self.assertEqual(bytes(image), source)
+            self.assertEqual(groups, groupDigests(built))
+
+    def test_versionOneRead(self) -> None:
+        """
+        A record of format version 1, whose image digest hashed every page
+        digest, is still decoded and applied; one whose digest does not
+        match that definition is refused.
+        """
+        first = makeImage(200)
+        size = pageSizeOf(first)
+        pages, digests = diffImage(first, size, None)
+        fields = dict(
+            store=STORE, epoch=1, seq=1, baseSeq=0, pageSize=size, pageCount=len(digests),
+            pages=pages, version=1,
+        )
+        old = Delta(imageDigest=_imageDigestV1(digests, size), **fields)  # type: ignore[arg-type]
+        data = encodeRecord(old)
+        self.assertEqual(data[4], 1)
+        self.assertEqual(decodeRecord(data), old)
+        image = bytearray()
+        applyDelta(image, [], decodeRecord(data), [])
+        self.assertEqual(bytes(image), first)
+        mislabelled = Delta(imageDigest=imageDigest(digests, size), **fields)  # type: ignore[arg-type]
+        self.assertRaises(
+            CorruptRecord, applyDelta, bytearray(), [], decodeRecord(encodeRecord(mislabelled))
+        )
+
+    def test_grownPageNotCarried(self) -> None:
+        """
+        A delta that grows the image without carrying every new page is
+        refused, whatever digest it promises.
+        """
+        first = makeImage(50)
+        size = pageSizeOf(first)
+        snapshot, digests = recordFor(first, None, 1, 0)
+        image = bytearray()
+        built: list[bytes] = []
+        applyDelta(image, built, decodeRecord(snapshot))
+        grown = digests + [_digest(1), _digest(2)]
+        delta = Delta(
+            store=STORE, epoch=1, seq=2, baseSeq=1, pageSize=size, pageCount=len(grown),
+            pages=[(len(grown), bytes(size))], imageDigest=imageDigest(grown, size),
+        )
+        error = self.assertRaises(
+            CorruptRecord, applyDelta, image, built, decodeRecord(encodeRecord(delta))
+        )
+        self.assertIn("grows by", str(error))
 
 
 class DamagedRecordTests(SynchronousTestCase):

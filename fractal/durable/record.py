@@ -7,7 +7,7 @@ A record is self-describing and versioned.  Its layout, all integers
 big-endian::
 
     magic       4 bytes   b"FXDR"
-    version     1 byte    1
+    version     1 byte    2 (1 is still read)
     kind        1 byte    0 = delta, 1 = snapshot (a full image)
     reserved    2 bytes   0
     epoch       8 bytes   the writer's epoch
@@ -28,7 +28,16 @@ big-endian::
 The image digest lets a restore prove that it rebuilt exactly the image the
 writer had, so a delta applied to the wrong base is caught, not served.  It is
 computed from per-page digests (L{pageDigests}), which the shipper also keeps
-to find the pages that changed since the last ship.
+to find the pages that changed since the last ship:
+
+    - version 2 takes the page digests in groups of L{GROUP_PAGES}
+      consecutive pages, each group's digest the 16-byte BLAKE2b of its page
+      digests concatenated (L{groupDigests}), and hashes the groups' digests
+      (L{imageDigest}).  A delta changes the groups its pages fall in, so a
+      writer or a restore updates the image digest at a cost that follows the
+      pages changed, plus 16 bytes per group (L{regroup}), not the image;
+    - version 1 hashed every page digest: a cost that grew with the store,
+      paid for each delta.  Version 1 records are still read and verified.
 """
 
 from __future__ import annotations
@@ -50,13 +59,25 @@ __all__ = [
     "pageSizeOf",
     "pageDigests",
     "imageDigest",
+    "GROUP_PAGES",
+    "groupDigests",
+    "regroup",
     "diffImage",
     "applyDelta",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """
-The version of the record format this module writes; it reads only this one.
+The version of the record format this module writes; it reads this one and
+version 1.
+"""
+
+_READABLE_VERSIONS = (1, 2)
+
+GROUP_PAGES = 128
+"""
+How many consecutive pages' digests make one group of a version 2 image
+digest.
 """
 
 _MAGIC = b"FXDR"
@@ -109,6 +130,8 @@ class Delta:
     @ivar imageDigest: L{imageDigest} of the image after this record.
     @ivar takenAt: when the writer took the image, in seconds since the Unix
         epoch: how old a restore from this record is.
+    @ivar version: the record format's version, which defines how
+        C{imageDigest} is computed (see the module's docstring).
     """
 
     store: str
@@ -120,6 +143,7 @@ class Delta:
     pages: tuple[tuple[int, bytes], ...] = field(converter=_pagesTuple)
     imageDigest: bytes
     takenAt: float = 0.0
+    version: int = FORMAT_VERSION
 
     @property
     def isSnapshot(self) -> bool:
@@ -160,9 +184,80 @@ def pageDigests(image: bytes, pageSize: int) -> list[bytes]:
     ]
 
 
-def imageDigest(digests: Sequence[bytes], pageSize: int) -> bytes:
+def groupDigests(digests: Sequence[bytes]) -> list[bytes]:
     """
-    The digest of a whole image, from the digests of its pages.
+    The digest of each group of L{GROUP_PAGES} consecutive page digests (the
+    last group may be shorter), in order: what a version 2 image digest
+    hashes.
+    """
+    if len(digests) <= GROUP_PAGES:
+        return [hashlib.blake2b(b"".join(digests), digest_size=16).digest()] if digests else []
+    return [
+        hashlib.blake2b(b"".join(digests[start : start + GROUP_PAGES]), digest_size=16).digest()
+        for start in range(0, len(digests), GROUP_PAGES)
+    ]
+
+
+def regroup(
+    groups: Sequence[bytes],
+    digests: Sequence[bytes],
+    changed: Iterable[int],
+    previousCount: int,
+) -> list[bytes]:
+    """
+    The group digests of an image, from those of the image it was made from:
+    only the groups that changed are computed again.
+
+    @param groups: L{groupDigests} of the previous image.
+    @param digests: the page digests of the new image.
+    @param changed: the 1-based numbers of the pages whose digest changed
+        (pages past the new image's end are ignored).
+    @param previousCount: the page count of the previous image; when it
+        differs, every group from the shorter image's last one on is
+        computed again.
+    @return: L{groupDigests} of C{digests}.
+    """
+    count = len(digests)
+    if count <= GROUP_PAGES:
+        # One group (or none): nothing to keep.
+        return groupDigests(digests)
+    total = -(-count // GROUP_PAGES)
+    result = list(groups[:total])
+    result.extend([b""] * (total - len(result)))
+    dirty = {(number - 1) // GROUP_PAGES for number in changed if number <= count}
+    if previousCount != count:
+        dirty.update(range(min(previousCount, count) // GROUP_PAGES, total))
+    for group in dirty:
+        start = group * GROUP_PAGES
+        result[group] = hashlib.blake2b(
+            b"".join(digests[start : start + GROUP_PAGES]), digest_size=16
+        ).digest()
+    return result
+
+
+def imageDigest(
+    digests: Sequence[bytes], pageSize: int, groups: Sequence[bytes] | None = None
+) -> bytes:
+    """
+    The digest of a whole image, from the digests of its pages: its page
+    size, its page count and L{GROUP_PAGES} as three 4-byte big-endian
+    integers, then its group digests, hashed with SHA-256 (record format
+    version 2).
+
+    @param groups: L{groupDigests} of C{digests}, when they are known
+        (L{regroup}); computed otherwise.
+    """
+    if groups is None:
+        groups = groupDigests(digests)
+    h = hashlib.sha256(struct.pack(">III", pageSize, len(digests), GROUP_PAGES))
+    h.update(b"".join(groups))
+    return h.digest()
+
+
+def _imageDigestV1(digests: Sequence[bytes], pageSize: int) -> bytes:
+    """
+    The image digest of record format version 1: every page digest hashed
+    after the page size and count.
     """
     h = hashlib.sha256(struct.pack(">II", pageSize, len(digests)))
     h.update(b"".join(digests))
@@ -198,6 +293,8 @@ def encodeRecord(delta: Delta) -> bytes:
 
     @raise ValueError: if C{delta} is not self-consistent.
     """
+    if delta.version not in _READABLE_VERSIONS:
+        raise ValueError(f"record format version {delta.version} is not supported")
     if not _validPageSize(delta.pageSize):
         raise ValueError(f"invalid page size {delta.pageSize}")
     if delta.seq < 1 or delta.baseSeq < 0 or delta.baseSeq >= delta.seq or delta.epoch < 0:
@@ -213,7 +310,7 @@ def encodeRecord(delta: Delta) -> bytes:
     body = _compress(b"".join(parts), _SNAPSHOT_LEVEL if delta.isSnapshot else _DELTA_LEVEL)
     header = _HEADER.pack(
         _MAGIC,
-        FORMAT_VERSION,
+        delta.version,
         _KIND_SNAPSHOT if delta.isSnapshot else _KIND_DELTA,
         0,
         delta.epoch,
@@ -259,7 +356,7 @@ def decodeRecord(data: bytes) -> Delta:
     ) = _HEADER.unpack_from(data)
     if magic != _MAGIC:
         raise CorruptRecord("not a durable record (bad magic)")
-    if version != FORMAT_VERSION:
+    if version not in _READABLE_VERSIONS:
         raise CorruptRecord(f"record format version {version} is not supported")
     expected = _HEADER.size + bodyLength + _CHECKSUM_LENGTH
     if len(data) != expected:
@@ -302,35 +399,58 @@ def decodeRecord(data: bytes) -> Delta:
         pages=pages,
         imageDigest=digest,
         takenAt=takenAt,
+        version=version,
     )
 
 
-def applyDelta(image: bytearray, digests: list[bytes], delta: Delta) -> None:
+def applyDelta(
+    image: bytearray, digests: list[bytes], delta: Delta, groups: list[bytes] | None = None
+) -> None:
     """
     Apply C{delta} to C{image} in place, keeping C{digests} (the page digests
-    of C{image}) up to date.
+    of C{image}) and, when given, C{groups} (their L{groupDigests}) up to
+    date.  With C{groups}, checking a version 2 record's image digest costs
+    what the record changed; without them, what the image holds.
 
-    @raise CorruptRecord: if the page size differs from the image's, or the
-        result's digest differs from the one the record promises.
+    @raise CorruptRecord: if the page size differs from the image's, a page
+        the image grows by is not carried, or the result's digest differs
+        from the one the record promises.
     """
+    previousCount = len(digests)
     if delta.isSnapshot:
         del image[:]
         del digests[:]
+        previousCount = 0
     elif digests and len(image) // len(digests) != delta.pageSize:
         raise CorruptRecord(f"record {delta.seq} changes the page size")
     size = delta.pageSize
-    newLength = delta.pageCount * size
+    count = delta.pageCount
+    numbers = [number for number, _ in delta.pages]
+    if count > previousCount:
+        carried = set(numbers)
+        if any(number not in carried for number in range(previousCount + 1, count + 1)):
+            raise CorruptRecord(
+                f"record {delta.seq} does not carry every page the image grows by "
+                f"(wrong base or lost pages)"
+            )
+    newLength = count * size
     if len(image) > newLength:
         del image[newLength:]
-        del digests[delta.pageCount :]
+        del digests[count:]
     elif len(image) < newLength:
-        missing = delta.pageCount - len(digests)
+        missing = count - len(digests)
         image.extend(bytes(missing * size))
         digests.extend([b""] * missing)
     for number, page in delta.pages:
         image[(number - 1) * size : number * size] = page
         digests[number - 1] = hashlib.blake2b(page, digest_size=16).digest()
-    if b"" in digests or imageDigest(digests, size) != delta.imageDigest:
+    if groups is not None:
+        groups[:] = regroup(groups, digests, numbers, previousCount)
+    if delta.version == 1:
+        expected = _imageDigestV1(digests, size)
+    else:
+        expected = imageDigest(digests, size, groups)
+    if expected != delta.imageDigest:
         raise CorruptRecord(
             f"record {delta.seq} does not rebuild the image its writer had "
             f"(wrong base or lost pages)"

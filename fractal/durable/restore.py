@@ -100,6 +100,9 @@ def rebuildImage(store: str, chain: Sequence[RecordInfo], datas: Sequence[bytes]
     """
     image = bytearray()
     digests: list[bytes] = []
+    # Kept up to date so that each record's image digest is checked at the
+    # cost of what it changed.
+    groups: list[bytes] = []
     pageSize = 0
     takenAt = 0.0
     for info, data in zip(chain, datas, strict=True):
@@ -114,7 +117,7 @@ def rebuildImage(store: str, chain: Sequence[RecordInfo], datas: Sequence[bytes]
                 info.epoch,
             ):
                 raise CorruptRecord(f"record {info.seq} describes another place in a chain")
-            applyDelta(image, digests, delta)
+            applyDelta(image, digests, delta, groups)
         except CorruptRecord as e:
             raise BrokenChain(f"store {store}: corrupt link: {e}") from None
         pageSize = delta.pageSize

@@ -70,8 +70,10 @@ from fractal.durable.record import (
     Delta,
     diffImage,
     encodeRecord,
+    groupDigests,
     imageDigest,
     pageSizeOf,
+    regroup,
 )
 from fractal.durable.restore import rebuildFromBackend
 from fractal.keys import storeNameForKey, validateKey
@@ -124,6 +126,7 @@ class _Built:
     info: RecordInfo
     data: bytes
     digests: tuple[bytes, ...]
+    groups: tuple[bytes, ...]
     pageSize: int
     takenAt: float
     wal: WalPosition | None
@@ -146,6 +149,8 @@ class _StoreState:
         self.dirtySince: float | None = None
         self.loaded = False
         self.digests: tuple[bytes, ...] | None = None
+        # The group digests of C{digests} (L{groupDigests}), when known.
+        self.groups: tuple[bytes, ...] | None = None
         self.pageSize = 0
         self.seq = 0
         self.headDigest = b""
@@ -1077,7 +1082,7 @@ class Shipper(Service):
             chain = (0, 0, info.size)
         else:
             chain = (state.chainLength + 1, state.chainBytes + info.size, state.snapshotBytes)
-        self._adopt(state, info, built.digests, built.pageSize, *chain)
+        self._adopt(state, info, built.digests, built.pageSize, *chain, groups=built.groups)
         state.wal = built.wal
         self._shipped(state, generation, capturedAt)
         if info.isSnapshot and info.seq > 1:
@@ -1257,7 +1262,15 @@ class Shipper(Service):
                 pages.append((number, page))
         if not pages and len(digests) == len(state.digests):
             return None
-        built = self._encode(state, epoch, pageSize, pages, digests, False, takenAt, changes.end)
+        groups = regroup(
+            state.groups if state.groups is not None else groupDigests(state.digests),
+            digests,
+            [number for number, _ in pages],
+            len(state.digests),
+        )
+        built = self._encode(
+            state, epoch, pageSize, pages, digests, False, takenAt, changes.end, groups
+        )
         if self._compactionDue(state, built):
             return False
         return built
@@ -1328,8 +1341,17 @@ class Shipper(Service):
         snapshot: bool,
         takenAt: float,
         wal: WalPosition | None,
+        groups: list[bytes] | None = None,
     ) -> _Built:
+        """
+        Encode a store's next record.
+
+        @param groups: L{groupDigests} of C{digests}, when they were worked
+            out from the last record's (L{regroup}); computed otherwise.
+        """
         seq = state.seq + 1
+        if groups is None:
+            groups = groupDigests(digests)
         data = encodeRecord(
             Delta(
                 store=state.name,
@@ -1339,7 +1361,7 @@ class Shipper(Service):
                 pageSize=pageSize,
                 pageCount=len(digests),
                 pages=pages,
-                imageDigest=imageDigest(digests, pageSize),
+                imageDigest=imageDigest(digests, pageSize, groups),
                 takenAt=takenAt,
             )
         )
@@ -1355,6 +1377,7 @@ class Shipper(Service):
             info=info,
             data=data,
             digests=tuple(digests),
+            groups=tuple(groups),
             pageSize=pageSize,
             takenAt=takenAt,
             wal=wal,
@@ -1397,11 +1420,18 @@ class Shipper(Service):
         chainLength: int,
         chainBytes: int,
         snapshotBytes: int,
+        groups: tuple[bytes, ...] | None = None,
     ) -> None:
+        """
+        C{head} is the newest record of C{state}'s chain, and C{digests}
+        (with their L{groupDigests} C{groups}, if known) the page digests of
+        its image.
+        """
         state.loaded = True
         state.seq = head.seq
         state.headDigest = head.digest
         state.digests = tuple(digests)
+        state.groups = groups
         state.pageSize = pageSize
         state.wal = None
         state.chainLength = chainLength
