@@ -302,8 +302,17 @@ class ImageDigestTests(SynchronousTestCase):
         self.assertEqual(data[4], 1)
         self.assertEqual(decodeRecord(data), old)
         image = bytearray()
-        applyDelta(image, [], decodeRecord(data), [])
+        built: list[bytes] = []
+        groups: list[bytes] = []
+        applyDelta(image, built, decodeRecord(data), groups)
         self.assertEqual(bytes(image), first)
+        # A chain written before and after the change: version 2 deltas on
+        # a version 1 snapshot.
+        second = bytearray(first)
+        second[5000:5010] = b"0123456789"
+        delta, _ = recordFor(bytes(second), digests, 2, 1)
+        applyDelta(image, built, decodeRecord(delta), groups)
+        self.assertEqual(bytes(image), bytes(second))
         mislabelled = Delta(imageDigest=imageDigest(digests, size), **fields)  # type: ignore[arg-type]
         self.assertRaises(
             CorruptRecord, applyDelta, bytearray(), [], decodeRecord(encodeRecord(mislabelled))
