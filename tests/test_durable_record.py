@@ -20,7 +20,6 @@ from fractal.durable.interfaces import CorruptRecord
 from fractal.durable.record import (
     GROUP_PAGES,
     Delta,
-    _imageDigestV1,
     applyDelta,
     decodeRecord,
     diffImage,
@@ -226,6 +225,19 @@ class ImageDigestTests(SynchronousTestCase):
             groups[2], hashlib.blake2b(b"".join(digests[-3:]), digest_size=16).digest()
         )
 
+    def test_versionOneDefinition(self) -> None:
+        """
+        Version 1's image digest hashes the page size, the page count and
+        every page digest; an unknown version has none.
+        """
+        digests = [_digest(n) for n in range(GROUP_PAGES + 3)]
+        expected = hashlib.sha256(
+            struct.pack(">II", 1024, len(digests)) + b"".join(digests)
+        ).digest()
+        self.assertEqual(imageDigest(digests, 1024, version=1), expected)
+        self.assertNotEqual(imageDigest(digests, 1024), expected)
+        self.assertRaises(ValueError, imageDigest, digests, 1024, version=3)
+
     def test_everyPageCounts(self) -> None:
         """
         Changing, moving or dropping any page digest, or the page size,
@@ -297,7 +309,7 @@ class ImageDigestTests(SynchronousTestCase):
             store=STORE, epoch=1, seq=1, baseSeq=0, pageSize=size, pageCount=len(digests),
             pages=pages, version=1,
         )
-        old = Delta(imageDigest=_imageDigestV1(digests, size), **fields)  # type: ignore[arg-type]
+        old = Delta(imageDigest=imageDigest(digests, size, version=1), **fields)  # type: ignore[arg-type]
         data = encodeRecord(old)
         self.assertEqual(data[4], 1)
         self.assertEqual(decodeRecord(data), old)

@@ -236,31 +236,35 @@ def regroup(
 
 
 def imageDigest(
-    digests: Sequence[bytes], pageSize: int, groups: Sequence[bytes] | None = None
+    digests: Sequence[bytes],
+    pageSize: int,
+    groups: Sequence[bytes] | None = None,
+    version: int = FORMAT_VERSION,
 ) -> bytes:
     """
-    The digest of a whole image, from the digests of its pages: its page
-    size, its page count and L{GROUP_PAGES} as three 4-byte big-endian
-    integers, then its group digests, hashed with SHA-256 (record format
-    version 2).
+    The digest of a whole image, from the digests of its pages, as record
+    format C{version} defines it:
+
+        - version 2: the page size, the page count and L{GROUP_PAGES} as three
+          4-byte big-endian integers, then the image's group digests, hashed
+          with SHA-256;
+        - version 1: the page size and the page count as two 4-byte
+          big-endian integers, then every page digest, hashed with SHA-256.
 
     @param groups: L{groupDigests} of C{digests}, when they are known
-        (L{regroup}); computed otherwise.
+        (L{regroup}); computed otherwise.  Version 1 does not use them.
+    @raise ValueError: if C{version} is not a record format version.
     """
+    if version == 1:
+        h = hashlib.sha256(struct.pack(">II", pageSize, len(digests)))
+        h.update(b"".join(digests))
+        return h.digest()
+    if version != 2:
+        raise ValueError(f"record format version {version} is not supported")
     if groups is None:
         groups = groupDigests(digests)
     h = hashlib.sha256(struct.pack(">III", pageSize, len(digests), GROUP_PAGES))
     h.update(b"".join(groups))
-    return h.digest()
-
-
-def _imageDigestV1(digests: Sequence[bytes], pageSize: int) -> bytes:
-    """
-    The image digest of record format version 1: every page digest hashed
-    after the page size and count.
-    """
-    h = hashlib.sha256(struct.pack(">II", pageSize, len(digests)))
-    h.update(b"".join(digests))
     return h.digest()
 
 
@@ -446,11 +450,7 @@ def applyDelta(
         digests[number - 1] = hashlib.blake2b(page, digest_size=16).digest()
     if groups is not None:
         groups[:] = regroup(groups, digests, numbers, previousCount)
-    if delta.version == 1:
-        expected = _imageDigestV1(digests, size)
-    else:
-        expected = imageDigest(digests, size, groups)
-    if expected != delta.imageDigest:
+    if imageDigest(digests, size, groups, delta.version) != delta.imageDigest:
         raise CorruptRecord(
             f"record {delta.seq} does not rebuild the image its writer had "
             f"(wrong base or lost pages)"
