@@ -85,6 +85,20 @@ def _positive(kind: Callable[[str], Any], what: str) -> Callable[[str], Any]:
     return coerce
 
 
+def _recordFormat(value: str) -> int:
+    """
+    The coercion of C{--record-format}: a record format version this version
+    writes.
+    """
+    if value not in ("1", "2"):
+        raise ValueError(f"--record-format must be 1 or 2, not {value!r}")
+    return int(value)
+
+
+_recordFormat.coerceDoc = "1 or 2."  # type: ignore[attr-defined]
+_recordFormat.configType = int  # type: ignore[attr-defined]
+
+
 def resolveApplication(spec: str) -> Application:
     """
     Import the application named by C{spec}, C{"module:attribute"}.
@@ -212,6 +226,15 @@ class Options(usage.Options):
             None,
             "Seconds between ship cycles of changed stores (default: 1)",
             _positive(float, "--ship-interval"),
+        ],
+        [
+            "record-format",
+            None,
+            None,
+            "The durable record format version to write (default: the newest, 2); "
+            "1 while nodes of a version that reads only 1 may restore this node's "
+            "stores, in a rolling upgrade (see docs/durable.rst)",
+            _recordFormat,
         ],
         ["config", None, None, "A TOML configuration file (see docs/deploying.rst)."],
         [
@@ -547,6 +570,8 @@ def _shipper(
     none}; to PostgreSQL, at the epochs of the node's slots, with
     C{--postgres} (C{cluster}).
     """
+    from fractal.durable.record import FORMAT_VERSION
+
     if cluster is not None:
         from fractal.durable._threads import reactorThreads
         from fractal.durable.shipper import Shipper
@@ -558,6 +583,7 @@ def _shipper(
             interval=options["ship-interval"] or 1.0,
             storesDirectory=dataDir.child("stores"),
             epochForKey=cluster.topology.epochForKey,
+            recordFormat=options["record-format"] or FORMAT_VERSION,
         )
     if (options["durable"] or "").lower() == "none":
         return None
@@ -576,6 +602,7 @@ def _shipper(
         runInThread=reactorThreads(reactor),
         interval=options["ship-interval"] or 1.0,
         storesDirectory=dataDir.child("stores"),
+        recordFormat=options["record-format"] or FORMAT_VERSION,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.protocols import amp
+from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.test import iosim
@@ -705,3 +706,22 @@ class TapDurableOptionsTests(SynchronousTestCase):
         with self.assertRaises(ValueError) as e:
             self.makeNode("--durable", "none")
         self.assertIn("no durable shipper", str(e.exception))
+
+    def test_recordFormat(self) -> None:
+        """
+        A node writes the newest record format unless C{--record-format}
+        (or C{record-format} in the file) says 1; any other value is a usage
+        error that names the option.
+        """
+        self.assertEqual(self.makeNode("--data", self.mktemp()).shipper.recordFormat, 2)
+        node = self.makeNode("--data", self.mktemp(), "--record-format", "1")
+        self.assertEqual(node.shipper.recordFormat, 1)
+        config = FilePath(self.mktemp())
+        config.setContent(b"record-format = 1\n")
+        node = self.makeNode("--data", self.mktemp(), "--config", config.path)
+        self.assertEqual(node.shipper.recordFormat, 1)
+        for bad in ["0", "3", "two", "1.0"]:
+            error = self.assertRaises(
+                usage.UsageError, self.makeNode, "--record-format", bad
+            )
+            self.assertIn("--record-format must be 1 or 2", str(error))

@@ -699,6 +699,62 @@ class DamagedLocalStateTests(SynchronousTestCase):
         self.assertEqual(h.shipper._dirty, {})
 
 
+class RecordFormatTests(SynchronousTestCase):
+    """
+    The record format version a shipper writes (C{recordFormat}).
+    """
+
+    def versions(self, h: _Harness, key: str) -> list[int]:
+        backend = h.backend
+        name = storeNameForKey(key)
+        return [
+            decodeRecord(self.successResultOf(backend.read(name, info.seq))).version
+            for info in h.records(key)
+        ]
+
+    def test_versionOneThenTwo(self) -> None:
+        """
+        A shipper told C{recordFormat=1} writes version 1 records (what a
+        node of an older version reads); a shipper of the default format,
+        taking the same store over after a restart, goes on with version 2
+        deltas on that chain; the chain restores exactly either way.
+        """
+        h = _Harness(self, recordFormat=1)
+        h.shipper.startService()
+        store = h.open("alice")
+        for number in range(300):
+            write(store, number, f"note {number} " * 10)
+        h.clock.advance(1)
+        write(store, 7, "changed")
+        h.clock.advance(1)
+        self.assertEqual(self.versions(h, "alice"), [1, 1])
+        self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
+        self.successResultOf(h.shipper.storeClosing("alice", store))
+        store.close()
+        self.successResultOf(h.shipper.stopService())
+        again = _Harness(self, backend=h.backend, root=h.root)
+        again.shipper.startService()
+        self.addCleanup(again.shipper.stopService)
+        store = again.open("alice")
+        write(store, 8, "after the upgrade")
+        again.clock.advance(1)
+        self.assertEqual(self.versions(again, "alice"), [1, 1, 2])
+        self.assertEqual(
+            again.restored("alice"), dump(again.dbdir("alice").child("db.sqlite"))
+        )
+
+    def test_unknownFormatRefused(self) -> None:
+        """
+        A record format this version does not write is refused when the
+        shipper is made.
+        """
+        for bad in (0, 3, True):
+            error = self.assertRaises(
+                ValueError, Shipper, MemoryDurableBackend(), Clock(), recordFormat=bad
+            )
+            self.assertIn("record format must be 1 or 2", str(error))
+
+
 class ReopenTests(SynchronousTestCase):
     """
     A store opened by a new shipper (a restarted node) is shipped again only

@@ -67,6 +67,7 @@ from fractal.durable.interfaces import (
     StoreLag,
 )
 from fractal.durable.record import (
+    FORMAT_VERSION,
     Delta,
     diffImage,
     encodeRecord,
@@ -354,6 +355,7 @@ class Shipper(Service):
 
     @ivar backend: where the records go.
     @ivar interval: seconds between ship cycles.
+    @ivar recordFormat: the record format version it writes.
     """
 
     log = Logger()
@@ -372,6 +374,7 @@ class Shipper(Service):
         buildConcurrency: int = 2,
         lagWarning: float = 10.0,
         saveInterval: float = 10.0,
+        recordFormat: int = FORMAT_VERSION,
     ) -> None:
         """
         @param backend: the durable backend.
@@ -405,7 +408,17 @@ class Shipper(Service):
             state file while it is open (it is always written when the store
             closes and when the service stops); a state file that is behind
             costs a snapshot after a crash, nothing else.
+        @param recordFormat: the record format version to write: the newest
+            by default; 1 while nodes of a version that reads only version 1
+            may restore this node's stores (a rolling upgrade).
+        @raise ValueError: if C{recordFormat} is not a version this one
+            writes.
         """
+        if isinstance(recordFormat, bool) or recordFormat not in (1, FORMAT_VERSION):
+            raise ValueError(
+                f"record format must be 1 or {FORMAT_VERSION}, not {recordFormat!r}"
+            )
+        self.recordFormat = recordFormat
         self.backend = backend
         self.interval = interval
         self._clock = clock
@@ -1331,8 +1344,8 @@ class Shipper(Service):
             lambda f: self.log.failure("Cannot save shipping states", f)
         )
 
-    @staticmethod
     def _encode(
+        self,
         state: _StoreState,
         epoch: int,
         pageSize: int,
@@ -1361,8 +1374,9 @@ class Shipper(Service):
                 pageSize=pageSize,
                 pageCount=len(digests),
                 pages=pages,
-                imageDigest=imageDigest(digests, pageSize, groups),
+                imageDigest=imageDigest(digests, pageSize, groups, self.recordFormat),
                 takenAt=takenAt,
+                version=self.recordFormat,
             )
         )
         info = RecordInfo(
