@@ -90,7 +90,9 @@ def _recordFormat(value: str) -> int:
     The coercion of C{--record-format}: a record format version this version
     writes.
     """
-    if value not in ("1", "2"):
+    from fractal.durable.record import FORMAT_VERSIONS
+
+    if value not in [str(version) for version in FORMAT_VERSIONS]:
         raise ValueError(f"--record-format must be 1 or 2, not {value!r}")
     return int(value)
 

@@ -53,6 +53,7 @@ from fractal.durable.interfaces import CorruptRecord
 
 __all__ = [
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
     "Delta",
     "encodeRecord",
     "decodeRecord",
@@ -72,7 +73,10 @@ The version of the record format this module writes; it reads this one and
 version 1.
 """
 
-_READABLE_VERSIONS = (1, 2)
+FORMAT_VERSIONS = (1, 2)
+"""
+The record format versions this module reads, and can write when asked.
+"""
 
 GROUP_PAGES = 128
 """
@@ -297,7 +301,7 @@ def encodeRecord(delta: Delta) -> bytes:
 
     @raise ValueError: if C{delta} is not self-consistent.
     """
-    if delta.version not in _READABLE_VERSIONS:
+    if delta.version not in FORMAT_VERSIONS:
         raise ValueError(f"record format version {delta.version} is not supported")
     if not _validPageSize(delta.pageSize):
         raise ValueError(f"invalid page size {delta.pageSize}")
@@ -360,7 +364,7 @@ def decodeRecord(data: bytes) -> Delta:
     ) = _HEADER.unpack_from(data)
     if magic != _MAGIC:
         raise CorruptRecord("not a durable record (bad magic)")
-    if version not in _READABLE_VERSIONS:
+    if version not in FORMAT_VERSIONS:
         raise CorruptRecord(f"record format version {version} is not supported")
     expected = _HEADER.size + bodyLength + _CHECKSUM_LENGTH
     if len(data) != expected:

@@ -68,6 +68,7 @@ from fractal.durable.interfaces import (
 )
 from fractal.durable.record import (
     FORMAT_VERSION,
+    FORMAT_VERSIONS,
     Delta,
     diffImage,
     encodeRecord,
@@ -414,9 +415,10 @@ class Shipper(Service):
         @raise ValueError: if C{recordFormat} is not a version this one
             writes.
         """
-        if isinstance(recordFormat, bool) or recordFormat not in (1, FORMAT_VERSION):
+        if isinstance(recordFormat, bool) or recordFormat not in FORMAT_VERSIONS:
             raise ValueError(
-                f"record format must be 1 or {FORMAT_VERSION}, not {recordFormat!r}"
+                f"record format must be {' or '.join(map(str, FORMAT_VERSIONS))}, "
+                f"not {recordFormat!r}"
             )
         self.recordFormat = recordFormat
         self.backend = backend

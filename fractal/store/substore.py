@@ -97,8 +97,8 @@ class SubStore(Item):
         The store's C{parent} is this item's store and its C{idInParent} this
         item's storeID; it inherits the parent's C{debug} and C{journalMode},
         and, when this open creates its database, the page size of the
-        parent's database.  While it is open, the store keeps this item in memory, so every
-        lookup of the item finds the same open store.
+        parent's database.  While it is open, the store keeps this item in
+        memory, so every lookup of the item finds the same open store.
 
         @param debug: whether the substore prints its SQL; by default the
             parent's setting.
