@@ -300,6 +300,7 @@ class OpenCloseTests(SynchronousTestCase):
         self.assertEqual(
             self.ss.open().querySQL("PRAGMA page_size"), [(DEFAULT_PAGE_SIZE,)]
         )
+        self.ss.close()
         existing = self.site.newFilePath("existing.axiom")
         Store(existing, pageSize=512).close()
         ss = SubStore(store=self.site, storepath=existing)
