@@ -9,9 +9,11 @@ L{Clock}, and blocking work runs synchronously.
 
 from __future__ import annotations
 
+import fcntl
 import random
 import sqlite3
 from typing import Any
+from unittest import SkipTest
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,6 +33,7 @@ from fractal.durable.shipper import STATE_FILE, Shipper
 from fractal.keys import storeNameForKey
 from fractal.store import Item, Store, integer, text
 from fractal.testing import MemoryDurableBackend
+from tests.test_durable_wal import descriptorsOf, indexInUse
 
 
 class DurableTestNote(Item):
@@ -1474,3 +1477,40 @@ class LogDeltaTests(SynchronousTestCase):
                     self.assertEqual(h.restored(key), dump(database), f"seed {seed} step {step}")
             self.assertGreater(ships, 50)
         self.flushLoggedErrors()
+
+    def test_sqliteLocksKept(self) -> None:
+        """
+        Shipping an open store, from its log or from its whole image, leaves
+        its connection's locks on its WAL index in place, so that another
+        process opening the database finds it in use.  Once the store is
+        closed the shipper holds none of its files.
+        """
+        if not hasattr(fcntl, "F_OFD_SETLK"):
+            raise SkipTest("needs open file description locks (Linux)")
+        h = _Harness(self, maxChain=3)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        key = "locked"
+        database = h.dbdir(key).child("db.sqlite").path
+        store = h.open(key)
+        # Snapshots, deltas from the log and a compaction.
+        for number in range(6):
+            write(store, number, "x" * 100)
+            d = h.shipper.whenDurable(key)
+            h.clock.advance(0)
+            self.successResultOf(d)
+        self.assertEqual([r.isSnapshot for r in h.records(key)], [True, False])
+        self.assertGreater(descriptorsOf(database + "-shm"), 1)
+        self.assertTrue(indexInUse(database))
+        # indexInUse dropped the lock; open the store again.
+        self.successResultOf(h.shipper.storeClosing(key, store))
+        store.close()
+        h.shipper.storeClosed(key, store)
+        self.assertEqual(descriptorsOf(database), 0)
+        store = h.open(key)
+        write(store, 10, "y")
+        d = h.shipper.whenDurable(key)
+        h.clock.advance(0)
+        self.successResultOf(d)
+        self.assertTrue(indexInUse(database))
+        self.assertEqual(h.restored(key), dump(FilePath(database)))

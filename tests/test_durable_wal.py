@@ -5,6 +5,8 @@ a position of its write-ahead log, from real SQLite files.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import random
 import shutil
@@ -16,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from fractal.durable._wal import (
     WalChanges,
+    WalFiles,
     WalPosition,
     _indexChecksum,
     readChanges,
@@ -62,7 +65,15 @@ class _Database:
         self.connection.execute("PRAGMA journal_mode=WAL")
         self.connection.execute("PRAGMA synchronous=NORMAL")
         self.connection.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
-        case.addCleanup(self.connection.close)
+        case.addCleanup(lambda: self.connection.close())
+
+    def reopen(self) -> None:
+        """
+        Close the connection and open another, which reads the database.
+        """
+        self.connection.close()
+        self.connection = sqlite3.connect(self.path, isolation_level=None)
+        self.connection.execute("SELECT count(*) FROM t").fetchall()
 
     def insert(self, size: int = 100) -> None:
         self.connection.execute("INSERT INTO t (v) VALUES (?)", (os.urandom(size),))
@@ -77,6 +88,162 @@ class _Database:
         for suffix in ("", "-wal", "-shm"):
             shutil.copyfile(self.path + suffix, copy + suffix)
         return copy
+
+
+# SQLite's unix VFS takes a shared lock on this byte of the WAL index for as
+# long as a connection has the database open; a connection that can lock it
+# exclusively believes itself the database's only user.
+_DMS_LOCK_BYTE = 128
+
+
+def indexInUse(database: str) -> bool:
+    """
+    Whether a connection holds SQLite's lock on the WAL index of
+    C{database}, as another process opening the database would find: an
+    open file description lock conflicts with the POSIX locks SQLite takes,
+    even those of this process.
+    """
+    fd = os.open(database + "-shm", os.O_RDWR)
+    try:
+        flock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _DMS_LOCK_BYTE, 1, 0)
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                return True
+            raise
+        unlock = struct.pack("hhqqi4x", fcntl.F_UNLCK, os.SEEK_SET, _DMS_LOCK_BYTE, 1, 0)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, unlock)
+        return False
+    finally:
+        # Closing this descriptor drops this process's POSIX locks on the
+        # file, SQLite's included: a test asks this once, at its end.
+        os.close(fd)
+
+
+def descriptorsOf(path: str) -> int:
+    """
+    How many descriptors this process has open on the file at C{path}.
+    """
+    status = os.stat(path)
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            opened = os.stat(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if (opened.st_dev, opened.st_ino) == (status.st_dev, status.st_ino):
+            count += 1
+    return count
+
+
+class WalFilesTests(SynchronousTestCase):
+    """
+    L{WalFiles} keeps a database's log files open between reads, so that
+    reading never drops SQLite's locks.
+    """
+
+    if not hasattr(fcntl, "F_OFD_SETLK"):
+        skip = "needs open file description locks (Linux)"
+
+    def test_sqliteLocksKept(self) -> None:
+        """
+        Reading positions and changes through L{WalFiles} while a connection
+        has the database open leaves that connection's lock on the WAL index
+        in place; reading them with L{readChanges}, which closes the files
+        after the read, drops it: the reason L{WalFiles} exists.
+        """
+        db = _Database(self)
+        db.insert()
+        files = WalFiles(db.path)
+        self.addCleanup(files.close)
+        position = files.position()
+        assert position is not None
+        db.insert()
+        changes = files.changes(position, PAGE, maxFrames=32, settled=True)
+        assert changes is not None
+        self.assertTrue(changes.pages)
+        self.assertTrue(indexInUse(db.path))
+        # indexInUse closed a descriptor, like readChanges does: SQLite's
+        # lock is gone.  Open the database again to retake it.
+        self.assertFalse(indexInUse(db.path))
+        db.reopen()
+        self.assertTrue(indexInUse(db.path))
+        db.reopen()
+        readChanges(db.path, changes.end, PAGE)
+        self.assertFalse(indexInUse(db.path))
+
+    def test_keptOpen(self) -> None:
+        """
+        The files are opened once, on the first read, and closed by
+        L{WalFiles.close}; a read after it opens them again.
+        """
+        db = _Database(self)
+        db.insert()
+        files = WalFiles(db.path)
+        # The connection's own.
+        shm, wal = descriptorsOf(db.path + "-shm"), descriptorsOf(db.path + "-wal")
+        position = files.position()
+        assert position is not None
+        for _ in range(3):
+            db.insert()
+            changes = files.changes(position, PAGE)
+            assert changes is not None
+            position = changes.end
+        self.assertEqual(descriptorsOf(db.path + "-shm"), shm + 1)
+        self.assertEqual(descriptorsOf(db.path + "-wal"), wal + 1)
+        files.close()
+        self.assertEqual(descriptorsOf(db.path + "-shm"), shm)
+        self.assertEqual(descriptorsOf(db.path + "-wal"), wal)
+        self.assertEqual(files.position(), position)
+        files.close()
+
+    def test_filesReplaced(self) -> None:
+        """
+        When the database leaves WAL mode (SQLite deletes its log and index)
+        and comes back (new ones, a new generation), L{WalFiles} reads the
+        new files, not the deleted ones it had open: a position of the old
+        generation is refused, and the new generation's changes are read.
+        """
+        db = _Database(self)
+        db.insert()
+        files = WalFiles(db.path)
+        self.addCleanup(files.close)
+        old = files.position()
+        assert old is not None
+        db.connection.execute("PRAGMA journal_mode=DELETE")
+        db.connection.execute("PRAGMA journal_mode=WAL")
+        db.insert()
+        self.assertIsNone(files.changes(old, PAGE))
+        new = files.position()
+        assert new is not None
+        self.assertNotEqual(new.salts, old.salts)
+        before = image(db.path)
+        db.insert()
+        changes = files.changes(new, PAGE)
+        assert changes is not None
+        self.assertEqual(apply(before, changes), image(db.path))
+        # The deleted files are closed: only the new index is open, once by
+        # the connection and once here.
+        self.assertEqual(descriptorsOf(db.path + "-shm"), 2)
+
+    def test_missing(self) -> None:
+        """
+        A database without log files yet reads as no position and no
+        changes, and its files are opened once they exist.
+        """
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        path = directory.child("db.sqlite").path
+        files = WalFiles(path)
+        self.addCleanup(files.close)
+        self.assertIsNone(files.position())
+        self.assertIsNone(files.changes(WalPosition(b"\0" * 8, 0), PAGE))
+        connection = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(connection.close)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("CREATE TABLE t (v)")
+        self.assertIsNotNone(files.position())
 
 
 class ReadChangesTests(SynchronousTestCase):

@@ -27,16 +27,25 @@ their generation lasts, and the header is read again afterwards to check
 that it did (a restart changes the salts in the index before it writes any
 frame), unless the reader is the thread that writes the database, which
 cannot restart the log meanwhile.
+
+Reading keeps its descriptors open (L{WalFiles}): closing any descriptor of
+a file drops every POSIX lock the process holds on it, whichever descriptor
+took the lock, and SQLite holds such locks on the WAL index for as long as a
+connection has the database open.  A reader that opened and closed the index
+for each read would silently drop the locks of the store's own connection,
+and another process opening the database would then believe itself its only
+user and initialise the WAL index afresh under the live connection.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import threading
 
 from attrs import frozen
 
-__all__ = ["WalPosition", "WalChanges", "walPosition", "readChanges"]
+__all__ = ["WalPosition", "WalChanges", "WalFiles", "walPosition", "readChanges"]
 
 _WAL_VERSION = 3007000
 _WAL_HEADER_SIZE = 32
@@ -167,90 +176,109 @@ def _framePages(shm: int, first: int, last: int) -> list[int] | None:
     return numbers
 
 
-def walPosition(database: str) -> WalPosition | None:
+class WalFiles:
     """
-    Where the write-ahead log of the WAL database at C{database} stands now:
-    every commit made so far is at or before it.
+    The WAL index and the write-ahead log of one database, opened on first
+    use and kept open until L{close}, so that reading them never closes a
+    descriptor that SQLite's own locks may ride on (see the module
+    docstring).  Close them once no connection of this process has the
+    database open: for a store, after it is closed.  Thread-safe.
 
-    @return: the position, or L{None} if the database has no initialised
-        WAL index or an empty log (the next commit may start a generation
-        whose salts cannot be known yet).
+    A file deleted since it was opened is opened again: SQLite deletes both
+    when the last connection closes and when the database leaves WAL mode,
+    and makes new ones (new generations, with new salts) when it is opened
+    or goes back to WAL mode.  Closing a deleted file cannot drop a lock of
+    a live connection: no connection can open it any more.
+
+    @ivar database: the path of the database file.
     """
-    try:
-        shm = os.open(database + "-shm", _READ_FLAGS)
-    except OSError:
-        return None
-    try:
+
+    def __init__(self, database: str) -> None:
+        self.database = database
+        self._lock = threading.Lock()
+        self._descriptors: dict[str, int] = {}
+
+    def _open(self, suffix: str) -> int | None:
+        """
+        The descriptor of the database's file with C{suffix} (C{-shm} or
+        C{-wal}), opened now if it is not yet; L{None} if it does not exist.
+        """
+        fd = self._descriptors.get(suffix)
+        if fd is not None and os.fstat(fd).st_nlink:
+            return fd
+        with self._lock:
+            fd = self._descriptors.get(suffix)
+            if fd is not None and not os.fstat(fd).st_nlink:
+                del self._descriptors[suffix]
+                os.close(fd)
+                fd = None
+            if fd is None:
+                try:
+                    fd = os.open(self.database + suffix, _READ_FLAGS)
+                except OSError:
+                    return None
+                self._descriptors[suffix] = fd
+            return fd
+
+    def position(self) -> WalPosition | None:
+        """
+        Where the database's write-ahead log stands now: every commit made so
+        far is at or before it.
+
+        @return: the position, or L{None} if the database has no initialised
+            WAL index or an empty log (the next commit may start a
+            generation whose salts cannot be known yet).
+        """
+        shm = self._open("-shm")
+        if shm is None:
+            return None
         index = _readIndex(shm)
-    finally:
-        os.close(shm)
-    if index is None or index.frames == 0:
-        return None
-    return WalPosition(index.salts, index.frames)
+        if index is None or index.frames == 0:
+            return None
+        return WalPosition(index.salts, index.frames)
 
+    def changes(
+        self,
+        since: WalPosition,
+        pageSize: int,
+        maxFrames: int | None = None,
+        settled: bool = False,
+    ) -> WalChanges | None:
+        """
+        The pages the database committed after C{since}.  Blocking; safe
+        while the database's own connection writes.
 
-def readChanges(
-    database: str,
-    since: WalPosition,
-    pageSize: int,
-    maxFrames: int | None = None,
-    settled: bool = False,
-) -> WalChanges | None:
-    """
-    The pages the WAL database at C{database} committed after C{since}.
-    Blocking; safe while the database's own connection writes.
-
-    @param pageSize: the database's page size, as last shipped.
-    @param maxFrames: read at most this many frames.
-    @param settled: whether the caller is the thread that writes the
-        database (so nothing can restart its log while it is read, and the
-        index need not be read again to check).
-    @return: the changes (no pages if nothing was committed since), or
-        L{None} if they cannot be read from the log: its generation changed
-        since C{since}, the page size changed, the files do not look
-        exactly as SQLite writes them, or there are more than C{maxFrames}
-        frames to read.
-    """
-    try:
-        shm = os.open(database + "-shm", _READ_FLAGS)
-    except OSError:
-        return None
-    try:
-        return _readChanges(shm, database, since, pageSize, maxFrames, settled)
-    finally:
-        os.close(shm)
-
-
-def _readChanges(
-    shm: int,
-    database: str,
-    since: WalPosition,
-    pageSize: int,
-    maxFrames: int | None,
-    settled: bool,
-) -> WalChanges | None:
-    """
-    L{readChanges}, with the WAL index open as C{shm}.
-    """
-    index = _readIndex(shm)
-    if (
-        index is None
-        or index.salts != since.salts
-        or index.pageSize != pageSize
-        or index.frames < since.frames
-    ):
-        return None
-    if index.frames == since.frames:
-        return WalChanges({}, index.pageCount, since)
-    if maxFrames is not None and index.frames - since.frames > maxFrames:
-        return None
-    frameSize = _FRAME_HEADER_SIZE + pageSize
-    count = index.frames - since.frames
-    try:
-        fd = os.open(database + "-wal", _READ_FLAGS)
-    except OSError:
-        return None
-    try:
+        @param pageSize: the database's page size, as last shipped.
+        @param maxFrames: read at most this many frames.
+        @param settled: whether the caller is the thread that writes the
+            database (so nothing can restart its log while it is read, and
+            the index need not be read again to check).
+        @return: the changes (no pages if nothing was committed since), or
+            L{None} if they cannot be read from the log: its generation
+            changed since C{since}, the page size changed, the files do not
+            look exactly as SQLite writes them, or there are more than
+            C{maxFrames} frames to read.
+        """
+        shm = self._open("-shm")
+        if shm is None:
+            return None
+        index = _readIndex(shm)
+        if (
+            index is None
+            or index.salts != since.salts
+            or index.pageSize != pageSize
+            or index.frames < since.frames
+        ):
+            return None
+        if index.frames == since.frames:
+            return WalChanges({}, index.pageCount, since)
+        if maxFrames is not None and index.frames - since.frames > maxFrames:
+            return None
+        frameSize = _FRAME_HEADER_SIZE + pageSize
+        count = index.frames - since.frames
+        fd = self._open("-wal")
+        if fd is None:
+            return None
         if maxFrames is None and os.fstat(fd).st_size < _WAL_HEADER_SIZE + index.frames * frameSize:
             # A log shorter than its index says is not the one the index
             # describes: refused before reading, so that a damaged index
@@ -262,16 +290,58 @@ def _readChanges(
             pages = _readFrames(fd, since, count, frameSize, index.pageCount)
         else:
             pages = _readNewest(fd, shm, since, index, frameSize)
-    finally:
-        os.close(fd)
-    if pages is None:
-        return None
-    if not settled:
-        after = _readIndex(shm)
-        if after is None or after.salts != since.salts:
-            # Restarted while being read: the frames may have been overwritten.
+        if pages is None:
             return None
-    return WalChanges(pages, index.pageCount, WalPosition(since.salts, index.frames))
+        if not settled:
+            after = _readIndex(shm)
+            if after is None or after.salts != since.salts:
+                # Restarted while being read: the frames may have been
+                # overwritten.
+                return None
+        return WalChanges(pages, index.pageCount, WalPosition(since.salts, index.frames))
+
+    def close(self) -> None:
+        """
+        Close the files.  Only once no connection of this process has the
+        database open (see the class docstring); reading again opens them
+        again.
+        """
+        with self._lock:
+            descriptors, self._descriptors = self._descriptors, {}
+        for fd in descriptors.values():
+            os.close(fd)
+
+
+def walPosition(database: str) -> WalPosition | None:
+    """
+    L{WalFiles.position} of the database at C{database}, opening its files
+    for this one read: only for a database that no connection of this
+    process has open.
+    """
+    files = WalFiles(database)
+    try:
+        return files.position()
+    finally:
+        files.close()
+
+
+def readChanges(
+    database: str,
+    since: WalPosition,
+    pageSize: int,
+    maxFrames: int | None = None,
+    settled: bool = False,
+) -> WalChanges | None:
+    """
+    L{WalFiles.changes} of the database at C{database}, opening its files
+    for this one read: only for a database that no connection of this
+    process has open.
+    """
+    files = WalFiles(database)
+    try:
+        return files.changes(since, pageSize, maxFrames, settled)
+    finally:
+        files.close()
 
 
 def _readFrames(

@@ -55,7 +55,7 @@ from zope.interface import implementer
 
 from fractal.durable._images import ImageReader
 from fractal.durable._threads import RunInThread, reactorThreads
-from fractal.durable._wal import WalChanges, WalPosition, readChanges, walPosition
+from fractal.durable._wal import WalChanges, WalFiles, WalPosition
 from fractal.durable.interfaces import (
     AnotherWriter,
     IDurableBackend,
@@ -455,6 +455,9 @@ class Shipper(Service):
         self._lastLagLog = -1e9
         self._lagging = False
         self._images = ImageReader()
+        # The write-ahead log files of the open stores, by database path,
+        # kept open from a store's open to its close (see L{WalFiles}).
+        self._walFiles: dict[str, WalFiles] = {}
 
     def serveNode(self, node: Any) -> None:
         """
@@ -521,6 +524,9 @@ class Shipper(Service):
 
         def close(_: object) -> None:
             self._images.close()
+            files, self._walFiles = self._walFiles, {}
+            for wal in files.values():
+                wal.close()
 
         return self.flush().addCallback(save).addCallback(report).addCallback(close)
 
@@ -535,6 +541,9 @@ class Shipper(Service):
         state.dbdir = dbdir
         # A new open may start its write-ahead log afresh.
         state.wal = None
+        database = os.path.join(dbdir.path, "db.sqlite")
+        if database not in self._walFiles:
+            self._walFiles[database] = WalFiles(database)
         self._closedClean.pop(key, None)
         reowned = False
         if state.fenced is not None and self._epochForKey(key) > state.fenced.current:
@@ -724,10 +733,18 @@ class Shipper(Service):
         the stamp changed; on the reactor thread, so that nothing else writes
         the state file meanwhile.
         """
+        state = self._states.get(key)
+        files = self._walFiles.pop(os.path.join(store.dbdir.path, "db.sqlite"), None)
+        if files is not None:
+            # No connection of this process has the database open now, so
+            # closing its files drops no lock of SQLite's.
+            if state is not None and state.shipping:
+                state.afterShip.append(files.close)
+            else:
+                files.close()
         if key not in self._closedClean:
             return
         seq, stamp = self._closedClean.pop(key)
-        state = self._states.get(key)
         if state is not None and (state.opens or state.dirty):
             return
         dbdir: FilePath[str] = store.dbdir
@@ -1213,23 +1230,32 @@ class Shipper(Service):
         @raise FileNotFoundError: if the store's database is gone.
         """
         path = os.path.join(state.dbdir.path, "db.sqlite")
-        delta = state.seq > 0 and state.chainLength < self._maxChain
-        if delta and state.wal is not None and state.digests is not None:
-            changes = readChanges(
-                path,
-                state.wal,
-                state.pageSize,
-                maxFrames=_INLINE_FRAMES if inline else None,
-                settled=inline,
-            )
-            if changes is not None:
-                built = self._buildFromLog(state, epoch, changes, takenAt)
-                if built is not False:
-                    return built
-        if inline:
-            return False
+        # The files kept open while the store is open; otherwise (no
+        # connection of this process has it open) opened for this build.
+        files = self._walFiles.get(path)
+        kept = files is not None
+        if files is None:
+            files = WalFiles(path)
+        try:
+            delta = state.seq > 0 and state.chainLength < self._maxChain
+            if delta and state.wal is not None and state.digests is not None:
+                changes = files.changes(
+                    state.wal,
+                    state.pageSize,
+                    maxFrames=_INLINE_FRAMES if inline else None,
+                    settled=inline,
+                )
+                if changes is not None:
+                    built = self._buildFromLog(state, epoch, changes, takenAt)
+                    if built is not False:
+                        return built
+            if inline:
+                return False
+            position = files.position()
+        finally:
+            if not kept:
+                files.close()
         database = FilePath(path)
-        position = walPosition(path)
         image = self._images.read(database, keep=state.opens > 0)
         if image is None:
             raise FileNotFoundError(f"store {state.name} has no database file to ship")
