@@ -29,6 +29,7 @@ from zope.interface.verify import verifyObject
 from fractal.durable._threads import runSynchronously
 from fractal.durable.interfaces import BrokenChain, IShipper, StaleEpoch
 from fractal.durable.record import decodeRecord
+from fractal.durable import shipper as shipperModule
 from fractal.durable.shipper import STATE_FILE, Shipper
 from fractal.keys import storeNameForKey
 from fractal.store import Item, Store, integer, text
@@ -1407,10 +1408,12 @@ class LogDeltaTests(SynchronousTestCase):
         automatic checkpoints, switches out of WAL mode and back (with a new
         page size), transactions rolled back after spilling frames to the
         log, reopenings, ships refused by a backend that is down and
-        compactions right after log deltas, every ship restores to exactly
-        the store's content.
+        compactions right after log deltas, and logs restarted by the
+        shipper (from the second seed on) among all these, every ship
+        restores to exactly the store's content.
         """
         for seed in range(3):
+            self.patch(shipperModule, "_RESTART_FRAMES", 10**9 if seed == 0 else 24)
             h = _Harness(self, maxChain=8, compactBytes=64 * 1024)
             # No kept read connection: it would hold the lock that leaving
             # WAL mode needs.
@@ -1514,3 +1517,84 @@ class LogDeltaTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertTrue(indexInUse(database))
         self.assertEqual(h.restored(key), dump(FilePath(database)))
+
+    def _countImageReads(self, h: _Harness) -> list[object]:
+        """
+        Count the whole-image reads of C{h}'s shipper.
+        """
+        reads: list[object] = []
+        read = h.shipper._images.read
+
+        def counting(database: FilePath[str], keep: bool = True) -> bytes | None:
+            reads.append(database)
+            return read(database, keep)
+
+        self.patch(h.shipper._images, "read", counting)
+        return reads
+
+    def test_logRestartedWhenShipped(self) -> None:
+        """
+        Once a store's log is long and everything in it is shipped, the
+        shipper restarts it (checkpointed and emptied), right after the
+        answers of the ship go out: the records after it are still read
+        from the log, never from the store's whole image, and restore
+        exactly.
+        """
+        self.patch(shipperModule, "_RESTART_FRAMES", 16)
+        h = _Harness(self)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        key = "restarted"
+        database = h.dbdir(key).child("db.sqlite")
+        log = h.dbdir(key).child("db.sqlite-wal")
+        store = h.open(key)
+        write(store, 0, "first")
+        d = h.shipper.whenDurable(key)
+        h.clock.advance(0)
+        self.successResultOf(d)
+        reads = self._countImageReads(h)
+        restarts = 0
+        for number in range(1, 40):
+            write(store, number % 7, f"{number:04d}" * 75)
+            d = h.shipper.whenDurable(key)
+            h.clock.advance(0)
+            self.successResultOf(d)
+            log.restat()
+            if log.getsize() == 0:
+                restarts += 1
+            self.assertEqual(h.restored(key), dump(database), f"write {number}")
+        self.assertGreater(restarts, 3)
+        self.assertEqual(reads, [])
+
+    def test_notRestartedWhenUnshipped(self) -> None:
+        """
+        A store that committed after the record that made its log long, and
+        before the shipper came to restart it, keeps its log: those commits
+        are not shipped yet.  The next ship restarts it.
+        """
+        self.patch(shipperModule, "_RESTART_FRAMES", 1)
+        h = _Harness(self)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        key = "unshipped"
+        database = h.dbdir(key).child("db.sqlite")
+        log = h.dbdir(key).child("db.sqlite-wal")
+        store = h.open(key)
+        write(store, 0, "first")
+        d = h.shipper.whenDurable(key)
+        h.clock.advance(0)
+        self.successResultOf(d)
+        reads = self._countImageReads(h)
+        write(store, 1, "second")
+        # The ship's answer: a commit before the restart is due.
+        h.shipper.whenDurable(key).addCallback(lambda _: write(store, 2, "third"))
+        h.clock.advance(0)
+        log.restat()
+        self.assertGreater(log.getsize(), 0)
+        d = h.shipper.whenDurable(key)
+        h.clock.advance(0)
+        self.successResultOf(d)
+        log.restat()
+        self.assertEqual(log.getsize(), 0)
+        self.assertEqual(h.restored(key), dump(database))
+        self.assertEqual(reads, [])

@@ -401,6 +401,82 @@ class KeptWALFilesTests(SynchronousTestCase):
         )
 
 
+class RestartLogTests(SynchronousTestCase):
+    """
+    L{Store.restartLog} checkpoints and restarts the write-ahead log, or does
+    nothing, at once.
+    """
+
+    def test_restarted(self) -> None:
+        """
+        The log's frames go into the database file and the log is emptied;
+        the content is unchanged, and later commits go on as usual.
+        """
+        s = Store(FilePath(self.mktemp()))
+        self.addCleanup(s.close)
+        for n in range(20):
+            s.transact(lambda: Note(store=s, title="x" * 500, n=n))
+        assert s.dbdir is not None
+        log = s.dbdir.child("db.sqlite-wal")
+        self.assertGreater(log.getsize(), 0)
+        self.assertTrue(s.restartLog())
+        log.restat()
+        self.assertEqual(log.getsize(), 0)
+        self.assertEqual(sorted(note.n for note in s.query(Note)), list(range(20)))
+        s.transact(lambda: Note(store=s, title="after", n=20))
+        other = sqlite3.connect(s.dbdir.child("db.sqlite").path)
+        self.addCleanup(other.close)
+        self.assertEqual(other.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
+        self.assertEqual(s.count(Note), 21)
+
+    def test_notWhileRead(self) -> None:
+        """
+        While another connection reads from the log, nothing is restarted
+        and C{False} is returned at once, whatever the store's lock timeout;
+        the connection's busy timeout is left as it was.
+        """
+        s = Store(FilePath(self.mktemp()), lockTimeout=600.0)
+        self.addCleanup(s.close)
+        s.transact(lambda: Note(store=s, title="x"))
+        assert s.dbdir is not None
+        reader = sqlite3.connect(s.dbdir.child("db.sqlite").path, isolation_level=None)
+        self.addCleanup(reader.close)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        size = s.dbdir.child("db.sqlite-wal").getsize()
+        self.assertFalse(s.restartLog())
+        self.assertEqual(s.dbdir.child("db.sqlite-wal").getsize(), size)
+        self.assertEqual(s.querySQL("PRAGMA busy_timeout"), [(600000,)])
+        reader.execute("ROLLBACK")
+        self.assertTrue(s.restartLog())
+
+    def test_notInTransaction(self) -> None:
+        """
+        Inside a transaction nothing is done.
+        """
+        s = Store(FilePath(self.mktemp()))
+        self.addCleanup(s.close)
+        s.transact(lambda: Note(store=s, title="x"))
+        self.assertFalse(s.transact(s.restartLog))
+
+    def test_notWAL(self) -> None:
+        """
+        A store not in WAL mode has no log to restart.
+        """
+        s = Store(FilePath(self.mktemp()), journalMode="DELETE")
+        self.addCleanup(s.close)
+        s.transact(lambda: Note(store=s, title="x"))
+        self.assertFalse(s.restartLog())
+
+    def test_closed(self) -> None:
+        """
+        A closed store raises L{errors.StoreClosed}.
+        """
+        s = Store(FilePath(self.mktemp()))
+        s.close()
+        self.assertRaises(errors.StoreClosed, s.restartLog)
+
+
 class FileTests(SynchronousTestCase):
     """
     newFilePath, newTemporaryFilePath, newDirectory and newFile.

@@ -220,20 +220,23 @@ class WalFiles:
                 self._descriptors[suffix] = fd
             return fd
 
-    def position(self) -> WalPosition | None:
+    def position(self, empty: bool = False) -> WalPosition | None:
         """
         Where the database's write-ahead log stands now: every commit made so
         far is at or before it.
 
+        @param empty: also answer the start of an empty log: only right
+            after the caller restarted it (as C{wal_checkpoint(TRUNCATE)}
+            does), when the next commit is known to go on in its generation.
         @return: the position, or L{None} if the database has no initialised
-            WAL index or an empty log (the next commit may start a
-            generation whose salts cannot be known yet).
+            WAL index or, unless C{empty}, an empty log (the next commit may
+            start a generation whose salts cannot be known yet).
         """
         shm = self._open("-shm")
         if shm is None:
             return None
         index = _readIndex(shm)
-        if index is None or index.frames == 0:
+        if index is None or (index.frames == 0 and not empty):
             return None
         return WalPosition(index.salts, index.frames)
 

@@ -94,6 +94,12 @@ _GROUP_MAX = 32
 _MAX_CYCLES = 2
 _SENT_KEPT = 8
 _INLINE_FRAMES = 32
+# A store's write-ahead log holding at least this many frames, all shipped,
+# is restarted by the shipper (L{Shipper._restartLog}): three quarters of
+# SQLite's own automatic checkpoint (at a thousand pages), so that a store
+# shipped every 250 pages written or more often never has its log restarted
+# by SQLite, at a position the shipper cannot know.
+_RESTART_FRAMES = 768
 
 
 def readImage(database: FilePath[str]) -> bytes | None:
@@ -174,6 +180,8 @@ class _StoreState:
         # newest record was taken (at or before it), while that record is
         # known to have been built from this open of the store.
         self.wal: WalPosition | None = None
+        # The open store, whose log the shipper restarts (L{Shipper._restartLog}).
+        self.store: Any = None
         self.probing: list[Deferred[None]] | None = None
         # Found unchanged since its last ship by its state file's stamp when
         # opened (L{_closedUnchanged}), and not loaded since.
@@ -458,6 +466,9 @@ class Shipper(Service):
         # The write-ahead log files of the open stores, by database path,
         # kept open from a store's open to its close (see L{WalFiles}).
         self._walFiles: dict[str, WalFiles] = {}
+        # The stores whose logs are due to be restarted, and when.
+        self._restartsDue: dict[str, _StoreState] = {}
+        self._restarting: IDelayedCall | None = None
 
     def serveNode(self, node: Any) -> None:
         """
@@ -505,6 +516,10 @@ class Shipper(Service):
         if self._immediate is not None and self._immediate.active():
             self._immediate.cancel()
         self._immediate = None
+        if self._restarting is not None and self._restarting.active():
+            self._restarting.cancel()
+        self._restarting = None
+        self._restartsDue.clear()
         for state in self._states.values():
             state.retryAt = 0.0
 
@@ -539,6 +554,7 @@ class Shipper(Service):
             state = self._states[key] = _StoreState(key, dbdir)
         state.opens += 1
         state.dbdir = dbdir
+        state.store = store
         # A new open may start its write-ahead log afresh.
         state.wal = None
         database = os.path.join(dbdir.path, "db.sqlite")
@@ -699,6 +715,7 @@ class Shipper(Service):
             if not state.opens:
                 self._images.discard(state.dbdir.child("db.sqlite"))
                 state.wal = None
+                state.store = None
                 if (
                     not state.dirty
                     and state.fenced is None
@@ -1117,11 +1134,53 @@ class Shipper(Service):
         self._adopt(state, info, built.digests, built.pageSize, *chain, groups=built.groups)
         state.wal = built.wal
         self._shipped(state, generation, capturedAt)
+        if built.wal is not None and built.wal.frames >= _RESTART_FRAMES:
+            self._restartsDue[state.key] = state
+            if self._restarting is None:
+                # After the answers this record releases have gone out.
+                self._restarting = self._clock.callLater(0, self._restartLogs)
         if info.isSnapshot and info.seq > 1:
             self.backend.prune(state.name, info.seq).addErrback(
                 lambda f: self.log.failure("Cannot prune store {store}", f, store=state.name)
             )
         state.takenAt = built.takenAt
+
+    def _restartLogs(self) -> None:
+        self._restarting = None
+        due, self._restartsDue = self._restartsDue, {}
+        for state in due.values():
+            self._restartLog(state)
+
+    def _restartLog(self, state: _StoreState) -> None:
+        """
+        Restart the write-ahead log of C{state}'s store if everything in it
+        is shipped: if the log still ends where the newest record was read
+        up to.  The log then starts at a position this shipper knows, so
+        that the next record is still read from the log.  Otherwise SQLite
+        restarts it itself, after a checkpoint that a commit runs once the
+        log passes a thousand pages, at a position nobody can know, and the
+        next record must be worked out from the store's whole image.
+
+        On the reactor thread, the one that writes the store, so that
+        nothing can commit between looking at the log and restarting it.
+        Never waits for another connection (L{Store.restartLog}).
+        """
+        store, position = state.store, state.wal
+        if store is None or position is None or state.shipping or state.fenced is not None:
+            return
+        files = self._walFiles.get(os.path.join(state.dbdir.path, "db.sqlite"))
+        if files is None or files.position() != position:
+            # Committed since: those frames are not shipped yet.
+            return
+        try:
+            restarted = store.restartLog()
+        except Exception:
+            self.log.failure("Cannot restart the write-ahead log of {store}", store=state.name)
+            state.wal = None
+            return
+        if restarted:
+            after = files.position(empty=True)
+            state.wal = after if after is not None and after.frames == 0 else None
 
     def _buildAll(
         self, jobs: list[tuple[_StoreState, int, float]]

@@ -641,6 +641,37 @@ class Store(Empowered):
         """
         return self._txn
 
+    def restartLog(self) -> bool:
+        """
+        Copy the write-ahead log into the database file and start the log
+        afresh (empty, with the salts of its next generation), on this
+        store's connection, if that can be done at once: SQLite's
+        C{wal_checkpoint(TRUNCATE)}, without waiting for other connections.
+        Nothing is done inside a transaction (or a commit hook), while
+        another connection reads from the log or writes, or when the
+        database is not in WAL mode.
+
+        SQLite checkpoints on its own once the log passes a thousand pages,
+        and restarts it at the next write, with salts nobody can know
+        beforehand.  A reader of the log (L{fractal.durable}'s shipper)
+        restarts it itself once it has read everything in it, so that it
+        knows where the next commit will be.
+
+        @return: whether the log was restarted.
+        @raise StoreClosed: if the store is closed.
+        """
+        self._checkOpen()
+        if self._txn or self._rejecting:
+            return False
+        cursor = self._cursor
+        [(timeout,)] = cursor.execute("PRAGMA busy_timeout").fetchall()
+        cursor.execute("PRAGMA busy_timeout=0")
+        try:
+            [(busy, frames, _)] = cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            cursor.execute("PRAGMA busy_timeout=%d" % (int(timeout),))
+        return bool(busy == 0 and frames >= 0)
+
     # ------------------------------------------------------------------
     # Schema
 
