@@ -26,10 +26,10 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from fractal.durable import shipper as shipperModule
 from fractal.durable._threads import runSynchronously
 from fractal.durable.interfaces import BrokenChain, IShipper, StaleEpoch
 from fractal.durable.record import decodeRecord
-from fractal.durable import shipper as shipperModule
 from fractal.durable.shipper import STATE_FILE, Shipper
 from fractal.keys import storeNameForKey
 from fractal.store import Item, Store, integer, text
