@@ -30,7 +30,7 @@ from fractal.durable import shipper as shipperModule
 from fractal.durable._threads import runSynchronously
 from fractal.durable.interfaces import BrokenChain, IShipper, StaleEpoch
 from fractal.durable.record import decodeRecord
-from fractal.durable.shipper import STATE_FILE, Shipper
+from fractal.durable.shipper import STATE_FILE, Shipper, _PatchedDigests
 from fractal.keys import storeNameForKey
 from fractal.store import Item, Store, integer, text
 from fractal.testing import MemoryDurableBackend
@@ -1598,3 +1598,43 @@ class LogDeltaTests(SynchronousTestCase):
         self.assertEqual(log.getsize(), 0)
         self.assertEqual(h.restored(key), dump(database))
         self.assertEqual(reads, [])
+
+
+class PatchedDigestsTests(SynchronousTestCase):
+    """
+    L{_PatchedDigests} reads as the list it describes, and brings its base
+    up to date in place.
+    """
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(st.binary(min_size=1, max_size=2), max_size=300),
+        st.data(),
+    )
+    def test_view(self, base: list[bytes], data: st.DataObject) -> None:
+        """
+        Whatever the page count (shrunk or grown) and whichever pages
+        changed (every grown page among them), indexing, slicing and
+        iterating the view give the patched list, and L{applyTo} makes the
+        base that list.
+        """
+        count = data.draw(st.integers(0, 300), label="count")
+        changed = data.draw(
+            st.dictionaries(st.integers(0, max(0, count - 1)), st.binary(min_size=3, max_size=3)),
+            label="changed",
+        ) if count else {}
+        changed.update({i: b"new" for i in range(len(base), count) if i not in changed})
+        expected = (base + [b""] * count)[:count]
+        for i, digest in changed.items():
+            expected[i] = digest
+        view = _PatchedDigests(base, changed, count)
+        self.assertEqual(len(view), count)
+        self.assertEqual(list(view), expected)
+        self.assertEqual([view[i] for i in range(count)], expected)
+        self.assertEqual([view[-i] for i in range(1, count + 1)], expected[::-1])
+        self.assertRaises(IndexError, lambda: view[count])
+        for start, stop in [(0, count), (0, 128), (128, 256), (count // 2, count + 5), (5, 2)]:
+            self.assertEqual(view[start:stop], expected[start:stop])
+        self.assertEqual(view[::3], expected[::3])
+        view.applyTo(base)
+        self.assertEqual(base, expected)

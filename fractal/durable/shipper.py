@@ -33,7 +33,7 @@ import json
 import os
 import sqlite3
 import time
-from typing import Any, Callable, Iterator, Literal, overload
+from typing import Any, Callable, Iterator, Literal, Sequence, overload
 from urllib.parse import quote
 
 from attrs import frozen
@@ -133,11 +133,70 @@ class _Built:
 
     info: RecordInfo
     data: bytes
-    digests: tuple[bytes, ...]
+    digests: Sequence[bytes]
     groups: tuple[bytes, ...]
     pageSize: int
     takenAt: float
     wal: WalPosition | None
+
+
+class _PatchedDigests(Sequence[bytes]):
+    """
+    The page digests of a store's image after a delta: a view of those
+    before it (the shipper's list for the store, C{base}) with the digests
+    the delta changed written over them, so that building a delta costs
+    what it changed rather than what the store holds.  L{regroup} reads it
+    a group at a time, and once the delta is stored the shipper's list is
+    brought up to date in place (L{applyTo}).
+
+    @ivar base: the digests before the delta.
+    @ivar changed: the new digest of each page the delta changed, by
+        0-based page index; every page past the end of C{base} is one.
+    """
+
+    def __init__(self, base: list[bytes], changed: dict[int, bytes], count: int) -> None:
+        self.base = base
+        self.changed = changed
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._count)
+            if step != 1:
+                return [self[i] for i in range(start, stop, step)]
+            chunk = self.base[start : max(start, min(stop, len(self.base)))]
+            chunk.extend([b""] * (stop - start - len(chunk)))
+            for i, digest in self.changed.items():
+                if start <= i < stop:
+                    chunk[i - start] = digest
+            return chunk
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        found = self.changed.get(index)
+        return self.base[index] if found is None else found
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self[:])
+
+    def applyTo(self, digests: list[bytes]) -> None:
+        """
+        Bring C{digests}, the digests this view was made from, up to date.
+        """
+        del digests[self._count :]
+        digests.extend([b""] * (self._count - len(digests)))
+        for i, digest in self.changed.items():
+            digests[i] = digest
 
 
 class _StoreState:
@@ -156,7 +215,9 @@ class _StoreState:
         self.shippedGeneration = 0
         self.dirtySince: float | None = None
         self.loaded = False
-        self.digests: tuple[bytes, ...] | None = None
+        # The page digests of the image of the newest record: changed in
+        # place when a delta of the store is stored (L{_PatchedDigests}).
+        self.digests: list[bytes] | None = None
         # The group digests of C{digests} (L{groupDigests}), when known.
         self.groups: tuple[bytes, ...] | None = None
         self.pageSize = 0
@@ -630,8 +691,8 @@ class Shipper(Service):
 
         async def look() -> None:
             await self._load(state)
-            digests, pageSize = state.digests, state.pageSize
-            saved = {"seq": state.seq, "digests": digests, "pageSize": pageSize}
+            digests = None if state.digests is None else tuple(state.digests)
+            saved = {"seq": state.seq, "digests": digests, "pageSize": state.pageSize}
             keep = state.opens > 0
             unchanged = digests is not None and await self._run(
                 lambda: _unchangedSince(saved, lambda: self._images.read(database, keep=keep))
@@ -1342,34 +1403,33 @@ class Shipper(Service):
             record must be built from the whole image: a snapshot is due, or
             the changes do not cover every page the store grew by.
         """
-        assert state.digests is not None
-        pageSize = state.pageSize
-        digests = list(state.digests[: changes.pageCount])
-        grown = changes.pageCount - len(digests)
-        if grown > 0:
-            if any(
-                number not in changes.pages
-                for number in range(len(digests) + 1, changes.pageCount + 1)
-            ):
-                return False
-            digests.extend([b""] * grown)
+        base = state.digests
+        assert base is not None
+        count = changes.pageCount
+        if count > len(base) and any(
+            number not in changes.pages for number in range(len(base) + 1, count + 1)
+        ):
+            return False
         pages: list[tuple[int, bytes]] = []
+        changed: dict[int, bytes] = {}
+        known = len(base)
         for number in sorted(changes.pages):
             page = changes.pages[number]
             digest = hashlib.blake2b(page, digest_size=16).digest()
-            if digest != digests[number - 1]:
-                digests[number - 1] = digest
+            if number > known or digest != base[number - 1]:
+                changed[number - 1] = digest
                 pages.append((number, page))
-        if not pages and len(digests) == len(state.digests):
+        if not pages and count == known:
             return None
+        digests = _PatchedDigests(base, changed, count)
         groups = regroup(
-            state.groups if state.groups is not None else groupDigests(state.digests),
+            state.groups if state.groups is not None else groupDigests(base),
             digests,
             [number for number, _ in pages],
-            len(state.digests),
+            known,
         )
         built = self._encode(
-            state, epoch, pageSize, pages, digests, False, takenAt, changes.end, groups
+            state, epoch, state.pageSize, pages, digests, False, takenAt, changes.end, groups
         )
         if self._compactionDue(state, built):
             return False
@@ -1401,7 +1461,8 @@ class Shipper(Service):
                 state.snapshotBytes,
                 state.takenAt,
             )
-            jobs.append((state, state.dbdir, record, state.digests, state.seq))
+            # A copy: the list changes in place as deltas are stored.
+            jobs.append((state, state.dbdir, record, tuple(state.digests), state.seq))
         if not jobs:
             return succeed(None)
 
@@ -1437,7 +1498,7 @@ class Shipper(Service):
         epoch: int,
         pageSize: int,
         pages: list[tuple[int, bytes]],
-        digests: list[bytes],
+        digests: Sequence[bytes],
         snapshot: bool,
         takenAt: float,
         wal: WalPosition | None,
@@ -1477,7 +1538,7 @@ class Shipper(Service):
         return _Built(
             info=info,
             data=data,
-            digests=tuple(digests),
+            digests=digests,
             groups=tuple(groups),
             pageSize=pageSize,
             takenAt=takenAt,
@@ -1516,7 +1577,7 @@ class Shipper(Service):
         self,
         state: _StoreState,
         head: RecordInfo,
-        digests: tuple[bytes, ...],
+        digests: Sequence[bytes],
         pageSize: int,
         chainLength: int,
         chainBytes: int,
@@ -1531,7 +1592,10 @@ class Shipper(Service):
         state.loaded = True
         state.seq = head.seq
         state.headDigest = head.digest
-        state.digests = tuple(digests)
+        if isinstance(digests, _PatchedDigests) and digests.base is state.digests:
+            digests.applyTo(digests.base)
+        else:
+            state.digests = list(digests)
         state.groups = groups
         state.pageSize = pageSize
         state.wal = None
