@@ -450,6 +450,20 @@ class RestartLogTests(SynchronousTestCase):
         reader.execute("ROLLBACK")
         self.assertTrue(s.restartLog())
 
+    def test_notWhileReading(self) -> None:
+        """
+        While a statement of the store's own connection is still being read,
+        nothing is restarted; once it is done, the log is.
+        """
+        s = Store(FilePath(self.mktemp()))
+        self.addCleanup(s.close)
+        s.transact(lambda: [Note(store=s, title="x", n=n) for n in range(500)])
+        cursor = s._conn.execute("SELECT * FROM sqlite_master, axiom_objects")
+        cursor.fetchone()
+        self.assertFalse(s.restartLog())
+        cursor.fetchall()
+        self.assertTrue(s.restartLog())
+
     def test_notInTransaction(self) -> None:
         """
         Inside a transaction nothing is done.

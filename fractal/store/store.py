@@ -647,9 +647,10 @@ class Store(Empowered):
         afresh (empty, with the salts of its next generation), on this
         store's connection, if that can be done at once: SQLite's
         C{wal_checkpoint(TRUNCATE)}, without waiting for other connections.
-        Nothing is done inside a transaction (or a commit hook), while
-        another connection reads from the log or writes, or when the
-        database is not in WAL mode.
+        Nothing is done inside a transaction (or a commit hook), while a
+        statement of this connection is still being read or another
+        connection reads from the log or writes, or when the database is
+        not in WAL mode.
 
         SQLite checkpoints on its own once the log passes a thousand pages,
         and restarts it at the next write, with salts nobody can know
@@ -668,6 +669,11 @@ class Store(Empowered):
         cursor.execute("PRAGMA busy_timeout=0")
         try:
             [(busy, frames, _)] = cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.OperationalError as e:
+            if not _isLockError(e):
+                raise
+            # A statement of this connection not read to its end.
+            return False
         finally:
             cursor.execute("PRAGMA busy_timeout=%d" % (int(timeout),))
         return bool(busy == 0 and frames >= 0)
