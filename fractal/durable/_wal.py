@@ -182,7 +182,8 @@ class WalFiles:
     use and kept open until L{close}, so that reading them never closes a
     descriptor that SQLite's own locks may ride on (see the module
     docstring).  Close them once no connection of this process has the
-    database open: for a store, after it is closed.  Thread-safe.
+    database open: for a store, after it is closed.  Reads may run in
+    several threads at once.
 
     A file deleted since it was opened is opened again: SQLite deletes both
     when the last connection closes and when the database leaves WAL mode,
@@ -203,9 +204,6 @@ class WalFiles:
         The descriptor of the database's file with C{suffix} (C{-shm} or
         C{-wal}), opened now if it is not yet; L{None} if it does not exist.
         """
-        fd = self._descriptors.get(suffix)
-        if fd is not None and os.fstat(fd).st_nlink:
-            return fd
         with self._lock:
             fd = self._descriptors.get(suffix)
             if fd is not None and not os.fstat(fd).st_nlink:
@@ -305,9 +303,9 @@ class WalFiles:
 
     def close(self) -> None:
         """
-        Close the files.  Only once no connection of this process has the
-        database open (see the class docstring); reading again opens them
-        again.
+        Close the files: only once no connection of this process has the
+        database open (see the class docstring) and no read of them is
+        under way.  Reading again opens them again.
         """
         with self._lock:
             descriptors, self._descriptors = self._descriptors, {}
