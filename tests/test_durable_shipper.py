@@ -1600,6 +1600,42 @@ class LogDeltaTests(SynchronousTestCase):
         self.assertEqual(reads, [])
 
 
+    def test_fewRestartsATurn(self) -> None:
+        """
+        Stores whose logs come due together are restarted a few in each
+        reactor turn, not all in one.
+        """
+        self.patch(shipperModule, "_RESTART_FRAMES", 1)
+        h = _Harness(self)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        turns: list[int] = []
+        restartLogs = h.shipper._restartLogs
+        restartLog = h.shipper._restartLog
+
+        def countingTurn() -> None:
+            turns.append(0)
+            restartLogs()
+
+        def countingRestart(state: Any) -> None:
+            turns[-1] += 1
+            restartLog(state)
+
+        self.patch(h.shipper, "_restartLogs", countingTurn)
+        self.patch(h.shipper, "_restartLog", countingRestart)
+        keys = [f"alike{n}" for n in range(10)]
+        stores = [h.open(key) for key in keys]
+        for store in stores:
+            write(store, 0, "x")
+        waits = [h.shipper.whenDurable(key) for key in keys]
+        h.clock.advance(0)
+        for d in waits:
+            self.successResultOf(d)
+        self.assertEqual(turns, [4, 4, 2])
+        for key in keys:
+            log = h.dbdir(key).child("db.sqlite-wal")
+            self.assertEqual(log.getsize(), 0)
+
 class PatchedDigestsTests(SynchronousTestCase):
     """
     L{_PatchedDigests} reads as the list it describes, and brings its base

@@ -100,6 +100,11 @@ _INLINE_FRAMES = 32
 # shipped every 250 pages written or more often never has its log restarted
 # by SQLite, at a position the shipper cannot know.
 _RESTART_FRAMES = 768
+# At most this many logs are restarted in one reactor turn (each restart
+# writes and syncs its store's database, a millisecond or two), so that
+# stores written alike, which come due together, do not hold up every call
+# of the node at once.
+_RESTARTS_PER_TURN = 4
 
 
 def readImage(database: FilePath[str]) -> bytes | None:
@@ -1208,9 +1213,10 @@ class Shipper(Service):
 
     def _restartLogs(self) -> None:
         self._restarting = None
-        due, self._restartsDue = self._restartsDue, {}
-        for state in due.values():
-            self._restartLog(state)
+        for key in list(self._restartsDue)[:_RESTARTS_PER_TURN]:
+            self._restartLog(self._restartsDue.pop(key))
+        if self._restartsDue:
+            self._restarting = self._clock.callLater(0, self._restartLogs)
 
     def _restartLog(self, state: _StoreState) -> None:
         """
