@@ -45,7 +45,9 @@ class FilesystemBackendConformanceTests(DurableBackendTestsMixin, TestCase):
     """
 
     def makeBackend(self) -> IDurableBackend:
-        return FilesystemBackend(FilePath(self.mktemp()), runSynchronously)
+        backend = FilesystemBackend(FilePath(self.mktemp()), runSynchronously)
+        self.addCleanup(backend.close)
+        return backend
 
 
 def _segments(root: FilePath[str]) -> list[FilePath[str]]:
@@ -639,6 +641,7 @@ class FilesystemGroupCommitTests(SynchronousTestCase):
         """
         threads = _ManualThreads()
         backend = FilesystemBackend(FilePath(self.mktemp()), threads, maxBatches=1)
+        self.addCleanup(backend.close)
         names = [storeNameForKey(f"user{i}") for i in range(4)]
         first = backend.append(recordInfo(names[0], 1, 1, 0, b"a"), b"a")
         self.assertEqual(len(threads.queue), 1)
@@ -670,6 +673,7 @@ class FilesystemGroupCommitTests(SynchronousTestCase):
         threads = _ManualThreads()
         clock = Clock()
         backend = FilesystemBackend(FilePath(self.mktemp()), threads, clock=clock)
+        self.addCleanup(backend.close)
         names = [storeNameForKey(f"user{i}") for i in range(3)]
         appends = [backend.append(recordInfo(name, 1, 1, 0, b"a"), b"a") for name in names]
         self.assertEqual(threads.queue, [])

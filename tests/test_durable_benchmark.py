@@ -37,6 +37,7 @@ class BytesPerUpdateTests(SynchronousTestCase):
         16 KiB, a small fraction of a full copy, counting every byte shipped.
         """
         setup = bench._Setup(FilePath(self.mktemp()).path)
+        self.addCleanup(setup.backend.close)
         self.addCleanup(setup.shipper.stopService)
         result = bench.bytesPerUpdate(setup, 1, 5)
         self.assertGreaterEqual(result["fileSize"], 1024 * 1024)

@@ -249,6 +249,7 @@ class DiskLossTests(TestCase):
         reactor = _reactor()
         durable = FilePath(self.mktemp())
         backend = FilesystemBackend(durable, runInThread=runSynchronously)
+        self.addCleanup(backend.close)
         first = await _mailboxNode(
             self, "--ship-interval", str(SHIP_INTERVAL), "--durable", durable.path
         )
@@ -372,6 +373,7 @@ class FencingTests(TestCase):
         reactor = _reactor()
         durable = FilePath(self.mktemp())
         backend = FilesystemBackend(durable, runInThread=runSynchronously)
+        self.addCleanup(backend.close)
         node = await _mailboxNode(
             self, "--ship-interval", str(SHIP_INTERVAL), "--durable", durable.path
         )

@@ -111,7 +111,13 @@ class _Harness:
     def open(self, key: str) -> Any:
         store = openStore(self.dbdir(key))
         self.shipper.storeOpened(key, store)
-        self.case.addCleanup(store.close)
+
+        def close() -> None:
+            # As the pool does; twice is harmless.
+            store.close()
+            self.shipper.storeClosed(key, store)
+
+        self.case.addCleanup(close)
         return store
 
     def records(self, key: str) -> list[Any]:

@@ -90,6 +90,7 @@ class ToolTests(SynchronousTestCase):
         self.patch(sys, "stderr", self.stderr)
         self.data = FilePath(self.mktemp())
         self.backend = FilesystemBackend(self.data.child("durable"), runSynchronously)
+        self.addCleanup(self.backend.close)
 
     def test_restore(self) -> None:
         """
@@ -169,6 +170,7 @@ class VerifySegmentsTests(SynchronousTestCase):
         self.patch(sys, "stderr", io.StringIO())
         self.root = FilePath(self.mktemp())
         backend = FilesystemBackend(self.root, runSynchronously)
+        self.addCleanup(backend.close)
         self.store = storeNameForKey("alice")
         # Three batches in one segment: a snapshot, then two deltas.
         shipChain(backend, "alice", 2)

@@ -241,9 +241,10 @@ class EpochRefusedTests(SynchronousTestCase):
         stores = {}
         for key in ("alice", "bob"):
             name = storeNameForKey(key)
-            stores[key] = openStore(FilePath(self.mktemp()).child(name[:2]).child(name))
-            self.addCleanup(stores[key].close)
-            shipper.storeOpened(key, stores[key])
+            store = stores[key] = openStore(FilePath(self.mktemp()).child(name[:2]).child(name))
+            shipper.storeOpened(key, store)
+            self.addCleanup(shipper.storeClosed, key, store)
+            self.addCleanup(store.close)
         owned["alice"] = False
         write(stores["alice"], 1, "not mine")
         write(stores["bob"], 1, "mine")

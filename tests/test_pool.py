@@ -619,7 +619,17 @@ class ShippedFirstTests(_QueuedThreads, SynchronousTestCase):
         self.pool = StorePool(
             self.clock, self.dataDir, prepare=_prepare, maxOpenStores=2, shipper=self.shipper
         )
-        self.addCleanup(lambda: self.runQueued() or self.pool.close())
+        self.addCleanup(self.closePool)
+
+    def closePool(self) -> None:
+        """
+        Close the pool, running the ships its closes queue, so that no store
+        (and none of the files the shipper keeps open) outlives the test.
+        """
+        self.runQueued()
+        closing = self.pool.close()
+        self.runQueued()
+        self.successResultOf(closing)
 
     def openShipped(self, *keys: str) -> dict[str, StoreLease]:
         """

@@ -293,10 +293,12 @@ class IShipper(Interface):
     def storeOpened(key: str, store: object) -> None:
         """
         The pool has opened C{key}'s store: watch its commits from now on.
+        A shipper may keep the store's write-ahead log files open from now
+        until L{storeClosed}.
 
         @param key: a valid user key.
         @param store: the open L{fractal.store.Store}; it provides
-            C{addCommitObserver} and C{dbdir}.
+            C{addCommitObserver}, C{dbdir} and C{restartLog}.
         """
 
     def storeClosing(key: str, store: object) -> Deferred[None]:
@@ -311,7 +313,8 @@ class IShipper(Interface):
     def storeClosed(key: str, store: object) -> None:
         """
         The pool has closed C{key}'s store, after L{storeClosing} fired: its
-        files are as the close left them until it is opened again.
+        files are as the close left them until it is opened again, and the
+        shipper lets go of the files it kept open.
         """
 
     def unshipped(key: str) -> bool:
