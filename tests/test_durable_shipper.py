@@ -942,6 +942,58 @@ class BatchedCycleTests(SynchronousTestCase):
             d.callback(f())
         self.successResultOf(stopped)
 
+    def test_threadedBuildsDoNotHoldUpInline(self) -> None:
+        """
+        In a cycle where one store's record is built in a worker thread (a
+        change too big to read on the reactor thread) and another's on the
+        reactor thread, the second is stored and answered at once, without
+        waiting for the first's build; the first follows in a batch of its
+        own.
+        """
+        pending: list[tuple[Any, Any]] = []
+
+        def later(f: Any) -> Any:
+            d: Any = Deferred()
+            pending.append((f, d))
+            return d
+
+        def runAll() -> None:
+            while pending:
+                f, d = pending.pop(0)
+                d.callback(f())
+
+        h = _Harness(self, runInThread=later)
+        h.shipper.startService()
+        self.addCleanup(lambda: runAll() or h.shipper.stopService())
+        small, big = h.open("small"), h.open("big")
+        for key, store in [("small", small), ("big", big)]:
+            write(store, 0, "first")
+            d = h.shipper.whenDurable(key)
+            h.clock.advance(0)
+            runAll()
+            self.successResultOf(d)
+        batches: list[list[str]] = []
+        appendMany = h.backend.appendMany
+
+        def countingAppendMany(records: Any) -> Any:
+            batches.append([info.store for info, _ in records])
+            return appendMany(records)
+
+        self.patch(h.backend, "appendMany", countingAppendMany)
+        write(small, 1, "a small change")
+        for number in range(40):
+            write(big, number, "b" * 2000)
+        waits = [h.shipper.whenDurable("small"), h.shipper.whenDurable("big")]
+        h.clock.advance(0)
+        self.successResultOf(waits[0])
+        self.assertNoResult(waits[1])
+        self.assertEqual(batches, [[storeNameForKey("small")]])
+        runAll()
+        self.successResultOf(waits[1])
+        self.assertEqual(batches[1:], [[storeNameForKey("big")]])
+        for key, store in [("small", small), ("big", big)]:
+            self.assertEqual(h.restored(key), dump(h.dbdir(key).child("db.sqlite")))
+
     def test_intervalShipsEachDirtyStoreOnce(self) -> None:
         """
         The stores dirty at an interval that do not fit in one cycle are

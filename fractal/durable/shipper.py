@@ -1027,10 +1027,12 @@ class Shipper(Service):
 
     def _cycle(self, states: list[_StoreState]) -> Deferred[None]:
         """
-        Ship C{states} once, as one batch: their images read and diffed in as
-        few worker-thread hand-offs as the build threads allow, their records
-        stored with one L{IDurableBackend.appendMany}, and the state files
-        due written in one more hand-off.  Never fails: errors are logged
+        Ship C{states} once, as one batch: their records built on the reactor
+        thread where they can be (L{_buildAll}) and stored at once with one
+        L{IDurableBackend.appendMany}, the others built in as few
+        worker-thread hand-offs as the build threads allow and stored with
+        one more when they are all built, and the state files due written
+        in one more hand-off.  Never fails: errors are logged
         and counted per store, and a store that failed stays dirty.
 
         The callers leave out stores being shipped, fenced or probed.
@@ -1076,44 +1078,40 @@ class Shipper(Service):
                 jobs.append((state, state.generation, epoch))
             if not jobs:
                 return
-            builds = await self._buildAll([(state, epoch, capturedAt) for state, _, epoch in jobs])
-            toStore: list[tuple[_StoreState, int, _Built]] = []
-            for (state, generation, _), (ok, result) in zip(jobs, builds):
-                if not ok:
-                    self._failed(state, result)
-                elif result is None:
-                    self._shipped(state, generation, capturedAt)
-                else:
-                    state.pendingBytes = len(result.data)
-                    toStore.append((state, generation, result))
-            if not toStore:
-                return
-            for state, _, built in toStore:
-                state.sent = (state.sent + [built.info.digest])[-_SENT_KEPT:]
-            try:
-                outcomes = await self.backend.appendMany(
-                    [(built.info, built.data) for _, _, built in toStore]
+            inline, later = self._buildAll(
+                [(state, epoch, capturedAt) for state, _, epoch in jobs]
+            )
+            saving: list[_StoreState] = []
+            # The records built here are stored at once; those built in
+            # worker threads (snapshots, whole images) when they are done,
+            # so that a big store's snapshot does not hold up the answers
+            # of the small stores shipped with it.
+            stores = [
+                Deferred.fromCoroutine(
+                    self._storeBuilt(
+                        [
+                            ((state, generation), outcome)
+                            for (state, generation, _), outcome in zip(jobs, inline)
+                            if outcome is not None
+                        ],
+                        capturedAt,
+                        saving,
+                    )
                 )
-            except Exception:
-                failure = Failure()  # type: ignore[no-untyped-call]
-                for state, _, _ in toStore:
-                    self._failed(state, failure)
-                return
-            saving = []
-            conflicts = []
-            now = self._clock.seconds()
-            for (state, generation, built), outcome in zip(toStore, outcomes):
-                if isinstance(outcome, SequenceConflict):
-                    conflicts.append((state, built.info, outcome))
-                    continue
-                if outcome is not None:
-                    self._failed(state, Failure(outcome))  # type: ignore[no-untyped-call]
-                    continue
-                self._stored(state, generation, built, capturedAt)
-                if not state.opens or now - state.savedAt >= self._saveInterval:
-                    saving.append(state)
-            for state, info, conflict in conflicts:
-                await self._conflicted(state, info, conflict)
+            ]
+            rest = [
+                (state, generation)
+                for (state, generation, _), outcome in zip(jobs, inline)
+                if outcome is None
+            ]
+            if rest:
+
+                async def storeRest() -> None:
+                    outcomes = await later
+                    await self._storeBuilt(list(zip(rest, outcomes)), capturedAt, saving)
+
+                stores.append(Deferred.fromCoroutine(storeRest()))
+            await gatherResults(stores, consumeErrors=True)
             if saving:
                 await self._saveStates(saving)
 
@@ -1143,6 +1141,59 @@ class Shipper(Service):
                                        count=len(states))
         ).addBoth(finish)
         return done
+
+    async def _storeBuilt(
+        self,
+        builds: list[tuple[tuple[_StoreState, int], tuple[bool, Any]]],
+        capturedAt: float,
+        saving: list[_StoreState],
+    ) -> None:
+        """
+        Store the records just built, one per store, with one
+        L{IDurableBackend.appendMany}, and take what the backend says of
+        each: stored, refused for its sequence (L{_conflicted}) or failed.
+        Never fails.
+
+        @param builds: ((store, its generation when the cycle began), the
+            build's outcome) per store.
+        @param saving: the stores whose state files are due are added.
+        """
+        toStore: list[tuple[_StoreState, int, _Built]] = []
+        for (state, generation), (ok, result) in builds:
+            if not ok:
+                self._failed(state, result)
+            elif result is None:
+                self._shipped(state, generation, capturedAt)
+            else:
+                state.pendingBytes = len(result.data)
+                toStore.append((state, generation, result))
+        if not toStore:
+            return
+        for state, _, built in toStore:
+            state.sent = (state.sent + [built.info.digest])[-_SENT_KEPT:]
+        try:
+            outcomes = await self.backend.appendMany(
+                [(built.info, built.data) for _, _, built in toStore]
+            )
+        except Exception:
+            failure = Failure()  # type: ignore[no-untyped-call]
+            for state, _, _ in toStore:
+                self._failed(state, failure)
+            return
+        conflicts = []
+        now = self._clock.seconds()
+        for (state, generation, built), outcome in zip(toStore, outcomes):
+            if isinstance(outcome, SequenceConflict):
+                conflicts.append((state, built.info, outcome))
+                continue
+            if outcome is not None:
+                self._failed(state, Failure(outcome))  # type: ignore[no-untyped-call]
+                continue
+            self._stored(state, generation, built, capturedAt)
+            if not state.opens or now - state.savedAt >= self._saveInterval:
+                saving.append(state)
+        for state, info, conflict in conflicts:
+            await self._conflicted(state, info, conflict)
 
     async def _conflicted(
         self, state: _StoreState, info: RecordInfo, conflict: SequenceConflict
@@ -1251,7 +1302,7 @@ class Shipper(Service):
 
     def _buildAll(
         self, jobs: list[tuple[_StoreState, int, float]]
-    ) -> Deferred[list[tuple[bool, Any]]]:
+    ) -> tuple[list[tuple[bool, Any] | None], Deferred[list[tuple[bool, Any]]]]:
         """
         Build the next record of each of C{jobs}' stores: here, on the
         reactor thread, when it is a small delta read from the store's
@@ -1262,8 +1313,10 @@ class Shipper(Service):
         C{buildConcurrency} hand-offs at once.
 
         @param jobs: (store, epoch, when its image is taken) per store.
-        @return: fires with (C{True}, the record or L{None}) or (C{False}, a
-            L{Failure}) per job, in order.
+        @return: the outcomes built here, (C{True}, the record or L{None})
+            or (C{False}, a L{Failure}) per job in order, with L{None} for
+            the jobs handed to worker threads; and a L{Deferred} firing with
+            those jobs' outcomes, in order.
         """
         outcomes: list[tuple[bool, Any] | None] = []
         threaded: list[tuple[_StoreState, int, float]] = []
@@ -1285,12 +1338,10 @@ class Shipper(Service):
             self._buildQueue.append((threaded[start : start + size], d))
             groups.append(d)
         self._nextBuilds()
-
-        def merge(results: list[list[tuple[bool, Any]]]) -> list[tuple[bool, Any]]:
-            built = iter([outcome for group in results for outcome in group])
-            return [next(built) if outcome is None else outcome for outcome in outcomes]
-
-        return gatherResults(groups).addCallback(merge)
+        later = gatherResults(groups).addCallback(
+            lambda results: [outcome for group in results for outcome in group]
+        )
+        return outcomes, later
 
     def _nextBuilds(self) -> None:
         while self._buildQueue and self._buildsRunning < self._buildConcurrency:
