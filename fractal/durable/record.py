@@ -188,6 +188,13 @@ def pageDigests(image: bytes, pageSize: int) -> list[bytes]:
     ]
 
 
+def _groupDigest(digests: Iterable[bytes]) -> bytes:
+    """
+    The digest of one group of page digests.
+    """
+    return hashlib.blake2b(b"".join(digests), digest_size=16).digest()
+
+
 def groupDigests(digests: Sequence[bytes]) -> list[bytes]:
     """
     The digest of each group of L{GROUP_PAGES} consecutive page digests (the
@@ -195,9 +202,9 @@ def groupDigests(digests: Sequence[bytes]) -> list[bytes]:
     hashes.
     """
     if len(digests) <= GROUP_PAGES:
-        return [hashlib.blake2b(b"".join(digests), digest_size=16).digest()] if digests else []
+        return [_groupDigest(digests)] if digests else []
     return [
-        hashlib.blake2b(b"".join(digests[start : start + GROUP_PAGES]), digest_size=16).digest()
+        _groupDigest(digests[start : start + GROUP_PAGES])
         for start in range(0, len(digests), GROUP_PAGES)
     ]
 
@@ -233,9 +240,7 @@ def regroup(
         dirty.update(range(min(previousCount, count) // GROUP_PAGES, total))
     for group in dirty:
         start = group * GROUP_PAGES
-        result[group] = hashlib.blake2b(
-            b"".join(digests[start : start + GROUP_PAGES]), digest_size=16
-        ).digest()
+        result[group] = _groupDigest(digests[start : start + GROUP_PAGES])
     return result
 
 
