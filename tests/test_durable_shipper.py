@@ -89,6 +89,37 @@ def dump(database: FilePath[str]) -> list[str]:
         connection.close()
 
 
+class _QueuedWork:
+    """
+    A C{runInThread} that runs the work handed to it only when the test
+    says so.
+
+    @ivar pending: the work not run yet, and the L{Deferred} of each.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Any, Deferred[Any]]] = []
+
+    def __call__(self, f: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.pending.append((f, d))
+        return d
+
+    def runOne(self) -> None:
+        """
+        Run the oldest work pending.
+        """
+        f, d = self.pending.pop(0)
+        d.callback(f())
+
+    def runAll(self) -> None:
+        """
+        Run the work pending, and what it hands over in turn.
+        """
+        while self.pending:
+            self.runOne()
+
+
 class _Harness:
     """
     A shipper on an in-memory backend with a clock, and stores for it.
@@ -122,6 +153,29 @@ class _Harness:
 
     def records(self, key: str) -> list[Any]:
         return self.case.successResultOf(self.backend.records(storeNameForKey(key)))
+
+    def ship(self, key: str) -> None:
+        """
+        Ship C{key}'s store now and wait for it.
+        """
+        d = self.shipper.whenDurable(key)
+        self.clock.advance(0)
+        self.case.successResultOf(d)
+
+    def countImageReads(self) -> list[str]:
+        """
+        Record the database of every whole image the shipper reads from now
+        on.
+        """
+        reads: list[str] = []
+        read = self.shipper._images.read
+
+        def counting(database: FilePath[str], keep: bool = True) -> bytes | None:
+            reads.append(database.path)
+            return read(database, keep)
+
+        self.case.patch(self.shipper._images, "read", counting)
+        return reads
 
     def restored(self, key: str) -> list[str]:
         destination = FilePath(self.case.mktemp())
@@ -325,20 +379,6 @@ class ShipperTests(SynchronousTestCase):
         self.assertEqual(len(h.backend.appended), count)
         self.flushLoggedErrors()
 
-    def _countImageReads(self, h: _Harness) -> list[str]:
-        """
-        Record the database of every whole image C{h}'s shipper reads.
-        """
-        reads: list[str] = []
-        read = h.shipper._images.read
-
-        def counting(database: FilePath[str], keep: bool = True) -> bytes | None:
-            reads.append(database.path)
-            return read(database, keep)
-
-        h.shipper._images.read = counting  # type: ignore[method-assign]
-        return reads
-
     def started(self) -> tuple[_Harness, Any, list[str]]:
         """
         A started shipper with the store of C{"alice"} open, and the list of
@@ -348,15 +388,7 @@ class ShipperTests(SynchronousTestCase):
         h.shipper.startService()
         self.addCleanup(h.shipper.stopService)
         store = h.open("alice")
-        return h, store, self._countImageReads(h)
-
-    def ship(self, h: _Harness, key: str) -> None:
-        """
-        Ship C{key}'s store now and wait for it.
-        """
-        d = h.shipper.whenDurable(key)
-        h.clock.advance(0)
-        self.successResultOf(d)
+        return h, store, h.countImageReads()
 
     def test_deltasFromLog(self) -> None:
         """
@@ -368,14 +400,14 @@ class ShipperTests(SynchronousTestCase):
         h, store, reads = self.started()
         for number in range(40):
             write(store, number, f"note {number} " * 20)
-        self.ship(h, "alice")
+        h.ship("alice")
         self.assertEqual(len(reads), 1)
         for round in range(5):
             write(store, round, f"changed {round}")
             write(store, 100 + round, "x" * 3000)
-            self.ship(h, "alice")
+            h.ship("alice")
         write(store, 3, "changed 3")
-        self.ship(h, "alice")
+        h.ship("alice")
         self.assertEqual(len(reads), 1)
         records = h.records("alice")
         self.assertEqual([r.isSnapshot for r in records], [True] + [False] * 5)
@@ -390,7 +422,7 @@ class ShipperTests(SynchronousTestCase):
         """
         h, store, reads = self.started()
         write(store, 1, "one")
-        self.ship(h, "alice")
+        h.ship("alice")
         write(store, 2, "two")
         connection = sqlite3.connect(h.dbdir("alice").child("db.sqlite").path)
         self.assertEqual(
@@ -398,10 +430,10 @@ class ShipperTests(SynchronousTestCase):
         )
         connection.close()
         write(store, 3, "three")
-        self.ship(h, "alice")
+        h.ship("alice")
         self.assertEqual(len(reads), 2)
         write(store, 4, "four")
-        self.ship(h, "alice")
+        h.ship("alice")
         self.assertEqual(len(reads), 2)
         self.assertFalse(h.records("alice")[-1].isSnapshot)
         self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
@@ -424,16 +456,16 @@ class ShipperTests(SynchronousTestCase):
         self.addCleanup(h.shipper.stopService)
         store = h.open("alice")
         write(store, 1, "one")
-        self.ship(h, "alice")
+        h.ship("alice")
         self.assertTrue(handedOff)
         del handedOff[:]
         for number in range(5):
             write(store, number, f"note {number}")
-            self.ship(h, "alice")
+            h.ship("alice")
         self.assertEqual(handedOff, [])
         for number in range(40):
             write(store, 100 + number, "x" * 3000)
-        self.ship(h, "alice")
+        h.ship("alice")
         self.assertEqual(len(handedOff), 1)
         self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
 
@@ -449,10 +481,10 @@ class ShipperTests(SynchronousTestCase):
         self.addCleanup(h.shipper.stopService)
         store = h.open("alice")
         write(store, 1, "one")
-        self.ship(h, "alice")
+        h.ship("alice")
         h.clock.advance(7)
         write(store, 2, "two")
-        self.ship(h, "alice")
+        h.ship("alice")
         name = storeNameForKey("alice")
         taken = [
             decodeRecord(self.successResultOf(h.backend.read(name, info.seq))).takenAt
@@ -471,16 +503,16 @@ class ShipperTests(SynchronousTestCase):
         """
         h, store, reads = self.started()
         write(store, 1, "one")
-        self.ship(h, "alice")
+        h.ship("alice")
         self.successResultOf(h.shipper.storeClosing("alice", store))
         store.close()
         h.shipper.storeClosed("alice", store)
         store = h.open("alice")
         write(store, 2, "two")
-        self.ship(h, "alice")
+        h.ship("alice")
         self.assertEqual(len(reads), 2)
         write(store, 3, "three")
-        self.ship(h, "alice")
+        h.ship("alice")
         self.assertEqual(len(reads), 2)
         self.assertEqual(h.restored("alice"), dump(h.dbdir("alice").child("db.sqlite")))
 
@@ -898,13 +930,7 @@ class BatchedCycleTests(SynchronousTestCase):
         hand-offs than the build threads share (groups of stores), stores
         every record with one batch append, and every store restores.
         """
-        pending: list[tuple[Any, Any]] = []
-
-        def later(f: Any) -> Any:
-            d: Any = Deferred()
-            pending.append((f, d))
-            return d
-
+        work = _QueuedWork()
         h = _Harness(self)
         batches: list[int] = []
         appendMany = h.backend.appendMany
@@ -914,7 +940,7 @@ class BatchedCycleTests(SynchronousTestCase):
             return appendMany(records)
 
         h.backend.appendMany = countingAppendMany  # type: ignore[method-assign]
-        shipper = Shipper(h.backend, h.clock, runInThread=later, buildConcurrency=2)
+        shipper = Shipper(h.backend, h.clock, runInThread=work, buildConcurrency=2)
         keys = [f"user{n}" for n in range(20)]
         for key in keys:
             store = openStore(h.dbdir(key))
@@ -924,22 +950,18 @@ class BatchedCycleTests(SynchronousTestCase):
         shipper.startService()
         h.clock.advance(1)
         # Two hand-offs of ten stores each, one per build thread.
-        self.assertEqual(len(pending), 2)
+        self.assertEqual(len(work.pending), 2)
         for _ in range(2):
-            f, d = pending.pop(0)
-            d.callback(f())
+            work.runOne()
         self.assertEqual(batches, [len(keys)])
         # The state files due (first ship of each store) in one more.
-        self.assertEqual(len(pending), 1)
-        f, d = pending.pop(0)
-        d.callback(f())
+        self.assertEqual(len(work.pending), 1)
+        work.runOne()
         self.assertEqual(shipper.lag().stores, ())
         for key in keys:
             self.assertIn(f"'{key}'", "\n".join(h.restored(key)))
         stopped = shipper.stopService()
-        while pending:
-            f, d = pending.pop(0)
-            d.callback(f())
+        work.runAll()
         self.successResultOf(stopped)
 
     def test_threadedBuildsDoNotHoldUpInline(self) -> None:
@@ -950,27 +972,16 @@ class BatchedCycleTests(SynchronousTestCase):
         waiting for the first's build; the first follows in a batch of its
         own.
         """
-        pending: list[tuple[Any, Any]] = []
-
-        def later(f: Any) -> Any:
-            d: Any = Deferred()
-            pending.append((f, d))
-            return d
-
-        def runAll() -> None:
-            while pending:
-                f, d = pending.pop(0)
-                d.callback(f())
-
-        h = _Harness(self, runInThread=later)
+        work = _QueuedWork()
+        h = _Harness(self, runInThread=work)
         h.shipper.startService()
-        self.addCleanup(lambda: runAll() or h.shipper.stopService())
+        self.addCleanup(lambda: work.runAll() or h.shipper.stopService())
         small, big = h.open("small"), h.open("big")
         for key, store in [("small", small), ("big", big)]:
             write(store, 0, "first")
             d = h.shipper.whenDurable(key)
             h.clock.advance(0)
-            runAll()
+            work.runAll()
             self.successResultOf(d)
         batches: list[list[str]] = []
         appendMany = h.backend.appendMany
@@ -988,7 +999,7 @@ class BatchedCycleTests(SynchronousTestCase):
         self.successResultOf(waits[0])
         self.assertNoResult(waits[1])
         self.assertEqual(batches, [[storeNameForKey("small")]])
-        runAll()
+        work.runAll()
         self.successResultOf(waits[1])
         self.assertEqual(batches[1:], [[storeNameForKey("big")]])
         for key, store in [("small", small), ("big", big)]:
@@ -1001,20 +1012,9 @@ class BatchedCycleTests(SynchronousTestCase):
         again meanwhile waits for the next interval (so that with many
         stores, shipping does not run cycle after cycle).
         """
-        pending: list[tuple[Any, Any]] = []
-
-        def later(f: Any) -> Any:
-            d: Any = Deferred()
-            pending.append((f, d))
-            return d
-
-        def runAll() -> None:
-            while pending:
-                f, d = pending.pop(0)
-                d.callback(f())
-
+        work = _QueuedWork()
         h = _Harness(self)
-        shipper = Shipper(h.backend, h.clock, runInThread=later, concurrency=1)
+        shipper = Shipper(h.backend, h.clock, runInThread=work, concurrency=1)
         stores = {}
         for key in ["alice", "bob"]:
             stores[key] = openStore(h.dbdir(key))
@@ -1024,20 +1024,19 @@ class BatchedCycleTests(SynchronousTestCase):
         shipper.startService()
         h.clock.advance(1)
         # One store's cycle; the other is owed.
-        self.assertEqual(len(pending), 1)
-        f, d = pending.pop(0)
-        d.callback(f())
+        self.assertEqual(len(work.pending), 1)
+        work.runOne()
         [first] = [key for key in stores if h.records(key)]
         [second] = [key for key in stores if key != first]
         write(stores[first], 2, "again")
-        runAll()
+        work.runAll()
         self.assertEqual(len(h.records(first)), 1)
         self.assertEqual(len(h.records(second)), 1)
         h.clock.advance(1)
-        runAll()
+        work.runAll()
         self.assertEqual(len(h.records(first)), 2)
         stopped = shipper.stopService()
-        runAll()
+        work.runAll()
         self.successResultOf(stopped)
 
     def test_commitsDuringCycleJoinNext(self) -> None:
@@ -1557,9 +1556,7 @@ class LogDeltaTests(SynchronousTestCase):
         # Snapshots, deltas from the log and a compaction.
         for number in range(6):
             write(store, number, "x" * 100)
-            d = h.shipper.whenDurable(key)
-            h.clock.advance(0)
-            self.successResultOf(d)
+            h.ship(key)
         self.assertEqual([r.isSnapshot for r in h.records(key)], [True, False])
         self.assertGreater(descriptorsOf(database + "-shm"), 1)
         self.assertTrue(indexInUse(database))
@@ -1570,25 +1567,24 @@ class LogDeltaTests(SynchronousTestCase):
         self.assertEqual(descriptorsOf(database), 0)
         store = h.open(key)
         write(store, 10, "y")
-        d = h.shipper.whenDurable(key)
-        h.clock.advance(0)
-        self.successResultOf(d)
+        h.ship(key)
         self.assertTrue(indexInUse(database))
         self.assertEqual(h.restored(key), dump(FilePath(database)))
 
-    def _countImageReads(self, h: _Harness) -> list[object]:
+    def shippedOnce(self, key: str, restartFrames: int) -> tuple[_Harness, Any, list[str]]:
         """
-        Count the whole-image reads of C{h}'s shipper.
+        A started shipper that restarts logs of C{restartFrames} frames,
+        with C{key}'s store open and shipped once, and the list of the whole
+        images it reads from then on.
         """
-        reads: list[object] = []
-        read = h.shipper._images.read
-
-        def counting(database: FilePath[str], keep: bool = True) -> bytes | None:
-            reads.append(database)
-            return read(database, keep)
-
-        self.patch(h.shipper._images, "read", counting)
-        return reads
+        self.patch(shipperModule, "_RESTART_FRAMES", restartFrames)
+        h = _Harness(self)
+        h.shipper.startService()
+        self.addCleanup(h.shipper.stopService)
+        store = h.open(key)
+        write(store, 0, "first")
+        h.ship(key)
+        return h, store, h.countImageReads()
 
     def test_logRestartedWhenShipped(self) -> None:
         """
@@ -1598,25 +1594,14 @@ class LogDeltaTests(SynchronousTestCase):
         from the log, never from the store's whole image, and restore
         exactly.
         """
-        self.patch(shipperModule, "_RESTART_FRAMES", 16)
-        h = _Harness(self)
-        h.shipper.startService()
-        self.addCleanup(h.shipper.stopService)
         key = "restarted"
+        h, store, reads = self.shippedOnce(key, 16)
         database = h.dbdir(key).child("db.sqlite")
         log = h.dbdir(key).child("db.sqlite-wal")
-        store = h.open(key)
-        write(store, 0, "first")
-        d = h.shipper.whenDurable(key)
-        h.clock.advance(0)
-        self.successResultOf(d)
-        reads = self._countImageReads(h)
         restarts = 0
         for number in range(1, 40):
             write(store, number % 7, f"{number:04d}" * 75)
-            d = h.shipper.whenDurable(key)
-            h.clock.advance(0)
-            self.successResultOf(d)
+            h.ship(key)
             log.restat()
             if log.getsize() == 0:
                 restarts += 1
@@ -1630,33 +1615,21 @@ class LogDeltaTests(SynchronousTestCase):
         before the shipper came to restart it, keeps its log: those commits
         are not shipped yet.  The next ship restarts it.
         """
-        self.patch(shipperModule, "_RESTART_FRAMES", 1)
-        h = _Harness(self)
-        h.shipper.startService()
-        self.addCleanup(h.shipper.stopService)
         key = "unshipped"
+        h, store, reads = self.shippedOnce(key, 1)
         database = h.dbdir(key).child("db.sqlite")
         log = h.dbdir(key).child("db.sqlite-wal")
-        store = h.open(key)
-        write(store, 0, "first")
-        d = h.shipper.whenDurable(key)
-        h.clock.advance(0)
-        self.successResultOf(d)
-        reads = self._countImageReads(h)
         write(store, 1, "second")
         # The ship's answer: a commit before the restart is due.
         h.shipper.whenDurable(key).addCallback(lambda _: write(store, 2, "third"))
         h.clock.advance(0)
         log.restat()
         self.assertGreater(log.getsize(), 0)
-        d = h.shipper.whenDurable(key)
-        h.clock.advance(0)
-        self.successResultOf(d)
+        h.ship(key)
         log.restat()
         self.assertEqual(log.getsize(), 0)
         self.assertEqual(h.restored(key), dump(database))
         self.assertEqual(reads, [])
-
 
     def test_fewRestartsATurn(self) -> None:
         """
