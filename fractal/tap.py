@@ -93,7 +93,9 @@ def _recordFormat(value: str) -> int:
     from fractal.durable.record import FORMAT_VERSIONS
 
     if value not in [str(version) for version in FORMAT_VERSIONS]:
-        raise ValueError(f"--record-format must be 1 or 2, not {value!r}")
+        raise ValueError(
+            f"--record-format must be {' or '.join(map(str, FORMAT_VERSIONS))}, not {value!r}"
+        )
     return int(value)
 
 
