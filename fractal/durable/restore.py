@@ -36,6 +36,12 @@ __all__ = [
 ]
 
 
+_QUICK_CHECK_ERRORS = 5
+"""
+The most errors of a damaged image that L{quickCheck} reports.
+"""
+
+
 @frozen
 class RebuiltImage:
     """
@@ -142,7 +148,8 @@ def quickCheck(image: bytes) -> str | None:
     """
     Run SQLite's C{PRAGMA quick_check} on an image, in memory.
 
-    @return: L{None} if the image passes, else SQLite's complaint.
+    @return: L{None} if the image passes, else SQLite's complaint: its first
+        five errors, on one line.
     """
     if len(image) < 100 or image[:16] != b"SQLite format 3\x00":
         return "not an SQLite database"
@@ -153,13 +160,16 @@ def quickCheck(image: bytes) -> str | None:
     connection = sqlite3.connect(":memory:")
     try:
         connection.deserialize(bytes(copy))
-        rows = connection.execute("PRAGMA quick_check").fetchall()
+        rows = connection.execute(f"PRAGMA quick_check({_QUICK_CHECK_ERRORS})").fetchall()
     except sqlite3.DatabaseError as e:
         return str(e)
     finally:
         connection.close()
     if rows != [("ok",)]:
-        return "; ".join(str(row[0]) for row in rows[:5])
+        # SQLite gives one row per error, or one row of lines.
+        lines = "\n".join(str(row[0]) for row in rows).splitlines()
+        errors = [line for line in lines if line and not line.startswith("***")]
+        return "; ".join(errors) or "quick_check did not answer ok"
     return None
 
 
