@@ -21,7 +21,7 @@ from fractal.durable.interfaces import StaleEpoch
 from fractal.keys import slotOfStoreName, storeNameForKey
 from fractal.postgres.backend import PostgresBackend
 from fractal.postgres.topology import NotRegistered, PostgresTopology
-from fractal.routing.interfaces import ITopology, NodeAddress, ShardMap
+from fractal.routing.interfaces import ITopology, NodeAddress, ShardMap, SlotOwner
 from fractal.routing.rendezvous import rendezvousOwners
 from fractal.routing.topology import TopologyError
 from fractal.testing import recordInfo
@@ -397,6 +397,30 @@ class RebalanceTests(SynchronousTestCase):
         n1.holdRelease.callback(None)
         self.assertEqual(_rows(self.database)[slot], ("n2", 2, None))
 
+
+    def test_handoffPublishedOnce(self) -> None:
+        """
+        A snapshot that gives this node a slot to hand off is published
+        once, already showing the slot at its target (never first as still
+        served here), and the new map keeps the L{SlotOwner} of every slot
+        whose owner did not change: a map is published for every change in
+        the cluster, so each must cost little.
+        """
+        n1 = _Node(self, self.database, "n1", maxMoves=1)
+        n1.holdRelease = Deferred()
+        n1.start()
+        n2 = _Node(self, self.database, "n2", maxMoves=1)
+        n2.start()
+        before = n1.topology.currentMap()
+        published = len(n1.maps)
+        n1.clock.advance(n1.topology.heartbeat)
+        [[slot]] = n1.released
+        [after] = n1.maps[published:]
+        self.assertEqual(after.ownerOf(slot), SlotOwner("n2", 1))
+        for number, (old, new) in enumerate(zip(before.owners, after.owners)):
+            if number != slot:
+                self.assertIs(new, old)
+        n1.holdRelease.callback(None)
 
     def test_handoffTargetGone(self) -> None:
         """

@@ -503,8 +503,8 @@ class PostgresTopology(Service):
                     self._publish()
 
             d.addBoth(prepared)
-        self._publish()
-        self._startHandoffs()
+        if not self._startHandoffs():
+            self._publish()
         return True
 
     def _publish(self) -> None:
@@ -516,26 +516,32 @@ class PostgresTopology(Service):
         live = sorted(n for (n, _, _, state) in snapshot.nodes if state == "live")
         elsewhere = [n for n in live if n != self.localNode]
         fallback: tuple[str, ...] | None = None
+        # A map is published for every change anywhere in the cluster, and
+        # most slots keep their owner: those keep their SlotOwner too.
+        previous = self._map.owners if self._map is not None else ()
         owners = []
         used = set(live)
         for r in snapshot.slots:
-            owner = SlotOwner(r.node, r.epoch)
-            if r.node == self.localNode and (
+            node = r.node
+            if node == self.localNode and (
                 self._leaseRanOut or r.slot in self._releasing or r.slot in self._preparing
             ):
                 # Not serving it: show where its calls should go, at the
                 # current epoch (this node's final ships still carry it).
                 if r.target is not None and r.slot in self._releasing and not self._leaseRanOut:
-                    owner = SlotOwner(r.target, r.epoch)
+                    node = r.target
                 elif self._preparing.get(r.slot) is not None:
                     before = self._preparing[r.slot]
                     assert before is not None
-                    owner = SlotOwner(before.node, r.epoch)
+                    node = before.node
                 elif elsewhere:
                     if fallback is None:
                         fallback = rendezvousOwners(elsewhere, self._slots)
-                    owner = SlotOwner(fallback[r.slot], r.epoch)
-            used.add(owner.node)
+                    node = fallback[r.slot]
+            owner = previous[r.slot] if r.slot < len(previous) else None
+            if owner is None or owner.node != node or owner.epoch != r.epoch:
+                owner = SlotOwner(node, r.epoch)
+            used.add(node)
             owners.append(owner)
         used.add(self.localNode)
         if self.localNode not in addresses:
@@ -751,17 +757,24 @@ class PostgresTopology(Service):
 
     # handoff
 
-    def _startHandoffs(self) -> None:
+    def _startHandoffs(self) -> bool:
+        """
+        Hand off the slots of this node that the coordinator gave a target
+        and that are not being handed off yet: publish the map that sends
+        their calls to their target, then release them.
+
+        @return: whether a map was published.
+        """
         snapshot = self._snapshot
         if snapshot is None or not self.running:
-            return
+            return False
         slots = [
             r.slot
             for r in snapshot.slots
             if r.node == self.localNode and r.target is not None and r.slot not in self._releasing
         ]
         if not slots:
-            return
+            return False
         self._releasing.update(slots)
         self._publish()
         self.log.info(
@@ -787,6 +800,7 @@ class PostgresTopology(Service):
             self.log.failure("Handoff of {count} slots failed", failure, count=len(slots))
 
         d.addErrback(failed)
+        return True
 
     def _releaseIn(self, cursor: Cursor, slots: list[int]) -> _Snapshot:
         cursor.execute("SELECT 1 FROM cluster WHERE id = 1 FOR UPDATE")
