@@ -66,6 +66,66 @@ def _ownSlot(database: Any, slot: int, epoch: int) -> None:
     database.transactBlocking(own)
 
 
+class _CountingDatabase:
+    """
+    A L{fractal.postgres.connection.Database} whose transactions count the
+    statements they send (an C{executemany} counts once: it is pipelined).
+    """
+
+    def __init__(self, database: Any) -> None:
+        self._database = database
+        self.statements = 0
+
+    def transact(self, f: Any) -> Any:
+        counter = self
+
+        class Cursor:
+            def __init__(self, cursor: Any) -> None:
+                self._cursor = cursor
+
+            def execute(self, *a: Any, **kw: Any) -> Any:
+                counter.statements += 1
+                return self._cursor.execute(*a, **kw)
+
+            def executemany(self, *a: Any, **kw: Any) -> Any:
+                counter.statements += 1
+                return self._cursor.executemany(*a, **kw)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._cursor, name)
+
+        return self._database.transact(lambda cursor: f(Cursor(cursor)))
+
+
+class BatchTests(SynchronousTestCase):
+    """
+    A batch costs a few statements, however many records it holds.
+    """
+
+    def test_statementsPerBatch(self) -> None:
+        """
+        A batch of one record in each of 40 stores, in a cluster, sends as
+        many statements as a batch of one record: each statement covers
+        every store of the batch.
+        """
+        database = makeDatabase(self)
+        counting = _CountingDatabase(database)
+        backend = PostgresBackend(counting)  # type: ignore[arg-type]
+        keys = [f"user{n}@example.com" for n in range(40)]
+        for key in keys:
+            _ownSlot(database, slotForKey(key, _SLOTS), 1)
+        one = [(recordInfo(storeNameForKey(keys[0]), 1, 1, 0, b"r"), b"r")]
+        self.assertEqual(self.successResultOf(backend.appendMany(one)), [None])
+        single = counting.statements
+        counting.statements = 0
+        many = [(recordInfo(storeNameForKey(key), 1, 1, 0, b"r"), b"r") for key in keys[1:]]
+        self.assertEqual(self.successResultOf(backend.appendMany(many)), [None] * 39)
+        self.assertEqual(counting.statements, single)
+        for key in keys:
+            records = self.successResultOf(backend.records(storeNameForKey(key)))
+            self.assertEqual([r.seq for r in records], [1])
+
+
 class SlotFencingTests(SynchronousTestCase):
     """
     Durable writes are checked against the slot ownership table in the write

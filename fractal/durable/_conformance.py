@@ -233,6 +233,24 @@ class DurableBackendTestsMixin:
         self.assertEqual([r.seq for r in await backend.records(_OTHER)], [1, 2])  # type: ignore[attr-defined]
         self.assertEqual(await backend.read(third, 1), b"u1")  # type: ignore[attr-defined]
 
+    async def test_appendManyFenceRaisedInBatch(self) -> None:
+        """
+        A record of a batch that raises its store's epoch fences the
+        records after it in the same batch: a later record of the store at
+        the older epoch is refused as stale.
+        """
+        backend = self.makeBackend()
+        batch = [
+            (recordInfo(_STORE, 1, 1, 0, b"s1"), b"s1"),
+            (recordInfo(_STORE, 2, 2, 1, b"s2"), b"s2"),
+            (recordInfo(_STORE, 1, 3, 2, b"late"), b"late"),
+        ]
+        outcomes = await backend.appendMany(batch)
+        self.assertEqual(  # type: ignore[attr-defined]
+            [type(o) for o in outcomes], [type(None), type(None), StaleEpoch]
+        )
+        self.assertEqual([r.seq for r in await backend.records(_STORE)], [1, 2])  # type: ignore[attr-defined]
+
     async def test_badInfoRefused(self) -> None:
         """
         An append whose info does not describe its data, or whose store name

@@ -15,8 +15,10 @@ Each append is one transaction that:
     4. inserts the record and raises the store's fenced epoch.
 
 A batch (L{PostgresBackend.appendMany}) is one transaction doing these steps
-for each of its records in turn; a record refused at step 2 or 3 writes
-nothing and the others go on.
+for all its records at once: each statement covers every store of the batch
+(the fence rows locked in store order, so that two batches cannot deadlock),
+so a batch costs a few round trips to the server, not a few per record.  A
+record refused at step 2 or 3 writes nothing and the others go on.
 
 Step 2 is what makes a move of a slot and the durable writes of its stores
 serialise: once the transaction that moves a slot to epoch E+1 has committed,
@@ -72,51 +74,77 @@ def _slotCount(cursor: Cursor) -> int | None:
     return None if row is None else int(row[0])
 
 
-def _slotEpoch(cursor: Cursor, store: str, slots: int | None) -> int:
+def _appendAll(
+    cursor: Cursor, records: Sequence[tuple[RecordInfo, bytes]]
+) -> list[StaleEpoch | SequenceConflict | None]:
     """
-    The current epoch of C{store}'s slot, share-locked for the rest of the
-    transaction; C{0} when there is no cluster (C{slots} is L{None}) or the
-    slot has no owner yet.
-    """
-    if slots is None:
-        return 0
-    cursor.execute(
-        "SELECT epoch FROM slot_owners WHERE slot = %s FOR SHARE",
-        (slotOfStoreName(store, slots),),
-    )
-    row = cursor.fetchone()
-    return 0 if row is None else int(row[0])
+    Check and insert C{records} inside the caller's transaction (the steps
+    of the module docstring), with the same few statements however many
+    records there are: each statement covers every store of the batch.  The
+    fence rows are locked in store order, so that two batches cannot
+    deadlock, and the records of one store are taken in their order.
 
-
-def _appendRecord(cursor: Cursor, info: RecordInfo, data: bytes, slots: int | None) -> None:
+    @return: per record, L{None} if inserted, else why it was refused
+        (L{StaleEpoch}: its epoch is below the store's fence or slot;
+        L{SequenceConflict}: its sequence does not follow the newest
+        record).  A refused record writes nothing.
     """
-    Check and insert one record inside the caller's transaction (the steps
-    of the module docstring).  Raises before writing anything when refused.
-
-    @raise StaleEpoch: if C{info.epoch} is below the store's fence or slot.
-    @raise SequenceConflict: if C{info.seq} does not follow the newest record.
-    """
-    fenced = _lockFence(cursor, info.store)
-    current = max(fenced, _slotEpoch(cursor, info.store, slots))
-    if info.epoch < current:
-        # Refused before reading the newest record.
-        raise StaleEpoch(info.store, info.epoch, current)
+    stores = sorted({info.store for info, _ in records})
     cursor.execute(
-        "SELECT seq FROM records WHERE store = %s ORDER BY seq DESC LIMIT 1",
-        (info.store,),
+        "INSERT INTO store_fences (store, epoch) SELECT unnest(%s::text[]), 0 "
+        "ON CONFLICT (store) DO NOTHING",
+        (stores,),
     )
-    row = cursor.fetchone()
-    checkAppend(info, current, 0 if row is None else int(row[0]))
     cursor.execute(
-        "INSERT INTO records (store, seq, base_seq, epoch, digest, data) "
-        "VALUES (%s, %s, %s, %s, %s, %s)",
-        (info.store, info.seq, info.baseSeq, info.epoch, info.digest, data),
+        "SELECT store, epoch FROM store_fences WHERE store = ANY(%s) ORDER BY store FOR UPDATE",
+        (stores,),
     )
-    if info.epoch > fenced:
+    fenced = {str(store): int(epoch) for store, epoch in cursor.fetchall()}
+    slotEpochs: dict[str, int] = {}
+    slots = _slotCount(cursor)
+    if slots is not None:
+        slotOf = {store: slotOfStoreName(store, slots) for store in stores}
         cursor.execute(
-            "UPDATE store_fences SET epoch = %s WHERE store = %s",
-            (info.epoch, info.store),
+            "SELECT slot, epoch FROM slot_owners WHERE slot = ANY(%s) ORDER BY slot FOR SHARE",
+            (sorted(set(slotOf.values())),),
         )
+        bySlot = {int(slot): int(epoch) for slot, epoch in cursor.fetchall()}
+        slotEpochs = {store: bySlot.get(slot, 0) for store, slot in slotOf.items()}
+    cursor.execute(
+        "SELECT s.store, (SELECT r.seq FROM records r WHERE r.store = s.store "
+        "ORDER BY r.seq DESC LIMIT 1) FROM unnest(%s::text[]) AS s(store)",
+        (stores,),
+    )
+    newest = {str(store): 0 if seq is None else int(seq) for store, seq in cursor.fetchall()}
+    outcomes: list[StaleEpoch | SequenceConflict | None] = []
+    inserts = []
+    raised: dict[str, int] = {}
+    for info, data in records:
+        current = max(fenced[info.store], slotEpochs.get(info.store, 0))
+        try:
+            if info.epoch < current:
+                raise StaleEpoch(info.store, info.epoch, current)
+            checkAppend(info, current, newest[info.store])
+        except (StaleEpoch, SequenceConflict) as e:
+            outcomes.append(e)
+            continue
+        outcomes.append(None)
+        inserts.append((info.store, info.seq, info.baseSeq, info.epoch, info.digest, data))
+        newest[info.store] = info.seq
+        if info.epoch > fenced[info.store]:
+            fenced[info.store] = raised[info.store] = info.epoch
+    if inserts:
+        cursor.executemany(
+            "INSERT INTO records (store, seq, base_seq, epoch, digest, data) "
+            "VALUES (%s, %s, %s, %s, %s, %s)",
+            inserts,
+        )
+    if raised:
+        cursor.executemany(
+            "UPDATE store_fences SET epoch = %s WHERE store = %s",
+            [(epoch, store) for store, epoch in sorted(raised.items())],
+        )
+    return outcomes
 
 
 def _info(store: str, row: tuple[Any, ...]) -> RecordInfo:
@@ -151,7 +179,9 @@ class PostgresBackend:
 
     def append(self, info: RecordInfo, data: bytes) -> Deferred[None]:
         def append(cursor: Cursor) -> None:
-            _appendRecord(cursor, info, data, _slotCount(cursor))
+            [refused] = _appendAll(cursor, [(info, data)])
+            if refused is not None:
+                raise refused
 
         try:
             checkInfo(info, data)
@@ -163,10 +193,9 @@ class PostgresBackend:
         self, records: Sequence[tuple[RecordInfo, bytes]]
     ) -> Deferred[list[BaseException | None]]:
         """
-        See L{IDurableBackend.appendMany}: one transaction for the batch,
-        each record checked (fence row locked, slot epoch share-locked,
-        sequence) just before its insert, as L{append} does.  The fence rows
-        are locked in store order, so that two batches cannot deadlock.
+        See L{IDurableBackend.appendMany}: one transaction for the batch, in
+        which each record is checked as L{append} checks it, with a few
+        statements for the whole batch rather than a few per record.
         """
         outcomes: list[BaseException | None] = [None] * len(records)
         valid: list[int] = []
@@ -177,17 +206,11 @@ class PostgresBackend:
                 outcomes[index] = e
             else:
                 valid.append(index)
-        # A stable sort: the records of one store keep their order.
-        valid.sort(key=lambda index: records[index][0].store)
 
         def appendMany(cursor: Cursor) -> list[BaseException | None]:
-            slots = _slotCount(cursor)
-            for index in valid:
-                info, data = records[index]
-                try:
-                    _appendRecord(cursor, info, data, slots)
-                except (StaleEpoch, SequenceConflict) as e:
-                    outcomes[index] = e
+            refused = _appendAll(cursor, [records[index] for index in valid])
+            for index, outcome in zip(valid, refused):
+                outcomes[index] = outcome
             return outcomes
 
         if not valid:
