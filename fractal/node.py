@@ -354,7 +354,8 @@ class FractalNode(MultiService):
             is kept (L{fractal.stale.DEFAULT_STALE_KEEP}).
         @param staleMax: the most stale stores kept there, the newest
             (L{fractal.stale.DEFAULT_STALE_MAX}).
-        @param runInThread: runs the blocking file work of setting stale
+        @param runInThread: runs the blocking work of closing stores'
+            connections (L{fractal.pool.StorePool}) and of setting stale
             stores aside and pruning them; the reactor's thread pool by
             default.
         @param wallClock: the time of day, for the names and ages of stale
@@ -419,6 +420,7 @@ class FractalNode(MultiService):
             maxOpenStores=maxOpenStores,
             idleTimeout=idleTimeout,
             shipper=shipper,
+            runInThread=self._run,
         )
         self.server = FractalServer(
             application, self.pool, topology, shipper, limits, clock=reactor

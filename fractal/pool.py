@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
+from fractal.durable._threads import RunInThread
 from fractal.durable.interfaces import IShipper
 from fractal.keys import InvalidUserKey, slotForKey, storeNameForKey, validateKey
 from fractal.protocol import Overloaded, StoreUnavailable
@@ -187,6 +188,7 @@ class StorePool:
         idleTimeout: float = DEFAULT_IDLE_TIMEOUT,
         shipper: IShipper | None = None,
         pageSize: int = DEFAULT_PAGE_SIZE,
+        runInThread: RunInThread | None = None,
     ) -> None:
         """
         @param clock: the time source for idle closing.
@@ -201,6 +203,10 @@ class StorePool:
         @param shipper: the durable shipper, or L{None}.
         @param pageSize: the SQLite page size of the stores it creates (see
             L{Store}).
+        @param runInThread: closes the stores' connections off the calling
+            thread (L{Store.closeIn}), so that SQLite's checkpoint and sync
+            at each close do not hold up the reactor; L{None} to close them
+            in the calling thread.
         @raise ValueError: if C{maxOpenStores} or C{idleTimeout} is not
             positive, or C{pageSize} is not a power of two from 512 to 65536.
         """
@@ -218,6 +224,7 @@ class StorePool:
         self.maxOpenStores = maxOpenStores
         self.idleTimeout = idleTimeout
         self.shipper = shipper
+        self._runInThread = runInThread
         self._open: OrderedDict[str, StoreLease] = OrderedDict()
         self._opening: dict[str, list[Deferred[StoreLease]]] = {}
         self._closing: dict[str, StoreLease] = {}
@@ -676,26 +683,36 @@ class StorePool:
 
     def _finishClose(self, lease: StoreLease) -> None:
         """
-        Close the store's connection and wake whoever waits for it.
+        Close the store's connection (in a thread, given a runner), then
+        tell the shipper and wake whoever waits for it.
         """
         try:
-            lease.store.close()
+            if self._runInThread is None:
+                lease.store.close()
+                closed: Deferred[None] = succeed(None)
+            else:
+                closed = lease.store.closeIn(self._runInThread)
         except Exception:
-            self.log.failure("Error closing the store of {key!r}", key=lease.key)
-        else:
-            if self.shipper is not None:
+            closed = fail()
+
+        def done(result: object) -> None:
+            if isinstance(result, Failure):
+                self.log.failure("Error closing the store of {key!r}", result, key=lease.key)
+            elif self.shipper is not None:
                 try:
                     self.shipper.storeClosed(lease.key, lease.store)
                 except Exception:
                     self.log.failure(
                         "Shipper failed after closing the store of {key!r}", key=lease.key
                     )
-        del self._closing[lease.key]
-        self.closedCount += 1
-        waiters, lease._whenClosed = lease._whenClosed, []
-        for waiter in waiters:
-            waiter.callback(None)
-        self._roomFreed()
+            del self._closing[lease.key]
+            self.closedCount += 1
+            waiters, lease._whenClosed = lease._whenClosed, []
+            for waiter in waiters:
+                waiter.callback(None)
+            self._roomFreed()
+
+        closed.addBoth(done)
 
     def _roomFreed(self) -> None:
         """

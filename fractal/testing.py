@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from fractal.durable._conformance import DurableBackendTestsMixin, recordInfo
 from fractal.durable._memory import BackendUnavailable, MemoryDurableBackend
+from fractal.durable._threads import ManualThreads
 from fractal.routing._conformance import TopologyTestsMixin
 from fractal.routing.harness import SimulatedCluster
 from fractal.routing.simulation import SimulatedNetwork
@@ -21,6 +22,7 @@ from fractal.store._fixtures import writeAxiomStore
 __all__: list[str] = [
     "BackendUnavailable",
     "DurableBackendTestsMixin",
+    "ManualThreads",
     "MemoryDurableBackend",
     "recordInfo",
     "SimulatedCluster",

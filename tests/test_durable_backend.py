@@ -26,7 +26,12 @@ from fractal.durable.interfaces import (
 )
 from fractal.durable.restore import rebuildFromBackend
 from fractal.keys import storeNameForKey
-from fractal.testing import DurableBackendTestsMixin, MemoryDurableBackend, recordInfo
+from fractal.testing import (
+    DurableBackendTestsMixin,
+    ManualThreads,
+    MemoryDurableBackend,
+    recordInfo,
+)
 from tests.test_durable_tool import chainRecords, shipChain
 
 
@@ -603,30 +608,6 @@ class FilesystemTornTailTests(SynchronousTestCase):
         self.assertEqual(segment.getContent(), good)
 
 
-class _ManualThreads:
-    """
-    A runner that queues the work it is given until the test runs it, as a
-    thread pool would run it later.
-    """
-
-    def __init__(self) -> None:
-        self.queue: list[tuple[Any, Deferred[Any]]] = []
-
-    def __call__(self, f: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.queue.append((f, d))
-        return d
-
-    def runOne(self) -> None:
-        f, d = self.queue.pop(0)
-        try:
-            result = f()
-        except Exception as e:
-            d.errback(e)
-        else:
-            d.callback(result)
-
-
 class FilesystemGroupCommitTests(SynchronousTestCase):
     """
     Appends that arrive while the most batches are being written are written
@@ -639,26 +620,26 @@ class FilesystemGroupCommitTests(SynchronousTestCase):
         wait and then go as one batch; a refused record in a batch fails
         alone.
         """
-        threads = _ManualThreads()
+        threads = ManualThreads()
         backend = FilesystemBackend(FilePath(self.mktemp()), threads, maxBatches=1)
         self.addCleanup(backend.close)
         names = [storeNameForKey(f"user{i}") for i in range(4)]
         first = backend.append(recordInfo(names[0], 1, 1, 0, b"a"), b"a")
-        self.assertEqual(len(threads.queue), 1)
+        self.assertEqual(len(threads.pending), 1)
         rest = [backend.append(recordInfo(name, 1, 1, 0, b"b"), b"b") for name in names[1:3]]
         refused = backend.append(recordInfo(names[3], 1, 2, 1, b"c"), b"c")
-        self.assertEqual(len(threads.queue), 1)
+        self.assertEqual(len(threads.pending), 1)
         self.assertNoResult(first)
         threads.runOne()
         self.successResultOf(first)
-        self.assertEqual(len(threads.queue), 1)
+        self.assertEqual(len(threads.pending), 1)
         for d in rest:
             self.assertNoResult(d)
         threads.runOne()
         for d in rest:
             self.successResultOf(d)
         self.failureResultOf(refused, SequenceConflict)
-        self.assertEqual(threads.queue, [])
+        self.assertEqual(threads.pending, [])
         records = [backend.records(name) for name in names[1:3]]
         threads.runOne()
         threads.runOne()
@@ -670,15 +651,15 @@ class FilesystemGroupCommitTests(SynchronousTestCase):
         With a clock, appends made in the same reactor turn wait for the end
         of the turn and go as one batch.
         """
-        threads = _ManualThreads()
+        threads = ManualThreads()
         clock = Clock()
         backend = FilesystemBackend(FilePath(self.mktemp()), threads, clock=clock)
         self.addCleanup(backend.close)
         names = [storeNameForKey(f"user{i}") for i in range(3)]
         appends = [backend.append(recordInfo(name, 1, 1, 0, b"a"), b"a") for name in names]
-        self.assertEqual(threads.queue, [])
+        self.assertEqual(threads.pending, [])
         clock.advance(0)
-        self.assertEqual(len(threads.queue), 1)
+        self.assertEqual(len(threads.pending), 1)
         threads.runOne()
         for d in appends:
             self.successResultOf(d)

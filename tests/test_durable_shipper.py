@@ -33,7 +33,7 @@ from fractal.durable.record import decodeRecord
 from fractal.durable.shipper import STATE_FILE, Shipper, _PatchedDigests
 from fractal.keys import storeNameForKey
 from fractal.store import Item, Store, integer, text
-from fractal.testing import MemoryDurableBackend
+from fractal.testing import ManualThreads, MemoryDurableBackend
 from tests.test_durable_wal import descriptorsOf, indexInUse
 
 
@@ -87,37 +87,6 @@ def dump(database: FilePath[str]) -> list[str]:
         return list(connection.iterdump())
     finally:
         connection.close()
-
-
-class _QueuedWork:
-    """
-    A C{runInThread} that runs the work handed to it only when the test
-    says so.
-
-    @ivar pending: the work not run yet, and the L{Deferred} of each.
-    """
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[Any, Deferred[Any]]] = []
-
-    def __call__(self, f: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.pending.append((f, d))
-        return d
-
-    def runOne(self) -> None:
-        """
-        Run the oldest work pending.
-        """
-        f, d = self.pending.pop(0)
-        d.callback(f())
-
-    def runAll(self) -> None:
-        """
-        Run the work pending, and what it hands over in turn.
-        """
-        while self.pending:
-            self.runOne()
 
 
 class _Harness:
@@ -269,14 +238,8 @@ class ShipperTests(SynchronousTestCase):
         backend holds the record (its state file is still being written);
         it is false once the ship is over, and for a store it does not know.
         """
-        pending: list[tuple[Any, Deferred[Any]]] = []
-
-        def later(f: Any) -> Deferred[Any]:
-            d: Deferred[Any] = Deferred()
-            pending.append((f, d))
-            return d
-
-        h = _Harness(self, interval=60.0, runInThread=later)
+        threads = ManualThreads()
+        h = _Harness(self, interval=60.0, runInThread=threads)
         self.assertFalse(h.shipper.unshipped("alice"))
         store = h.open("alice")
         write(store, 1, "one")
@@ -284,12 +247,11 @@ class ShipperTests(SynchronousTestCase):
         self.assertFalse(h.shipper.unshipped("nobody"))
         flushed = h.shipper.flush()
         storedWhileShipping = False
-        while pending:
+        while threads.pending:
             self.assertNoResult(flushed)
             self.assertTrue(h.shipper.unshipped("alice"))
             storedWhileShipping = storedWhileShipping or bool(h.records("alice"))
-            f, d = pending.pop(0)
-            d.callback(f())
+            threads.runOne()
         self.successResultOf(flushed)
         self.assertTrue(storedWhileShipping)
         self.assertFalse(h.shipper.unshipped("alice"))
@@ -887,34 +849,23 @@ class ReopenTests(SynchronousTestCase):
         store = openStore(h.dbdir("alice"))
         write(store, 2, "changed")
         store.close()
-        pending: list[tuple[Any, Any]] = []
-
-        def later(f: Any) -> Any:
-            d: Any = Deferred()
-            pending.append((f, d))
-            return d
-
-        def runPending() -> None:
-            while pending:
-                f, d = pending.pop(0)
-                d.callback(f())
-
+        threads = ManualThreads()
         clock = Clock()
-        shipper = Shipper(h.backend, clock, runInThread=later)
+        shipper = Shipper(h.backend, clock, runInThread=threads)
         shipper.startService()
         store = openStore(h.dbdir("alice"))
         self.addCleanup(store.close)
         shipper.storeOpened("alice", store)
         durable = shipper.whenDurable("alice")
         self.assertNoResult(durable)
-        runPending()
+        threads.runAll()
         self.assertNoResult(durable)
         clock.advance(0)
-        runPending()
+        threads.runAll()
         self.successResultOf(durable)
         self.assertEqual([r.seq for r in h.records("alice")], [1, 2])
         stopped = shipper.stopService()
-        runPending()
+        threads.runAll()
         self.successResultOf(stopped)
 
 
@@ -930,7 +881,7 @@ class BatchedCycleTests(SynchronousTestCase):
         hand-offs than the build threads share (groups of stores), stores
         every record with one batch append, and every store restores.
         """
-        work = _QueuedWork()
+        work = ManualThreads()
         h = _Harness(self)
         batches: list[int] = []
         appendMany = h.backend.appendMany
@@ -972,7 +923,7 @@ class BatchedCycleTests(SynchronousTestCase):
         waiting for the first's build; the first follows in a batch of its
         own.
         """
-        work = _QueuedWork()
+        work = ManualThreads()
         h = _Harness(self, runInThread=work)
         h.shipper.startService()
         self.addCleanup(lambda: work.runAll() or h.shipper.stopService())
@@ -1012,7 +963,7 @@ class BatchedCycleTests(SynchronousTestCase):
         again meanwhile waits for the next interval (so that with many
         stores, shipping does not run cycle after cycle).
         """
-        work = _QueuedWork()
+        work = ManualThreads()
         h = _Harness(self)
         shipper = Shipper(h.backend, h.clock, runInThread=work, concurrency=1)
         stores = {}

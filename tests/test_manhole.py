@@ -37,6 +37,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fractal.app import Application
+from fractal.durable._threads import runSynchronously
 from fractal.durable.interfaces import StaleEpoch
 from fractal.durable.shipper import Shipper
 from fractal.keys import InvalidUserKey, slotForKey, storeNameForKey
@@ -487,6 +488,7 @@ class NamespaceTests(SynchronousTestCase):
             FilePath(self.mktemp()),
             "tcp:0:interface=127.0.0.1",
             topology=topology,
+            runInThread=runSynchronously,
         )
 
     def test_objects(self) -> None:
@@ -628,7 +630,8 @@ class NamespaceTests(SynchronousTestCase):
         dataDir = FilePath(self.mktemp())
         shipper = Shipper(MemoryDurableBackend(), clock, storesDirectory=dataDir.child("stores"))
         node = FractalNode(
-            clock, notesApplication, dataDir, "tcp:0:interface=127.0.0.1", shipper=shipper
+            clock, notesApplication, dataDir, "tcp:0:interface=127.0.0.1", shipper=shipper,
+            runInThread=runSynchronously,
         )
         shipper.serveNode(node)
         namespace = consoleNamespace(node)
@@ -656,7 +659,8 @@ class NamespaceTests(SynchronousTestCase):
         dataDir = FilePath(self.mktemp())
         shipper = Shipper(MemoryDurableBackend(), clock, storesDirectory=dataDir.child("stores"))
         node = FractalNode(
-            clock, notesApplication, dataDir, "tcp:0:interface=127.0.0.1", shipper=shipper
+            clock, notesApplication, dataDir, "tcp:0:interface=127.0.0.1", shipper=shipper,
+            runInThread=runSynchronously,
         )
         shipper.serveNode(node)
         namespace = consoleNamespace(node)

@@ -15,6 +15,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from fractal import app
+from fractal.durable._threads import runSynchronously
 from fractal.node import FractalNode, clientDescriptionFor
 from fractal.protocol import NodeStopping
 from fractal.routing.topology import SingleNodeTopology
@@ -167,6 +168,7 @@ class FractalNodeTests(SynchronousTestCase):
         """
         A node on the memory reactor, listening on C{tcp:7100} on loopback.
         """
+        kw.setdefault("runInThread", runSynchronously)
         return FractalNode(
             self.reactor, application, self.dataDir, "tcp:7100:interface=127.0.0.1", **kw
         )
@@ -207,7 +209,10 @@ class FractalNodeTests(SynchronousTestCase):
         A node creates user stores with its application's page size.
         """
         sized = app.Application("counter", powerups=[NodeTestCounter], pageSize=2048)
-        node = FractalNode(self.reactor, sized, self.dataDir, "tcp:7100:interface=127.0.0.1")
+        node = FractalNode(
+            self.reactor, sized, self.dataDir, "tcp:7100:interface=127.0.0.1",
+            runInThread=runSynchronously,
+        )
         node.startService()
         self.addCleanup(node.stopService)
         client, pump = self.connect(node)

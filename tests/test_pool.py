@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import gc
 import resource
+import sqlite3
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
@@ -27,7 +27,7 @@ from fractal.protocol import Overloaded, StoreUnavailable
 from fractal.store import Item, Store, Time, TimedEvent, integer
 from fractal.store.interfaces import IScheduler
 from fractal.store.store import DEFAULT_PAGE_SIZE
-from fractal.testing import MemoryDurableBackend
+from fractal.testing import ManualThreads, MemoryDurableBackend
 
 
 class PoolTestCounter(Item):
@@ -40,31 +40,6 @@ def _prepare(store: Store) -> PoolTestCounter:
     A pool's C{prepare}: make sure the store has a counter.
     """
     return store.findOrCreate(PoolTestCounter)
-
-
-class _QueuedThreads:
-    """
-    A C{runInThread} for tests that runs the work handed to it only when the
-    test says so; C{setUp} starts C{queued} empty.
-    """
-
-    queued: list[tuple[Any, Deferred[Any]]]
-
-    def later(self, f: Any) -> Deferred[Any]:
-        """
-        A C{runInThread} that runs C{f} only when the test calls L{runQueued}.
-        """
-        d: Deferred[Any] = Deferred()
-        self.queued.append((f, d))
-        return d
-
-    def runQueued(self) -> None:
-        """
-        Run the work queued by L{later}, and what it queues in turn.
-        """
-        while self.queued:
-            f, d = self.queued.pop(0)
-            d.callback(f())
 
 
 class DefaultMaxOpenStoresTests(SynchronousTestCase):
@@ -470,7 +445,7 @@ class StorePoolTests(SynchronousTestCase):
             self.assertRaises(ValueError, StorePool, self.clock, self.dataDir, pageSize=bad)
 
 
-class CloseStoresOfTests(_QueuedThreads, SynchronousTestCase):
+class CloseStoresOfTests(SynchronousTestCase):
     """
     Tests for L{StorePool.closeStoresOf}: closing the stores of chosen slots
     for a handoff.
@@ -485,11 +460,11 @@ class CloseStoresOfTests(_QueuedThreads, SynchronousTestCase):
         self.bySlot: dict[int, list[str]] = {}
         for key in self.keys:
             self.bySlot.setdefault(slotForKey(key, self.slots), []).append(key)
-        self.queued = []
+        self.threads = ManualThreads()
 
     def makePool(self, shipper: Any = None) -> StorePool:
         pool = StorePool(self.clock, self.dataDir, prepare=_prepare, shipper=shipper)
-        self.addCleanup(lambda: self.runQueued() or pool.close())
+        self.addCleanup(lambda: self.threads.runAll() or pool.close())
         return pool
 
     def test_idleAndHeld(self) -> None:
@@ -541,7 +516,7 @@ class CloseStoresOfTests(_QueuedThreads, SynchronousTestCase):
         shipper = Shipper(
             backend,
             self.clock,
-            runInThread=self.later,
+            runInThread=self.threads,
             storesDirectory=self.dataDir.child("stores"),
         )
         pool = self.makePool(shipper)
@@ -550,7 +525,7 @@ class CloseStoresOfTests(_QueuedThreads, SynchronousTestCase):
         lease.store.transact(lambda: setattr(lease.prepared, "value", 3))
         lease.release()
         pool.closeStoresOf([3], self.slots)
-        self.runQueued()
+        self.threads.runAll()
         shipped = self.successResultOf(backend.head(storeNameForKey(key)))
         assert shipped is not None
         # The local copy is lost: the store is restored on its next call.
@@ -559,13 +534,13 @@ class CloseStoresOfTests(_QueuedThreads, SynchronousTestCase):
         self.assertNoResult(acquiring)
         closing = pool.closeStoresOf([3], self.slots)
         self.assertEqual((closing.held, closing.opening), ([], [key]))
-        self.runQueued()
+        self.threads.runAll()
         lease = self.successResultOf(acquiring)
         self.assertEqual(lease.prepared.value, 3)
         self.assertNoResult(closing.closed)
         lease.store.transact(lambda: setattr(lease.prepared, "value", 4))
         lease.release()
-        self.runQueued()
+        self.threads.runAll()
         self.successResultOf(closing.closed)
         self.assertEqual(pool.openKeys(), [])
         head = self.successResultOf(backend.head(storeNameForKey(key)))
@@ -580,13 +555,13 @@ class CloseStoresOfTests(_QueuedThreads, SynchronousTestCase):
         shipper = Shipper(
             MemoryDurableBackend(),
             self.clock,
-            runInThread=self.later,
+            runInThread=self.threads,
             storesDirectory=self.dataDir.child("stores"),
         )
         pool = self.makePool(shipper)
         key = self.bySlot[0][0]
         acquiring = pool.acquire(key)
-        self.runQueued()
+        self.threads.runAll()
         lease = self.successResultOf(acquiring)
         lease.store.transact(lambda: setattr(lease.prepared, "value", 1))
         lease.release()
@@ -595,12 +570,108 @@ class CloseStoresOfTests(_QueuedThreads, SynchronousTestCase):
         second = pool.closeStoresOf([0], self.slots)
         self.assertEqual((second.held, second.opening), ([], []))
         self.assertNoResult(second.closed)
-        self.runQueued()
+        self.threads.runAll()
         self.successResultOf(first.closed)
         self.successResultOf(second.closed)
 
 
-class ShippedFirstTests(_QueuedThreads, SynchronousTestCase):
+class _ClosedConnectionShipper(Shipper):
+    """
+    A shipper that notes, each time it is told a store closed, whether the
+    store's SQLite connection really was closed by then.
+    """
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.connections: dict[str, sqlite3.Connection] = {}
+        self.closedAfter: list[bool] = []
+
+    def storeOpened(self, key: str, store: Any) -> None:
+        self.connections[key] = store._conn
+        super().storeOpened(key, store)
+
+    def storeClosed(self, key: str, store: Any) -> None:
+        try:
+            self.connections[key].execute("SELECT 1")
+        except sqlite3.ProgrammingError:
+            self.closedAfter.append(True)
+        else:
+            self.closedAfter.append(False)
+        super().storeClosed(key, store)
+
+
+class ClosedInThreadTests(SynchronousTestCase):
+    """
+    A pool given a C{runInThread} closes its stores' connections with it
+    (SQLite checkpoints and syncs as the last connection to a store
+    closes), and treats a store as closing until its connection is closed.
+    """
+
+    def test_closedInThread(self) -> None:
+        """
+        An idle store is shipped, then its connection closed by the runner;
+        until then the pool has not counted it closed, and the shipper is
+        not told it closed.
+        """
+        clock = Clock()
+        threads = ManualThreads()
+        shipper = _ClosedConnectionShipper(MemoryDurableBackend(), clock, runInThread=threads)
+        pool = StorePool(
+            clock,
+            FilePath(self.mktemp()),
+            prepare=_prepare,
+            idleTimeout=5,
+            shipper=shipper,
+            runInThread=threads,
+        )
+        lease = self.successResultOf(pool.acquire("alice"))
+        lease.store.transact(lambda: setattr(lease.prepared, "value", 3))
+        lease.release()
+        clock.advance(6)
+        threads.runOne()  # the ship before the close
+        while threads.pending:
+            self.assertEqual(pool.closedCount, 0)
+            self.assertEqual(shipper.closedAfter, [])
+            threads.runOne()
+        self.assertEqual(pool.closedCount, 1)
+        self.assertEqual(shipper.closedAfter, [True])
+        reopened = pool.acquire("alice")
+        threads.runAll()
+        lease = self.successResultOf(reopened)
+        self.assertEqual(lease.prepared.value, 3)
+        lease.release()
+        closing = pool.close()
+        threads.runAll()
+        self.successResultOf(closing)
+        self.assertEqual(shipper.closedAfter, [True, True])
+
+    def test_acquireWaitsForClose(self) -> None:
+        """
+        An acquire of a user whose store is closing waits for the connection
+        to be closed, then opens the store again: never two connections of
+        two Store objects on one file.
+        """
+        clock = Clock()
+        threads = ManualThreads()
+        pool = StorePool(
+            clock, FilePath(self.mktemp()), prepare=_prepare, idleTimeout=5, runInThread=threads
+        )
+        first = self.successResultOf(pool.acquire("alice"))
+        first.release()
+        clock.advance(6)
+        [_] = threads.pending
+        reacquiring = pool.acquire("alice")
+        self.assertNoResult(reacquiring)
+        threads.runAll()
+        second = self.successResultOf(reacquiring)
+        self.assertIsNot(second.store, first.store)
+        second.release()
+        closing = pool.close()
+        threads.runAll()
+        self.successResultOf(closing)
+
+
+class ShippedFirstTests(SynchronousTestCase):
     """
     Tests for making room in a pool with a shipper: the idle stores the
     shipper has shipped already close first, since they close at once.
@@ -610,12 +681,12 @@ class ShippedFirstTests(_QueuedThreads, SynchronousTestCase):
         self.clock = Clock()
         self.dataDir = FilePath(self.mktemp())
         self.backend = MemoryDurableBackend()
-        self.queued = []
+        self.threads = ManualThreads()
         # "c" has a local copy, so opening it needs no worker thread.
         plain = StorePool(self.clock, self.dataDir, prepare=_prepare)
         self.successResultOf(plain.acquire("c")).release()
         self.successResultOf(plain.close())
-        self.shipper = Shipper(self.backend, self.clock, runInThread=self.later)
+        self.shipper = Shipper(self.backend, self.clock, runInThread=self.threads)
         self.pool = StorePool(
             self.clock, self.dataDir, prepare=_prepare, maxOpenStores=2, shipper=self.shipper
         )
@@ -626,9 +697,9 @@ class ShippedFirstTests(_QueuedThreads, SynchronousTestCase):
         Close the pool, running the ships its closes queue, so that no store
         (and none of the files the shipper keeps open) outlives the test.
         """
-        self.runQueued()
+        self.threads.runAll()
         closing = self.pool.close()
-        self.runQueued()
+        self.threads.runAll()
         self.successResultOf(closing)
 
     def openShipped(self, *keys: str) -> dict[str, StoreLease]:
@@ -638,11 +709,11 @@ class ShippedFirstTests(_QueuedThreads, SynchronousTestCase):
         leases = {}
         for key in keys:
             acquiring = self.pool.acquire(key)
-            self.runQueued()
+            self.threads.runAll()
             leases[key] = self.successResultOf(acquiring)
             leases[key].release()
         flushed = self.shipper.flush()
-        self.runQueued()
+        self.threads.runAll()
         self.successResultOf(flushed)
         for key in keys:
             self.assertFalse(self.shipper.unshipped(key))
@@ -673,7 +744,7 @@ class ShippedFirstTests(_QueuedThreads, SynchronousTestCase):
         lease = self.successResultOf(self.pool.acquire("c"))
         self.assertEqual(self.pool.openKeys(), ["a", "c"])
         self.assertEqual(self.pool._count(), 2)
-        self.assertEqual(self.queued, [])
+        self.assertEqual(self.threads.pending, [])
         self.assertTrue(self.shipper.unshipped("a"))
         self.assertEqual(self.successResultOf(self.backend.head(storeNameForKey("a"))), shipped)
         lease.release()
@@ -694,7 +765,7 @@ class ShippedFirstTests(_QueuedThreads, SynchronousTestCase):
         self.assertNoResult(acquiring)
         self.assertEqual(self.pool.openKeys(), ["b"])
         self.assertEqual(self.pool._count(), 2)
-        self.runQueued()
+        self.threads.runAll()
         lease = self.successResultOf(acquiring)
         self.assertEqual(self.pool.openKeys(), ["b", "c"])
         self.assertEqual(self.pool._count(), 2)
@@ -716,7 +787,7 @@ class ShippedFirstTests(_QueuedThreads, SynchronousTestCase):
         acquiring = self.pool.acquire("c")
         self.assertNoResult(acquiring)
         self.assertEqual(self.pool.openKeys(), ["b"])
-        self.runQueued()
+        self.threads.runAll()
         lease = self.successResultOf(acquiring)
         self.assertEqual(self.pool.openKeys(), ["b", "c"])
         self.assertTrue(self.shipper.unshipped("b"))
@@ -858,34 +929,23 @@ class SchedulerTests(SynchronousTestCase):
         watching the store, so the store is shipped again.
         """
         backend = MemoryDurableBackend()
-        queued: list[Any] = []
-
-        def later(f: Any) -> Deferred[Any]:
-            d: Deferred[Any] = Deferred()
-            queued.append((f, d))
-            return d
-
-        def runQueued() -> None:
-            while queued:
-                f, d = queued.pop(0)
-                d.callback(f())
-
-        shipper = Shipper(backend, self.clock, runInThread=later)
+        threads = ManualThreads()
+        shipper = Shipper(backend, self.clock, runInThread=threads)
         pool = self.makePool(shipper=shipper, idleTimeout=5)
         self.schedule(pool, "alice", 100)
         self.clock.advance(5)
-        runQueued()
+        threads.runAll()
         self.assertEqual(pool.openKeys(), [])
         head = self.successResultOf(backend.head(storeNameForKey("alice")))
         assert head is not None
         self.clock.advance(200)
         acquiring = pool.openStore("alice")
-        runQueued()
+        threads.runAll()
         store = self.successResultOf(acquiring)
         self.clock.advance(0)
         self.assertEqual(store.count(TimedEvent), 0)
         flushed = shipper.flush()
-        runQueued()
+        threads.runAll()
         self.successResultOf(flushed)
         newer = self.successResultOf(backend.head(storeNameForKey("alice")))
         assert newer is not None

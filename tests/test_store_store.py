@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import sqlite3
 
+from twisted.internet.defer import fail
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from fractal.store import Item, Store, errors, integer, text
 from fractal.store.store import DEFAULT_PAGE_SIZE
+from fractal.testing import ManualThreads
 
 
 class Note(Item):
@@ -286,6 +288,86 @@ class CloseTests(SynchronousTestCase):
         s = Store()
         self.assertRaises(errors.TransactionInProgress, s.transact, s.close)
         Note(store=s, title="still open")
+
+
+class CloseInTests(SynchronousTestCase):
+    """
+    closeIn(): the connection closed by a runner, off the caller's thread.
+    """
+
+    def test_closedAtOnce(self) -> None:
+        """
+        The store is closed for its callers at once; the connection is
+        closed only when the runner runs the work, and the L{Deferred}
+        fires then.
+        """
+        path = FilePath(self.mktemp())
+        s = Store(path)
+        Note(store=s, title="kept")
+        threads = ManualThreads()
+        closed = s.closeIn(threads)
+        self.assertRaises(errors.StoreClosed, s.count, Note)
+        self.assertNoResult(closed)
+        self.assertTrue(path.child("db.sqlite-wal").exists())
+        threads.runOne()
+        self.assertIsNone(self.successResultOf(closed))
+        # As close() leaves them: SQLite's log gone, its spare kept.
+        self.assertFalse(path.child("db.sqlite-wal").exists())
+        self.assertTrue(path.child("db.sqlite-wal.spare").exists())
+        again = Store(path)
+        self.addCleanup(again.close)
+        self.assertEqual([n.title for n in again.query(Note)], ["kept"])
+
+    def test_notReopenedWhileClosing(self) -> None:
+        """
+        Until the connection is closed, the file cannot be opened again in
+        this process: never two connections of two Store objects on it.
+        """
+        path = FilePath(self.mktemp())
+        s = Store(path)
+        threads = ManualThreads()
+        s.closeIn(threads)
+        self.assertRaises(errors.StoreAlreadyOpen, Store, path)
+        threads.runAll()
+        Store(path).close()
+
+    def test_twice(self) -> None:
+        """
+        Closing a closed or closing store does nothing.
+        """
+        s = Store(self.mktemp())
+        threads = ManualThreads()
+        first = s.closeIn(threads)
+        self.successResultOf(s.closeIn(threads))
+        s.close()
+        self.assertEqual(len(threads.pending), 1)
+        threads.runAll()
+        self.successResultOf(first)
+
+    def test_inTransaction(self) -> None:
+        """
+        Inside a transaction it raises TransactionInProgress, and the store
+        stays open.
+        """
+        s = Store()
+        self.assertRaises(
+            errors.TransactionInProgress, s.transact, lambda: s.closeIn(ManualThreads())
+        )
+        Note(store=s, title="still open")
+
+    def test_closeFails(self) -> None:
+        """
+        If closing the connection fails, the L{Deferred} fails with it, and
+        the file can be opened again.
+        """
+        path = FilePath(self.mktemp())
+        s = Store(path)
+
+        def broken(f: object) -> object:
+            return fail(sqlite3.OperationalError("disk I/O error"))
+
+        self.failureResultOf(s.closeIn(broken), sqlite3.OperationalError)  # type: ignore[arg-type]
+        Store(path).close()
 
 
 class KeptWALFilesTests(SynchronousTestCase):

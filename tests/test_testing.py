@@ -11,7 +11,7 @@ import fractal.testing
 from fractal.durable.interfaces import IDurableBackend
 from fractal.routing.interfaces import ITopology
 from fractal.routing.topology import SingleNodeTopology
-from fractal.testing import ManualTopology, MemoryDurableBackend
+from fractal.testing import ManualThreads, ManualTopology, MemoryDurableBackend
 
 
 class ExportTests(SynchronousTestCase):
@@ -46,3 +46,41 @@ class FakeConformanceTests(SynchronousTestCase):
         """
         initial = SingleNodeTopology("n1", "tcp:host=127.0.0.1:port=1", slots=4).currentMap()
         self.assertTrue(verifyObject(ITopology, ManualTopology("n1", initial)))
+
+
+class ManualThreadsTests(SynchronousTestCase):
+    """
+    L{ManualThreads} runs the work handed to it when the test says so.
+    """
+
+    def test_runOne(self) -> None:
+        """
+        Work waits until L{ManualThreads.runOne}, oldest first; each
+        L{Deferred} fires with its work's result or fails with what it
+        raised.
+        """
+        threads = ManualThreads()
+        first = threads(lambda: 1)
+        second = threads(lambda: 1 // 0)
+        self.assertEqual(len(threads.pending), 2)
+        self.assertNoResult(first)
+        threads.runOne()
+        self.assertEqual(self.successResultOf(first), 1)
+        self.assertNoResult(second)
+        threads.runOne()
+        self.failureResultOf(second, ZeroDivisionError)
+        self.assertRaises(IndexError, threads.runOne)
+
+    def test_runAll(self) -> None:
+        """
+        L{ManualThreads.runAll} also runs the work handed over while it
+        runs.
+        """
+        threads = ManualThreads()
+        ran = []
+        threads(lambda: ran.append("first")).addCallback(
+            lambda _: threads(lambda: ran.append("then"))
+        )
+        threads.runAll()
+        self.assertEqual(ran, ["first", "then"])
+        self.assertEqual(threads.pending, [])

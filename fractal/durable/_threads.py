@@ -11,7 +11,7 @@ from typing import Any, Callable, TypeVar
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 
-__all__ = ["RunInThread", "reactorThreads", "runSynchronously"]
+__all__ = ["ManualThreads", "RunInThread", "reactorThreads", "runSynchronously"]
 
 T = TypeVar("T")
 
@@ -45,3 +45,41 @@ def runSynchronously(f: Callable[[], Any]) -> Deferred[Any]:
     offline tools.
     """
     return maybeDeferred(f)
+
+
+class ManualThreads:
+    """
+    A runner (L{RunInThread}) that queues the work handed to it until the
+    test runs it, as a busy thread pool would run it later: for tests of
+    code that hands work to threads, to see what happens before the work
+    runs and after.
+
+    @ivar pending: the work not run yet, oldest first, with the L{Deferred}
+        returned for each.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def __call__(self, f: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.pending.append((f, d))
+        return d
+
+    def runOne(self) -> None:
+        """
+        Run the oldest work pending: its L{Deferred} fires with its result,
+        or fails with what it raised.
+
+        @raise IndexError: if no work is pending.
+        """
+        f, d = self.pending.pop(0)
+        maybeDeferred(f).chainDeferred(d)
+
+    def runAll(self) -> None:
+        """
+        Run the work pending, and the work handed over meanwhile, until none
+        is left.
+        """
+        while self.pending:
+            self.runOne()

@@ -542,8 +542,14 @@ class Store(Empowered):
             for an existing one.  It is set before the journal mode: turning
             WAL on writes the database's header, which fixes its page size.
         """
+        # Used by one thread at a time: the store's, and at the end the one
+        # that closes it (L{closeIn}).
         conn = sqlite3.connect(
-            dbpath, isolation_level=None, timeout=self.lockTimeout, cached_statements=512
+            dbpath,
+            isolation_level=None,
+            timeout=self.lockTimeout,
+            cached_statements=512,
+            check_same_thread=False,
         )
         self._conn = conn
         self._cursor = conn.cursor()
@@ -600,18 +606,58 @@ class Store(Empowered):
 
         @raise TransactionInProgress: if called inside a transaction.
         """
-        if self._conn is None:
-            return
+        closing = self._detach()
+        if closing is not None:
+            try:
+                closing()
+            finally:
+                self._unregister()
+
+    def closeIn(self, runInThread: Callable[[Callable[[], None]], Deferred[Any]]) -> Deferred[None]:
+        """
+        Close the database as L{close} does, with the connection itself
+        closed by C{runInThread}: as the last connection to a database in
+        WAL mode closes, SQLite checkpoints the log into the database and
+        syncs it, which takes milliseconds.  The store is closed for its
+        callers at once; its file may not be opened again in this process
+        (L{StoreAlreadyOpen}) until the returned L{Deferred} fires.
+
+        @param runInThread: runs a blocking callable and returns a
+            L{Deferred} of its result, such as
+            L{fractal.durable._threads.reactorThreads}.
+        @return: fires when the connection is closed; fails if closing it
+            failed.
+        @raise TransactionInProgress: if called inside a transaction.
+        """
+        closing = self._detach()
+        if closing is None:
+            return succeed(None)
+        d: Deferred[None] = runInThread(closing)
+
+        def closed(result: object) -> object:
+            self._unregister()
+            return result
+
+        return d.addBoth(closed)
+
+    def _detach(self) -> Callable[[], None] | None:
+        """
+        Make the store closed for its callers, and return what closes its
+        connection (keeping its WAL files), or L{None} if it is closed
+        already.
+        """
+        conn = self._conn
+        if conn is None:
+            return None
         if self._txn:
             raise TransactionInProgress("cannot close a store inside a transaction")
-        if self._dbpath is not None:
-            _keepWALFiles(self._dbpath, self._conn.close)
-        else:
-            self._conn.close()
         self._conn = None
         self._cursor = _ClosedCursor()
         self._cache.clear()
-        self._unregister()
+        dbpath = self._dbpath
+        if dbpath is None:
+            return conn.close
+        return lambda: _keepWALFiles(dbpath, conn.close)
 
     def __del__(self) -> None:
         try:
