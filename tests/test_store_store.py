@@ -369,6 +369,21 @@ class CloseInTests(SynchronousTestCase):
         self.failureResultOf(s.closeIn(broken), sqlite3.OperationalError)  # type: ignore[arg-type]
         Store(path).close()
 
+    def test_runnerRaises(self) -> None:
+        """
+        A runner that raises instead of returning a L{Deferred} fails the
+        returned one, and the file can be opened again.
+        """
+        path = FilePath(self.mktemp())
+        s = Store(path)
+
+        def refusing(f: object) -> object:
+            raise RuntimeError("no threads here")
+
+        self.failureResultOf(s.closeIn(refusing), RuntimeError)  # type: ignore[arg-type]
+        self.assertRaises(errors.StoreClosed, s.count, Note)
+        Store(path).close()
+
 
 class KeptWALFilesTests(SynchronousTestCase):
     """

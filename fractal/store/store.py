@@ -23,7 +23,7 @@ import weakref
 from typing import Any, Callable, Iterable, TypeVar
 
 from twisted.application.service import IService, IServiceCollection, MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -632,7 +632,8 @@ class Store(Empowered):
         closing = self._detach()
         if closing is None:
             return succeed(None)
-        d: Deferred[None] = runInThread(closing)
+        # A runner that raises fails the Deferred, like a close that fails.
+        d: Deferred[None] = maybeDeferred(runInThread, closing)
 
         def closed(result: object) -> object:
             self._unregister()
