@@ -48,11 +48,23 @@ def makeImage(rows: int) -> bytes:
     return image
 
 
-def recordFor(image: bytes, previous: list[bytes] | None, seq: int, baseSeq: int) -> tuple[bytes, list[bytes]]:
+def recordFor(
+    image: bytes,
+    previous: list[bytes] | None,
+    seq: int,
+    baseSeq: int,
+    store: str = STORE,
+    takenAt: float = 0.0,
+) -> tuple[bytes, list[bytes]]:
+    """
+    The record of C{store} that takes the image whose page digests are
+    C{previous} (a snapshot if L{None}) to C{image}, and C{image}'s page
+    digests.
+    """
     size = pageSizeOf(image)
     pages, digests = diffImage(image, size, previous)
     delta = Delta(
-        store=STORE,
+        store=store,
         epoch=1,
         seq=seq,
         baseSeq=baseSeq,
@@ -60,6 +72,7 @@ def recordFor(image: bytes, previous: list[bytes] | None, seq: int, baseSeq: int
         pageCount=len(digests),
         pages=pages,
         imageDigest=imageDigest(digests, size),
+        takenAt=takenAt,
     )
     return encodeRecord(delta), digests
 

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from fractal.durable._threads import runSynchronously
 from fractal.durable.interfaces import BrokenChain, RecordInfo
-from fractal.durable.record import Delta, diffImage, encodeRecord, imageDigest, pageSizeOf
+from fractal.durable.record import diffImage, pageSizeOf
 from fractal.durable.restore import (
     chainToRestore,
     quickCheck,
@@ -24,23 +24,7 @@ from fractal.durable.restore import (
 )
 from fractal.keys import storeNameForKey
 from fractal.testing import MemoryDurableBackend
-
-STORE = storeNameForKey("alice")
-
-
-def makeImage(rows: int) -> bytes:
-    """
-    An SQLite database image of a table with C{rows} rows.
-    """
-    connection = sqlite3.connect(":memory:")
-    connection.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
-    connection.executemany(
-        "INSERT INTO t (v) VALUES (?)", [(f"row {i} " * 10,) for i in range(rows)]
-    )
-    connection.commit()
-    image = connection.serialize()
-    connection.close()
-    return image
+from tests.test_durable_record import STORE, makeImage, recordFor
 
 
 def damaged(image: bytes) -> bytes:
@@ -68,26 +52,12 @@ class _Chain:
         self._digests: list[bytes] | None = None
 
     def add(self, image: bytes, snapshot: bool = False, takenAt: float = 0.0) -> RecordInfo:
-        size = pageSizeOf(image)
         base = None if snapshot else self._digests
-        pages, self._digests = diffImage(image, size, base)
         seq = len(self.infos) + 1
-        data = encodeRecord(
-            Delta(
-                store=self.store,
-                epoch=1,
-                seq=seq,
-                baseSeq=0 if base is None else seq - 1,
-                pageSize=size,
-                pageCount=len(self._digests),
-                pages=pages,
-                imageDigest=imageDigest(self._digests, size),
-                takenAt=takenAt,
-            )
-        )
+        baseSeq = 0 if base is None else seq - 1
+        data, self._digests = recordFor(image, base, seq, baseSeq, self.store, takenAt)
         info = RecordInfo(
-            self.store, 1, seq, 0 if base is None else seq - 1, len(data),
-            hashlib.sha256(data).digest(),
+            self.store, 1, seq, baseSeq, len(data), hashlib.sha256(data).digest()
         )
         self.infos.append(info)
         self.datas.append(data)
